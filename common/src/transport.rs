@@ -1,0 +1,99 @@
+//! gRPC server set-up shared by every server: the health service and server reflection (v1 and
+//! v1alpha, since grpcurl 1.8 and grpcio-reflection speak only v1alpha). Transport security will
+//! slot in here without touching the services.
+
+use std::{future::Future, net::SocketAddr};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{
+    service::{Routes, RoutesBuilder},
+    transport::Server,
+};
+use tonic_health::server::HealthReporter;
+
+use crate::proto::FILE_DESCRIPTOR_SET;
+
+/// The services every server carries besides its own: health and reflection.
+pub struct ServerBase {
+    routes: RoutesBuilder,
+    health: HealthReporter,
+}
+
+/// Failure to set up or run a gRPC server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("reflection descriptors are invalid: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+impl ServerBase {
+    /// Starts a route table holding health and reflection (v1 and v1alpha).
+    pub fn new() -> Result<Self, ServeError> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(
+                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+                )
+        };
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
+        let mut routes = RoutesBuilder::default();
+        routes
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+        Ok(ServerBase { routes, health })
+    }
+
+    /// The route table, to add the server's own services to.
+    pub fn routes(&mut self) -> &mut RoutesBuilder {
+        &mut self.routes
+    }
+
+    /// The health reporter, to flip services to NOT_SERVING on shutdown.
+    pub fn health(&self) -> HealthReporter {
+        self.health.clone()
+    }
+
+    /// Serves the routes on an already bound listener until `shutdown` completes.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServeError> {
+        let routes: Routes = self.routes.routes();
+        Server::builder()
+            .tcp_nodelay(true)
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Binds a TCP listener, naming the address in the error.
+pub async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr), ServeError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: addr.to_string(),
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: addr.to_string(),
+        source,
+    })?;
+    Ok((listener, local))
+}

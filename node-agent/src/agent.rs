@@ -1,0 +1,214 @@
+//! One node agent, assembled: sandbox, fingerprint, executor, admission and the gRPC server,
+//! with a clean shutdown that kills running work and removes its directories.
+
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use kowalski_exo_common::{
+    defaults,
+    proto::node_agent_server::NodeAgentServer,
+    transport::{self, ServeError, ServerBase},
+};
+use tokio::task::JoinHandle;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    admission::Admission,
+    exec::{ExecDirs, ExecLimits, Executor, limits::DEFAULT_MAX_CODE_BYTES},
+    fingerprint::{self, SearchPath},
+    registration::{self, Registration},
+    sandbox::Sandbox,
+    service::{Identity, NodeAgentService},
+};
+
+/// How often runtimes are re-probed by default.
+pub const DEFAULT_FINGERPRINT_INTERVAL: Duration = Duration::from_secs(30);
+/// How long shutdown waits for killed runs to report and clean up.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Everything an agent needs to start.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub name: String,
+    pub listen: String,
+    /// Address the coordinator should dial; derived from the listen address when absent.
+    pub advertise: Option<String>,
+    /// Coordinator to register with, in the background; `None` runs stand-alone.
+    pub coordinator: Option<String>,
+    pub labels: HashMap<String, String>,
+    /// Runs executed at once.
+    pub capacity: usize,
+    /// Runs waiting for a slot before new ones are refused.
+    pub queue: usize,
+    pub limits: ExecLimits,
+    pub max_code_bytes: usize,
+    pub dirs: ExecDirs,
+    pub fingerprint_interval: Duration,
+    pub use_cgroups: bool,
+    pub search_path: SearchPath,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        AgentConfig {
+            name: default_name(),
+            listen: defaults::NODE_AGENT_LISTEN.to_string(),
+            advertise: None,
+            coordinator: None,
+            labels: HashMap::new(),
+            capacity: cores,
+            queue: cores * 4,
+            limits: ExecLimits::default(),
+            max_code_bytes: DEFAULT_MAX_CODE_BYTES,
+            dirs: ExecDirs {
+                work_root: std::env::temp_dir()
+                    .join("kowalski-exo")
+                    .join(format!("agent-{}", std::process::id())),
+                cache_dir: default_cache_dir(),
+            },
+            fingerprint_interval: DEFAULT_FINGERPRINT_INTERVAL,
+            use_cgroups: true,
+            search_path: SearchPath::from_env(),
+        }
+    }
+}
+
+/// The host name, or "node" when it cannot be read.
+pub fn default_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".to_string())
+}
+
+fn default_cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("kowalski-exo")
+}
+
+/// Failure to start an agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    #[error("cannot prepare {what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+/// A started agent.
+pub struct RunningAgent {
+    /// The address the gRPC server listens on (with the real port when 0 was asked).
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), ServeError>>,
+}
+
+impl RunningAgent {
+    /// Cancelling this token shuts the agent down.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Shuts down: running work is killed, work and cgroup directories removed.
+    pub async fn stop(self) -> Result<(), ServeError> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+
+    /// Waits until the agent has shut down.
+    pub async fn wait(self) -> Result<(), ServeError> {
+        self.task.await.unwrap_or(Ok(()))
+    }
+}
+
+/// Starts an agent: probes runtimes, binds, serves, and registers in the background.
+pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
+    let shutdown = CancellationToken::new();
+    let sandbox = Sandbox::detect(config.use_cgroups);
+    let runtimes = fingerprint::spawn_refresh(
+        config.search_path.clone(),
+        config.fingerprint_interval,
+        shutdown.clone(),
+    )
+    .await;
+    let executor = Executor::new(
+        sandbox.clone(),
+        runtimes,
+        config.limits,
+        config.max_code_bytes,
+        config.dirs.clone(),
+    )
+    .map_err(|source| AgentError::Io {
+        what: format!(
+            "work directory {} and cache {}",
+            config.dirs.work_root.display(),
+            config.dirs.cache_dir.display()
+        ),
+        source,
+    })?;
+    let admission = Admission::new(config.capacity, config.queue);
+    let runs = TaskTracker::new();
+    let identity = Identity {
+        name: config.name.clone(),
+        labels: config.labels.clone(),
+    };
+    let service = NodeAgentService::new(
+        Arc::new(executor),
+        admission,
+        identity,
+        shutdown.clone(),
+        runs.clone(),
+    );
+    let (listener, addr) = transport::bind(&config.listen).await?;
+    let mut server = ServerBase::new()?;
+    server
+        .routes()
+        .add_service(NodeAgentServer::new(service.clone()));
+    server
+        .health()
+        .set_serving::<NodeAgentServer<NodeAgentService>>()
+        .await;
+    tracing::info!(
+        %addr,
+        name = %config.name,
+        isolation = ?sandbox.level(),
+        languages = ?service.description().runtimes.map(|r| r.runtimes.len()),
+        "node agent listening"
+    );
+    if let Some(coordinator) = config.coordinator.clone() {
+        let advertise = config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| registration::advertise_address(addr));
+        let registration = Registration::new(coordinator, advertise, service.clone());
+        tokio::spawn(registration.run(shutdown.clone()));
+    }
+    let stop = shutdown.clone();
+    let work_root = config.dirs.work_root.clone();
+    let task = tokio::spawn(async move {
+        let served = server.serve(listener, stop.cancelled_owned()).await;
+        runs.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, runs.wait()).await.is_err() {
+            tracing::warn!("runs still finishing after {SHUTDOWN_GRACE:?}; leaving them");
+        }
+        let _ = tokio::task::spawn_blocking(move || {
+            sandbox.tear_down();
+            let _ = std::fs::remove_dir_all(&work_root);
+        })
+        .await;
+        tracing::info!("node agent stopped");
+        served
+    });
+    Ok(RunningAgent {
+        addr,
+        shutdown,
+        task,
+    })
+}

@@ -1,0 +1,50 @@
+//! Errors of the node agent, and their one mapping to gRPC status codes.
+
+use kowalski_exo_common::{Language, language::UnknownLanguage};
+use tonic::Status;
+
+/// Why an execution request was refused before it ran.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error(transparent)]
+    UnknownLanguage(#[from] UnknownLanguage),
+    #[error("code is {size} bytes; this agent accepts at most {limit} bytes")]
+    CodeTooLarge { size: usize, limit: usize },
+    #[error("stdin is {size} bytes; this agent accepts at most {limit} bytes")]
+    StdinTooLarge { size: usize, limit: usize },
+    #[error("{language} cannot run on this device: {reason}; healthy runtimes here: {available}")]
+    RuntimeUnavailable {
+        language: Language,
+        reason: String,
+        available: String,
+    },
+    #[error(
+        "this agent is busy: {capacity} runs in progress and {queue} queued, the most it takes; retry later or on another node"
+    )]
+    Busy { capacity: usize, queue: usize },
+    #[error("the agent is shutting down")]
+    ShuttingDown,
+}
+
+impl From<ExecError> for Status {
+    fn from(err: ExecError) -> Status {
+        let message = err.to_string();
+        match err {
+            ExecError::UnknownLanguage(_)
+            | ExecError::CodeTooLarge { .. }
+            | ExecError::StdinTooLarge { .. } => Status::invalid_argument(message),
+            ExecError::RuntimeUnavailable { .. } => Status::failed_precondition(message),
+            ExecError::Busy { .. } => Status::resource_exhausted(message),
+            ExecError::ShuttingDown => Status::unavailable(message),
+        }
+    }
+}
+
+impl From<crate::admission::Full> for ExecError {
+    fn from(full: crate::admission::Full) -> Self {
+        ExecError::Busy {
+            capacity: full.capacity,
+            queue: full.queue,
+        }
+    }
+}

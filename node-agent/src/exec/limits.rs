@@ -1,0 +1,119 @@
+//! Limits of one run: the agent's defaults, what a request may ask for, and the ceilings it
+//! cannot go past.
+
+use std::time::Duration;
+
+use kowalski_exo_common::proto;
+
+/// Wall-clock timeout when the request names none.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest timeout a request may ask for.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Largest accepted source code.
+pub const DEFAULT_MAX_CODE_BYTES: usize = 1024 * 1024;
+/// Largest accepted standard input.
+pub const MAX_STDIN_BYTES: usize = 16 * 1024 * 1024;
+
+/// Resolved limits of one run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExecLimits {
+    pub timeout: Duration,
+    pub cpu_seconds: u32,
+    pub memory_bytes: u64,
+    pub output_bytes: u64,
+    pub max_processes: u32,
+    pub file_size_bytes: u64,
+    pub open_files: u32,
+}
+
+impl Default for ExecLimits {
+    fn default() -> Self {
+        ExecLimits {
+            timeout: DEFAULT_TIMEOUT,
+            cpu_seconds: 30,
+            memory_bytes: 512 * 1024 * 1024,
+            output_bytes: 1024 * 1024,
+            max_processes: 128,
+            file_size_bytes: 64 * 1024 * 1024,
+            open_files: 1024,
+        }
+    }
+}
+
+impl ExecLimits {
+    /// The most any request may ask for.
+    pub fn ceiling() -> Self {
+        ExecLimits {
+            timeout: MAX_TIMEOUT,
+            cpu_seconds: 3600,
+            memory_bytes: 64 * 1024 * 1024 * 1024,
+            output_bytes: 256 * 1024 * 1024,
+            max_processes: 4096,
+            file_size_bytes: 16 * 1024 * 1024 * 1024,
+            open_files: 65536,
+        }
+    }
+
+    /// These defaults overridden by the request's non-zero fields, each capped at the ceiling.
+    pub fn with_request(self, timeout_ms: u32, requested: Option<&proto::ExecLimits>) -> Self {
+        let ceiling = Self::ceiling();
+        let pick = |asked: u64, default: u64, max: u64| {
+            if asked == 0 { default } else { asked.min(max) }
+        };
+        let r = requested.cloned().unwrap_or_default();
+        ExecLimits {
+            timeout: Duration::from_millis(pick(
+                timeout_ms.into(),
+                self.timeout.as_millis() as u64,
+                ceiling.timeout.as_millis() as u64,
+            )),
+            cpu_seconds: pick(
+                r.cpu_seconds.into(),
+                self.cpu_seconds.into(),
+                ceiling.cpu_seconds.into(),
+            ) as u32,
+            memory_bytes: pick(r.memory_bytes, self.memory_bytes, ceiling.memory_bytes),
+            output_bytes: pick(r.output_bytes, self.output_bytes, ceiling.output_bytes),
+            max_processes: pick(
+                r.max_processes.into(),
+                self.max_processes.into(),
+                ceiling.max_processes.into(),
+            ) as u32,
+            file_size_bytes: pick(
+                r.file_size_bytes,
+                self.file_size_bytes,
+                ceiling.file_size_bytes,
+            ),
+            open_files: pick(
+                r.open_files.into(),
+                self.open_files.into(),
+                ceiling.open_files.into(),
+            ) as u32,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_fields_take_defaults_and_others_are_capped() {
+        let asked = proto::ExecLimits {
+            memory_bytes: 64 * 1024 * 1024,
+            output_bytes: u64::MAX,
+            ..Default::default()
+        };
+        let limits = ExecLimits::default().with_request(0, Some(&asked));
+        assert_eq!(limits.timeout, DEFAULT_TIMEOUT);
+        assert_eq!(limits.memory_bytes, 64 * 1024 * 1024);
+        assert_eq!(limits.output_bytes, ExecLimits::ceiling().output_bytes);
+        assert_eq!(limits.max_processes, ExecLimits::default().max_processes);
+    }
+
+    #[test]
+    fn request_timeout_overrides_default() {
+        let limits = ExecLimits::default().with_request(1500, None);
+        assert_eq!(limits.timeout, Duration::from_millis(1500));
+    }
+}

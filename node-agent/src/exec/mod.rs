@@ -1,0 +1,376 @@
+//! Running code: a request is checked ([`Executor::prepare`]), then run in a fresh work
+//! directory, through a compile step where the language has one, with every event streamed.
+
+mod build_cache;
+mod launch;
+pub mod limits;
+mod output;
+mod process;
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use kowalski_exo_common::{
+    Language,
+    proto::{self, ExecStatus, IsolationLevel},
+};
+use tokio_util::sync::CancellationToken;
+
+pub use build_cache::BuildCache;
+pub use limits::ExecLimits;
+pub use output::EventSender;
+
+use crate::{
+    error::ExecError,
+    fingerprint::{FingerprintWatch, RuntimeHealth},
+    sandbox::{Sandbox, TreeLimits},
+};
+use output::{Interruption, RunOutput};
+use process::{ProcessExit, ProcessResult, ProcessSpec};
+
+/// Memory and process floors for compilers, which need more than a small program.
+const COMPILE_MEMORY_FLOOR: u64 = 2 * 1024 * 1024 * 1024;
+const COMPILE_PROCESSES_FLOOR: u32 = 256;
+/// Locale given to every run.
+const RUN_LANG: &str = "C.UTF-8";
+/// Directories searched after the runtimes' own, inside runs.
+const RUN_BASE_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Where runs live on disk.
+#[derive(Clone, Debug)]
+pub struct ExecDirs {
+    /// Parent of the per-run work directories.
+    pub work_root: PathBuf,
+    /// Compiled programs and compiler caches.
+    pub cache_dir: PathBuf,
+}
+
+/// A checked request, ready to run.
+#[derive(Debug)]
+pub struct PreparedRun {
+    language: Language,
+    runtime: PathBuf,
+    runtime_version: String,
+    code: String,
+    stdin: Vec<u8>,
+    args: Vec<String>,
+    limits: ExecLimits,
+    run_id: String,
+}
+
+/// Runs code on this device under the sandbox.
+pub struct Executor {
+    sandbox: Sandbox,
+    runtimes: FingerprintWatch,
+    defaults: ExecLimits,
+    max_code_bytes: usize,
+    dirs: ExecDirs,
+    builds: BuildCache,
+    next_run: AtomicU64,
+}
+
+impl Executor {
+    pub fn new(
+        sandbox: Sandbox,
+        runtimes: FingerprintWatch,
+        defaults: ExecLimits,
+        max_code_bytes: usize,
+        dirs: ExecDirs,
+    ) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&dirs.work_root)?;
+        let builds = BuildCache::new(dirs.cache_dir.join("builds"))?;
+        Ok(Executor {
+            sandbox,
+            runtimes,
+            defaults,
+            max_code_bytes,
+            dirs,
+            builds,
+            next_run: AtomicU64::new(1),
+        })
+    }
+
+    pub fn isolation(&self) -> IsolationLevel {
+        self.sandbox.level()
+    }
+
+    pub fn runtimes(&self) -> &FingerprintWatch {
+        &self.runtimes
+    }
+
+    /// Checks a request: language known, runtime present here, sizes within limits.
+    pub fn prepare(&self, request: proto::ExecuteRequest) -> Result<PreparedRun, ExecError> {
+        let language = Language::parse(&request.language)?;
+        if request.code.len() > self.max_code_bytes {
+            return Err(ExecError::CodeTooLarge {
+                size: request.code.len(),
+                limit: self.max_code_bytes,
+            });
+        }
+        if request.stdin.len() > limits::MAX_STDIN_BYTES {
+            return Err(ExecError::StdinTooLarge {
+                size: request.stdin.len(),
+                limit: limits::MAX_STDIN_BYTES,
+            });
+        }
+        let runtime = self.runtimes.borrow().get(language);
+        let Some(executable) = runtime.healthy_executable().cloned() else {
+            let reason = match runtime.health {
+                RuntimeHealth::Broken(reason) => reason,
+                _ => format!("no {language} runtime is installed on this device"),
+            };
+            return Err(ExecError::RuntimeUnavailable {
+                language,
+                reason,
+                available: self.runtimes.borrow().healthy_languages().join(", "),
+            });
+        };
+        let run_id = if request.run_id.is_empty() {
+            format!(
+                "{}-{}",
+                std::process::id(),
+                self.next_run.fetch_add(1, Ordering::Relaxed)
+            )
+        } else {
+            request.run_id.clone()
+        };
+        Ok(PreparedRun {
+            language,
+            runtime: executable,
+            runtime_version: runtime.version,
+            limits: self
+                .defaults
+                .with_request(request.timeout_ms, request.limits.as_ref()),
+            code: request.code,
+            stdin: request.stdin,
+            args: request.args,
+            run_id,
+        })
+    }
+
+    /// Runs a prepared request to its end, streaming events; the last one is always `finished`.
+    pub async fn run(&self, run: PreparedRun, events: EventSender, cancel: CancellationToken) {
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + run.limits.timeout;
+        let mut out = RunOutput::new(events, cancel, deadline, run.limits.output_bytes);
+        let finished = match self.run_in_workdir(&run, &mut out).await {
+            Ok(mut finished) => {
+                finished.wall_micros = started.elapsed().as_micros() as u64;
+                finished.bytes_dropped = out.dropped();
+                finished
+            }
+            Err(message) => proto::ExecFinished {
+                status: ExecStatus::FailedToStart as i32,
+                message,
+                wall_micros: started.elapsed().as_micros() as u64,
+                isolation: self.isolation() as i32,
+                ..Default::default()
+            },
+        };
+        tracing::info!(
+            run_id = %run.run_id,
+            language = %run.language,
+            status = ?finished.status(),
+            exit_code = ?finished.exit_code,
+            wall_ms = finished.wall_micros / 1000,
+            "run finished"
+        );
+        out.finish(finished).await;
+    }
+
+    async fn run_in_workdir(
+        &self,
+        run: &PreparedRun,
+        out: &mut RunOutput,
+    ) -> Result<proto::ExecFinished, String> {
+        let workdir = tempfile::Builder::new()
+            .prefix(&format!("run-{}-", run.run_id))
+            .tempdir_in(&self.dirs.work_root)
+            .map_err(|e| format!("cannot create a work directory: {e}"))?;
+        let result = self.run_stages(run, workdir.path(), out).await;
+        // Removing a large tree can take a while: keep it off the async threads.
+        let path = workdir.path().to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = workdir.close() {
+                tracing::warn!(dir = %path.display(), error = %e, "cannot remove work directory");
+            }
+        });
+        result
+    }
+
+    async fn run_stages(
+        &self,
+        run: &PreparedRun,
+        workdir: &Path,
+        out: &mut RunOutput,
+    ) -> Result<proto::ExecFinished, String> {
+        let tmp = workdir.join("tmp");
+        std::fs::create_dir(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+        let source = workdir.join(launch::source_file_name(run.language));
+        std::fs::write(&source, &run.code)
+            .map_err(|e| format!("cannot write {}: {e}", source.display()))?;
+        let base_env = self.base_env(workdir, &tmp);
+        let limits = TreeLimits {
+            cpu_seconds: run.limits.cpu_seconds,
+            memory_bytes: run.limits.memory_bytes,
+            max_processes: run.limits.max_processes,
+            file_size_bytes: run.limits.file_size_bytes,
+            open_files: run.limits.open_files,
+            address_space_rlimit: true,
+        };
+        let started = |stage: proto::ExecStage| proto::ExecStarted {
+            pid: 0,
+            stage: stage as i32,
+            isolation: self.isolation() as i32,
+            run_id: run.run_id.clone(),
+            runtime_version: run.runtime_version.clone(),
+        };
+        let go_cache = self.dirs.cache_dir.join("go-build");
+        let (invocation, cached_build) = match launch::interpret(
+            run.language,
+            &run.runtime,
+            &source,
+            &run.limits,
+            &run.args,
+            &go_cache,
+        ) {
+            Some(invocation) => (invocation, false),
+            None => {
+                let key = BuildCache::key(run.language, &run.runtime, &run.runtime_version, &run.code);
+                match self.builds.lookup(&key) {
+                    Some(binary) => (launch::run_binary(&binary, &run.args), true),
+                    None => {
+                        let binary = workdir.join(launch::BINARY_NAME);
+                        let compiler = launch::compile(run.language, &run.runtime, &source, &binary);
+                        let compile_limits = TreeLimits {
+                            memory_bytes: limits.memory_bytes.max(COMPILE_MEMORY_FLOOR),
+                            max_processes: limits.max_processes.max(COMPILE_PROCESSES_FLOOR),
+                            address_space_rlimit: compiler.address_space_rlimit,
+                            ..limits
+                        };
+                        let spec = ProcessSpec {
+                            name: format!("run-{}-compile", run.run_id),
+                            invocation: compiler,
+                            workdir,
+                            base_env: &base_env,
+                            stdin: &[],
+                            limits: compile_limits,
+                            started: started(proto::ExecStage::Compile),
+                        };
+                        let compiled = process::supervise(spec, &self.sandbox, out)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        if compiled.interruption.is_some()
+                            || compiled.exit != Some(ProcessExit::Code(0))
+                        {
+                            let mut finished = self.finished(&compiled, &run.limits);
+                            if compiled.interruption.is_none() {
+                                finished.status = ExecStatus::CompileError as i32;
+                                finished.message = format!("{} rejected the code", run.runtime.display());
+                            }
+                            return Ok(finished);
+                        }
+                        let cached = self.builds.store(&key, &binary).map_err(|e| {
+                            format!("cannot cache the compiled program: {e}")
+                        })?;
+                        (launch::run_binary(&cached, &run.args), false)
+                    }
+                }
+            }
+        };
+        let spec = ProcessSpec {
+            name: format!("run-{}", run.run_id),
+            limits: TreeLimits {
+                address_space_rlimit: invocation.address_space_rlimit,
+                ..limits
+            },
+            invocation,
+            workdir,
+            base_env: &base_env,
+            stdin: &run.stdin,
+            started: started(proto::ExecStage::Run),
+        };
+        let result = process::supervise(spec, &self.sandbox, out)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut finished = self.finished(&result, &run.limits);
+        finished.cached_build = cached_build;
+        Ok(finished)
+    }
+
+    /// The small environment every run gets; nothing of the agent's own.
+    fn base_env(&self, workdir: &Path, tmp: &Path) -> Vec<(&'static str, OsString)> {
+        let mut path_dirs: Vec<PathBuf> = Vec::new();
+        for runtime in &self.runtimes.borrow().runtimes {
+            if let Some(dir) = runtime.healthy_executable().and_then(|e| e.parent())
+                && !path_dirs.iter().any(|d| d == dir)
+            {
+                path_dirs.push(dir.to_path_buf());
+            }
+        }
+        path_dirs.extend(std::env::split_paths(RUN_BASE_PATH));
+        let path = std::env::join_paths(path_dirs).unwrap_or_else(|_| RUN_BASE_PATH.into());
+        vec![
+            ("PATH", path),
+            ("HOME", workdir.into()),
+            ("TMPDIR", tmp.into()),
+            ("LANG", RUN_LANG.into()),
+        ]
+    }
+
+    /// The finished event for a supervised process.
+    fn finished(&self, result: &ProcessResult, limits: &ExecLimits) -> proto::ExecFinished {
+        let (exit_code, signal) = match result.exit {
+            Some(ProcessExit::Code(code)) => (Some(code), None),
+            Some(ProcessExit::Signal(signal)) => (None, Some(signal)),
+            None => (None, None),
+        };
+        let cpu_exhausted = signal == Some(libc::SIGXCPU)
+            || (signal == Some(libc::SIGKILL)
+                && result.cpu >= Duration::from_secs(limits.cpu_seconds.into()));
+        let (status, message) = match result.interruption {
+            Some(Interruption::Timeout) => (
+                ExecStatus::Timeout,
+                format!("killed after the {:?} timeout", limits.timeout),
+            ),
+            Some(Interruption::OutputLimit) => (
+                ExecStatus::OutputLimit,
+                format!("killed after printing more than {} bytes", limits.output_bytes),
+            ),
+            Some(Interruption::Cancelled) => {
+                (ExecStatus::Cancelled, "cancelled before it finished".to_string())
+            }
+            None if result.containment.oom_killed => (
+                ExecStatus::MemoryLimit,
+                format!("killed for using more than {} bytes of memory", limits.memory_bytes),
+            ),
+            None if cpu_exhausted => (
+                ExecStatus::CpuLimit,
+                format!("killed after {} CPU seconds", limits.cpu_seconds),
+            ),
+            None if exit_code == Some(0) => (ExecStatus::Ok, String::new()),
+            None if result.containment.process_limit_hit => (
+                ExecStatus::NonzeroExit,
+                format!("the run reached its limit of {} processes", limits.max_processes),
+            ),
+            None => (ExecStatus::NonzeroExit, String::new()),
+        };
+        proto::ExecFinished {
+            status: status as i32,
+            exit_code,
+            signal,
+            cpu_micros: result.cpu.as_micros() as u64,
+            peak_memory_bytes: result
+                .containment
+                .peak_memory_bytes
+                .unwrap_or(result.max_rss_bytes),
+            message,
+            isolation: self.isolation() as i32,
+            ..Default::default()
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! Supervising one process of a run (the compiler, or the program): spawn it contained, feed
+//! stdin, stream its output, and end its whole tree on exit, timeout, output cap or cancel.
+
+use std::{
+    ffi::OsString,
+    io,
+    os::fd::OwnedFd,
+    path::Path,
+    process::Stdio,
+    sync::Arc,
+    time::Duration,
+};
+
+use kowalski_exo_common::proto::{self, exec_event::Event};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::unix::pipe,
+    time::Instant,
+};
+
+use super::{
+    launch::Invocation,
+    output::{Interruption, RunOutput},
+};
+use crate::sandbox::{Containment, ContainmentReport, Sandbox, TreeLimits};
+
+/// How long output is still read after the program exited, for children that keep its pipes
+/// open and escaped the kill.
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
+/// Size of one read from a pipe, and so the largest output chunk.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// One process to run under containment.
+pub struct ProcessSpec<'a> {
+    /// Unique name of this process tree (names its cgroup).
+    pub name: String,
+    pub invocation: Invocation,
+    pub workdir: &'a Path,
+    pub base_env: &'a [(&'static str, OsString)],
+    pub stdin: &'a [u8],
+    pub limits: TreeLimits,
+    pub started: proto::ExecStarted,
+}
+
+/// How a process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProcessExit {
+    Code(i32),
+    Signal(i32),
+}
+
+/// What one supervised process came to.
+#[derive(Debug)]
+pub struct ProcessResult {
+    pub interruption: Option<Interruption>,
+    pub exit: Option<ProcessExit>,
+    pub cpu: Duration,
+    pub max_rss_bytes: u64,
+    pub containment: ContainmentReport,
+}
+
+/// Spawns and supervises one process. `Err` means it could not be started at all.
+pub async fn supervise(
+    spec: ProcessSpec<'_>,
+    sandbox: &Sandbox,
+    out: &mut RunOutput,
+) -> io::Result<ProcessResult> {
+    let containment = Arc::new(sandbox.contain(&spec.name, spec.limits)?);
+    let mut command = std::process::Command::new(&spec.invocation.program);
+    command
+        .args(&spec.invocation.args)
+        .current_dir(spec.workdir)
+        .env_clear()
+        .envs(spec.base_env.iter().cloned())
+        .envs(spec.invocation.env.iter().cloned())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    containment.configure(&mut command);
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            release(containment).await;
+            return Err(io::Error::new(
+                e.kind(),
+                format!("cannot start {}: {e}", spec.invocation.program.display()),
+            ));
+        }
+    };
+    let pid = child.id();
+    let pipes = (child.stdin.take(), child.stdout.take(), child.stderr.take());
+    drop(child);
+    let (Some(stdin), Some(stdout), Some(stderr)) = pipes else {
+        unreachable!("all three standard streams were configured as pipes");
+    };
+    let mut stdout = Some(pipe::Receiver::from_owned_fd(OwnedFd::from(stdout))?);
+    let mut stderr = Some(pipe::Receiver::from_owned_fd(OwnedFd::from(stderr))?);
+    let stdin_writer = feed_stdin(OwnedFd::from(stdin), spec.stdin.to_vec())?;
+    let mut waiter = tokio::task::spawn_blocking(move || wait_for(pid));
+
+    let mut interruption = out
+        .send(Event::Started(proto::ExecStarted { pid, ..spec.started }))
+        .await
+        .err();
+    let mut waited = None;
+    let mut drain_deadline = out.deadline();
+    let (mut out_buf, mut err_buf) = (vec![0u8; READ_CHUNK], vec![0u8; READ_CHUNK]);
+    while interruption.is_none() && (waited.is_none() || stdout.is_some() || stderr.is_some()) {
+        tokio::select! {
+            _ = out.cancel_token().cancelled() => interruption = Some(Interruption::Cancelled),
+            _ = out.caller_gone() => interruption = Some(Interruption::Cancelled),
+            _ = tokio::time::sleep_until(out.deadline()) => interruption = Some(Interruption::Timeout),
+            _ = tokio::time::sleep_until(drain_deadline), if waited.is_some() => break,
+            result = &mut waiter, if waited.is_none() => {
+                waited = Some(result.map_err(io::Error::other).and_then(|r| r));
+                // The run ends with its program: children it left behind go too.
+                kill_tree(&containment, pid).await;
+                drain_deadline = Instant::now() + DRAIN_GRACE;
+            }
+            read = read_some(&mut stdout, &mut out_buf) => {
+                interruption = forward(read, &mut stdout, &out_buf, proto::OutputStream::Stdout, out).await;
+            }
+            read = read_some(&mut stderr, &mut err_buf) => {
+                interruption = forward(read, &mut stderr, &err_buf, proto::OutputStream::Stderr, out).await;
+            }
+        }
+    }
+    stdin_writer.abort();
+    if interruption.is_some() {
+        kill_tree(&containment, pid).await;
+        discard_buffered(&mut stdout, &mut out_buf, out);
+        discard_buffered(&mut stderr, &mut err_buf, out);
+    }
+    let waited = match waited {
+        Some(waited) => waited,
+        None => waiter.await.map_err(io::Error::other).and_then(|r| r),
+    };
+    let containment = release(containment).await;
+    let (exit, cpu, max_rss_bytes) = match waited {
+        Ok(w) => (Some(w.exit), w.cpu, w.max_rss_bytes),
+        Err(e) => {
+            tracing::warn!(pid, error = %e, "cannot collect exit status");
+            (None, Duration::ZERO, 0)
+        }
+    };
+    Ok(ProcessResult {
+        interruption,
+        exit,
+        cpu,
+        max_rss_bytes,
+        containment,
+    })
+}
+
+async fn read_some(pipe: &mut Option<pipe::Receiver>, buf: &mut [u8]) -> io::Result<usize> {
+    match pipe {
+        Some(pipe) => pipe.read(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends what was read; closes the pipe at end of file.
+async fn forward(
+    read: io::Result<usize>,
+    pipe: &mut Option<pipe::Receiver>,
+    buf: &[u8],
+    stream: proto::OutputStream,
+    out: &mut RunOutput,
+) -> Option<Interruption> {
+    match read {
+        Ok(0) | Err(_) => {
+            *pipe = None;
+            None
+        }
+        Ok(n) => out.output(stream, &buf[..n]).await.err(),
+    }
+}
+
+/// Counts what is still buffered in a pipe after the run was stopped.
+fn discard_buffered(pipe: &mut Option<pipe::Receiver>, buf: &mut [u8], out: &mut RunOutput) {
+    if let Some(receiver) = pipe.take() {
+        while let Ok(n) = receiver.try_read(buf) {
+            if n == 0 {
+                break;
+            }
+            out.discard(n);
+        }
+    }
+}
+
+fn feed_stdin(fd: OwnedFd, data: Vec<u8>) -> io::Result<tokio::task::JoinHandle<()>> {
+    let mut sender = pipe::Sender::from_owned_fd(fd)?;
+    Ok(tokio::spawn(async move {
+        // A program that exits without reading its input closes the pipe: not an error.
+        let _ = sender.write_all(&data).await;
+    }))
+}
+
+async fn kill_tree(containment: &Arc<Containment>, leader: u32) {
+    let containment = containment.clone();
+    let _ = tokio::task::spawn_blocking(move || containment.kill_tree(leader)).await;
+}
+
+async fn release(containment: Arc<Containment>) -> ContainmentReport {
+    tokio::task::spawn_blocking(move || match Arc::try_unwrap(containment) {
+        Ok(containment) => containment.finish(),
+        Err(_) => ContainmentReport::default(),
+    })
+    .await
+    .unwrap_or_default()
+}
+
+/// Exit status and resource use of a reaped process.
+struct Waited {
+    exit: ProcessExit,
+    cpu: Duration,
+    max_rss_bytes: u64,
+}
+
+/// Reaps `pid` with wait4, which also reports its CPU time and peak resident size.
+fn wait_for(pid: u32) -> io::Result<Waited> {
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: wait4 writes only into the two out-parameters we own.
+        let reaped = unsafe { libc::wait4(pid as i32, &mut status, 0, &mut usage) };
+        if reaped >= 0 {
+            break;
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+    let exit = if libc::WIFSIGNALED(status) {
+        ProcessExit::Signal(libc::WTERMSIG(status))
+    } else {
+        ProcessExit::Code(libc::WEXITSTATUS(status))
+    };
+    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    Ok(Waited {
+        exit,
+        cpu: Duration::from_micros(micros(usage.ru_utime) + micros(usage.ru_stime)),
+        max_rss_bytes: usage.ru_maxrss as u64 * 1024,
+    })
+}

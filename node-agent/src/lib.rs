@@ -1,0 +1,21 @@
+//! The Kowalski Exo node agent: one per device.
+//!
+//! - [`fingerprint`]: which runtimes this device has, resolved past shims, re-probed periodically.
+//! - [`sandbox`]: containment of executed code (process session, rlimits, cgroups).
+//! - [`exec`]: running one request: work directory, compile step, output streaming, limits.
+//! - [`admission`]: the concurrency limit and its bounded queue.
+//! - [`service`]: the NodeAgent gRPC service, a thin layer over the executor.
+//! - [`registration`]: the background stream that joins the coordinator, with heartbeats.
+//! - [`agent`]: everything assembled into a server that shuts down cleanly.
+
+pub mod admission;
+pub mod agent;
+pub mod error;
+pub mod exec;
+pub mod fingerprint;
+mod load;
+pub mod registration;
+pub mod sandbox;
+pub mod service;
+
+pub use agent::{AgentConfig, RunningAgent, start};

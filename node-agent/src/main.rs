@@ -1,0 +1,164 @@
+//! The `node-agent` binary: serve (the default) or print the runtime fingerprint.
+
+use std::{collections::HashMap, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use kowalski_exo_common::{defaults, telemetry};
+use kowalski_exo_node_agent::{
+    AgentConfig,
+    fingerprint::{SearchPath, probe_all},
+};
+
+/// Runs code for a Kowalski Exo cluster on this device.
+#[derive(Parser, Debug)]
+#[command(name = "node-agent", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the runtimes this device has, then exit.
+    Runtimes {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Coordinator to join (kept trying in the background until it answers).
+    #[arg(long, env = "KOWALSKI_COORDINATOR", default_value = defaults::COORDINATOR_URL)]
+    coordinator: String,
+    /// Run stand-alone: do not try to join a coordinator.
+    #[arg(long, conflicts_with = "coordinator")]
+    standalone: bool,
+    /// Address the NodeAgent gRPC server listens on.
+    #[arg(long, default_value = defaults::NODE_AGENT_LISTEN)]
+    listen: String,
+    /// Address the coordinator should dial (default: the listen address; an unspecified host
+    /// means the address the agent connects from).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Node name (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// A label, as key=value; repeatable.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Runs at once (default: the number of cores).
+    #[arg(long)]
+    capacity: Option<usize>,
+    /// Runs waiting for a slot before new ones are refused (default: 4 x capacity).
+    #[arg(long)]
+    queue: Option<usize>,
+    /// Parent directory of per-run work directories.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Directory for cached builds.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Seconds between runtime re-probes.
+    #[arg(long, default_value_t = 30)]
+    fingerprint_interval: u64,
+    /// Do not use cgroups even where the host offers them.
+    #[arg(long)]
+    no_cgroups: bool,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("label '{s}' is not key=value")),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Runtimes { json }) => print_runtimes(json).await,
+        None => {
+            telemetry::init();
+            match serve(cli.serve).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("node-agent: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn print_runtimes(json: bool) -> ExitCode {
+    let fingerprint = probe_all(&SearchPath::from_env()).await;
+    if json {
+        match serde_json::to_string_pretty(&fingerprint) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("node-agent: cannot encode the fingerprint: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", fingerprint.table());
+    }
+    ExitCode::SUCCESS
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = AgentConfig {
+        listen: args.listen,
+        advertise: args.advertise,
+        coordinator: (!args.standalone).then_some(args.coordinator),
+        labels: args.labels.into_iter().collect::<HashMap<_, _>>(),
+        fingerprint_interval: Duration::from_secs(args.fingerprint_interval.max(1)),
+        use_cgroups: !args.no_cgroups,
+        ..AgentConfig::default()
+    };
+    if let Some(name) = args.name {
+        config.name = name;
+    }
+    if let Some(capacity) = args.capacity {
+        config.capacity = capacity;
+        config.queue = capacity * 4;
+    }
+    if let Some(queue) = args.queue {
+        config.queue = queue;
+    }
+    if let Some(dir) = args.work_dir {
+        config.dirs.work_root = dir;
+    }
+    if let Some(dir) = args.cache_dir {
+        config.dirs.cache_dir = dir;
+    }
+    let agent = kowalski_exo_node_agent::start(config).await?;
+    let shutdown = agent.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: killing running work");
+        shutdown.cancel();
+    });
+    agent.wait().await?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

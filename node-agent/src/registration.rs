@@ -1,0 +1,176 @@
+//! Joining the cluster: one AgentRegistry.Attach stream to the coordinator, opened in the
+//! background and reopened with backoff whenever it breaks, so the agent works stand-alone and
+//! joins as soon as a coordinator exists.
+
+use std::{net::SocketAddr, time::Duration};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use kowalski_exo_common::proto::{
+    self, AgentMessage, NodeLoad, agent_message, agent_registry_client::AgentRegistryClient,
+    coordinator_message,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::{load::LoadSampler, service::NodeAgentService};
+
+/// Heartbeat interval used until the coordinator names its own.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(500);
+/// Reconnect backoff bounds.
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// The address to advertise for a listen address. An unspecified host (0.0.0.0) is kept: the
+/// coordinator then dials the host the stream came from.
+pub fn advertise_address(listen: SocketAddr) -> String {
+    format!("http://{listen}")
+}
+
+/// The agent's side of its registry stream.
+pub struct Registration {
+    coordinator: String,
+    advertise: String,
+    service: NodeAgentService,
+    /// Kept across reconnects so the coordinator recognises this node.
+    node_id: String,
+    load: LoadSampler,
+}
+
+/// Why one registry stream ended.
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("cannot reach the coordinator: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("the coordinator refused the stream: {0}")]
+    Refused(#[from] tonic::Status),
+    #[error("the coordinator closed the stream")]
+    Closed,
+}
+
+impl Registration {
+    pub fn new(coordinator: String, advertise: String, service: NodeAgentService) -> Self {
+        Registration {
+            coordinator,
+            advertise,
+            service,
+            node_id: String::new(),
+            load: LoadSampler::default(),
+        }
+    }
+
+    /// Keeps a registry stream open until `shutdown`.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let backoff = || {
+            ExponentialBuilder::default()
+                .with_min_delay(RECONNECT_MIN)
+                .with_max_delay(RECONNECT_MAX)
+                .with_jitter()
+                .without_max_times()
+                .build()
+        };
+        let mut delays = backoff();
+        loop {
+            let attached = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                result = self.attach(&shutdown) => result,
+            };
+            match attached {
+                Ok(true) => delays = backoff(),
+                Ok(false) => return,
+                Err(e) => tracing::debug!(coordinator = %self.coordinator, error = %e, "not attached"),
+            }
+            let delay = delays.next().unwrap_or(RECONNECT_MAX);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// One stream: register, then heartbeat until it breaks. `Ok(true)` when it was registered
+    /// before it ended (so the next attempt starts with a short delay), `Ok(false)` at shutdown.
+    async fn attach(&mut self, shutdown: &CancellationToken) -> Result<bool, StreamError> {
+        let mut client = AgentRegistryClient::connect(self.coordinator.clone()).await?;
+        let (outbound, queue) = mpsc::channel(8);
+        let mut runtimes = self.service.runtimes();
+        runtimes.mark_unchanged();
+        let description = self.service.description();
+        let register = proto::Register {
+            name: description.name,
+            address: self.advertise.clone(),
+            labels: description.labels,
+            runtimes: description.runtimes,
+            capacity: description.capacity,
+            version: description.version,
+            isolation: description.isolation,
+            node_id: self.node_id.clone(),
+        };
+        send(&outbound, agent_message::Message::Register(register)).await?;
+        let mut inbound = client
+            .attach(ReceiverStream::new(queue))
+            .await?
+            .into_inner();
+        let registered = match inbound.message().await?.and_then(|m| m.message) {
+            Some(coordinator_message::Message::Registered(r)) => r,
+            None => return Err(StreamError::Closed),
+        };
+        self.node_id = registered.node_id.clone();
+        let interval = match registered.heartbeat_interval_ms {
+            0 => DEFAULT_HEARTBEAT,
+            ms => Duration::from_millis(ms.into()),
+        };
+        tracing::info!(coordinator = %self.coordinator, node_id = %self.node_id, "registered");
+        let mut ticker = tokio::time::interval(interval);
+        loop {
+            let changed_runtimes = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(false),
+                _ = ticker.tick() => None,
+                Ok(()) = runtimes.changed() => Some(runtimes.borrow_and_update().to_proto()),
+                message = inbound.message() => match message {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return Ok(true),
+                    Err(status) => {
+                        tracing::info!(%status, "registry stream broke");
+                        return Ok(true);
+                    }
+                },
+            };
+            let heartbeat = proto::Heartbeat {
+                load: Some(self.load()),
+                runtimes: changed_runtimes,
+            };
+            if send(&outbound, agent_message::Message::Heartbeat(heartbeat))
+                .await
+                .is_err()
+            {
+                return Ok(true);
+            }
+        }
+    }
+
+    fn load(&mut self) -> NodeLoad {
+        let description = self.service.description();
+        let host = self.load.sample();
+        NodeLoad {
+            cpu_percent: host.cpu_percent,
+            memory_used_bytes: host.memory_used_bytes,
+            memory_total_bytes: host.memory_total_bytes,
+            load_average_1m: host.load_average_1m,
+            running: description.running,
+            queued: description.queued,
+        }
+    }
+}
+
+async fn send(
+    outbound: &mpsc::Sender<AgentMessage>,
+    message: agent_message::Message,
+) -> Result<(), StreamError> {
+    outbound
+        .send(AgentMessage {
+            message: Some(message),
+        })
+        .await
+        .map_err(|_| StreamError::Closed)
+}

@@ -1,0 +1,110 @@
+//! The NodeAgent gRPC service: translates between the wire and the executor, nothing more.
+
+use std::{collections::HashMap, sync::Arc};
+
+use kowalski_exo_common::proto::{
+    self, DescribeRequest, ExecEvent, NodeDescription, node_agent_server::NodeAgent,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::{Request, Response, Status};
+
+use crate::{admission::Admission, error::ExecError, exec::Executor, fingerprint::FingerprintWatch};
+
+/// Events buffered per run before a slow caller holds the program back.
+const EVENT_BUFFER: usize = 32;
+
+/// Who this agent is, as it describes itself.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub name: String,
+    pub labels: HashMap<String, String>,
+}
+
+/// The NodeAgent service of one agent.
+#[derive(Clone)]
+pub struct NodeAgentService {
+    executor: Arc<Executor>,
+    admission: Admission,
+    identity: Identity,
+    shutdown: CancellationToken,
+    runs: TaskTracker,
+}
+
+impl NodeAgentService {
+    pub fn new(
+        executor: Arc<Executor>,
+        admission: Admission,
+        identity: Identity,
+        shutdown: CancellationToken,
+        runs: TaskTracker,
+    ) -> Self {
+        NodeAgentService {
+            executor,
+            admission,
+            identity,
+            shutdown,
+            runs,
+        }
+    }
+
+    /// The live runtime fingerprint.
+    pub fn runtimes(&self) -> FingerprintWatch {
+        self.executor.runtimes().clone()
+    }
+
+    /// What this agent is and can do right now.
+    pub fn description(&self) -> NodeDescription {
+        NodeDescription {
+            name: self.identity.name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            labels: self.identity.labels.clone(),
+            runtimes: Some(self.executor.runtimes().borrow().to_proto()),
+            isolation: self.executor.isolation() as i32,
+            capacity: self.admission.capacity() as u32,
+            queue_capacity: self.admission.queue_capacity() as u32,
+            running: self.admission.running() as u32,
+            queued: self.admission.queued() as u32,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl NodeAgent for NodeAgentService {
+    type ExecuteStream = ReceiverStream<Result<ExecEvent, Status>>;
+
+    async fn execute(
+        &self,
+        request: Request<proto::ExecuteRequest>,
+    ) -> Result<Response<Self::ExecuteStream>, Status> {
+        if self.shutdown.is_cancelled() {
+            return Err(ExecError::ShuttingDown.into());
+        }
+        let prepared = self.executor.prepare(request.into_inner())?;
+        let ticket = self.admission.enter().map_err(ExecError::from)?;
+        let (events, stream) = mpsc::channel(EVENT_BUFFER);
+        let executor = self.executor.clone();
+        let cancel = self.shutdown.child_token();
+        self.runs.spawn(async move {
+            let slot = tokio::select! {
+                slot = ticket.wait_for_slot() => slot,
+                _ = events.closed() => return,
+                _ = cancel.cancelled() => {
+                    let _ = events.send(Err(ExecError::ShuttingDown.into())).await;
+                    return;
+                }
+            };
+            executor.run(prepared, events, cancel).await;
+            drop(slot);
+        });
+        Ok(Response::new(ReceiverStream::new(stream)))
+    }
+
+    async fn describe(
+        &self,
+        _request: Request<DescribeRequest>,
+    ) -> Result<Response<NodeDescription>, Status> {
+        Ok(Response::new(self.description()))
+    }
+}
