@@ -18,7 +18,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={PROTO_ROOT}");
     let fds = protox::compile(PROTO_FILES, [PROTO_ROOT])?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
-    fs::write(out_dir.join("kowalski_exo_descriptor.bin"), fds.encode_to_vec())?;
+    fs::write(
+        out_dir.join("kowalski_exo_descriptor.bin"),
+        fds.encode_to_vec(),
+    )?;
     tonic_prost_build::configure()
         .emit_rerun_if_changed(false)
         .compile_fds(fds)?;

@@ -20,7 +20,10 @@ pub enum Language {
 
 /// A language name that is not in the alias table.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown language '{name}'; known languages: {}", Language::known_names())]
+#[error(
+    "unknown language '{name}'; known languages: {}",
+    Language::known_names()
+)]
 pub struct UnknownLanguage {
     /// The name as it was given.
     pub name: String,

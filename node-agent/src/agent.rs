@@ -195,7 +195,10 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     let task = tokio::spawn(async move {
         let served = server.serve(listener, stop.cancelled_owned()).await;
         runs.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, runs.wait()).await.is_err() {
+        if tokio::time::timeout(SHUTDOWN_GRACE, runs.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("runs still finishing after {SHUTDOWN_GRACE:?}; leaving them");
         }
         let _ = tokio::task::spawn_blocking(move || {

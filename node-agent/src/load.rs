@@ -51,6 +51,10 @@ mod tests {
         let load = sampler.sample();
         assert!(load.memory_total_bytes > 0);
         assert!(load.memory_used_bytes <= load.memory_total_bytes);
-        assert!((0.0..=100.0).contains(&load.cpu_percent), "{}", load.cpu_percent);
+        assert!(
+            (0.0..=100.0).contains(&load.cpu_percent),
+            "{}",
+            load.cpu_percent
+        );
     }
 }

@@ -78,7 +78,9 @@ impl Registration {
             match attached {
                 Ok(true) => delays = backoff(),
                 Ok(false) => return,
-                Err(e) => tracing::debug!(coordinator = %self.coordinator, error = %e, "not attached"),
+                Err(e) => {
+                    tracing::debug!(coordinator = %self.coordinator, error = %e, "not attached")
+                }
             }
             let delay = delays.next().unwrap_or(RECONNECT_MAX);
             tokio::select! {

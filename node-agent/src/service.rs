@@ -10,7 +10,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status};
 
-use crate::{admission::Admission, error::ExecError, exec::Executor, fingerprint::FingerprintWatch};
+use crate::{
+    admission::Admission, error::ExecError, exec::Executor, fingerprint::FingerprintWatch,
+};
 
 /// Events buffered per run before a slow caller holds the program back.
 const EVENT_BUFFER: usize = 32;

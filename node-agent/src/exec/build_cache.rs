@@ -64,7 +64,10 @@ mod tests {
         let a = BuildCache::key(Language::C, cc, "12", "int main(){}");
         assert_eq!(a, BuildCache::key(Language::C, cc, "12", "int main(){}"));
         assert_ne!(a, BuildCache::key(Language::C, cc, "13", "int main(){}"));
-        assert_ne!(a, BuildCache::key(Language::C, cc, "12", "int main(){return 1;}"));
+        assert_ne!(
+            a,
+            BuildCache::key(Language::C, cc, "12", "int main(){return 1;}")
+        );
     }
 
     #[test]
@@ -78,6 +81,9 @@ mod tests {
         assert_eq!(cache.lookup("c-abc"), None);
         let stored = cache.store("c-abc", &built).unwrap();
         assert_eq!(cache.lookup("c-abc"), Some(stored.clone()));
-        assert_ne!(fs::metadata(stored).unwrap().permissions().mode() & 0o111, 0);
+        assert_ne!(
+            fs::metadata(stored).unwrap().permissions().mode() & 0o111,
+            0
+        );
     }
 }

@@ -114,7 +114,15 @@ pub fn compile(language: Language, compiler: &Path, source: &Path, output: &Path
     };
     match language {
         Language::Rust => compiler
-            .args(["--edition", "2021", "-C", "opt-level=2", "-C", "debuginfo=0", "-o"])
+            .args([
+                "--edition",
+                "2021",
+                "-C",
+                "opt-level=2",
+                "-C",
+                "debuginfo=0",
+                "-o",
+            ])
             .arg(output)
             .arg(source),
         _ => compiler

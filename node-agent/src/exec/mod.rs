@@ -60,7 +60,12 @@ pub struct PreparedRun {
     args: Vec<String>,
     limits: ExecLimits,
     run_id: String,
+    /// Unique within the agent process; names the run's directory and cgroups.
+    serial: u64,
 }
+
+/// Numbers runs across every executor in this process, so names never collide.
+static RUN_SERIAL: AtomicU64 = AtomicU64::new(1);
 
 /// Runs code on this device under the sandbox.
 pub struct Executor {
@@ -70,7 +75,6 @@ pub struct Executor {
     max_code_bytes: usize,
     dirs: ExecDirs,
     builds: BuildCache,
-    next_run: AtomicU64,
 }
 
 impl Executor {
@@ -90,7 +94,6 @@ impl Executor {
             max_code_bytes,
             dirs,
             builds,
-            next_run: AtomicU64::new(1),
         })
     }
 
@@ -129,12 +132,9 @@ impl Executor {
                 available: self.runtimes.borrow().healthy_languages().join(", "),
             });
         };
+        let serial = RUN_SERIAL.fetch_add(1, Ordering::Relaxed);
         let run_id = if request.run_id.is_empty() {
-            format!(
-                "{}-{}",
-                std::process::id(),
-                self.next_run.fetch_add(1, Ordering::Relaxed)
-            )
+            format!("{}-{serial}", std::process::id())
         } else {
             request.run_id.clone()
         };
@@ -149,6 +149,7 @@ impl Executor {
             stdin: request.stdin,
             args: request.args,
             run_id,
+            serial,
         })
     }
 
@@ -188,7 +189,7 @@ impl Executor {
         out: &mut RunOutput,
     ) -> Result<proto::ExecFinished, String> {
         let workdir = tempfile::Builder::new()
-            .prefix(&format!("run-{}-", run.run_id))
+            .prefix(&format!("run-{}-", run.serial))
             .tempdir_in(&self.dirs.work_root)
             .map_err(|e| format!("cannot create a work directory: {e}"))?;
         let result = self.run_stages(run, workdir.path(), out).await;
@@ -240,12 +241,14 @@ impl Executor {
         ) {
             Some(invocation) => (invocation, false),
             None => {
-                let key = BuildCache::key(run.language, &run.runtime, &run.runtime_version, &run.code);
+                let key =
+                    BuildCache::key(run.language, &run.runtime, &run.runtime_version, &run.code);
                 match self.builds.lookup(&key) {
                     Some(binary) => (launch::run_binary(&binary, &run.args), true),
                     None => {
                         let binary = workdir.join(launch::BINARY_NAME);
-                        let compiler = launch::compile(run.language, &run.runtime, &source, &binary);
+                        let compiler =
+                            launch::compile(run.language, &run.runtime, &source, &binary);
                         let compile_limits = TreeLimits {
                             memory_bytes: limits.memory_bytes.max(COMPILE_MEMORY_FLOOR),
                             max_processes: limits.max_processes.max(COMPILE_PROCESSES_FLOOR),
@@ -253,7 +256,7 @@ impl Executor {
                             ..limits
                         };
                         let spec = ProcessSpec {
-                            name: format!("run-{}-compile", run.run_id),
+                            name: format!("run-{}-compile", run.serial),
                             invocation: compiler,
                             workdir,
                             base_env: &base_env,
@@ -270,20 +273,22 @@ impl Executor {
                             let mut finished = self.finished(&compiled, &run.limits);
                             if compiled.interruption.is_none() {
                                 finished.status = ExecStatus::CompileError as i32;
-                                finished.message = format!("{} rejected the code", run.runtime.display());
+                                finished.message =
+                                    format!("{} rejected the code", run.runtime.display());
                             }
                             return Ok(finished);
                         }
-                        let cached = self.builds.store(&key, &binary).map_err(|e| {
-                            format!("cannot cache the compiled program: {e}")
-                        })?;
+                        let cached = self
+                            .builds
+                            .store(&key, &binary)
+                            .map_err(|e| format!("cannot cache the compiled program: {e}"))?;
                         (launch::run_binary(&cached, &run.args), false)
                     }
                 }
             }
         };
         let spec = ProcessSpec {
-            name: format!("run-{}", run.run_id),
+            name: format!("run-{}", run.serial),
             limits: TreeLimits {
                 address_space_rlimit: invocation.address_space_rlimit,
                 ..limits
@@ -339,14 +344,21 @@ impl Executor {
             ),
             Some(Interruption::OutputLimit) => (
                 ExecStatus::OutputLimit,
-                format!("killed after printing more than {} bytes", limits.output_bytes),
+                format!(
+                    "killed after printing more than {} bytes",
+                    limits.output_bytes
+                ),
             ),
-            Some(Interruption::Cancelled) => {
-                (ExecStatus::Cancelled, "cancelled before it finished".to_string())
-            }
+            Some(Interruption::Cancelled) => (
+                ExecStatus::Cancelled,
+                "cancelled before it finished".to_string(),
+            ),
             None if result.containment.oom_killed => (
                 ExecStatus::MemoryLimit,
-                format!("killed for using more than {} bytes of memory", limits.memory_bytes),
+                format!(
+                    "killed for using more than {} bytes of memory",
+                    limits.memory_bytes
+                ),
             ),
             None if cpu_exhausted => (
                 ExecStatus::CpuLimit,
@@ -355,7 +367,10 @@ impl Executor {
             None if exit_code == Some(0) => (ExecStatus::Ok, String::new()),
             None if result.containment.process_limit_hit => (
                 ExecStatus::NonzeroExit,
-                format!("the run reached its limit of {} processes", limits.max_processes),
+                format!(
+                    "the run reached its limit of {} processes",
+                    limits.max_processes
+                ),
             ),
             None => (ExecStatus::NonzeroExit, String::new()),
         };

@@ -29,7 +29,12 @@ pub struct RunOutput {
 }
 
 impl RunOutput {
-    pub fn new(events: EventSender, cancel: CancellationToken, deadline: Instant, cap: u64) -> Self {
+    pub fn new(
+        events: EventSender,
+        cancel: CancellationToken,
+        deadline: Instant,
+        cap: u64,
+    ) -> Self {
         RunOutput {
             events,
             cancel,
@@ -123,7 +128,10 @@ mod tests {
     fn run_output(cap: u64) -> (RunOutput, mpsc::Receiver<Result<ExecEvent, Status>>) {
         let (tx, rx) = mpsc::channel(16);
         let deadline = Instant::now() + Duration::from_secs(60);
-        (RunOutput::new(tx, CancellationToken::new(), deadline, cap), rx)
+        (
+            RunOutput::new(tx, CancellationToken::new(), deadline, cap),
+            rx,
+        )
     }
 
     fn chunk(event: Result<ExecEvent, Status>) -> proto::OutputChunk {
@@ -136,7 +144,10 @@ mod tests {
     #[tokio::test]
     async fn output_past_the_cap_is_cut_counted_and_stops_the_run() {
         let (mut out, mut rx) = run_output(10);
-        assert_eq!(out.output(proto::OutputStream::Stdout, b"123456").await, Ok(()));
+        assert_eq!(
+            out.output(proto::OutputStream::Stdout, b"123456").await,
+            Ok(())
+        );
         assert_eq!(
             out.output(proto::OutputStream::Stderr, b"abcdefgh").await,
             Err(Interruption::OutputLimit)

@@ -2,13 +2,7 @@
 //! stdin, stream its output, and end its whole tree on exit, timeout, output cap or cancel.
 
 use std::{
-    ffi::OsString,
-    io,
-    os::fd::OwnedFd,
-    path::Path,
-    process::Stdio,
-    sync::Arc,
-    time::Duration,
+    ffi::OsString, io, os::fd::OwnedFd, path::Path, process::Stdio, sync::Arc, time::Duration,
 };
 
 use kowalski_exo_common::proto::{self, exec_event::Event};
@@ -99,7 +93,10 @@ pub async fn supervise(
     let mut waiter = tokio::task::spawn_blocking(move || wait_for(pid));
 
     let mut interruption = out
-        .send(Event::Started(proto::ExecStarted { pid, ..spec.started }))
+        .send(Event::Started(proto::ExecStarted {
+            pid,
+            ..spec.started
+        }))
         .await
         .err();
     let mut waited = None;

@@ -132,7 +132,11 @@ impl RuntimeFingerprint {
                 }
                 _ => String::new(),
             };
-            let version = if r.version.is_empty() { "-" } else { &r.version };
+            let version = if r.version.is_empty() {
+                "-"
+            } else {
+                &r.version
+            };
             out.push_str(&format!(
                 "{:<11} {:<9} {:<10} {exe}{shim}{detail}\n",
                 r.language.name(),

@@ -89,7 +89,10 @@ async fn self_report(language: Language, found: &Path) -> Result<(PathBuf, Strin
     let report = run_probe(found, self_report_args(language)).await?;
     let mut lines = report.lines().map(str::trim).filter(|l| !l.is_empty());
     match language {
-        Language::Python | Language::Bash | Language::Javascript | Language::Ruby
+        Language::Python
+        | Language::Bash
+        | Language::Javascript
+        | Language::Ruby
         | Language::Perl => {
             let exe = lines.next().ok_or("probe printed no executable path")?;
             let version = lines.next().ok_or("probe printed no version")?;
@@ -114,7 +117,10 @@ async fn self_report(language: Language, found: &Path) -> Result<(PathBuf, Strin
         Language::Go => {
             let goroot = lines.next().ok_or("go env printed no GOROOT")?;
             let version = lines.next().unwrap_or_default().trim_start_matches("go");
-            Ok((Path::new(goroot).join("bin").join("go"), version.to_string()))
+            Ok((
+                Path::new(goroot).join("bin").join("go"),
+                version.to_string(),
+            ))
         }
     }
 }

@@ -2,7 +2,7 @@
 //! double-forked children included) is counted, limited, and killed together.
 //!
 //! cgroup v2 (unified) and v1 (separate pids, memory and freezer hierarchies) are both handled.
-//! Each run's cgroup sits under `kowalski-exo/agent-PID` below the agent's own cgroup, so
+//! Each run's cgroup sits under `kowalski-exo/agent-PID-N` below the agent's own cgroup, so
 //! several agents on one host never touch each other's runs.
 
 use std::{
@@ -10,6 +10,7 @@ use std::{
     io,
     os::fd::{AsRawFd, RawFd},
     path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
@@ -18,7 +19,7 @@ use nix::{sys::signal::Signal, unistd::Pid};
 
 /// Name of the directory holding every agent's run cgroups.
 const RUNS_DIR: &str = "kowalski-exo";
-/// Prefix of one agent's directory under [`RUNS_DIR`]; the agent's pid follows.
+/// Prefix of one agent's directory under [`RUNS_DIR`]; the agent's pid and instance follow.
 const AGENT_PREFIX: &str = "agent-";
 /// The leaf a cgroup v2 agent moves itself into, so its parent may enable controllers.
 const V2_AGENT_LEAF: &str = "kowalski-exo-agent";
@@ -51,10 +52,13 @@ impl CgroupRoot {
     pub fn detect() -> Option<CgroupRoot> {
         let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
         let membership = fs::read_to_string("/proc/self/cgroup").ok()?;
-        let shared = detect_v2(&mountinfo, &membership)
-            .or_else(|| detect_v1(&mountinfo, &membership))?;
+        let shared =
+            detect_v2(&mountinfo, &membership).or_else(|| detect_v1(&mountinfo, &membership))?;
         shared.remove_dead_agents();
-        let root = shared.child(&format!("{AGENT_PREFIX}{}", std::process::id()));
+        // Several agents may live in one process (tests, embedded mode): number them.
+        static AGENTS: AtomicU64 = AtomicU64::new(0);
+        let instance = AGENTS.fetch_add(1, Ordering::Relaxed);
+        let root = shared.child(&format!("{AGENT_PREFIX}{}-{instance}", std::process::id()));
         for dir in root.run_parents() {
             if let Err(e) = fs::create_dir_all(dir) {
                 tracing::debug!(dir = %dir.display(), error = %e, "cgroups not writable");
@@ -76,7 +80,11 @@ impl CgroupRoot {
 
     fn run_parents(&self) -> Vec<&PathBuf> {
         match self {
-            CgroupRoot::V1 { pids, memory, freezer } => vec![pids, memory, freezer],
+            CgroupRoot::V1 {
+                pids,
+                memory,
+                freezer,
+            } => vec![pids, memory, freezer],
             CgroupRoot::V2 { runs } => vec![runs],
         }
     }
@@ -84,7 +92,11 @@ impl CgroupRoot {
     /// The same hierarchies, one level down.
     fn child(&self, name: &str) -> CgroupRoot {
         match self {
-            CgroupRoot::V1 { pids, memory, freezer } => CgroupRoot::V1 {
+            CgroupRoot::V1 {
+                pids,
+                memory,
+                freezer,
+            } => CgroupRoot::V1 {
                 pids: pids.join(name),
                 memory: memory.join(name),
                 freezer: freezer.join(name),
@@ -125,7 +137,11 @@ impl CgroupRoot {
             }
         }
         for dir in run.dirs.clone() {
-            run.procs.push(OpenOptions::new().write(true).open(dir.join("cgroup.procs"))?);
+            run.procs.push(
+                OpenOptions::new()
+                    .write(true)
+                    .open(dir.join("cgroup.procs"))?,
+            );
         }
         Ok(run)
     }
@@ -137,12 +153,14 @@ impl CgroupRoot {
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(pid) = name.strip_prefix(AGENT_PREFIX).and_then(|p| p.parse::<i32>().ok())
+            let Some(pid) = name
+                .strip_prefix(AGENT_PREFIX)
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|pid| pid.parse::<i32>().ok())
             else {
                 continue;
             };
-            let alive = nix::sys::signal::kill(Pid::from_raw(pid), None).is_ok();
-            if alive && pid != std::process::id() as i32 {
+            if nix::sys::signal::kill(Pid::from_raw(pid), None).is_ok() {
                 continue;
             }
             tracing::warn!(cgroup = %name, "removing run cgroups left by an agent that is gone");
@@ -211,9 +229,16 @@ fn detect_v1(mountinfo: &str, membership: &str) -> Option<CgroupRoot> {
             let _id = fields.next()?;
             let controllers = fields.next()?;
             let path = fields.next()?;
-            controllers.split(',').any(|c| c == controller).then_some(path)
+            controllers
+                .split(',')
+                .any(|c| c == controller)
+                .then_some(path)
         })?;
-        Some(Path::new(mount).join(own.trim_start_matches('/')).join(RUNS_DIR))
+        Some(
+            Path::new(mount)
+                .join(own.trim_start_matches('/'))
+                .join(RUNS_DIR),
+        )
     };
     Some(CgroupRoot::V1 {
         pids: hierarchy("pids")?,

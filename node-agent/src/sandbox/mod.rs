@@ -77,13 +77,29 @@ impl Sandbox {
             None => None,
         };
         let mut rlimits = vec![
-            rlimit(libc::RLIMIT_CPU, limits.cpu_seconds.into(), u64::from(limits.cpu_seconds) + 1),
-            rlimit(libc::RLIMIT_FSIZE, limits.file_size_bytes, limits.file_size_bytes),
-            rlimit(libc::RLIMIT_NOFILE, limits.open_files.into(), limits.open_files.into()),
+            rlimit(
+                libc::RLIMIT_CPU,
+                limits.cpu_seconds.into(),
+                u64::from(limits.cpu_seconds) + 1,
+            ),
+            rlimit(
+                libc::RLIMIT_FSIZE,
+                limits.file_size_bytes,
+                limits.file_size_bytes,
+            ),
+            rlimit(
+                libc::RLIMIT_NOFILE,
+                limits.open_files.into(),
+                limits.open_files.into(),
+            ),
             rlimit(libc::RLIMIT_CORE, 0, 0),
         ];
         if cgroup.is_none() && limits.address_space_rlimit {
-            rlimits.push(rlimit(libc::RLIMIT_AS, limits.memory_bytes, limits.memory_bytes));
+            rlimits.push(rlimit(
+                libc::RLIMIT_AS,
+                limits.memory_bytes,
+                limits.memory_bytes,
+            ));
         }
         let setup = ChildSetup {
             cgroup_fds: cgroup.as_ref().map(RunCgroup::join_fds).unwrap_or_default(),
