@@ -5,10 +5,9 @@
 use std::{future::Future, net::SocketAddr};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{
     service::{Routes, RoutesBuilder},
-    transport::Server,
+    transport::{Server, server::TcpIncoming},
 };
 use tonic_health::server::HealthReporter;
 
@@ -74,10 +73,11 @@ impl ServerBase {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServeError> {
         let routes: Routes = self.routes.routes();
+        // Output chunks are small and latency matters: no Nagle delay on accepted connections.
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         Server::builder()
-            .tcp_nodelay(true)
             .add_routes(routes)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;
         Ok(())
     }

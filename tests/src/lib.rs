@@ -1,1 +1,159 @@
+//! Harness for tests that run the real `node-agent` and `coordinator` binaries: start them on
+//! ports the OS picks, read the address they report, signal them, and clean up on drop.
+//!
+//! The binaries come from the same cargo target directory as the test; `cargo test --workspace`
+//! builds them before any test runs.
 
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use nix::{sys::signal::Signal, unistd::Pid};
+
+/// Generous ceiling for anything a test waits on; only catches hangs.
+pub const CEILING: Duration = Duration::from_secs(30);
+
+/// Path of a workspace binary next to the running test executable.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable lives in target/<profile>/deps");
+    let path = profile_dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run `cargo test --workspace` (or `cargo build --workspace`) first",
+        path.display()
+    );
+    path
+}
+
+/// A running binary whose stderr is collected line by line.
+pub struct Daemon {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+    /// The address it reported listening on.
+    pub addr: SocketAddr,
+}
+
+impl Daemon {
+    /// Starts `bin` and waits until it logs `ready` followed by `addr=HOST:PORT`.
+    pub fn start(bin: &str, args: &[&str], env: &[(&str, &str)], ready: &str) -> Daemon {
+        let mut command = Command::new(binary(bin));
+        command
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("spawn binary");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let start = Instant::now();
+        let addr = loop {
+            let found = log.lock().unwrap().iter().find_map(|line| {
+                if !line.contains(ready) {
+                    return None;
+                }
+                let rest = &line[line.find("addr=")? + 5..];
+                rest.split_whitespace().next()?.parse().ok()
+            });
+            if let Some(addr) = found {
+                break addr;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("{bin} exited with {status}: {:?}", log.lock().unwrap());
+            }
+            assert!(start.elapsed() < CEILING, "{bin} never logged '{ready}'");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Daemon { child, log, addr }
+    }
+
+    /// `http://ADDR`, for gRPC clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        nix::sys::signal::kill(Pid::from_raw(self.pid()), signal).expect("signal daemon");
+    }
+
+    /// Waits for the process to exit, within the ceiling.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait daemon") {
+                return status;
+            }
+            assert!(
+                start.elapsed() < CEILING,
+                "daemon did not exit: {:?}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port that was free a moment ago, for a server that must start after its clients.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// True while the process exists and is not a zombie.
+pub fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat[stat.rfind(')').unwrap() + 1..]
+                .split_whitespace()
+                .next()
+                .unwrap_or("");
+            state != "Z" && state != "X"
+        }
+        Err(_) => false,
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds, failing after the ceiling.
+pub fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !condition() {
+        assert!(start.elapsed() < CEILING, "{what}: not within {CEILING:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -136,11 +136,13 @@ impl Containment {
 
     /// Kills every process of the tree led by `leader`. Blocking: call off the async runtime.
     pub fn kill_tree(&self, leader: u32) {
-        process_tree::kill_tree(leader as i32);
-        if let Some(cgroup) = &self.cgroup
-            && !cgroup.kill_all()
-        {
-            tracing::warn!(leader, "processes survived the cgroup kill");
+        match &self.cgroup {
+            Some(cgroup) => {
+                if !cgroup.kill_all() {
+                    tracing::warn!(leader, "processes survived the cgroup kill");
+                }
+            }
+            None => process_tree::kill_tree(leader as i32),
         }
     }
 

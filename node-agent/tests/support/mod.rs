@@ -13,6 +13,8 @@ use kowalski_exo_node_agent::{AgentConfig, RunningAgent, exec::ExecDirs};
 use tempfile::TempDir;
 use tonic::{Status, Streaming, transport::Channel};
 
+pub use kowalski_exo_tests::process_alive;
+
 /// An agent running inside the test process.
 pub struct TestAgent {
     pub agent: RunningAgent,
@@ -136,20 +138,6 @@ pub fn request(language: &str, code: &str) -> ExecuteRequest {
     }
 }
 
-/// True while the process exists and is not a zombie.
-pub fn process_alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat[stat.rfind(')').unwrap() + 1..]
-                .split_whitespace()
-                .next()
-                .unwrap_or("");
-            state != "Z" && state != "X"
-        }
-        Err(_) => false,
-    }
-}
-
 /// Polls `condition` until it holds or the generous ceiling passes.
 pub async fn eventually<F, Fut>(what: &str, condition: F)
 where
@@ -162,8 +150,4 @@ where
         assert!(start.elapsed() < ceiling, "{what}: not within {ceiling:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-pub fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
 }

@@ -1,0 +1,106 @@
+//! The coordinator server assembled: registry, its two gRPC services, health and reflection,
+//! and optionally an in-process node agent so one process is a whole single-device cluster.
+
+use std::net::SocketAddr;
+
+use kowalski_exo_common::{
+    proto::{agent_registry_server::AgentRegistryServer, coordinator_server::CoordinatorServer},
+    transport::{self, ServeError, ServerBase},
+};
+use kowalski_exo_node_agent::{AgentConfig, RunningAgent};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    api::{client_service::ClientService, registry_service::RegistryService},
+    registry::NodeRegistry,
+};
+
+/// A started coordinator.
+pub struct RunningCoordinator {
+    /// The gRPC address it listens on (with the real port when 0 was asked).
+    pub addr: SocketAddr,
+    pub registry: NodeRegistry,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), ServeError>>,
+    local_agent: Option<RunningAgent>,
+}
+
+impl RunningCoordinator {
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until shutdown, then stops the local agent too.
+    pub async fn wait(self) -> Result<(), ServeError> {
+        let served = self.task.await.unwrap_or(Ok(()));
+        if let Some(agent) = self.local_agent {
+            agent.stop().await?;
+        }
+        served
+    }
+
+    pub async fn stop(self) -> Result<(), ServeError> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+}
+
+/// Binds `listen` and serves until the returned handle is stopped. With `local_agent`, an
+/// in-process node agent joins it.
+pub async fn start(
+    listen: &str,
+    local_agent: Option<AgentConfig>,
+) -> Result<RunningCoordinator, ServeError> {
+    let registry = NodeRegistry::default();
+    let (listener, addr) = transport::bind(listen).await?;
+    let mut server = ServerBase::new()?;
+    server
+        .routes()
+        .add_service(AgentRegistryServer::new(RegistryService::new(
+            registry.clone(),
+        )))
+        .add_service(CoordinatorServer::new(ClientService::new(registry.clone())));
+    let health = server.health();
+    health
+        .set_serving::<AgentRegistryServer<RegistryService>>()
+        .await;
+    health
+        .set_serving::<CoordinatorServer<ClientService>>()
+        .await;
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move { server.serve(listener, stop.cancelled_owned()).await });
+    tracing::info!(%addr, "coordinator listening");
+    let local_agent = match local_agent {
+        Some(config) => {
+            let dial = if addr.ip().is_unspecified() {
+                SocketAddr::from(([127, 0, 0, 1], addr.port()))
+            } else {
+                addr
+            };
+            let config = AgentConfig {
+                coordinator: Some(format!("http://{dial}")),
+                ..config
+            };
+            match kowalski_exo_node_agent::start(config).await {
+                Ok(agent) => Some(agent),
+                Err(e) => {
+                    shutdown.cancel();
+                    return Err(ServeError::Bind {
+                        addr: "local agent".into(),
+                        source: std::io::Error::other(e.to_string()),
+                    });
+                }
+            }
+        }
+        None => None,
+    };
+    Ok(RunningCoordinator {
+        addr,
+        registry,
+        shutdown,
+        task,
+        local_agent,
+    })
+}

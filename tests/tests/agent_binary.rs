@@ -1,0 +1,224 @@
+//! The real `node-agent` and `coordinator` binaries, over real sockets.
+
+use std::{process::Command, time::Duration};
+
+use kowalski_exo_common::proto::{
+    DescribeRequest, ExecEvent, ExecStatus, ExecuteRequest, exec_event::Event,
+    node_agent_client::NodeAgentClient,
+};
+use kowalski_exo_tests::{CEILING, Daemon, binary, eventually, free_port, process_alive};
+use nix::sys::signal::Signal;
+
+const AGENT_READY: &str = "node agent listening";
+
+fn standalone_agent(work_dir: &std::path::Path, env: &[(&str, &str)]) -> Daemon {
+    Daemon::start(
+        "node-agent",
+        &[
+            "--standalone",
+            "--listen",
+            "127.0.0.1:0",
+            "--work-dir",
+            work_dir.to_str().unwrap(),
+        ],
+        env,
+        AGENT_READY,
+    )
+}
+
+/// Runs code and returns (stdout, finished status, pid of the program).
+async fn run(url: &str, language: &str, code: &str) -> (String, ExecStatus) {
+    let mut client = NodeAgentClient::connect(url.to_string()).await.unwrap();
+    let request = ExecuteRequest {
+        language: language.into(),
+        code: code.into(),
+        ..Default::default()
+    };
+    let mut stream = client.execute(request).await.unwrap().into_inner();
+    let (mut stdout, mut status) = (Vec::new(), None);
+    while let Some(event) = tokio::time::timeout(CEILING, stream.message())
+        .await
+        .expect("run hung")
+        .unwrap()
+    {
+        match event.event {
+            Some(Event::Output(chunk)) => stdout.extend(chunk.data),
+            Some(Event::Finished(f)) => status = Some(f.status()),
+            _ => {}
+        }
+    }
+    (
+        String::from_utf8_lossy(&stdout).into_owned(),
+        status.expect("no finished event"),
+    )
+}
+
+#[tokio::test]
+async fn agent_binary_runs_code_and_never_shows_its_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = standalone_agent(dir.path(), &[("SECRET_TOKEN", "hunter2-do-not-leak")]);
+    let code = "import os\nprint(os.environ.get('SECRET_TOKEN', 'absent'))\nprint(b'hunter2' in open('/proc/self/environ', 'rb').read())";
+    let (stdout, status) = run(&agent.url(), "python", code).await;
+    assert_eq!(status, ExecStatus::Ok);
+    assert_eq!(stdout, "absent\nFalse\n");
+    let (stdout, _) = run(
+        &agent.url(),
+        "bash",
+        "echo \"${SECRET_TOKEN:-absent}\"; env | grep -c hunter2",
+    )
+    .await;
+    assert_eq!(stdout, "absent\n0\n");
+
+    let mut client = NodeAgentClient::connect(agent.url()).await.unwrap();
+    let description = client
+        .describe(DescribeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let runtimes = description.runtimes.unwrap().runtimes;
+    assert!(
+        runtimes
+            .iter()
+            .any(|r| r.language == "python" && !r.executable.is_empty())
+    );
+}
+
+#[tokio::test]
+async fn sigterm_kills_running_work_and_removes_work_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    let mut agent = standalone_agent(&work, &[]);
+    let mut client = NodeAgentClient::connect(agent.url()).await.unwrap();
+    let request = ExecuteRequest {
+        language: "bash".into(),
+        code: "echo $$; sleep 1000".into(),
+        ..Default::default()
+    };
+    let mut stream = client.execute(request).await.unwrap().into_inner();
+    let pid: i32 = loop {
+        let event = stream.message().await.unwrap().unwrap();
+        if let Some(Event::Output(chunk)) = event.event {
+            break String::from_utf8_lossy(&chunk.data).trim().parse().unwrap();
+        }
+    };
+    assert!(
+        std::fs::read_dir(&work).unwrap().count() > 0,
+        "no work dir while running"
+    );
+    agent.signal(Signal::SIGTERM);
+    let finished = loop {
+        match stream.message().await {
+            Ok(Some(ExecEvent {
+                event: Some(Event::Finished(f)),
+            })) => break Some(f),
+            Ok(Some(_)) => continue,
+            _ => break None,
+        }
+    };
+    assert_eq!(finished.map(|f| f.status()), Some(ExecStatus::Cancelled));
+    assert!(agent.wait_exit().success(), "{:?}", agent.log());
+    assert!(!process_alive(pid), "the run outlived the agent");
+    assert!(!work.exists(), "work directories left behind");
+}
+
+#[tokio::test]
+async fn agent_joins_a_coordinator_that_starts_later() {
+    let port = free_port();
+    let coordinator_url = format!("http://127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let _agent = Daemon::start(
+        "node-agent",
+        &[
+            "--coordinator",
+            &coordinator_url,
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            "late-joiner",
+            "--label",
+            "room=lab",
+            "--work-dir",
+            dir.path().to_str().unwrap(),
+        ],
+        &[],
+        AGENT_READY,
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let listen = format!("127.0.0.1:{port}");
+    let _coordinator = Daemon::start(
+        "coordinator",
+        &["serve", "--listen", &listen],
+        &[],
+        "coordinator listening",
+    );
+    let mut line = serde_json::Value::Null;
+    eventually("agent registered with the coordinator", || {
+        let output = Command::new(binary("coordinator"))
+            .args(["nodes", "--json", "--addr", &coordinator_url])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        match stdout
+            .lines()
+            .next()
+            .map(serde_json::from_str::<serde_json::Value>)
+        {
+            Some(Ok(value)) => {
+                line = value;
+                true
+            }
+            _ => false,
+        }
+    });
+    assert_eq!(line["name"], "late-joiner");
+    assert_eq!(line["state"], "ready");
+    assert!(
+        line["runtimes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r == "python")
+    );
+    for field in ["id", "address", "running", "capacity", "cpu_percent"] {
+        assert!(!line[field].is_null(), "missing {field} in {line}");
+    }
+}
+
+#[tokio::test]
+async fn grpcurl_can_list_describe_and_execute() {
+    let Ok(version) = Command::new("grpcurl").arg("-version").output() else {
+        println!("skipped: grpcurl is not installed (.ci/run installs it with pip)");
+        return;
+    };
+    assert!(version.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let agent = standalone_agent(dir.path(), &[]);
+    let addr = agent.addr.to_string();
+    let grpcurl = |args: &[&str]| {
+        let output = Command::new("grpcurl").args(args).output().unwrap();
+        assert!(
+            output.status.success(),
+            "grpcurl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let services = grpcurl(&["-plaintext", &addr, "list"]);
+    for service in ["kowalski.exo.v1.NodeAgent", "grpc.health.v1.Health"] {
+        assert!(services.contains(service), "{services}");
+    }
+    let described = grpcurl(&["-plaintext", &addr, "describe", "kowalski.exo.v1.NodeAgent"]);
+    assert!(described.contains("rpc Execute"), "{described}");
+    let executed = grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"language":"python","code":"print(6*7)"}"#,
+        &addr,
+        "kowalski.exo.v1.NodeAgent/Execute",
+    ]);
+    // "42\n" in base64: output is bytes on the wire.
+    assert!(executed.contains("\"NDIK\""), "{executed}");
+    assert!(executed.contains("EXEC_STATUS_OK"), "{executed}");
+    let health = grpcurl(&["-plaintext", &addr, "grpc.health.v1.Health/Check"]);
+    assert!(health.contains("SERVING"), "{health}");
+}
