@@ -131,7 +131,7 @@ impl RunningAgent {
 /// Starts an agent: probes runtimes, binds, serves, and registers in the background.
 pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     let shutdown = CancellationToken::new();
-    let sandbox = Sandbox::detect(config.use_cgroups);
+    let sandbox = Sandbox::detect(config.use_cgroups, config.capacity.max(1));
     let runtimes = fingerprint::spawn_refresh(
         config.search_path.clone(),
         config.fingerprint_interval,

@@ -10,6 +10,10 @@ pub enum ExecError {
     UnknownLanguage(#[from] UnknownLanguage),
     #[error("code is {size} bytes; this agent accepts at most {limit} bytes")]
     CodeTooLarge { size: usize, limit: usize },
+    #[error("arguments take {size} bytes; this agent accepts at most {limit} bytes")]
+    ArgsTooLarge { size: usize, limit: usize },
+    #[error("argument {index} contains a NUL byte, which a program argument cannot hold")]
+    NulInArgument { index: usize },
     #[error("stdin is {size} bytes; this agent accepts at most {limit} bytes")]
     StdinTooLarge { size: usize, limit: usize },
     #[error("{language} cannot run on this device: {reason}; healthy runtimes here: {available}")]
@@ -32,6 +36,8 @@ impl From<ExecError> for Status {
         match err {
             ExecError::UnknownLanguage(_)
             | ExecError::CodeTooLarge { .. }
+            | ExecError::ArgsTooLarge { .. }
+            | ExecError::NulInArgument { .. }
             | ExecError::StdinTooLarge { .. } => Status::invalid_argument(message),
             ExecError::RuntimeUnavailable { .. } => Status::failed_precondition(message),
             ExecError::Busy { .. } => Status::resource_exhausted(message),

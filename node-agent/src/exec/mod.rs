@@ -114,6 +114,16 @@ impl Executor {
                 limit: self.max_code_bytes,
             });
         }
+        let args_size: usize = request.args.iter().map(|a| a.len() + 1).sum();
+        if args_size > limits::MAX_ARGS_BYTES {
+            return Err(ExecError::ArgsTooLarge {
+                size: args_size,
+                limit: limits::MAX_ARGS_BYTES,
+            });
+        }
+        if let Some(index) = request.args.iter().position(|a| a.contains('\0')) {
+            return Err(ExecError::NulInArgument { index });
+        }
         if request.stdin.len() > limits::MAX_STDIN_BYTES {
             return Err(ExecError::StdinTooLarge {
                 size: request.stdin.len(),
@@ -256,7 +266,6 @@ impl Executor {
                             ..limits
                         };
                         let spec = ProcessSpec {
-                            name: format!("run-{}-compile", run.serial),
                             invocation: compiler,
                             workdir,
                             base_env: &base_env,
@@ -288,7 +297,6 @@ impl Executor {
             }
         };
         let spec = ProcessSpec {
-            name: format!("run-{}", run.serial),
             limits: TreeLimits {
                 address_space_rlimit: invocation.address_space_rlimit,
                 ..limits

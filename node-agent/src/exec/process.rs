@@ -1,9 +1,7 @@
 //! Supervising one process of a run (the compiler, or the program): spawn it contained, feed
 //! stdin, stream its output, and end its whole tree on exit, timeout, output cap or cancel.
 
-use std::{
-    ffi::OsString, io, os::fd::OwnedFd, path::Path, process::Stdio, sync::Arc, time::Duration,
-};
+use std::{ffi::OsString, io, os::fd::OwnedFd, path::Path, sync::Arc, time::Duration};
 
 use kowalski_exo_common::proto::{self, exec_event::Event};
 use tokio::{
@@ -16,7 +14,7 @@ use super::{
     launch::Invocation,
     output::{Interruption, RunOutput},
 };
-use crate::sandbox::{Containment, ContainmentReport, Sandbox, TreeLimits};
+use crate::sandbox::{Command, Containment, ContainmentReport, Sandbox, TreeLimits};
 
 /// How long output is still read after the program exited, for children that keep its pipes
 /// open and escaped the kill.
@@ -26,8 +24,6 @@ const READ_CHUNK: usize = 64 * 1024;
 
 /// One process to run under containment.
 pub struct ProcessSpec<'a> {
-    /// Unique name of this process tree (names its cgroup).
-    pub name: String,
     pub invocation: Invocation,
     pub workdir: &'a Path,
     pub base_env: &'a [(&'static str, OsString)],
@@ -59,37 +55,25 @@ pub async fn supervise(
     sandbox: &Sandbox,
     out: &mut RunOutput,
 ) -> io::Result<ProcessResult> {
-    let containment = Arc::new(sandbox.contain(&spec.name, spec.limits)?);
-    let mut command = std::process::Command::new(&spec.invocation.program);
-    command
-        .args(&spec.invocation.args)
-        .current_dir(spec.workdir)
-        .env_clear()
-        .envs(spec.base_env.iter().cloned())
-        .envs(spec.invocation.env.iter().cloned())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    containment.configure(&mut command);
-    let mut child = match command.spawn() {
-        Ok(child) => child,
-        Err(e) => {
-            release(containment).await;
-            return Err(io::Error::new(
-                e.kind(),
-                format!("cannot start {}: {e}", spec.invocation.program.display()),
-            ));
-        }
+    let env: Vec<(&'static str, OsString)> = spec
+        .base_env
+        .iter()
+        .chain(&spec.invocation.env)
+        .cloned()
+        .collect();
+    let command = Command {
+        program: &spec.invocation.program,
+        args: &spec.invocation.args,
+        env: &env,
+        cwd: spec.workdir,
     };
-    let pid = child.id();
-    let pipes = (child.stdin.take(), child.stdout.take(), child.stderr.take());
-    drop(child);
-    let (Some(stdin), Some(stdout), Some(stderr)) = pipes else {
-        unreachable!("all three standard streams were configured as pipes");
-    };
-    let mut stdout = Some(pipe::Receiver::from_owned_fd(OwnedFd::from(stdout))?);
-    let mut stderr = Some(pipe::Receiver::from_owned_fd(OwnedFd::from(stderr))?);
-    let stdin_writer = feed_stdin(OwnedFd::from(stdin), spec.stdin.to_vec())?;
+    let (launched, containment) = sandbox.spawn(command, spec.limits).await?;
+    let containment = Arc::new(containment);
+    let pid = launched.pid;
+    let mut stdout = Some(pipe::Receiver::from_owned_fd(launched.stdout)?);
+    let mut stderr = Some(pipe::Receiver::from_owned_fd(launched.stderr)?);
+    let stdin = launched.stdin;
+    let stdin_writer = feed_stdin(stdin, spec.stdin.to_vec())?;
     let mut waiter = tokio::task::spawn_blocking(move || wait_for(pid));
 
     let mut interruption = out

@@ -107,34 +107,15 @@ impl CgroupRoot {
         }
     }
 
-    /// Creates the cgroup of one run with its limits set.
-    pub fn create_run(&self, name: &str, limits: CgroupLimits) -> io::Result<RunCgroup> {
-        let dirs: Vec<PathBuf> = self.run_parents().iter().map(|p| p.join(name)).collect();
-        let run = RunCgroup {
+    /// Creates an empty cgroup for one run; limits are set when the run is known.
+    pub fn create_run(&self, name: &str) -> io::Result<RunCgroup> {
+        let mut run = RunCgroup {
             version: self.clone(),
             procs: Vec::new(),
-            dirs,
+            dirs: self.run_parents().iter().map(|p| p.join(name)).collect(),
         };
-        let mut run = run;
         for dir in &run.dirs {
             fs::create_dir(dir)?;
-        }
-        let memory = limits.memory_bytes.to_string();
-        let pids = limits.max_processes.to_string();
-        match self {
-            CgroupRoot::V1 { .. } => {
-                let (pids_dir, memory_dir) = (&run.dirs[0], &run.dirs[1]);
-                fs::write(pids_dir.join("pids.max"), &pids)?;
-                fs::write(memory_dir.join("memory.limit_in_bytes"), &memory)?;
-                // Without swap accounting this file is absent; the memory limit still holds.
-                let _ = fs::write(memory_dir.join("memory.memsw.limit_in_bytes"), &memory);
-            }
-            CgroupRoot::V2 { .. } => {
-                let dir = &run.dirs[0];
-                fs::write(dir.join("pids.max"), &pids)?;
-                fs::write(dir.join("memory.max"), &memory)?;
-                let _ = fs::write(dir.join("memory.swap.max"), "0");
-            }
         }
         for dir in run.dirs.clone() {
             run.procs.push(
@@ -259,6 +240,28 @@ pub struct RunCgroup {
 }
 
 impl RunCgroup {
+    /// Sets the memory and process limits of the whole tree.
+    pub fn set_limits(&self, limits: CgroupLimits) -> io::Result<()> {
+        let memory = limits.memory_bytes.to_string();
+        let pids = limits.max_processes.to_string();
+        fs::write(self.dirs[0].join("pids.max"), &pids)?;
+        match self.version {
+            CgroupRoot::V1 { .. } => {
+                fs::write(self.memory_dir().join("memory.limit_in_bytes"), &memory)?;
+                // Without swap accounting this file is absent; the memory limit still holds.
+                let _ = fs::write(
+                    self.memory_dir().join("memory.memsw.limit_in_bytes"),
+                    &memory,
+                );
+            }
+            CgroupRoot::V2 { .. } => {
+                fs::write(self.memory_dir().join("memory.max"), &memory)?;
+                let _ = fs::write(self.memory_dir().join("memory.swap.max"), "0");
+            }
+        }
+        Ok(())
+    }
+
     /// Descriptors the child writes "0" to, between fork and exec, to join the cgroup.
     pub fn join_fds(&self) -> Vec<RawFd> {
         self.procs.iter().map(|f| f.as_raw_fd()).collect()

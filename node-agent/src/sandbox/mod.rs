@@ -1,21 +1,25 @@
 //! Containment of executed code: a fresh process session, rlimits, and (where the host offers
 //! them) a cgroup per run for the process-count limit, the memory limit and the whole-tree kill.
+//! Programs start through [`launcher`]s; with cgroups a [`pool`] keeps some ready.
 
 mod cgroup;
-mod child;
+mod launcher;
+mod pool;
 mod process_tree;
 
-use std::{io, os::unix::process::CommandExt};
+use std::{ffi::OsString, io, path::Path, sync::Arc};
 
 use kowalski_exo_common::proto::IsolationLevel;
 
 pub use cgroup::{CgroupLimits, CgroupRoot, RunCgroup};
-pub use child::{ChildSetup, Rlimit};
+pub use launcher::{Job, Launched, Launcher, MAX_JOB_BYTES, Rlimit};
+use pool::LauncherPool;
 
 /// How this agent contains runs, found once at start.
 #[derive(Clone, Debug)]
 pub struct Sandbox {
     cgroups: Option<CgroupRoot>,
+    pool: Option<Arc<LauncherPool>>,
 }
 
 /// Limits the sandbox applies to one process tree.
@@ -39,15 +43,30 @@ pub struct ContainmentReport {
     pub process_limit_hit: bool,
 }
 
+/// One program to start.
+#[derive(Debug)]
+pub struct Command<'a> {
+    pub program: &'a Path,
+    pub args: &'a [OsString],
+    pub env: &'a [(&'static str, OsString)],
+    pub cwd: &'a Path,
+}
+
 impl Sandbox {
-    /// Uses cgroups when `use_cgroups` and the host lets this process create them.
-    pub fn detect(use_cgroups: bool) -> Sandbox {
+    /// Uses cgroups when `use_cgroups` and the host lets this process create them, keeping
+    /// `warm` launchers ready. Call within a tokio runtime.
+    pub fn detect(use_cgroups: bool, warm: usize) -> Sandbox {
         let cgroups = if use_cgroups {
             CgroupRoot::detect()
         } else {
             None
         };
-        Sandbox { cgroups }
+        let pool = cgroups.clone().map(|root| {
+            let pool = LauncherPool::new(root, warm);
+            pool.refill();
+            pool
+        });
+        Sandbox { cgroups, pool }
     }
 
     pub fn level(&self) -> IsolationLevel {
@@ -57,25 +76,22 @@ impl Sandbox {
             .unwrap_or(IsolationLevel::ProcessGroup)
     }
 
-    /// Kills whatever still runs and removes this agent's cgroups (at shutdown).
+    /// Kills whatever still runs and removes this agent's cgroups (at shutdown). Blocking.
     pub fn tear_down(&self) {
+        if let Some(pool) = &self.pool {
+            pool.drain();
+        }
         if let Some(root) = &self.cgroups {
             root.remove_all();
         }
     }
 
-    /// Prepares containment for one process tree named `name` (unique per run and stage).
-    pub fn contain(&self, name: &str, limits: TreeLimits) -> io::Result<Containment> {
-        let cgroup = match &self.cgroups {
-            Some(root) => Some(root.create_run(
-                name,
-                CgroupLimits {
-                    memory_bytes: limits.memory_bytes,
-                    max_processes: limits.max_processes,
-                },
-            )?),
-            None => None,
-        };
+    /// Starts a program under the limits, in its own session (and cgroup, where there are).
+    pub async fn spawn(
+        &self,
+        command: Command<'_>,
+        limits: TreeLimits,
+    ) -> io::Result<(Launched, Containment)> {
         let mut rlimits = vec![
             rlimit(
                 libc::RLIMIT_CPU,
@@ -94,18 +110,40 @@ impl Sandbox {
             ),
             rlimit(libc::RLIMIT_CORE, 0, 0),
         ];
-        if cgroup.is_none() && limits.address_space_rlimit {
+        if self.pool.is_none() && limits.address_space_rlimit {
             rlimits.push(rlimit(
                 libc::RLIMIT_AS,
                 limits.memory_bytes,
                 limits.memory_bytes,
             ));
         }
-        let setup = ChildSetup {
-            cgroup_fds: cgroup.as_ref().map(RunCgroup::join_fds).unwrap_or_default(),
-            rlimits,
+        let job = Job {
+            program: command.program,
+            args: command.args,
+            env: command.env,
+            cwd: command.cwd,
+            rlimits: &rlimits,
+        }
+        .encode()?;
+        let launcher = match &self.pool {
+            Some(pool) => pool.take().await?,
+            None => tokio::task::spawn_blocking(|| Launcher::fork(None))
+                .await
+                .map_err(io::Error::other)??,
         };
-        Ok(Containment { cgroup, setup })
+        if let Some(cgroup) = launcher.cgroup() {
+            cgroup.set_limits(CgroupLimits {
+                memory_bytes: limits.memory_bytes,
+                max_processes: limits.max_processes,
+            })?;
+        }
+        let mut launched = tokio::task::spawn_blocking(move || launcher.launch(&job))
+            .await
+            .map_err(io::Error::other)??;
+        let containment = Containment {
+            cgroup: launched.cgroup.take(),
+        };
+        Ok((launched, containment))
     }
 }
 
@@ -117,23 +155,13 @@ fn rlimit(resource: libc::__rlimit_resource_t, soft: u64, hard: u64) -> Rlimit {
     }
 }
 
-/// The containment of one process tree, from before spawn until it is torn down.
+/// The containment of one process tree, from its start until it is torn down.
 #[derive(Debug)]
 pub struct Containment {
     cgroup: Option<RunCgroup>,
-    setup: ChildSetup,
 }
 
 impl Containment {
-    /// Makes the command's child apply the containment before exec.
-    pub fn configure(&self, command: &mut std::process::Command) {
-        let setup = self.setup.clone();
-        // SAFETY: `apply` only makes async-signal-safe syscalls and does not allocate.
-        unsafe {
-            command.pre_exec(move || setup.apply());
-        }
-    }
-
     /// Kills every process of the tree led by `leader`. Blocking: call off the async runtime.
     pub fn kill_tree(&self, leader: u32) {
         match &self.cgroup {

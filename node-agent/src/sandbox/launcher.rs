@@ -1,0 +1,499 @@
+//! Launchers: processes forked ahead of time that wait, already inside their run's cgroup, for
+//! the command they will become.
+//!
+//! Joining a cgroup v1 hierarchy costs a kernel RCU grace period (~10 ms here) the first time
+//! after a quiet spell, which would dominate a 25 ms Python start. A launcher pays it before the
+//! request arrives. The forked child only makes async-signal-safe syscalls on memory allocated
+//! before the fork, as a child of a multi-threaded process must.
+
+use std::{
+    ffi::{CString, OsStr, OsString, c_char},
+    fs::File,
+    io::{self, Read, Write},
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+        unix::ffi::OsStrExt,
+    },
+    path::{Path, PathBuf},
+};
+
+use super::cgroup::RunCgroup;
+
+/// Largest encoded job (program, arguments, environment, limits).
+pub const MAX_JOB_BYTES: usize = 1024 * 1024;
+/// Most arguments plus environment entries a job may have.
+pub const MAX_JOB_STRINGS: usize = 8192;
+/// Byte a launcher sends once it sits in its cgroup, ready for a job.
+const READY: u8 = b'R';
+
+/// One rlimit for the launched program.
+#[derive(Clone, Copy, Debug)]
+pub struct Rlimit {
+    pub resource: libc::__rlimit_resource_t,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// What a launcher becomes.
+#[derive(Debug)]
+pub struct Job<'a> {
+    /// Absolute path of the program.
+    pub program: &'a Path,
+    pub args: &'a [OsString],
+    pub env: &'a [(&'static str, OsString)],
+    pub cwd: &'a Path,
+    pub rlimits: &'a [Rlimit],
+}
+
+/// A job in the form the launcher reads.
+#[derive(Debug)]
+pub struct EncodedJob {
+    bytes: Vec<u8>,
+    program: PathBuf,
+}
+
+impl Job<'_> {
+    /// Header (three u32 counts, then the limits), then NUL-terminated program, cwd, arguments
+    /// and KEY=VALUE environment entries.
+    pub fn encode(&self) -> io::Result<EncodedJob> {
+        let mut out = Vec::new();
+        for count in [self.args.len(), self.env.len(), self.rlimits.len()] {
+            out.extend_from_slice(&(count as u32).to_ne_bytes());
+        }
+        for limit in self.rlimits {
+            out.extend_from_slice(&limit.resource.to_ne_bytes());
+            out.extend_from_slice(&limit.soft.to_ne_bytes());
+            out.extend_from_slice(&limit.hard.to_ne_bytes());
+        }
+        let mut push = |s: &OsStr| -> io::Result<()> {
+            let c = CString::new(s.as_bytes()).map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidInput, "an argument holds a NUL byte")
+            })?;
+            out.extend_from_slice(c.as_bytes_with_nul());
+            Ok(())
+        };
+        push(self.program.as_os_str())?;
+        push(self.cwd.as_os_str())?;
+        for arg in self.args {
+            push(arg)?;
+        }
+        for (key, value) in self.env {
+            let mut entry = OsString::from(key);
+            entry.push("=");
+            entry.push(value);
+            push(&entry)?;
+        }
+        if out.len() > MAX_JOB_BYTES || self.args.len() + self.env.len() + 2 > MAX_JOB_STRINGS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("the command line is larger than {MAX_JOB_BYTES} bytes"),
+            ));
+        }
+        Ok(EncodedJob {
+            bytes: out,
+            program: self.program.to_path_buf(),
+        })
+    }
+}
+
+/// A forked process waiting for its job.
+#[derive(Debug)]
+pub struct Launcher {
+    pid: i32,
+    cgroup: Option<RunCgroup>,
+    control: Option<File>,
+    status: File,
+    stdin: OwnedFd,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+}
+
+/// A launched program: its pid, the parent's ends of its standard streams, and its cgroup.
+#[derive(Debug)]
+pub struct Launched {
+    pub pid: u32,
+    pub stdin: OwnedFd,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+    pub cgroup: Option<RunCgroup>,
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two descriptors, which we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+impl Launcher {
+    /// Forks a launcher that joins `cgroup` (if any) and waits. Blocks until it is ready, which
+    /// includes the cgroup migration: call off the async runtime.
+    pub fn fork(cgroup: Option<RunCgroup>) -> io::Result<Launcher> {
+        let (stdin_r, stdin_w) = pipe()?;
+        let (stdout_r, stdout_w) = pipe()?;
+        let (stderr_r, stderr_w) = pipe()?;
+        let (control_r, control_w) = pipe()?;
+        let (status_r, status_w) = pipe()?;
+        let cgroup_fds: Vec<RawFd> = cgroup.as_ref().map(RunCgroup::join_fds).unwrap_or_default();
+        let mut job = vec![0u8; MAX_JOB_BYTES];
+        let mut strings: Vec<*const c_char> = vec![std::ptr::null(); MAX_JOB_STRINGS + 1];
+        let fds = ChildFds {
+            stdin: stdin_r.as_raw_fd(),
+            stdout: stdout_w.as_raw_fd(),
+            stderr: stderr_w.as_raw_fd(),
+            control: control_r.as_raw_fd(),
+            status: status_w.as_raw_fd(),
+        };
+        // SAFETY: the child only runs `child_main`, which makes async-signal-safe syscalls on
+        // memory allocated above and never returns.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if pid == 0 {
+            // SAFETY: we are the freshly forked child.
+            unsafe { child_main(&fds, &cgroup_fds, &mut job, &mut strings) }
+        }
+        drop((stdin_r, stdout_w, stderr_w, control_r, status_w));
+        let mut launcher = Launcher {
+            pid,
+            cgroup,
+            control: Some(File::from(control_w)),
+            status: File::from(status_r),
+            stdin: stdin_w,
+            stdout: stdout_r,
+            stderr: stderr_r,
+        };
+        let mut ready = [0u8; 1];
+        match launcher.status.read(&mut ready) {
+            Ok(1) if ready[0] == READY => Ok(launcher),
+            _ => {
+                let errno = launcher.child_error();
+                Err(io::Error::other(format!(
+                    "the launcher could not get ready: {}",
+                    errno.map_or("it exited".to_string(), |e| e.to_string())
+                )))
+            }
+        }
+    }
+
+    /// The cgroup the launcher sits in.
+    pub fn cgroup(&self) -> Option<&RunCgroup> {
+        self.cgroup.as_ref()
+    }
+
+    /// Sends the job and waits until the program was executed (or failed to be). Blocking.
+    pub fn launch(mut self, job: &EncodedJob) -> io::Result<Launched> {
+        let mut control = self.control.take().expect("a launcher launches once");
+        control.write_all(&job.bytes)?;
+        drop(control);
+        if let Some(errno) = self.child_error() {
+            return Err(io::Error::new(
+                errno.kind(),
+                format!("cannot start {}: {errno}", job.program.display()),
+            ));
+        }
+        let launched = Launched {
+            pid: self.pid as u32,
+            stdin: self.stdin.try_clone()?,
+            stdout: self.stdout.try_clone()?,
+            stderr: self.stderr.try_clone()?,
+            cgroup: self.cgroup.take(),
+        };
+        // The caller reaps the program from now on.
+        self.pid = 0;
+        Ok(launched)
+    }
+
+    /// Reads the status pipe to its end: an errno if the child failed, None at exec.
+    fn child_error(&mut self) -> Option<io::Error> {
+        let mut errno = [0u8; 4];
+        match self.status.read_exact(&mut errno) {
+            Ok(()) => Some(io::Error::from_raw_os_error(i32::from_ne_bytes(errno))),
+            Err(_) => None,
+        }
+    }
+}
+
+impl Drop for Launcher {
+    /// An unused launcher exits when its control pipe closes; reap it and remove its cgroup.
+    fn drop(&mut self) {
+        self.control.take();
+        if self.pid > 0 {
+            let mut status = 0;
+            // SAFETY: waiting on our own child.
+            unsafe { libc::waitpid(self.pid, &mut status, 0) };
+        }
+        if let Some(cgroup) = self.cgroup.take() {
+            cgroup.remove();
+        }
+    }
+}
+
+/// The parent's descriptors the child moves to 0..=4.
+struct ChildFds {
+    stdin: RawFd,
+    stdout: RawFd,
+    stderr: RawFd,
+    control: RawFd,
+    status: RawFd,
+}
+
+/// The forked child: join the cgroup, settle descriptors and signals, report ready, read the
+/// job, apply it and exec. Any failure is sent as an errno on the status pipe.
+///
+/// # Safety
+/// Only to be called in a freshly forked child; never returns.
+unsafe fn child_main(
+    fds: &ChildFds,
+    cgroup_fds: &[RawFd],
+    job: &mut [u8],
+    strings: &mut [*const c_char],
+) -> ! {
+    // SAFETY (whole body): raw syscalls on descriptors and buffers this process owns; no
+    // allocation, no locks, no unwinding.
+    unsafe {
+        let status = fds.status;
+        let fail = |status_fd: RawFd| -> ! {
+            let errno = *libc::__errno_location();
+            let bytes = errno.to_ne_bytes();
+            libc::write(status_fd, bytes.as_ptr().cast(), bytes.len());
+            libc::_exit(127)
+        };
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        for signal in 1..libc::SIGRTMAX() {
+            if signal != libc::SIGKILL && signal != libc::SIGSTOP {
+                libc::signal(signal, libc::SIG_DFL);
+            }
+        }
+        for &fd in cgroup_fds {
+            if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                fail(status);
+            }
+        }
+        if libc::setsid() < 0 {
+            fail(status);
+        }
+        // Move every descriptor out of 0..=4 first, so the dup2s below cannot clobber one.
+        let mut high = [0; 5];
+        for (slot, fd) in
+            high.iter_mut()
+                .zip([fds.stdin, fds.stdout, fds.stderr, fds.control, fds.status])
+        {
+            *slot = libc::fcntl(fd, libc::F_DUPFD, 10);
+            if *slot < 0 {
+                fail(status);
+            }
+        }
+        for (target, &fd) in high.iter().enumerate() {
+            if libc::dup2(fd, target as RawFd) < 0 {
+                fail(high[4]);
+            }
+        }
+        let status = 4;
+        libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32);
+        libc::fcntl(3, libc::F_SETFD, libc::FD_CLOEXEC);
+        libc::fcntl(4, libc::F_SETFD, libc::FD_CLOEXEC);
+        if libc::write(status, [READY].as_ptr().cast(), 1) != 1 {
+            libc::_exit(0);
+        }
+        let mut len = 0;
+        loop {
+            let Some(rest) = job.get_mut(len..) else {
+                fail(status)
+            };
+            if rest.is_empty() {
+                *libc::__errno_location() = libc::E2BIG;
+                fail(status);
+            }
+            let n = libc::read(3, rest.as_mut_ptr().cast(), rest.len());
+            if n < 0 {
+                if *libc::__errno_location() == libc::EINTR {
+                    continue;
+                }
+                fail(status);
+            }
+            if n == 0 {
+                break;
+            }
+            len += n as usize;
+        }
+        if len == 0 {
+            // Dropped unused: the agent closed the control pipe without a job.
+            libc::_exit(0);
+        }
+        apply_job(&job[..len], strings).unwrap_or_else(|errno| {
+            *libc::__errno_location() = errno;
+            fail(status)
+        });
+        fail(status)
+    }
+}
+
+/// Parses the job in place, applies cwd and limits, and execs. Returns an errno on failure.
+///
+/// # Safety
+/// Child-only, like [`child_main`].
+unsafe fn apply_job(job: &[u8], strings: &mut [*const c_char]) -> Result<(), i32> {
+    let read_u32 = |at: usize| -> Result<u32, i32> {
+        let bytes = job.get(at..at + 4).ok_or(libc::EINVAL)?;
+        Ok(u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+    };
+    let read_u64 = |at: usize| -> Result<u64, i32> {
+        let bytes = job.get(at..at + 8).ok_or(libc::EINVAL)?;
+        let mut buf = [0u8; 8];
+        buf.copy_from_slice(bytes);
+        Ok(u64::from_ne_bytes(buf))
+    };
+    let argc = read_u32(0)? as usize;
+    let envc = read_u32(4)? as usize;
+    let limits = read_u32(8)? as usize;
+    let mut at = 12;
+    for _ in 0..limits {
+        let rlimit = libc::rlimit {
+            rlim_cur: read_u64(at + 4)?,
+            rlim_max: read_u64(at + 12)?,
+        };
+        // SAFETY: setrlimit on this process.
+        if unsafe { libc::setrlimit(read_u32(at)? as libc::__rlimit_resource_t, &rlimit) } != 0 {
+            return Err(unsafe { *libc::__errno_location() });
+        }
+        at += 20;
+    }
+    // The rest is NUL-terminated strings: program, cwd, args..., env... They are laid out as
+    // argv = [program, args..., NULL] followed by envp = [env..., NULL], so string number k
+    // (k >= 2) lands at slot k - 1 for an argument and at slot k for an environment entry.
+    let total = 2 + argc + envc;
+    if total + 1 > strings.len() {
+        return Err(libc::E2BIG);
+    }
+    let (mut program, mut cwd) = (std::ptr::null(), std::ptr::null());
+    let mut ordinal = 0;
+    let mut start = at;
+    for (i, byte) in job.iter().enumerate().skip(at) {
+        if *byte != 0 {
+            continue;
+        }
+        let string: *const c_char = job.as_ptr().wrapping_add(start).cast();
+        match ordinal {
+            0 => program = string,
+            1 => cwd = string,
+            k if k < 2 + argc => strings[k - 1] = string,
+            k => strings[k] = string,
+        }
+        ordinal += 1;
+        start = i + 1;
+        if ordinal == total {
+            break;
+        }
+    }
+    if ordinal != total {
+        return Err(libc::EINVAL);
+    }
+    strings[0] = program;
+    strings[argc + 1] = std::ptr::null();
+    strings[total] = std::ptr::null();
+    let envp_start = argc + 2;
+    // SAFETY: every pointer points at a NUL-terminated string inside `job`.
+    unsafe {
+        if libc::chdir(cwd) != 0 {
+            return Err(*libc::__errno_location());
+        }
+        libc::execve(program, strings.as_ptr(), strings[envp_start..].as_ptr());
+        Err(*libc::__errno_location())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use super::*;
+
+    fn read_all(fd: OwnedFd) -> String {
+        let mut text = String::new();
+        File::from(fd).read_to_string(&mut text).unwrap();
+        text
+    }
+
+    fn reap(pid: u32) -> i32 {
+        let mut status = 0;
+        // SAFETY: waiting on our own child.
+        unsafe { libc::waitpid(pid as i32, &mut status, 0) };
+        libc::WEXITSTATUS(status)
+    }
+
+    #[test]
+    fn launched_program_gets_exactly_its_args_env_cwd_and_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let args: Vec<OsString> = vec![
+            "-c".into(),
+            "echo \"$1|$2|$GREETING|$(pwd)|$(ulimit -n)\"; env | wc -l".into(),
+            "sh".into(),
+            "two words".into(),
+            "".into(),
+        ];
+        let env = [("GREETING", OsString::from("hi there"))];
+        let rlimits = [Rlimit {
+            resource: libc::RLIMIT_NOFILE,
+            soft: 77,
+            hard: 77,
+        }];
+        let job = Job {
+            program: Path::new("/bin/sh"),
+            args: &args,
+            env: &env,
+            cwd: dir.path(),
+            rlimits: &rlimits,
+        }
+        .encode()
+        .unwrap();
+        let launched = Launcher::fork(None).unwrap().launch(&job).unwrap();
+        drop(launched.stdin);
+        let stdout = read_all(launched.stdout);
+        assert_eq!(reap(launched.pid), 0);
+        let cwd = std::fs::canonicalize(dir.path()).unwrap();
+        // sh adds PWD (and may add OLDPWD/SHLVL-like variables) to what it was given.
+        let mut lines = stdout.lines();
+        assert_eq!(
+            lines.next().unwrap(),
+            format!("two words||hi there|{}|77", cwd.display())
+        );
+        let count: usize = lines.next().unwrap().trim().parse().unwrap();
+        assert!(count <= 4, "environment has {count} entries: {stdout}");
+    }
+
+    #[test]
+    fn a_missing_program_is_reported_by_name() {
+        let job = Job {
+            program: Path::new("/nonexistent/interpreter"),
+            args: &[],
+            env: &[],
+            cwd: Path::new("/"),
+            rlimits: &[],
+        }
+        .encode()
+        .unwrap();
+        let err = Launcher::fork(None).unwrap().launch(&job).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert!(
+            err.to_string().contains("/nonexistent/interpreter"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_unused_launcher_exits_when_dropped() {
+        let launcher = Launcher::fork(None).unwrap();
+        let pid = launcher.pid;
+        drop(launcher);
+        // SAFETY: probing a pid with signal 0.
+        let gone = unsafe { libc::kill(pid, 0) } != 0;
+        assert!(gone, "launcher {pid} still exists after drop");
+    }
+}

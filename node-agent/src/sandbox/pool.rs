@@ -1,0 +1,96 @@
+//! A few launchers kept ready in fresh cgroups, so a run does not wait for the cgroup
+//! migration. Taking one starts forking its replacement in the background, while the run's
+//! program starts up; the migration briefly stalls forks and exits host-wide, which a run's
+//! start-up rarely needs but the next run's launch would.
+
+use std::{
+    io,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+};
+
+use super::{cgroup::CgroupRoot, launcher::Launcher};
+
+/// Launchers waiting in their cgroups.
+#[derive(Debug)]
+pub struct LauncherPool {
+    root: CgroupRoot,
+    ready: Mutex<Vec<Launcher>>,
+    /// How many launchers to keep ready.
+    target: usize,
+    /// Launchers being forked now.
+    forking: AtomicUsize,
+    serial: AtomicU64,
+}
+
+impl LauncherPool {
+    pub fn new(root: CgroupRoot, target: usize) -> Arc<Self> {
+        Arc::new(LauncherPool {
+            root,
+            ready: Mutex::new(Vec::new()),
+            target,
+            forking: AtomicUsize::new(0),
+            serial: AtomicU64::new(0),
+        })
+    }
+
+    /// Forks one launcher in a new cgroup. Blocking.
+    fn fork_one(&self) -> io::Result<Launcher> {
+        let name = format!("run-{}", self.serial.fetch_add(1, Ordering::Relaxed));
+        let cgroup = self.root.create_run(&name)?;
+        Launcher::fork(Some(cgroup))
+    }
+
+    /// A ready launcher, or a fresh one when none is waiting.
+    pub async fn take(self: &Arc<Self>) -> io::Result<Launcher> {
+        let ready = self.ready.lock().expect("pool lock poisoned").pop();
+        self.refill();
+        match ready {
+            Some(launcher) => Ok(launcher),
+            None => {
+                let pool = self.clone();
+                tokio::task::spawn_blocking(move || pool.fork_one())
+                    .await
+                    .map_err(io::Error::other)?
+            }
+        }
+    }
+
+    /// Starts forking launchers until `target` are ready or on their way.
+    pub fn refill(self: &Arc<Self>) {
+        loop {
+            let ready = self.ready.lock().expect("pool lock poisoned").len();
+            let forking = self.forking.load(Ordering::Acquire);
+            if ready + forking >= self.target {
+                return;
+            }
+            if self
+                .forking
+                .compare_exchange(forking, forking + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                continue;
+            }
+            let pool = self.clone();
+            tokio::task::spawn_blocking(move || {
+                match pool.fork_one() {
+                    Ok(launcher) => pool
+                        .ready
+                        .lock()
+                        .expect("pool lock poisoned")
+                        .push(launcher),
+                    Err(e) => tracing::warn!(error = %e, "cannot prepare a launcher"),
+                }
+                pool.forking.fetch_sub(1, Ordering::AcqRel);
+            });
+        }
+    }
+
+    /// Ends every waiting launcher (at shutdown). Blocking.
+    pub fn drain(&self) {
+        let launchers = std::mem::take(&mut *self.ready.lock().expect("pool lock poisoned"));
+        drop(launchers);
+    }
+}
