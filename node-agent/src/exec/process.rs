@@ -95,7 +95,7 @@ pub async fn supervise(
             result = &mut waiter, if waited.is_none() => {
                 waited = Some(result.map_err(io::Error::other).and_then(|r| r));
                 // The run ends with its program: children it left behind go too.
-                kill_tree(&containment, pid).await;
+                kill_tree(&containment, pid, true).await;
                 drain_deadline = Instant::now() + DRAIN_GRACE;
             }
             read = read_some(&mut stdout, &mut out_buf) => {
@@ -108,7 +108,7 @@ pub async fn supervise(
     }
     stdin_writer.abort();
     if interruption.is_some() {
-        kill_tree(&containment, pid).await;
+        kill_tree(&containment, pid, waited.is_some()).await;
         discard_buffered(&mut stdout, &mut out_buf, out);
         discard_buffered(&mut stderr, &mut err_buf, out);
     }
@@ -177,9 +177,9 @@ fn feed_stdin(fd: OwnedFd, data: Vec<u8>) -> io::Result<tokio::task::JoinHandle<
     }))
 }
 
-async fn kill_tree(containment: &Arc<Containment>, leader: u32) {
+async fn kill_tree(containment: &Arc<Containment>, leader: u32, leader_reaped: bool) {
     let containment = containment.clone();
-    let _ = tokio::task::spawn_blocking(move || containment.kill_tree(leader)).await;
+    let _ = tokio::task::spawn_blocking(move || containment.kill_tree(leader, leader_reaped)).await;
 }
 
 async fn release(containment: Arc<Containment>) -> ContainmentReport {

@@ -137,9 +137,13 @@ impl Sandbox {
                 max_processes: limits.max_processes,
             })?;
         }
-        let mut launched = tokio::task::spawn_blocking(move || launcher.launch(&job))
+        let launched = tokio::task::spawn_blocking(move || launcher.launch(&job))
             .await
-            .map_err(io::Error::other)??;
+            .map_err(io::Error::other)?;
+        if let Some(pool) = &self.pool {
+            pool.refill();
+        }
+        let mut launched = launched?;
         let containment = Containment {
             cgroup: launched.cgroup.take(),
         };
@@ -162,14 +166,17 @@ pub struct Containment {
 }
 
 impl Containment {
-    /// Kills every process of the tree led by `leader`. Blocking: call off the async runtime.
-    pub fn kill_tree(&self, leader: u32) {
+    /// Kills every process of the tree led by `leader`; `leader_reaped` when it has exited and
+    /// been waited for (its children then belong to init, out of reach of a /proc walk).
+    /// Blocking: call off the async runtime.
+    pub fn kill_tree(&self, leader: u32, leader_reaped: bool) {
         match &self.cgroup {
             Some(cgroup) => {
                 if !cgroup.kill_all() {
                     tracing::warn!(leader, "processes survived the cgroup kill");
                 }
             }
+            None if leader_reaped => process_tree::kill_group(leader as i32),
             None => process_tree::kill_tree(leader as i32),
         }
     }

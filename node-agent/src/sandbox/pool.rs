@@ -1,7 +1,7 @@
 //! A few launchers kept ready in fresh cgroups, so a run does not wait for the cgroup
-//! migration. Taking one starts forking its replacement in the background, while the run's
-//! program starts up; the migration briefly stalls forks and exits host-wide, which a run's
-//! start-up rarely needs but the next run's launch would.
+//! migration. Replacements are forked right after a launch: a migration write-locks the
+//! kernel's threadgroup lock for a grace period, stalling every fork, exec and exit on the host,
+//! so it must not overlap a launcher's exec; a freshly started program rarely forks or exits.
 
 use std::{
     io,
@@ -46,7 +46,6 @@ impl LauncherPool {
     /// A ready launcher, or a fresh one when none is waiting.
     pub async fn take(self: &Arc<Self>) -> io::Result<Launcher> {
         let ready = self.ready.lock().expect("pool lock poisoned").pop();
-        self.refill();
         match ready {
             Some(launcher) => Ok(launcher),
             None => {

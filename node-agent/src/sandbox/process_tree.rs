@@ -49,8 +49,13 @@ pub fn descendants(root: i32) -> Vec<i32> {
 /// SIGKILLs the process group led by `leader` and every descendant of `leader`.
 pub fn kill_tree(leader: i32) {
     let found = descendants(leader);
-    let _ = killpg(Pid::from_raw(leader), Signal::SIGKILL);
+    kill_group(leader);
     for pid in found {
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
+}
+
+/// SIGKILLs the process group led by `leader`.
+pub fn kill_group(leader: i32) {
+    let _ = killpg(Pid::from_raw(leader), Signal::SIGKILL);
 }
