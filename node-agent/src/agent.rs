@@ -179,7 +179,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         %addr,
         name = %config.name,
         isolation = ?sandbox.level(),
-        languages = ?service.description().runtimes.map(|r| r.runtimes.len()),
+        languages = ?service.runtimes().borrow().healthy_languages(),
         "node agent listening"
     );
     if let Some(coordinator) = config.coordinator.clone() {

@@ -1,8 +1,9 @@
 //! Harness for tests that run the real `node-agent` and `coordinator` binaries: start them on
 //! ports the OS picks, read the address they report, signal them, and clean up on drop.
 //!
-//! The binaries come from the same cargo target directory as the test; `cargo test --workspace`
-//! builds them before any test runs.
+//! The binaries come from the same cargo target directory as the test. Cargo builds a package's
+//! binaries when its integration tests are selected, and both `node-agent` and `coordinator`
+//! have some, so `cargo test --workspace` builds both before any test runs.
 
 use std::{
     io::{BufRead, BufReader},
