@@ -154,13 +154,7 @@ async fn background_child_does_not_outlive_the_run() {
 #[tokio::test]
 async fn setsid_double_fork_does_not_outlive_the_run() {
     let mut t = start_agent(|_| {}).await;
-    let isolation = t
-        .client
-        .describe(kowalski_exo_common::proto::DescribeRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .isolation();
+    let isolation = t.isolation().await;
     if isolation == IsolationLevel::ProcessGroup {
         println!("skipped: no cgroups here (run as root where cgroups are writable)");
         return;
@@ -210,13 +204,7 @@ async fn endless_printing_stops_at_the_output_cap() {
 #[tokio::test]
 async fn process_storm_is_contained_and_the_next_run_succeeds() {
     let mut t = start_agent(|_| {}).await;
-    let isolation = t
-        .client
-        .describe(kowalski_exo_common::proto::DescribeRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .isolation();
+    let isolation = t.isolation().await;
     if isolation == IsolationLevel::ProcessGroup {
         println!("skipped: a fork bomb is only safe to run under a cgroup process limit");
         return;
@@ -288,13 +276,7 @@ async fn memory_hog_is_stopped_at_its_limit() {
     let run = execute(&mut t.client, req).await.unwrap();
     assert!(!run.stdout().contains("allocated"));
     let status = run.status();
-    let describe = t
-        .client
-        .describe(kowalski_exo_common::proto::DescribeRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    if describe.isolation() == IsolationLevel::ProcessGroup {
+    if t.isolation().await == IsolationLevel::ProcessGroup {
         // RLIMIT_AS: the allocation fails inside Python instead.
         assert_eq!(status, ExecStatus::NonzeroExit);
         assert!(run.stderr().contains("MemoryError"), "{}", run.stderr());
@@ -357,17 +339,7 @@ async fn cancelling_the_stream_kills_the_run() {
         "import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(1000)",
     );
     let mut stream = t.client.execute(req).await.unwrap().into_inner();
-    let mut pid = None;
-    while pid.is_none() {
-        let event = stream.message().await.unwrap().unwrap();
-        if let Some(kowalski_exo_common::proto::exec_event::Event::Output(chunk)) = event.event {
-            pid = String::from_utf8_lossy(&chunk.data)
-                .trim()
-                .parse::<i32>()
-                .ok();
-        }
-    }
-    let pid = pid.unwrap();
+    let pid = first_printed_pid(&mut stream).await;
     assert!(process_alive(pid));
     drop(stream);
     eventually(
@@ -493,17 +465,7 @@ async fn shutdown_kills_running_work_and_removes_directories() {
     let mut t = start_agent(|_| {}).await;
     let req = request("bash", "echo $$; sleep 1000");
     let mut stream = t.client.execute(req).await.unwrap().into_inner();
-    let mut pid = None;
-    while pid.is_none() {
-        let event = stream.message().await.unwrap().unwrap();
-        if let Some(kowalski_exo_common::proto::exec_event::Event::Output(chunk)) = event.event {
-            pid = String::from_utf8_lossy(&chunk.data)
-                .trim()
-                .parse::<i32>()
-                .ok();
-        }
-    }
-    let pid = pid.unwrap();
+    let pid = first_printed_pid(&mut stream).await;
     let rest = tokio::spawn(collect(stream));
     tokio::time::timeout(Duration::from_secs(30), t.agent.stop())
         .await

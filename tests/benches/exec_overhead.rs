@@ -10,10 +10,9 @@ use std::{
 };
 
 use kowalski_exo_common::proto::{
-    DescribeRequest, ExecStatus, ExecuteRequest, exec_event::Event,
-    node_agent_client::NodeAgentClient,
+    ExecStatus, ExecuteRequest, exec_event::Event, node_agent_client::NodeAgentClient,
 };
-use kowalski_exo_tests::Daemon;
+use kowalski_exo_tests::{Daemon, describe};
 
 const WARMUP: usize = 10;
 
@@ -59,11 +58,7 @@ async fn main() {
     }
     let agent = Daemon::start("node-agent", &agent_args, &[], "node agent listening");
     let mut client = NodeAgentClient::connect(agent.url()).await.unwrap();
-    let description = client
-        .describe(DescribeRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let description = describe(&agent.url()).await;
     let isolation = description.isolation();
     let python = description
         .runtimes

@@ -14,6 +14,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use kowalski_exo_common::proto::{
+    DescribeRequest, NodeDescription, node_agent_client::NodeAgentClient,
+};
 use nix::{sys::signal::Signal, unistd::Pid};
 
 /// Generous ceiling for anything a test waits on; only catches hangs.
@@ -126,6 +129,18 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// An agent's `Describe` answer.
+pub async fn describe(url: &str) -> NodeDescription {
+    let mut client = NodeAgentClient::connect(url.to_string())
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
+    client
+        .describe(DescribeRequest {})
+        .await
+        .expect("Describe failed")
+        .into_inner()
 }
 
 /// A port that was free a moment ago, for a server that must start after its clients.

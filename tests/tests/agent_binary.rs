@@ -2,11 +2,12 @@
 
 use std::{process::Command, time::Duration};
 
+use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
+
 use kowalski_exo_common::proto::{
-    DescribeRequest, ExecEvent, ExecStatus, ExecuteRequest, exec_event::Event,
-    node_agent_client::NodeAgentClient,
+    ExecEvent, ExecStatus, ExecuteRequest, exec_event::Event, node_agent_client::NodeAgentClient,
 };
-use kowalski_exo_tests::{CEILING, Daemon, binary, eventually, free_port, process_alive};
+use kowalski_exo_tests::{CEILING, Daemon, binary, describe, eventually, free_port, process_alive};
 use nix::sys::signal::Signal;
 
 const AGENT_READY: &str = "node agent listening";
@@ -69,12 +70,7 @@ async fn agent_binary_runs_code_and_never_shows_its_environment() {
     .await;
     assert_eq!(stdout, "absent\n0\n");
 
-    let mut client = NodeAgentClient::connect(agent.url()).await.unwrap();
-    let description = client
-        .describe(DescribeRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let description = describe(&agent.url()).await;
     let runtimes = description.runtimes.unwrap().runtimes;
     assert!(
         runtimes
@@ -216,9 +212,19 @@ async fn grpcurl_can_list_describe_and_execute() {
         &addr,
         "kowalski.exo.v1.NodeAgent/Execute",
     ]);
-    // "42\n" in base64: output is bytes on the wire.
-    assert!(executed.contains("\"NDIK\""), "{executed}");
-    assert!(executed.contains("EXEC_STATUS_OK"), "{executed}");
+    // Output is bytes on the wire, so grpcurl prints base64, one chunk per read.
+    let events: Vec<serde_json::Value> = serde_json::Deserializer::from_str(&executed)
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let stdout: Vec<u8> = events
+        .iter()
+        .filter_map(|e| e["output"]["data"].as_str())
+        .flat_map(|data| BASE64.decode(data).unwrap())
+        .collect();
+    assert_eq!(stdout, b"42\n", "{executed}");
+    let last = events.last().unwrap();
+    assert_eq!(last["finished"]["status"], "EXEC_STATUS_OK", "{executed}");
     let health = grpcurl(&["-plaintext", &addr, "grpc.health.v1.Health/Check"]);
     assert!(health.contains("SERVING"), "{health}");
 }

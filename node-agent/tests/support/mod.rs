@@ -6,8 +6,9 @@
 use std::{future::Future, path::PathBuf, time::Duration};
 
 use kowalski_exo_common::proto::{
-    ExecFinished, ExecStarted, ExecStatus, ExecuteRequest, OutputChunk, OutputStream,
-    exec_event::Event, node_agent_client::NodeAgentClient,
+    DescribeRequest, ExecEvent, ExecFinished, ExecStarted, ExecStatus, ExecuteRequest,
+    IsolationLevel, OutputChunk, OutputStream, exec_event::Event,
+    node_agent_client::NodeAgentClient,
 };
 use kowalski_exo_node_agent::{AgentConfig, RunningAgent, exec::ExecDirs};
 use tempfile::TempDir;
@@ -46,6 +47,28 @@ pub async fn start_agent(configure: impl FnOnce(&mut AgentConfig)) -> TestAgent 
         client,
         work_root,
         _dirs: dirs,
+    }
+}
+
+impl TestAgent {
+    /// The isolation level the agent reached.
+    pub async fn isolation(&mut self) -> IsolationLevel {
+        self.client
+            .describe(DescribeRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .isolation()
+    }
+}
+
+/// Reads events until the first output chunk, and parses it as a pid the program printed.
+pub async fn first_printed_pid(stream: &mut Streaming<ExecEvent>) -> i32 {
+    loop {
+        let event = stream.message().await.unwrap().expect("stream ended first");
+        if let Some(Event::Output(chunk)) = event.event {
+            return String::from_utf8_lossy(&chunk.data).trim().parse().unwrap();
+        }
     }
 }
 
@@ -103,9 +126,7 @@ pub async fn execute(
     collect(stream).await
 }
 
-pub async fn collect(
-    mut stream: Streaming<kowalski_exo_common::proto::ExecEvent>,
-) -> Result<RunRecord, Status> {
+pub async fn collect(mut stream: Streaming<ExecEvent>) -> Result<RunRecord, Status> {
     let mut record = RunRecord::default();
     let ceiling = Duration::from_secs(120);
     while let Some(event) = tokio::time::timeout(ceiling, stream.message())
