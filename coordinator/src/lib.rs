@@ -9,5 +9,6 @@
 
 pub mod api;
 pub mod cli;
+pub mod codeblocks;
 pub mod registry;
 pub mod server;
