@@ -12,6 +12,8 @@ pub enum ExecError {
     CodeTooLarge { size: usize, limit: usize },
     #[error("arguments take {size} bytes; this agent accepts at most {limit} bytes")]
     ArgsTooLarge { size: usize, limit: usize },
+    #[error("{count} arguments; this agent accepts at most {limit}")]
+    TooManyArgs { count: usize, limit: usize },
     #[error("argument {index} contains a NUL byte, which a program argument cannot hold")]
     NulInArgument { index: usize },
     #[error("stdin is {size} bytes; this agent accepts at most {limit} bytes")]
@@ -37,6 +39,7 @@ impl From<ExecError> for Status {
             ExecError::UnknownLanguage(_)
             | ExecError::CodeTooLarge { .. }
             | ExecError::ArgsTooLarge { .. }
+            | ExecError::TooManyArgs { .. }
             | ExecError::NulInArgument { .. }
             | ExecError::StdinTooLarge { .. } => Status::invalid_argument(message),
             ExecError::RuntimeUnavailable { .. } => Status::failed_precondition(message),

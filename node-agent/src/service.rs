@@ -1,9 +1,9 @@
 //! The NodeAgent gRPC service: translates between the wire and the executor, nothing more.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use kowalski_exo_common::proto::{
-    self, DescribeRequest, ExecEvent, NodeDescription, node_agent_server::NodeAgent,
+    self, DescribeRequest, ExecEvent, NodeDescription, exec_event, node_agent_server::NodeAgent,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -16,6 +16,8 @@ use crate::{
 
 /// Events buffered per run before a slow caller holds the program back.
 const EVENT_BUFFER: usize = 32;
+/// How long a finished run waits for its caller to take the last event.
+const FINISH_GRACE: Duration = Duration::from_secs(30);
 
 /// Who this agent is, as it describes itself.
 #[derive(Clone, Debug)]
@@ -97,8 +99,18 @@ impl NodeAgent for NodeAgentService {
                     return;
                 }
             };
-            executor.run(prepared, events, cancel).await;
+            let finished = executor.run(prepared, &events, cancel.clone()).await;
             drop(slot);
+            // A caller that stopped reading must not hold a run slot, nor this task for long.
+            let finished = Ok(ExecEvent {
+                event: Some(exec_event::Event::Finished(finished)),
+            });
+            tokio::select! {
+                biased;
+                _ = events.send(finished) => {}
+                _ = tokio::time::sleep(FINISH_GRACE) => {}
+                _ = cancel.cancelled() => {}
+            }
         });
         Ok(Response::new(ReceiverStream::new(stream)))
     }

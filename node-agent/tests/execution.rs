@@ -476,3 +476,40 @@ async fn shutdown_kills_running_work_and_removes_directories() {
     let record = rest.await.unwrap().unwrap();
     assert_eq!(record.status(), ExecStatus::Cancelled);
 }
+
+#[tokio::test]
+async fn a_child_moved_into_a_nested_cgroup_is_still_killed() {
+    let mut t = start_agent(|_| {}).await;
+    if t.isolation().await != IsolationLevel::CgroupV1 {
+        println!("skipped: this escape attempt is written for cgroup v1 hierarchies");
+        return;
+    }
+    let code = r#"
+import os, time
+own = [l for l in open('/proc/self/cgroup') if ':pids:' in l][0].strip().split(':', 2)[2]
+nested = '/sys/fs/cgroup/pids' + own + '/nested'
+os.mkdir(nested)
+r, w = os.pipe()
+if os.fork() == 0:
+    os.setsid()
+    with open(nested + '/cgroup.procs', 'w') as f:
+        f.write('0')
+    os.write(w, str(os.getpid()).encode())
+    os.close(w)
+    for fd in (0, 1, 2):
+        os.close(fd)
+    time.sleep(1000)
+    os._exit(0)
+os.close(w)
+print(os.read(r, 32).decode(), flush=True)
+"#;
+    let run = execute(&mut t.client, request("python", code))
+        .await
+        .unwrap();
+    assert_eq!(run.status(), ExecStatus::Ok, "{}", run.stderr());
+    let escaped = run.printed_pid();
+    eventually("child in a nested cgroup killed", || async move {
+        !process_alive(escaped)
+    })
+    .await;
+}

@@ -13,6 +13,8 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEFAULT_MAX_CODE_BYTES: usize = 1024 * 1024;
 /// Largest total size of a request's program arguments (well inside the launcher's job size).
 pub const MAX_ARGS_BYTES: usize = 256 * 1024;
+/// Most program arguments a request may pass.
+pub const MAX_ARGS: usize = 4096;
 /// Largest accepted standard input.
 pub const MAX_STDIN_BYTES: usize = 16 * 1024 * 1024;
 

@@ -114,6 +114,12 @@ impl Executor {
                 limit: self.max_code_bytes,
             });
         }
+        if request.args.len() > limits::MAX_ARGS {
+            return Err(ExecError::TooManyArgs {
+                count: request.args.len(),
+                limit: limits::MAX_ARGS,
+            });
+        }
         let args_size: usize = request.args.iter().map(|a| a.len() + 1).sum();
         if args_size > limits::MAX_ARGS_BYTES {
             return Err(ExecError::ArgsTooLarge {
@@ -163,11 +169,17 @@ impl Executor {
         })
     }
 
-    /// Runs a prepared request to its end, streaming events; the last one is always `finished`.
-    pub async fn run(&self, run: PreparedRun, events: EventSender, cancel: CancellationToken) {
+    /// Runs a prepared request to its end, streaming its events, and returns the `finished`
+    /// event for the caller to send once the run's slot is free.
+    pub async fn run(
+        &self,
+        run: PreparedRun,
+        events: &EventSender,
+        cancel: CancellationToken,
+    ) -> proto::ExecFinished {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + run.limits.timeout;
-        let mut out = RunOutput::new(events, cancel, deadline, run.limits.output_bytes);
+        let mut out = RunOutput::new(events.clone(), cancel, deadline, run.limits.output_bytes);
         let finished = match self.run_in_workdir(&run, &mut out).await {
             Ok(mut finished) => {
                 finished.wall_micros = started.elapsed().as_micros() as u64;
@@ -190,7 +202,7 @@ impl Executor {
             wall_ms = finished.wall_micros / 1000,
             "run finished"
         );
-        out.finish(finished).await;
+        finished
     }
 
     async fn run_in_workdir(

@@ -74,15 +74,6 @@ impl RunOutput {
         }
     }
 
-    /// Sends the last event of a run; nothing can interrupt it any more, and a caller who left
-    /// simply does not receive it.
-    pub async fn finish(&self, finished: proto::ExecFinished) {
-        let message = Ok(ExecEvent {
-            event: Some(Event::Finished(finished)),
-        });
-        let _ = self.events.send(message).await;
-    }
-
     /// Forwards bytes a process wrote, within the cap. Past the cap the rest is counted as
     /// dropped and `OutputLimit` is returned so the run gets killed.
     pub async fn output(

@@ -70,11 +70,26 @@ pub async fn supervise(
     let (launched, containment) = sandbox.spawn(command, spec.limits).await?;
     let containment = Arc::new(containment);
     let pid = launched.pid;
-    let mut stdout = Some(pipe::Receiver::from_owned_fd(launched.stdout)?);
-    let mut stderr = Some(pipe::Receiver::from_owned_fd(launched.stderr)?);
-    let stdin = launched.stdin;
-    let stdin_writer = feed_stdin(stdin, spec.stdin.to_vec())?;
-    let mut waiter = tokio::task::spawn_blocking(move || wait_for(pid));
+    let streams = (|| {
+        Ok::<_, io::Error>((
+            pipe::Receiver::from_owned_fd(launched.stdout)?,
+            pipe::Receiver::from_owned_fd(launched.stderr)?,
+            feed_stdin(launched.stdin, spec.stdin.to_vec())?,
+        ))
+    })();
+    let (stdout, stderr, stdin_writer) = match streams {
+        Ok(streams) => streams,
+        Err(e) => {
+            kill_tree(&containment, pid, false).await;
+            let _ = reap(pid).await;
+            release(containment).await;
+            return Err(e);
+        }
+    };
+    let (mut stdout, mut stderr) = (Some(stdout), Some(stderr));
+    // Waits for the exit but leaves the zombie, so the pid (and its process group) cannot be
+    // reused before the tree is killed.
+    let mut exited = tokio::task::spawn_blocking(move || wait_exited(pid));
 
     let mut interruption = out
         .send(Event::Started(proto::ExecStarted {
@@ -83,17 +98,20 @@ pub async fn supervise(
         }))
         .await
         .err();
-    let mut waited = None;
+    let mut has_exited = false;
     let mut drain_deadline = out.deadline();
     let (mut out_buf, mut err_buf) = (vec![0u8; READ_CHUNK], vec![0u8; READ_CHUNK]);
-    while interruption.is_none() && (waited.is_none() || stdout.is_some() || stderr.is_some()) {
+    while interruption.is_none() && (!has_exited || stdout.is_some() || stderr.is_some()) {
+        // Order matters: stopping conditions first, output before the drain deadline gives up.
         tokio::select! {
+            biased;
             _ = out.cancel_token().cancelled() => interruption = Some(Interruption::Cancelled),
             _ = out.caller_gone() => interruption = Some(Interruption::Cancelled),
-            _ = tokio::time::sleep_until(out.deadline()) => interruption = Some(Interruption::Timeout),
-            _ = tokio::time::sleep_until(drain_deadline), if waited.is_some() => break,
-            result = &mut waiter, if waited.is_none() => {
-                waited = Some(result.map_err(io::Error::other).and_then(|r| r));
+            _ = tokio::time::sleep_until(out.deadline()), if !has_exited => {
+                interruption = Some(Interruption::Timeout)
+            }
+            _ = &mut exited, if !has_exited => {
+                has_exited = true;
                 // The run ends with its program: children it left behind go too.
                 kill_tree(&containment, pid, true).await;
                 drain_deadline = Instant::now() + DRAIN_GRACE;
@@ -104,20 +122,19 @@ pub async fn supervise(
             read = read_some(&mut stderr, &mut err_buf) => {
                 interruption = forward(read, &mut stderr, &err_buf, proto::OutputStream::Stderr, out).await;
             }
+            _ = tokio::time::sleep_until(drain_deadline), if has_exited => break,
         }
     }
     stdin_writer.abort();
     if interruption.is_some() {
-        kill_tree(&containment, pid, waited.is_some()).await;
-        discard_buffered(&mut stdout, &mut out_buf, out);
-        discard_buffered(&mut stderr, &mut err_buf, out);
+        kill_tree(&containment, pid, has_exited).await;
     }
-    let waited = match waited {
-        Some(waited) => waited,
-        None => waiter.await.map_err(io::Error::other).and_then(|r| r),
-    };
+    // Whatever is still unread (an escaped child holding a pipe, or a stopped run) is counted.
+    discard_buffered(&mut stdout, &mut out_buf, out);
+    discard_buffered(&mut stderr, &mut err_buf, out);
+    let reaped = reap(pid).await;
     let containment = release(containment).await;
-    let (exit, cpu, max_rss_bytes) = match waited {
+    let (exit, cpu, max_rss_bytes) = match reaped {
         Ok(w) => (Some(w.exit), w.cpu, w.max_rss_bytes),
         Err(e) => {
             tracing::warn!(pid, error = %e, "cannot collect exit status");
@@ -177,9 +194,30 @@ fn feed_stdin(fd: OwnedFd, data: Vec<u8>) -> io::Result<tokio::task::JoinHandle<
     }))
 }
 
-async fn kill_tree(containment: &Arc<Containment>, leader: u32, leader_reaped: bool) {
+async fn kill_tree(containment: &Arc<Containment>, leader: u32, leader_exited: bool) {
     let containment = containment.clone();
-    let _ = tokio::task::spawn_blocking(move || containment.kill_tree(leader, leader_reaped)).await;
+    let _ = tokio::task::spawn_blocking(move || containment.kill_tree(leader, leader_exited)).await;
+}
+
+/// Reaps the program once it has exited (killed or not). Waits for it if it has not yet.
+async fn reap(pid: u32) -> io::Result<Waited> {
+    tokio::task::spawn_blocking(move || wait_for(pid))
+        .await
+        .map_err(io::Error::other)?
+}
+
+/// Blocks until `pid` has exited, leaving it a zombie (waitid with WNOWAIT).
+fn wait_exited(pid: u32) {
+    loop {
+        // SAFETY: an all-zero siginfo is a valid out-parameter for waitid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid writes only into `info`.
+        let done =
+            unsafe { libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        if done == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return;
+        }
+    }
 }
 
 async fn release(containment: Arc<Containment>) -> ContainmentReport {

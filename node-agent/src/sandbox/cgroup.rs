@@ -141,7 +141,8 @@ impl CgroupRoot {
             else {
                 continue;
             };
-            if nix::sys::signal::kill(Pid::from_raw(pid), None).is_ok() {
+            // EPERM means alive, only not ours to signal.
+            if nix::sys::signal::kill(Pid::from_raw(pid), None) != Err(nix::errno::Errno::ESRCH) {
                 continue;
             }
             tracing::warn!(cgroup = %name, "removing run cgroups left by an agent that is gone");
@@ -154,13 +155,11 @@ impl CgroupRoot {
         if let Ok(entries) = fs::read_dir(self.run_parents()[0]) {
             for entry in entries.flatten().filter(|e| e.path().is_dir()) {
                 let name = entry.file_name();
-                let run = RunCgroup {
+                drop(RunCgroup {
                     version: self.clone(),
                     procs: Vec::new(),
                     dirs: self.run_parents().iter().map(|p| p.join(&name)).collect(),
-                };
-                run.kill_all();
-                run.remove();
+                });
             }
         }
         for dir in self.run_parents() {
@@ -228,8 +227,7 @@ fn detect_v1(mountinfo: &str, membership: &str) -> Option<CgroupRoot> {
     })
 }
 
-/// The cgroup of one run. Dropping it does not remove it: call [`RunCgroup::kill_all`] and
-/// [`RunCgroup::remove`].
+/// The cgroup of one run; dropping it kills what is left in it and removes it.
 #[derive(Debug)]
 pub struct RunCgroup {
     version: CgroupRoot,
@@ -274,12 +272,18 @@ impl RunCgroup {
         }
     }
 
+    /// Every process in the run's cgroups, nested cgroups the run made included.
     fn pids(&self) -> Vec<i32> {
-        fs::read_to_string(self.dirs[0].join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
+        let mut pids = Vec::new();
+        for dir in &self.dirs {
+            for cgroup in subtree(dir) {
+                let procs = fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+                pids.extend(procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+            }
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        pids
     }
 
     /// Kills every process in the cgroup, freezing it first so none can fork meanwhile.
@@ -354,20 +358,49 @@ impl RunCgroup {
             .any(|n| n.trim().parse::<u64>().unwrap_or(0) > 0)
     }
 
-    /// Removes the cgroup directories (they must be empty of processes).
-    pub fn remove(self) {
+    /// Removes the cgroup directories, nested ones first (they must hold no process).
+    fn remove(&self) {
         for dir in &self.dirs {
-            let mut result = fs::remove_dir(dir);
-            for _ in 0..KILL_ROUNDS {
-                if result.is_ok() {
-                    break;
+            for cgroup in subtree(dir).into_iter().rev() {
+                let mut result = fs::remove_dir(&cgroup);
+                for _ in 0..KILL_ROUNDS {
+                    if result.is_ok() || !cgroup.exists() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                    result = fs::remove_dir(&cgroup);
                 }
-                std::thread::sleep(Duration::from_millis(2));
-                result = fs::remove_dir(dir);
-            }
-            if let Err(e) = result {
-                tracing::warn!(cgroup = %dir.display(), error = %e, "cannot remove run cgroup");
+                if let Err(e) = result {
+                    tracing::warn!(cgroup = %cgroup.display(), error = %e, "cannot remove run cgroup");
+                }
             }
         }
     }
+}
+
+impl Drop for RunCgroup {
+    /// A run's cgroup goes with it, whatever path drops it: every process in it is killed and
+    /// the directories removed. Blocking.
+    fn drop(&mut self) {
+        self.kill_all();
+        self.remove();
+    }
+}
+
+/// A cgroup directory and every cgroup below it, parents before children.
+fn subtree(dir: &Path) -> Vec<PathBuf> {
+    let mut found = vec![dir.to_path_buf()];
+    let mut i = 0;
+    while i < found.len() {
+        if let Ok(entries) = fs::read_dir(&found[i]) {
+            found.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+        i += 1;
+    }
+    found
 }

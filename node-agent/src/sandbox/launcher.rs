@@ -83,7 +83,7 @@ impl Job<'_> {
             entry.push(value);
             push(&entry)?;
         }
-        if out.len() > MAX_JOB_BYTES || self.args.len() + self.env.len() + 2 > MAX_JOB_STRINGS {
+        if out.len() >= MAX_JOB_BYTES || self.args.len() + self.env.len() + 2 > MAX_JOB_STRINGS {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("the command line is larger than {MAX_JOB_BYTES} bytes"),
@@ -103,9 +103,8 @@ pub struct Launcher {
     cgroup: Option<RunCgroup>,
     control: Option<File>,
     status: File,
-    stdin: OwnedFd,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
+    /// The parent's ends of the standard streams, handed over at launch.
+    streams: Option<[OwnedFd; 3]>,
 }
 
 /// A launched program: its pid, the parent's ends of its standard streams, and its cgroup.
@@ -163,20 +162,20 @@ impl Launcher {
             cgroup,
             control: Some(File::from(control_w)),
             status: File::from(status_r),
-            stdin: stdin_w,
-            stdout: stdout_r,
-            stderr: stderr_r,
+            streams: Some([stdin_w, stdout_r, stderr_r]),
         };
-        let mut ready = [0u8; 1];
-        match launcher.status.read(&mut ready) {
-            Ok(1) if ready[0] == READY => Ok(launcher),
-            _ => {
-                let errno = launcher.child_error();
-                Err(io::Error::other(format!(
-                    "the launcher could not get ready: {}",
-                    errno.map_or("it exited".to_string(), |e| e.to_string())
-                )))
+        // The first byte is READY, or the first byte of an errno.
+        let mut first = [0u8; 4];
+        match launcher.status.read(&mut first[..1]) {
+            Ok(1) if first[0] == READY => Ok(launcher),
+            Ok(1) if launcher.status.read_exact(&mut first[1..]).is_ok() => {
+                let errno = io::Error::from_raw_os_error(i32::from_ne_bytes(first));
+                Err(io::Error::new(
+                    errno.kind(),
+                    format!("the launcher could not get ready: {errno}"),
+                ))
             }
+            _ => Err(io::Error::other("the launcher exited before it was ready")),
         }
     }
 
@@ -196,16 +195,16 @@ impl Launcher {
                 format!("cannot start {}: {errno}", job.program.display()),
             ));
         }
-        let launched = Launched {
-            pid: self.pid as u32,
-            stdin: self.stdin.try_clone()?,
-            stdout: self.stdout.try_clone()?,
-            stderr: self.stderr.try_clone()?,
-            cgroup: self.cgroup.take(),
-        };
         // The caller reaps the program from now on.
-        self.pid = 0;
-        Ok(launched)
+        let pid = std::mem::take(&mut self.pid) as u32;
+        let [stdin, stdout, stderr] = self.streams.take().expect("a launcher launches once");
+        Ok(Launched {
+            pid,
+            stdin,
+            stdout,
+            stderr,
+            cgroup: self.cgroup.take(),
+        })
     }
 
     /// Reads the status pipe to its end: an errno if the child failed, None at exec.
@@ -219,16 +218,14 @@ impl Launcher {
 }
 
 impl Drop for Launcher {
-    /// An unused launcher exits when its control pipe closes; reap it and remove its cgroup.
+    /// An unused launcher exits when its control pipe closes; reap it (its cgroup, if still
+    /// held, is removed when dropped right after).
     fn drop(&mut self) {
         self.control.take();
         if self.pid > 0 {
             let mut status = 0;
             // SAFETY: waiting on our own child.
             unsafe { libc::waitpid(self.pid, &mut status, 0) };
-        }
-        if let Some(cgroup) = self.cgroup.take() {
-            cgroup.remove();
         }
     }
 }
@@ -285,7 +282,7 @@ unsafe fn child_main(
             high.iter_mut()
                 .zip([fds.stdin, fds.stdout, fds.stderr, fds.control, fds.status])
         {
-            *slot = libc::fcntl(fd, libc::F_DUPFD, 10);
+            *slot = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
             if *slot < 0 {
                 fail(status);
             }
@@ -296,7 +293,14 @@ unsafe fn child_main(
             }
         }
         let status = 4;
-        libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32);
+        if libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32) != 0 {
+            // Kernels before 5.9 (or a seccomp filter) lack close_range: close one by one.
+            let mut limit: libc::rlimit = std::mem::zeroed();
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+            for fd in 5..limit.rlim_cur.min(1 << 20) as RawFd {
+                libc::close(fd);
+            }
+        }
         libc::fcntl(3, libc::F_SETFD, libc::FD_CLOEXEC);
         libc::fcntl(4, libc::F_SETFD, libc::FD_CLOEXEC);
         if libc::write(status, [READY].as_ptr().cast(), 1) != 1 {

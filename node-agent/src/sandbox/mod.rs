@@ -166,33 +166,32 @@ pub struct Containment {
 }
 
 impl Containment {
-    /// Kills every process of the tree led by `leader`; `leader_reaped` when it has exited and
-    /// been waited for (its children then belong to init, out of reach of a /proc walk).
-    /// Blocking: call off the async runtime.
-    pub fn kill_tree(&self, leader: u32, leader_reaped: bool) {
+    /// Kills every process of the tree led by `leader`, which must not be reaped yet (a zombie
+    /// leader keeps its pid and process group from being reused). Once the leader has exited its
+    /// children belong to init, so `leader_exited` skips the useless /proc walk. Blocking: call
+    /// off the async runtime.
+    pub fn kill_tree(&self, leader: u32, leader_exited: bool) {
         match &self.cgroup {
             Some(cgroup) => {
                 if !cgroup.kill_all() {
                     tracing::warn!(leader, "processes survived the cgroup kill");
                 }
             }
-            None if leader_reaped => process_tree::kill_group(leader as i32),
+            None if leader_exited => process_tree::kill_group(leader as i32),
             None => process_tree::kill_tree(leader as i32),
         }
     }
 
-    /// Reads what the cgroup recorded and removes it. Blocking: call off the async runtime.
+    /// Reads what the cgroup recorded, then removes it. Blocking: call off the async runtime.
     pub fn finish(self) -> ContainmentReport {
         let Some(cgroup) = self.cgroup else {
             return ContainmentReport::default();
         };
         cgroup.kill_all();
-        let report = ContainmentReport {
+        ContainmentReport {
             peak_memory_bytes: cgroup.peak_memory(),
             oom_killed: cgroup.oom_killed(),
             process_limit_hit: cgroup.process_limit_hit(),
-        };
-        cgroup.remove();
-        report
+        }
     }
 }

@@ -7,7 +7,7 @@ use std::{
     io,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
 };
 
@@ -23,6 +23,8 @@ pub struct LauncherPool {
     /// Launchers being forked now.
     forking: AtomicUsize,
     serial: AtomicU64,
+    /// Set at shutdown: launchers forked after it are dropped at once.
+    closed: AtomicBool,
 }
 
 impl LauncherPool {
@@ -33,11 +35,15 @@ impl LauncherPool {
             target,
             forking: AtomicUsize::new(0),
             serial: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
         })
     }
 
     /// Forks one launcher in a new cgroup. Blocking.
     fn fork_one(&self) -> io::Result<Launcher> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(io::Error::other("the agent is shutting down"));
+        }
         let name = format!("run-{}", self.serial.fetch_add(1, Ordering::Relaxed));
         let cgroup = self.root.create_run(&name)?;
         Launcher::fork(Some(cgroup))
@@ -89,6 +95,7 @@ impl LauncherPool {
 
     /// Ends every waiting launcher (at shutdown). Blocking.
     pub fn drain(&self) {
+        self.closed.store(true, Ordering::Release);
         let launchers = std::mem::take(&mut *self.ready.lock().expect("pool lock poisoned"));
         drop(launchers);
     }
