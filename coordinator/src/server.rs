@@ -1,7 +1,7 @@
 //! The coordinator server assembled: registry, its two gRPC services, health and reflection,
 //! and optionally an in-process node agent so one process is a whole single-device cluster.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use kowalski_exo_common::{
     proto::{agent_registry_server::AgentRegistryServer, coordinator_server::CoordinatorServer},
@@ -14,7 +14,11 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     api::{client_service::ClientService, registry_service::RegistryService},
     registry::NodeRegistry,
+    scheduling::dispatch::Dispatcher,
 };
+
+/// How long shutdown waits for open client streams.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// A started coordinator.
 pub struct RunningCoordinator {
@@ -31,13 +35,20 @@ impl RunningCoordinator {
         self.shutdown.clone()
     }
 
-    /// Waits until shutdown, then stops the local agent too.
+    /// Waits until shutdown is asked for, then stops the local agent and the server, giving
+    /// open streams a few seconds to end.
     pub async fn wait(self) -> Result<(), ServeError> {
-        let served = self.task.await.unwrap_or(Ok(()));
+        self.shutdown.cancelled().await;
         if let Some(agent) = self.local_agent {
             agent.stop().await?;
         }
-        served
+        match tokio::time::timeout(SHUTDOWN_GRACE, self.task).await {
+            Ok(served) => served.unwrap_or(Ok(())),
+            Err(_) => {
+                tracing::warn!("client streams still open after {SHUTDOWN_GRACE:?}; closing");
+                Ok(())
+            }
+        }
     }
 
     pub async fn stop(self) -> Result<(), ServeError> {
@@ -53,14 +64,19 @@ pub async fn start(
     local_agent: Option<AgentConfig>,
 ) -> Result<RunningCoordinator, ServeError> {
     let registry = NodeRegistry::default();
+    registry.spawn_liveness_ticker();
+    let shutdown = CancellationToken::new();
     let (listener, addr) = transport::bind(listen).await?;
     let mut server = ServerBase::new()?;
     server
         .routes()
         .add_service(AgentRegistryServer::new(RegistryService::new(
             registry.clone(),
+            shutdown.clone(),
         )))
-        .add_service(CoordinatorServer::new(ClientService::new(registry.clone())));
+        .add_service(CoordinatorServer::new(ClientService::new(Dispatcher::new(
+            registry.clone(),
+        ))));
     let health = server.health();
     health
         .set_serving::<AgentRegistryServer<RegistryService>>()
@@ -68,7 +84,6 @@ pub async fn start(
     health
         .set_serving::<CoordinatorServer<ClientService>>()
         .await;
-    let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     let task = tokio::spawn(async move { server.serve(listener, stop.cancelled_owned()).await });
     tracing::info!(%addr, "coordinator listening");

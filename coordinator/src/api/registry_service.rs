@@ -1,29 +1,30 @@
 //! AgentRegistry.Attach: the first message registers, then every message counts as a sign of
 //! life until the stream closes.
 
-use std::{pin::Pin, time::Instant};
+use std::pin::Pin;
 
 use kowalski_exo_common::proto::{
     AgentMessage, CoordinatorMessage, Registered, agent_message,
     agent_registry_server::AgentRegistry, coordinator_message,
 };
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, time::Instant};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::registry::NodeRegistry;
 
-/// Heartbeat interval the coordinator asks agents for.
-pub const HEARTBEAT_INTERVAL_MS: u32 = 500;
-
 #[derive(Clone)]
 pub struct RegistryService {
     registry: NodeRegistry,
+    /// Ends every agent stream when the coordinator shuts down (agents then reconnect to the
+    /// next coordinator by themselves).
+    shutdown: CancellationToken,
 }
 
 impl RegistryService {
-    pub fn new(registry: NodeRegistry) -> Self {
-        RegistryService { registry }
+    pub fn new(registry: NodeRegistry, shutdown: CancellationToken) -> Self {
+        RegistryService { registry, shutdown }
     }
 }
 
@@ -56,31 +57,37 @@ impl AgentRegistry for RegistryService {
         }
         registration.address = dial_address(&registration.address, peer);
         let name = registration.name.clone();
-        let node_id = self.registry.register(registration, Instant::now());
+        let (node_id, stream_number) = self.registry.register(registration, Instant::now());
         tracing::info!(%node_id, %name, "node registered");
         let (commands, stream) = mpsc::channel(8);
         let _ = commands
             .send(Ok(CoordinatorMessage {
                 message: Some(coordinator_message::Message::Registered(Registered {
                     node_id: node_id.clone(),
-                    heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,
+                    heartbeat_interval_ms: self.registry.config().heartbeat_interval.as_millis()
+                        as u32,
                 })),
             }))
             .await;
         let registry = self.registry.clone();
+        let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             loop {
-                match inbound.message().await {
+                let message = tokio::select! {
+                    message = inbound.message() => message,
+                    _ = shutdown.cancelled() => break,
+                };
+                match message {
                     Ok(Some(AgentMessage {
                         message: Some(agent_message::Message::Heartbeat(heartbeat)),
-                    })) => registry.heartbeat(&node_id, heartbeat, Instant::now()),
+                    })) => registry.heartbeat(&node_id, stream_number, heartbeat, Instant::now()),
                     Ok(Some(_)) => {
                         tracing::warn!(%node_id, "ignoring a second registration on one stream")
                     }
                     Ok(None) | Err(_) => break,
                 }
             }
-            registry.stream_closed(&node_id);
+            registry.stream_closed(&node_id, stream_number, Instant::now());
             tracing::info!(%node_id, %name, "node stream closed");
             drop(commands);
         });

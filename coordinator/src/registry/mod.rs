@@ -1,32 +1,25 @@
-//! The live view of the cluster: every node that registered, with its runtimes and last load.
-//! Only registration and stream state live here for now; liveness by silence, placement and
-//! draining come with the coordinator issue (#3).
+//! The live view of the cluster: every node that registered, what it runs, how loaded it is,
+//! and (through [`liveness`]) whether it is alive. Changes are published on a watch channel so
+//! dispatch can wake when a node comes, goes, or frees a slot.
+
+pub mod liveness;
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Instant,
+    sync::{Arc, Mutex, Weak},
+    time::Duration,
 };
 
-use kowalski_exo_common::proto::{self, NodeInfo};
+use kowalski_exo_common::proto::{self, NodeInfo, RuntimeHealth};
+use tokio::{sync::watch, time::Instant};
 
-/// State of a node as the coordinator sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NodeState {
-    /// Its registry stream is open.
-    Ready,
-    /// Its registry stream closed.
-    Down,
-}
+pub use liveness::{LivenessConfig, NodeState};
+use liveness::{Observation, assess, in_flight_lost};
 
-impl NodeState {
-    pub fn name(self) -> &'static str {
-        match self {
-            NodeState::Ready => "ready",
-            NodeState::Down => "down",
-        }
-    }
-}
+use crate::scheduling::placement::Candidate;
+
+/// How often states are re-assessed for silence.
+const ASSESS_PERIOD: Duration = Duration::from_millis(100);
 
 /// One node as last reported.
 #[derive(Clone, Debug)]
@@ -34,89 +27,303 @@ struct Node {
     id: String,
     registration: proto::Register,
     load: proto::NodeLoad,
+    observation: Observation,
+    /// The state as last published.
     state: NodeState,
-    last_seen: Instant,
+    /// Runs placed here and not finished.
+    in_flight: u32,
+    /// Which registry stream is the current one (a reconnect opens a new one).
+    stream: u64,
 }
 
-/// Every known node, shared by the registry stream handlers and the client API.
-#[derive(Clone, Default)]
+/// Every known node, shared by the registry streams, dispatch and the client API.
+#[derive(Clone)]
 pub struct NodeRegistry {
     inner: Arc<Mutex<Inner>>,
+    config: LivenessConfig,
+    changes: Arc<watch::Sender<u64>>,
 }
 
 #[derive(Default)]
 struct Inner {
     nodes: HashMap<String, Node>,
     next_id: u64,
+    next_stream: u64,
+    generation: u64,
+}
+
+/// A node the operator named that does not exist.
+#[derive(Debug, thiserror::Error)]
+#[error("no node is called '{0}'")]
+pub struct UnknownNode(pub String);
+
+impl Default for NodeRegistry {
+    fn default() -> Self {
+        Self::new(LivenessConfig::default())
+    }
 }
 
 impl NodeRegistry {
-    /// Records a registration. A node that presents an id this coordinator knows keeps it;
-    /// otherwise it gets a new one.
-    pub fn register(&self, registration: proto::Register, now: Instant) -> String {
-        let mut inner = self.inner.lock().expect("registry lock poisoned");
-        let id = if inner.nodes.contains_key(&registration.node_id) {
-            registration.node_id.clone()
+    pub fn new(config: LivenessConfig) -> Self {
+        let (changes, _) = watch::channel(0);
+        NodeRegistry {
+            inner: Arc::new(Mutex::new(Inner::default())),
+            config,
+            changes: Arc::new(changes),
+        }
+    }
+
+    pub fn config(&self) -> LivenessConfig {
+        self.config
+    }
+
+    /// Wakes on any change of node states, load, or in-flight counts.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("registry lock poisoned")
+    }
+
+    fn publish(&self, inner: &mut Inner) {
+        inner.generation += 1;
+        self.changes.send_replace(inner.generation);
+    }
+
+    /// Records a registration and returns (node id, stream number). A node presenting an id
+    /// keeps it unless another live node holds it (ids survive reconnects and coordinator
+    /// restarts); otherwise it gets a fresh one.
+    pub fn register(&self, registration: proto::Register, now: Instant) -> (String, u64) {
+        let mut inner = self.lock();
+        let wanted = registration.node_id.clone();
+        let taken = inner
+            .nodes
+            .get(&wanted)
+            .is_some_and(|n| n.observation.stream_open && n.registration.name != registration.name);
+        let id = if !wanted.is_empty() && !taken {
+            wanted
         } else {
-            inner.next_id += 1;
-            format!("node-{}", inner.next_id)
+            loop {
+                inner.next_id += 1;
+                let id = format!("node-{}", inner.next_id);
+                if !inner.nodes.contains_key(&id) {
+                    break id;
+                }
+            }
         };
+        inner.next_stream += 1;
+        let stream = inner.next_stream;
+        let previous = inner.nodes.remove(&id);
         let node = Node {
             id: id.clone(),
             registration,
             load: proto::NodeLoad::default(),
+            observation: Observation {
+                last_seen: now,
+                stream_open: true,
+                draining: previous.as_ref().is_some_and(|p| p.observation.draining),
+            },
             state: NodeState::Ready,
-            last_seen: now,
+            in_flight: previous.map_or(0, |p| p.in_flight),
+            stream,
         };
         inner.nodes.insert(id.clone(), node);
-        id
+        self.publish(&mut inner);
+        (id, stream)
     }
 
-    /// Records a heartbeat: any message is a sign of life.
-    pub fn heartbeat(&self, id: &str, heartbeat: proto::Heartbeat, now: Instant) {
-        let mut inner = self.inner.lock().expect("registry lock poisoned");
-        if let Some(node) = inner.nodes.get_mut(id) {
-            node.last_seen = now;
-            node.state = NodeState::Ready;
-            if let Some(load) = heartbeat.load {
-                node.load = load;
-            }
-            if let Some(runtimes) = heartbeat.runtimes {
-                node.registration.runtimes = Some(runtimes);
-            }
+    /// Records a message on a node's current stream: any message is a sign of life.
+    pub fn heartbeat(&self, id: &str, stream: u64, heartbeat: proto::Heartbeat, now: Instant) {
+        let mut inner = self.lock();
+        let Some(node) = inner.nodes.get_mut(id).filter(|n| n.stream == stream) else {
+            return;
+        };
+        node.observation.last_seen = now;
+        if let Some(load) = heartbeat.load {
+            node.load = load;
+        }
+        if let Some(runtimes) = heartbeat.runtimes {
+            node.registration.runtimes = Some(runtimes);
+        }
+        let fresh = assess(&node.observation, now, &self.config);
+        let changed = fresh != node.state;
+        node.state = fresh;
+        if changed {
+            self.publish(&mut inner);
         }
     }
 
-    /// The node's stream closed: it is unschedulable at once.
-    pub fn stream_closed(&self, id: &str) {
-        let mut inner = self.inner.lock().expect("registry lock poisoned");
-        if let Some(node) = inner.nodes.get_mut(id) {
-            node.state = NodeState::Down;
+    /// A node's stream closed: it is unschedulable at once. Stale streams are ignored.
+    pub fn stream_closed(&self, id: &str, stream: u64, now: Instant) {
+        let mut inner = self.lock();
+        if let Some(node) = inner.nodes.get_mut(id).filter(|n| n.stream == stream) {
+            node.observation.stream_open = false;
+            node.state = assess(&node.observation, now, &self.config);
+            self.publish(&mut inner);
         }
+    }
+
+    /// Re-assesses every node against the clock; publishes when a state changed.
+    pub fn reassess(&self, now: Instant) {
+        let mut inner = self.lock();
+        let mut changed = false;
+        for node in inner.nodes.values_mut() {
+            let fresh = assess(&node.observation, now, &self.config);
+            if fresh != node.state {
+                tracing::info!(node_id = %node.id, name = %node.registration.name, state = fresh.name(), "node state changed");
+                node.state = fresh;
+                changed = true;
+            }
+        }
+        if changed {
+            self.publish(&mut inner);
+        }
+    }
+
+    /// Drains (or undrains) a node given by name or id.
+    pub fn set_draining(
+        &self,
+        node: &str,
+        draining: bool,
+        now: Instant,
+    ) -> Result<NodeInfo, UnknownNode> {
+        let mut inner = self.lock();
+        let found = inner
+            .nodes
+            .values_mut()
+            .find(|n| n.id == node || n.registration.name == node)
+            .ok_or_else(|| UnknownNode(node.to_string()))?;
+        found.observation.draining = draining;
+        found.state = assess(&found.observation, now, &self.config);
+        let info = info(found, now);
+        self.publish(&mut inner);
+        Ok(info)
     }
 
     /// Every node, ordered by name then id.
     pub fn list(&self, now: Instant) -> Vec<NodeInfo> {
-        let inner = self.inner.lock().expect("registry lock poisoned");
-        let mut nodes: Vec<NodeInfo> = inner
-            .nodes
-            .values()
-            .map(|n| NodeInfo {
-                id: n.id.clone(),
-                name: n.registration.name.clone(),
-                address: n.registration.address.clone(),
-                state: n.state.name().to_string(),
-                labels: n.registration.labels.clone(),
-                runtimes: n.registration.runtimes.clone(),
-                capacity: n.registration.capacity,
-                load: Some(n.load),
-                isolation: n.registration.isolation,
-                version: n.registration.version.clone(),
-                last_seen_ms_ago: now.saturating_duration_since(n.last_seen).as_millis() as u64,
-            })
-            .collect();
+        let inner = self.lock();
+        let mut nodes: Vec<NodeInfo> = inner.nodes.values().map(|n| info(n, now)).collect();
         nodes.sort_by(|a, b| (&a.name, &a.id).cmp(&(&b.name, &b.id)));
         nodes
+    }
+
+    /// Every node as placement sees it.
+    pub fn candidates(&self, now: Instant) -> Vec<Candidate> {
+        let inner = self.lock();
+        inner
+            .nodes
+            .values()
+            .map(|n| Candidate {
+                id: n.id.clone(),
+                name: n.registration.name.clone(),
+                state: assess(&n.observation, now, &self.config),
+                labels: n.registration.labels.clone(),
+                languages: healthy_languages(&n.registration),
+                in_flight: n.in_flight,
+                capacity: n.registration.capacity,
+                cpu_percent: n.load.cpu_percent,
+            })
+            .collect()
+    }
+
+    /// The address to dial a node at.
+    pub fn address(&self, id: &str) -> Option<String> {
+        self.lock()
+            .nodes
+            .get(id)
+            .map(|n| n.registration.address.clone())
+    }
+
+    /// True when work running on the node must be moved: it has been silent past the deadline.
+    pub fn in_flight_lost(&self, id: &str, now: Instant) -> bool {
+        self.lock()
+            .nodes
+            .get(id)
+            .is_none_or(|n| in_flight_lost(&n.observation, now, &self.config))
+    }
+
+    /// Counts a run placed on a node until the returned guard is dropped.
+    pub fn begin_run(&self, id: &str) -> InFlight {
+        let mut inner = self.lock();
+        if let Some(node) = inner.nodes.get_mut(id) {
+            node.in_flight += 1;
+        }
+        self.publish(&mut inner);
+        InFlight {
+            registry: self.clone(),
+            id: id.to_string(),
+        }
+    }
+
+    fn end_run(&self, id: &str) {
+        let mut inner = self.lock();
+        if let Some(node) = inner.nodes.get_mut(id) {
+            node.in_flight = node.in_flight.saturating_sub(1);
+        }
+        self.publish(&mut inner);
+    }
+
+    /// Re-assesses states every 100 ms until every handle to the registry is gone.
+    pub fn spawn_liveness_ticker(&self) {
+        let weak: Weak<Mutex<Inner>> = Arc::downgrade(&self.inner);
+        let config = self.config;
+        let changes = self.changes.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(ASSESS_PERIOD);
+            loop {
+                ticker.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                NodeRegistry {
+                    inner,
+                    config,
+                    changes: changes.clone(),
+                }
+                .reassess(Instant::now());
+            }
+        });
+    }
+}
+
+/// A run counted against a node's in-flight total; dropping it ends the count on every path.
+pub struct InFlight {
+    registry: NodeRegistry,
+    id: String,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.registry.end_run(&self.id);
+    }
+}
+
+fn healthy_languages(registration: &proto::Register) -> Vec<String> {
+    registration
+        .runtimes
+        .iter()
+        .flat_map(|f| &f.runtimes)
+        .filter(|r| r.health() == RuntimeHealth::Healthy)
+        .map(|r| r.language.clone())
+        .collect()
+}
+
+fn info(n: &Node, now: Instant) -> NodeInfo {
+    NodeInfo {
+        id: n.id.clone(),
+        name: n.registration.name.clone(),
+        address: n.registration.address.clone(),
+        state: n.state.name().to_string(),
+        labels: n.registration.labels.clone(),
+        runtimes: n.registration.runtimes.clone(),
+        capacity: n.registration.capacity,
+        load: Some(n.load),
+        isolation: n.registration.isolation,
+        version: n.registration.version.clone(),
+        last_seen_ms_ago: now
+            .saturating_duration_since(n.observation.last_seen)
+            .as_millis() as u64,
+        in_flight: n.in_flight,
     }
 }
 
@@ -128,39 +335,75 @@ mod tests {
         proto::Register {
             name: name.into(),
             node_id: node_id.into(),
+            capacity: 2,
             ..Default::default()
         }
     }
 
-    #[test]
-    fn reconnecting_node_keeps_its_id() {
+    #[tokio::test(start_paused = true)]
+    async fn reconnecting_node_keeps_its_id_and_a_stale_close_is_ignored() {
         let registry = NodeRegistry::default();
-        let now = Instant::now();
-        let id = registry.register(register("laptop", ""), now);
-        registry.stream_closed(&id);
-        assert_eq!(registry.list(now)[0].state, "down");
-        let again = registry.register(register("laptop", &id), now);
+        let (id, first) = registry.register(register("laptop", ""), Instant::now());
+        let (again, second) = registry.register(register("laptop", &id), Instant::now());
         assert_eq!(again, id);
-        let nodes = registry.list(now);
-        assert_eq!(nodes.len(), 1);
-        assert_eq!(nodes[0].state, "ready");
+        registry.stream_closed(&id, first, Instant::now());
+        assert_eq!(registry.list(Instant::now())[0].state, "ready");
+        registry.stream_closed(&id, second, Instant::now());
+        assert_eq!(registry.list(Instant::now())[0].state, "down");
     }
 
-    #[test]
-    fn unknown_node_id_gets_a_fresh_one() {
+    #[tokio::test(start_paused = true)]
+    async fn ids_survive_a_coordinator_restart_but_cannot_be_taken_over() {
         let registry = NodeRegistry::default();
-        let now = Instant::now();
-        let a = registry.register(register("a", "node-from-another-coordinator"), now);
-        let b = registry.register(register("b", ""), now);
-        assert_ne!(a, "node-from-another-coordinator");
-        assert_ne!(a, b);
+        let (a, _) = registry.register(register("a", "node-7"), Instant::now());
+        assert_eq!(a, "node-7");
+        let (b, _) = registry.register(register("b", "node-7"), Instant::now());
+        assert_ne!(b, "node-7");
+        assert_eq!(registry.list(Instant::now()).len(), 2);
     }
 
-    #[test]
-    fn heartbeat_updates_load_and_runtimes() {
+    #[tokio::test(start_paused = true)]
+    async fn silent_node_turns_suspect_then_down_and_its_work_is_lost() {
         let registry = NodeRegistry::default();
-        let now = Instant::now();
-        let id = registry.register(register("box", ""), now);
+        let mut changes = registry.subscribe();
+        let (id, stream) = registry.register(register("box", ""), Instant::now());
+        changes.borrow_and_update();
+        tokio::time::advance(Duration::from_millis(1600)).await;
+        registry.reassess(Instant::now());
+        assert!(changes.has_changed().unwrap());
+        assert_eq!(registry.list(Instant::now())[0].state, "suspect");
+        assert!(!registry.in_flight_lost(&id, Instant::now()));
+        tokio::time::advance(Duration::from_secs(4)).await;
+        registry.reassess(Instant::now());
+        assert_eq!(registry.list(Instant::now())[0].state, "down");
+        assert!(registry.in_flight_lost(&id, Instant::now()));
+        registry.heartbeat(&id, stream, proto::Heartbeat::default(), Instant::now());
+        assert_eq!(registry.list(Instant::now())[0].state, "ready");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_and_in_flight_counts_show_in_candidates() {
+        let registry = NodeRegistry::default();
+        let (id, _) = registry.register(register("box", ""), Instant::now());
+        let run = registry.begin_run(&id);
+        assert_eq!(registry.candidates(Instant::now())[0].in_flight, 1);
+        drop(run);
+        assert_eq!(registry.candidates(Instant::now())[0].in_flight, 0);
+        let info = registry.set_draining("box", true, Instant::now()).unwrap();
+        assert_eq!(info.state, "draining");
+        assert_eq!(
+            registry.candidates(Instant::now())[0].state,
+            NodeState::Draining
+        );
+        registry.set_draining(&id, false, Instant::now()).unwrap();
+        assert_eq!(registry.list(Instant::now())[0].state, "ready");
+        assert!(registry.set_draining("nope", true, Instant::now()).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeat_updates_load_and_runtimes() {
+        let registry = NodeRegistry::default();
+        let (id, stream) = registry.register(register("box", ""), Instant::now());
         let heartbeat = proto::Heartbeat {
             load: Some(proto::NodeLoad {
                 running: 2,
@@ -170,17 +413,15 @@ mod tests {
             runtimes: Some(proto::RuntimeFingerprint {
                 runtimes: vec![proto::Runtime {
                     language: "python".into(),
+                    health: RuntimeHealth::Healthy as i32,
                     ..Default::default()
                 }],
                 probed_at_unix_ms: 1,
             }),
         };
-        registry.heartbeat(&id, heartbeat, now);
-        let node = &registry.list(now)[0];
-        assert_eq!(node.load.unwrap().running, 2);
-        assert_eq!(
-            node.runtimes.as_ref().unwrap().runtimes[0].language,
-            "python"
-        );
+        registry.heartbeat(&id, stream, heartbeat, Instant::now());
+        let candidate = &registry.candidates(Instant::now())[0];
+        assert_eq!(candidate.languages, vec!["python".to_string()]);
+        assert_eq!(candidate.cpu_percent, 50.0);
     }
 }

@@ -150,11 +150,20 @@ pub async fn supervise(
     })
 }
 
+/// Reads what the program wrote, plus whatever else is already waiting in the pipe, so a
+/// `print` that makes two writes (text, then newline) travels as one chunk.
 async fn read_some(pipe: &mut Option<pipe::Receiver>, buf: &mut [u8]) -> io::Result<usize> {
-    match pipe {
-        Some(pipe) => pipe.read(buf).await,
-        None => std::future::pending().await,
+    let Some(pipe) = pipe else {
+        return std::future::pending().await;
+    };
+    let mut filled = pipe.read(buf).await?;
+    while filled > 0 && filled < buf.len() {
+        match pipe.try_read(&mut buf[filled..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => filled += n,
+        }
     }
+    Ok(filled)
 }
 
 /// Sends what was read; closes the pipe at end of file.

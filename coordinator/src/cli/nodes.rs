@@ -1,4 +1,4 @@
-//! Output of the client subcommands: a table for people, one JSON object per line for scripts.
+//! `coordinator nodes`: a table for people, one JSON object per node for scripts.
 
 use kowalski_exo_common::proto::{NodeInfo, RuntimeHealth};
 use serde::Serialize;

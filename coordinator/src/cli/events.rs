@@ -1,0 +1,195 @@
+//! Printing a stream of cluster events: raw output for people (program output on stdout and
+//! stderr, progress notes on stderr), or one JSON object per event.
+
+use std::io::Write;
+
+use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
+use kowalski_exo_common::proto::{ClusterEvent, OutputStream, cluster_event::Event};
+use serde::Serialize;
+
+use super::status_name;
+
+/// One event as `exec --json` and `run --json` print it. Field names are stable; absent
+/// fields are left out.
+#[derive(Serialize, Debug, Default, PartialEq)]
+pub struct EventLine {
+    /// queued, placed, output, retrying, finished or skipped.
+    pub event: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream: Option<&'static str>,
+    /// Output as text (invalid UTF-8 replaced); see `data_base64` for the exact bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    /// The exact output bytes, only when they are not valid UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_base64: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wall_ms: Option<f64>,
+}
+
+fn stream_name(stream: OutputStream) -> &'static str {
+    match stream {
+        OutputStream::Stderr => "stderr",
+        _ => "stdout",
+    }
+}
+
+impl EventLine {
+    /// The line for an event; `with_block` for RunBlocks streams.
+    pub fn from_event(event: &ClusterEvent, with_block: bool) -> Option<EventLine> {
+        let base = EventLine {
+            block: with_block.then_some(event.block),
+            ..Default::default()
+        };
+        Some(match event.event.as_ref()? {
+            Event::Queued(_) => EventLine {
+                event: "queued",
+                ..base
+            },
+            Event::Placed(p) => EventLine {
+                event: "placed",
+                node: Some(p.node_name.clone()),
+                node_id: Some(p.node_id.clone()),
+                attempt: Some(p.attempt),
+                ..base
+            },
+            Event::Output(o) => {
+                let chunk = o.chunk.as_ref()?;
+                let (data, data_base64) = match std::str::from_utf8(&chunk.data) {
+                    Ok(text) => (text.to_string(), None),
+                    Err(_) => (
+                        String::from_utf8_lossy(&chunk.data).into_owned(),
+                        Some(BASE64.encode(&chunk.data)),
+                    ),
+                };
+                EventLine {
+                    event: "output",
+                    attempt: Some(o.attempt),
+                    stream: Some(stream_name(chunk.stream())),
+                    data: Some(data),
+                    data_base64,
+                    ..base
+                }
+            }
+            Event::Retrying(r) => EventLine {
+                event: "retrying",
+                node: Some(r.node_name.clone()),
+                node_id: Some(r.node_id.clone()),
+                attempt: Some(r.attempt),
+                reason: Some(r.reason.clone()),
+                ..base
+            },
+            Event::Finished(f) => {
+                let result = f.result.as_ref();
+                EventLine {
+                    event: "finished",
+                    node: (!f.node_name.is_empty()).then(|| f.node_name.clone()),
+                    node_id: (!f.node_id.is_empty()).then(|| f.node_id.clone()),
+                    attempt: (f.attempt > 0).then_some(f.attempt),
+                    exit_code: result.and_then(|r| r.exit_code),
+                    signal: result.and_then(|r| r.signal),
+                    status: Some(match result {
+                        Some(r) => status_name(r.status()),
+                        None => "failed".to_string(),
+                    }),
+                    reason: match result {
+                        Some(r) if !r.message.is_empty() => Some(r.message.clone()),
+                        None => Some(f.error.clone()),
+                        _ => None,
+                    },
+                    wall_ms: result.map(|r| r.wall_micros as f64 / 1000.0),
+                    ..base
+                }
+            }
+            Event::Skipped(s) => EventLine {
+                event: "skipped",
+                line: Some(s.line),
+                reason: Some(s.reason.clone()),
+                ..base
+            },
+        })
+    }
+}
+
+/// Prints events for people: program output raw, notes about placement and retries on stderr.
+pub struct HumanPrinter {
+    /// Whether to announce each block (RunBlocks).
+    pub blocks: bool,
+}
+
+impl HumanPrinter {
+    pub fn print(&self, event: &ClusterEvent) -> std::io::Result<()> {
+        let Some(inner) = &event.event else {
+            return Ok(());
+        };
+        let mut stdout = std::io::stdout().lock();
+        let mut stderr = std::io::stderr().lock();
+        match inner {
+            Event::Output(o) => {
+                if let Some(chunk) = &o.chunk {
+                    match chunk.stream() {
+                        OutputStream::Stderr => stderr.write_all(&chunk.data)?,
+                        _ => {
+                            stdout.write_all(&chunk.data)?;
+                            stdout.flush()?;
+                        }
+                    }
+                }
+            }
+            Event::Placed(p) if self.blocks || p.attempt > 1 => {
+                writeln!(
+                    stderr,
+                    "── block {} on {} (attempt {}) ──",
+                    event.block + 1,
+                    p.node_name,
+                    p.attempt
+                )?;
+            }
+            Event::Retrying(r) => {
+                writeln!(
+                    stderr,
+                    "kowalski: attempt {} on {} was lost ({}); retrying on another node",
+                    r.attempt, r.node_name, r.reason
+                )?;
+            }
+            Event::Skipped(s) => {
+                writeln!(
+                    stderr,
+                    "── block {} (line {}) skipped: {} ──",
+                    event.block + 1,
+                    s.line,
+                    s.reason
+                )?;
+            }
+            Event::Finished(f) => {
+                if !f.error.is_empty() {
+                    writeln!(stderr, "kowalski: {}", f.error)?;
+                } else if let Some(result) = &f.result
+                    && !result.message.is_empty()
+                {
+                    writeln!(stderr, "kowalski: {} on {}", result.message, f.node_name)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}

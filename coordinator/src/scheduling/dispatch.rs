@@ -1,0 +1,399 @@
+//! Running one piece of code on the cluster, modelled on the Remote Execution API: queued, then
+//! placed (node, attempt), output tagged with its attempt, retrying when an attempt is lost to
+//! an infrastructure failure, and one finished event.
+//!
+//! Only infrastructure failures are retried (the node died, went silent past the deadline, or
+//! refused for lack of room), each time on a node not tried yet, with exponential backoff and
+//! jitter. A non-zero exit is a result.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use kowalski_exo_common::{
+    Language,
+    proto::{
+        self, ClusterEvent, ClusterFinished, ExecuteRequest, Placed, Queued, Retrying,
+        cluster_event::Event, exec_event, node_agent_client::NodeAgentClient,
+    },
+};
+use tokio::{sync::mpsc, time::Instant};
+use tonic::{Code, Status, transport::Channel};
+
+use super::placement::{Requirements, Unplaceable, place};
+use crate::registry::NodeRegistry;
+
+/// Attempts per run unless the request says otherwise.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Backoff between attempts.
+const RETRY_MIN_DELAY: Duration = Duration::from_millis(20);
+const RETRY_MAX_DELAY: Duration = Duration::from_secs(1);
+/// How long a run waits for a fitting node to become ready before giving up.
+const NONE_READY_WAIT: Duration = Duration::from_secs(10);
+/// Connecting to an agent that does not answer within this is a failed attempt.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where a run's events go.
+pub type ClusterSender = mpsc::Sender<Result<ClusterEvent, Status>>;
+
+/// One run to place.
+#[derive(Clone, Debug)]
+pub struct RunSpec {
+    pub execution: ExecuteRequest,
+    pub language: Language,
+    pub node: Option<String>,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub max_attempts: u32,
+    /// Block index, for RunBlocks; 0 for Execute.
+    pub block: u32,
+}
+
+impl RunSpec {
+    fn requirements<'a>(&'a self, exclude: &'a [String]) -> Requirements<'a> {
+        Requirements {
+            language: Some(self.language),
+            node: self.node.as_deref(),
+            labels: self.labels.clone(),
+            exclude,
+        }
+    }
+}
+
+/// What a run came to.
+#[derive(Debug)]
+pub enum Outcome {
+    /// It ran to an end on some node (any exit status).
+    Finished(proto::ExecFinished),
+    /// Every attempt was lost, or no node could take it.
+    Failed(String),
+    /// A node rejected the request itself (it would be rejected anywhere).
+    Rejected(Status),
+    /// The caller went away.
+    Cancelled,
+}
+
+/// Why one attempt ended without a result.
+enum AttemptEnd {
+    Finished(proto::ExecFinished),
+    Lost(String),
+    Rejected(Status),
+    Cancelled,
+}
+
+/// Channels to agents, one per address, connected lazily and reused.
+#[derive(Clone, Default)]
+pub struct AgentChannels {
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl AgentChannels {
+    fn client(&self, address: &str) -> Result<NodeAgentClient<Channel>, String> {
+        let mut channels = self.channels.lock().expect("channel cache poisoned");
+        if let Some(channel) = channels.get(address) {
+            return Ok(NodeAgentClient::new(channel.clone()));
+        }
+        let channel = tonic::transport::Endpoint::from_shared(address.to_string())
+            .map_err(|e| format!("node address '{address}' is not a URL: {e}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        channels.insert(address.to_string(), channel.clone());
+        Ok(NodeAgentClient::new(channel))
+    }
+}
+
+/// Places runs and moves them when nodes fail.
+#[derive(Clone)]
+pub struct Dispatcher {
+    registry: NodeRegistry,
+    agents: AgentChannels,
+}
+
+impl Dispatcher {
+    pub fn new(registry: NodeRegistry) -> Self {
+        Dispatcher {
+            registry,
+            agents: AgentChannels::default(),
+        }
+    }
+
+    pub fn registry(&self) -> &NodeRegistry {
+        &self.registry
+    }
+
+    /// Fails early when no node could ever take the run (waiting would not help).
+    pub fn check(&self, spec: &RunSpec) -> Result<(), Unplaceable> {
+        match place(
+            &self.registry.candidates(Instant::now()),
+            &spec.requirements(&[]),
+        ) {
+            Err(reason) if !reason.is_transient() => Err(reason),
+            _ => Ok(()),
+        }
+    }
+
+    /// Runs `spec` to its end, streaming events; the last is `finished` (or an error status
+    /// when a node rejected the request itself).
+    pub async fn run(&self, spec: &RunSpec, events: &ClusterSender) -> Outcome {
+        let mut last_placed = None;
+        let outcome = self.run_attempts(spec, events, &mut last_placed).await;
+        let (node_id, node_name, attempt) = last_placed
+            .map(|p: Placed| (p.node_id, p.node_name, p.attempt))
+            .unwrap_or_default();
+        let finished = |result, error| ClusterFinished {
+            result,
+            node_id,
+            node_name,
+            attempt,
+            error,
+        };
+        let last = match &outcome {
+            Outcome::Finished(result) => Ok(finished(Some(result.clone()), String::new())),
+            Outcome::Failed(error) => Ok(finished(None, error.clone())),
+            Outcome::Rejected(status) => Err(status.clone()),
+            Outcome::Cancelled => return outcome,
+        };
+        let event = last.map(|f| ClusterEvent {
+            block: spec.block,
+            event: Some(Event::Finished(f)),
+        });
+        let _ = events.send(event).await;
+        outcome
+    }
+
+    async fn run_attempts(
+        &self,
+        spec: &RunSpec,
+        events: &ClusterSender,
+        last_placed: &mut Option<Placed>,
+    ) -> Outcome {
+        if send(events, spec.block, Event::Queued(Queued {}))
+            .await
+            .is_err()
+        {
+            return Outcome::Cancelled;
+        }
+        let max_attempts = match spec.max_attempts {
+            0 => DEFAULT_MAX_ATTEMPTS,
+            n => n,
+        };
+        let mut delays = ExponentialBuilder::default()
+            .with_min_delay(RETRY_MIN_DELAY)
+            .with_max_delay(RETRY_MAX_DELAY)
+            .with_jitter()
+            .without_max_times()
+            .build();
+        let mut tried: Vec<String> = Vec::new();
+        let mut losses: Vec<String> = Vec::new();
+        for attempt in 1..=max_attempts {
+            let node = match self.wait_for_node(spec, &tried, events).await {
+                Ok(node) => node,
+                Err(None) => return Outcome::Cancelled,
+                Err(Some(reason)) => {
+                    losses.push(reason);
+                    return Outcome::Failed(losses.join("; "));
+                }
+            };
+            let placed = Placed {
+                node_id: node.0.clone(),
+                node_name: node.1.clone(),
+                attempt,
+            };
+            *last_placed = Some(placed.clone());
+            if send(events, spec.block, Event::Placed(placed))
+                .await
+                .is_err()
+            {
+                return Outcome::Cancelled;
+            }
+            let end = self.attempt(spec, &node.0, attempt, events).await;
+            let reason = match end {
+                AttemptEnd::Finished(finished) => return Outcome::Finished(finished),
+                AttemptEnd::Rejected(status) => return Outcome::Rejected(status),
+                AttemptEnd::Cancelled => return Outcome::Cancelled,
+                AttemptEnd::Lost(reason) => reason,
+            };
+            tracing::warn!(node = %node.1, attempt, %reason, "attempt lost");
+            losses.push(format!("attempt {attempt} on {}: {reason}", node.1));
+            tried.push(node.0.clone());
+            if attempt == max_attempts {
+                break;
+            }
+            let retrying = Retrying {
+                attempt,
+                node_id: node.0,
+                node_name: node.1,
+                reason,
+            };
+            if send(events, spec.block, Event::Retrying(retrying))
+                .await
+                .is_err()
+            {
+                return Outcome::Cancelled;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delays.next().unwrap_or(RETRY_MAX_DELAY)) => {}
+                _ = events.closed() => return Outcome::Cancelled,
+            }
+        }
+        Outcome::Failed(format!(
+            "gave up after {max_attempts} attempts: {}",
+            losses.join("; ")
+        ))
+    }
+
+    /// Waits until placement chooses a node: `Err(None)` when the caller left, `Err(Some)` when
+    /// no node can take the run.
+    async fn wait_for_node(
+        &self,
+        spec: &RunSpec,
+        tried: &[String],
+        events: &ClusterSender,
+    ) -> Result<(String, String), Option<String>> {
+        let mut changes = self.registry.subscribe();
+        let started = Instant::now();
+        loop {
+            changes.borrow_and_update();
+            let candidates = self.registry.candidates(Instant::now());
+            match place(&candidates, &spec.requirements(tried)) {
+                Ok(node) => return Ok((node.id.clone(), node.name.clone())),
+                Err(reason @ Unplaceable::NoneReady { .. })
+                    if started.elapsed() >= NONE_READY_WAIT =>
+                {
+                    return Err(Some(reason.to_string()));
+                }
+                Err(reason) if !reason.is_transient() => return Err(Some(reason.to_string())),
+                Err(_) => {}
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep(NONE_READY_WAIT) => {}
+                _ = events.closed() => return Err(None),
+            }
+        }
+    }
+
+    /// One attempt on one node.
+    async fn attempt(
+        &self,
+        spec: &RunSpec,
+        node_id: &str,
+        attempt: u32,
+        events: &ClusterSender,
+    ) -> AttemptEnd {
+        let _in_flight = self.registry.begin_run(node_id);
+        let Some(address) = self.registry.address(node_id) else {
+            return AttemptEnd::Lost("the node left the cluster".into());
+        };
+        let mut client = match self.agents.client(&address) {
+            Ok(client) => client,
+            Err(reason) => return AttemptEnd::Lost(reason),
+        };
+        let mut request = spec.execution.clone();
+        if !request.run_id.is_empty() {
+            request.run_id = format!("{}-{attempt}", request.run_id);
+        }
+        let mut changes = self.registry.subscribe();
+        let call = client.execute(request);
+        let mut stream = tokio::select! {
+            response = call => match response {
+                Ok(response) => response.into_inner(),
+                Err(status) => return classify(status),
+            },
+            _ = silent(&self.registry, node_id, &mut changes) => {
+                return AttemptEnd::Lost(silence_reason(&self.registry));
+            }
+            _ = events.closed() => return AttemptEnd::Cancelled,
+        };
+        loop {
+            let message = tokio::select! {
+                message = stream.message() => message,
+                _ = silent(&self.registry, node_id, &mut changes) => {
+                    return AttemptEnd::Lost(silence_reason(&self.registry));
+                }
+                _ = events.closed() => return AttemptEnd::Cancelled,
+            };
+            match message {
+                Ok(Some(proto::ExecEvent { event: Some(event) })) => match event {
+                    exec_event::Event::Started(_) => {}
+                    exec_event::Event::Output(chunk) => {
+                        let output = proto::AttemptOutput {
+                            attempt,
+                            chunk: Some(chunk),
+                        };
+                        if send(events, spec.block, Event::Output(output))
+                            .await
+                            .is_err()
+                        {
+                            return AttemptEnd::Cancelled;
+                        }
+                    }
+                    exec_event::Event::Finished(finished) => return AttemptEnd::Finished(finished),
+                },
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return AttemptEnd::Lost("the node ended the run without a result".into());
+                }
+                Err(status) => return classify(status),
+            }
+        }
+    }
+}
+
+/// Completes when the node has been silent past the deadline.
+async fn silent(
+    registry: &NodeRegistry,
+    node_id: &str,
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+) {
+    loop {
+        if registry.in_flight_lost(node_id, Instant::now()) {
+            return;
+        }
+        if changes.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+fn silence_reason(registry: &NodeRegistry) -> String {
+    format!("the node was silent for {:?}", registry.config().down_after)
+}
+
+/// Infrastructure failures are retried elsewhere; a bad request is not.
+fn classify(status: Status) -> AttemptEnd {
+    match status.code() {
+        Code::InvalidArgument => AttemptEnd::Rejected(status),
+        Code::Cancelled => AttemptEnd::Cancelled,
+        _ => AttemptEnd::Lost(format!(
+            "{}: {}",
+            code_name(status.code()),
+            status.message()
+        )),
+    }
+}
+
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Unavailable => "unavailable",
+        Code::ResourceExhausted => "no room",
+        Code::FailedPrecondition => "runtime unavailable there",
+        Code::DeadlineExceeded => "deadline exceeded",
+        Code::Internal => "internal error",
+        Code::Unknown => "connection lost",
+        _ => "failed",
+    }
+}
+
+async fn send(events: &ClusterSender, block: u32, event: Event) -> Result<(), ()> {
+    events
+        .send(Ok(ClusterEvent {
+            block,
+            event: Some(event),
+        }))
+        .await
+        .map_err(|_| ())
+}

@@ -1,0 +1,294 @@
+//! Placement: hard filters (runtime present and healthy, node pin, labels, not already tried,
+//! ready, room), then the least loaded node, with a deterministic tie-break. A pure function
+//! of the nodes and the requirements.
+
+use std::{cmp::Ordering, collections::BTreeMap, collections::HashMap, fmt};
+
+use kowalski_exo_common::Language;
+
+use crate::registry::NodeState;
+
+/// A node as placement sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidate {
+    pub id: String,
+    pub name: String,
+    pub state: NodeState,
+    pub labels: HashMap<String, String>,
+    /// Canonical names of the languages whose runtime is healthy on the node.
+    pub languages: Vec<String>,
+    /// Runs placed there and not finished.
+    pub in_flight: u32,
+    pub capacity: u32,
+    pub cpu_percent: f32,
+}
+
+/// What a run needs of its node.
+#[derive(Clone, Debug, Default)]
+pub struct Requirements<'a> {
+    pub language: Option<Language>,
+    /// Node name or id the run is pinned to.
+    pub node: Option<&'a str>,
+    pub labels: BTreeMap<String, String>,
+    /// Node ids already tried for this run.
+    pub exclude: &'a [String],
+}
+
+/// Why no node was chosen.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Unplaceable {
+    /// No node has the runtime: nothing will change that soon.
+    NoRuntime {
+        language: String,
+        /// Each node's name with the languages it offers.
+        offered: Vec<(String, Vec<String>)>,
+    },
+    /// The pinned node is not known.
+    UnknownNode { node: String, known: Vec<String> },
+    /// No node with the runtime carries the labels.
+    NoLabelMatch { labels: BTreeMap<String, String> },
+    /// Every fitting node was already tried.
+    Exhausted { tried: usize },
+    /// Fitting nodes exist but none is ready (suspect, draining or down).
+    NoneReady { states: Vec<(String, NodeState)> },
+    /// Every fitting ready node is running all it can.
+    AllBusy,
+}
+
+impl Unplaceable {
+    /// True when waiting may help (a node may come back or free a slot).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Unplaceable::NoneReady { .. } | Unplaceable::AllBusy)
+    }
+}
+
+impl fmt::Display for Unplaceable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unplaceable::NoRuntime { language, offered } if offered.is_empty() => {
+                write!(f, "no node can run {language}: the cluster has no nodes")
+            }
+            Unplaceable::NoRuntime { language, offered } => {
+                let offers: Vec<String> = offered
+                    .iter()
+                    .map(|(name, languages)| format!("{name} offers {}", languages.join(", ")))
+                    .collect();
+                write!(f, "no node can run {language}: {}", offers.join("; "))
+            }
+            Unplaceable::UnknownNode { node, known } => write!(
+                f,
+                "no node is called '{node}'; known nodes: {}",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ),
+            Unplaceable::NoLabelMatch { labels } => {
+                let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                write!(
+                    f,
+                    "no node with the runtime carries the labels {}",
+                    wanted.join(", ")
+                )
+            }
+            Unplaceable::Exhausted { tried } => {
+                write!(f, "no other node can take it after {tried} tried")
+            }
+            Unplaceable::NoneReady { states } => {
+                let states: Vec<String> = states
+                    .iter()
+                    .map(|(name, state)| format!("{name} is {}", state.name()))
+                    .collect();
+                write!(f, "no fitting node is ready: {}", states.join(", "))
+            }
+            Unplaceable::AllBusy => write!(f, "every fitting node is busy"),
+        }
+    }
+}
+
+/// Chooses the node for a run.
+pub fn place<'c>(
+    candidates: &'c [Candidate],
+    wanted: &Requirements<'_>,
+) -> Result<&'c Candidate, Unplaceable> {
+    let mut fitting: Vec<&Candidate> = candidates.iter().collect();
+    if let Some(node) = wanted.node {
+        fitting.retain(|c| c.name == node || c.id == node);
+        if fitting.is_empty() {
+            return Err(Unplaceable::UnknownNode {
+                node: node.to_string(),
+                known: candidates.iter().map(|c| c.name.clone()).collect(),
+            });
+        }
+    }
+    if let Some(language) = wanted.language {
+        let offered = fitting
+            .iter()
+            .map(|c| (c.name.clone(), c.languages.clone()))
+            .collect();
+        fitting.retain(|c| c.languages.iter().any(|l| l == language.name()));
+        if fitting.is_empty() {
+            return Err(Unplaceable::NoRuntime {
+                language: language.name().to_string(),
+                offered,
+            });
+        }
+    }
+    fitting.retain(|c| {
+        wanted
+            .labels
+            .iter()
+            .all(|(k, v)| c.labels.get(k) == Some(v))
+    });
+    if fitting.is_empty() {
+        return Err(Unplaceable::NoLabelMatch {
+            labels: wanted.labels.clone(),
+        });
+    }
+    fitting.retain(|c| !wanted.exclude.contains(&c.id));
+    if fitting.is_empty() {
+        return Err(Unplaceable::Exhausted {
+            tried: wanted.exclude.len(),
+        });
+    }
+    let states = fitting.iter().map(|c| (c.name.clone(), c.state)).collect();
+    fitting.retain(|c| c.state == NodeState::Ready);
+    if fitting.is_empty() {
+        return Err(Unplaceable::NoneReady { states });
+    }
+    fitting.retain(|c| c.in_flight < c.capacity.max(1));
+    fitting
+        .into_iter()
+        .min_by(|a, b| load_order(a, b))
+        .ok_or(Unplaceable::AllBusy)
+}
+
+/// Least loaded first: share of capacity in use, then CPU, then name and id.
+fn load_order(a: &Candidate, b: &Candidate) -> Ordering {
+    let share = |c: &Candidate| f64::from(c.in_flight) / f64::from(c.capacity.max(1));
+    share(a)
+        .total_cmp(&share(b))
+        .then(a.cpu_percent.total_cmp(&b.cpu_percent))
+        .then_with(|| a.name.cmp(&b.name))
+        .then_with(|| a.id.cmp(&b.id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, in_flight: u32, capacity: u32, cpu: f32) -> Candidate {
+        Candidate {
+            id: format!("id-{name}"),
+            name: name.to_string(),
+            state: NodeState::Ready,
+            labels: HashMap::new(),
+            languages: vec!["python".into(), "bash".into()],
+            in_flight,
+            capacity,
+            cpu_percent: cpu,
+        }
+    }
+
+    fn python() -> Requirements<'static> {
+        Requirements {
+            language: Some(Language::Python),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn least_loaded_share_wins_then_cpu_then_name() {
+        let table = [
+            (vec![node("a", 2, 4, 0.0), node("b", 1, 4, 90.0)], "b"),
+            (vec![node("a", 1, 2, 0.0), node("b", 1, 4, 0.0)], "b"),
+            (vec![node("a", 0, 2, 50.0), node("b", 0, 2, 10.0)], "b"),
+            (vec![node("b", 0, 2, 10.0), node("a", 0, 2, 10.0)], "a"),
+        ];
+        for (nodes, want) in table {
+            assert_eq!(place(&nodes, &python()).unwrap().name, want, "{nodes:?}");
+        }
+    }
+
+    #[test]
+    fn hard_filters_remove_unfit_nodes() {
+        let mut suspect = node("suspect", 0, 2, 0.0);
+        suspect.state = NodeState::Suspect;
+        let mut draining = node("draining", 0, 2, 0.0);
+        draining.state = NodeState::Draining;
+        let full = node("full", 2, 2, 0.0);
+        let mut no_python = node("nopy", 0, 2, 0.0);
+        no_python.languages = vec!["bash".into()];
+        let busy_but_fit = node("fit", 1, 2, 99.0);
+        let nodes = [suspect, draining, full, no_python, busy_but_fit];
+        assert_eq!(place(&nodes, &python()).unwrap().name, "fit");
+    }
+
+    #[test]
+    fn pin_labels_and_exclusions_narrow_the_choice() {
+        let mut gpu = node("gpu-box", 3, 4, 0.0);
+        gpu.labels.insert("gpu".into(), "yes".into());
+        let nodes = [node("laptop", 0, 4, 0.0), gpu];
+        let pinned = Requirements {
+            node: Some("gpu-box"),
+            ..python()
+        };
+        assert_eq!(place(&nodes, &pinned).unwrap().name, "gpu-box");
+        let by_id = Requirements {
+            node: Some("id-laptop"),
+            ..python()
+        };
+        assert_eq!(place(&nodes, &by_id).unwrap().name, "laptop");
+        let labelled = Requirements {
+            labels: [("gpu".to_string(), "yes".to_string())].into(),
+            ..python()
+        };
+        assert_eq!(place(&nodes, &labelled).unwrap().name, "gpu-box");
+        let tried = vec!["id-laptop".to_string()];
+        let retry = Requirements {
+            exclude: &tried,
+            ..python()
+        };
+        assert_eq!(place(&nodes, &retry).unwrap().name, "gpu-box");
+    }
+
+    #[test]
+    fn reasons_name_what_was_missing() {
+        let nodes = [node("laptop", 0, 2, 0.0)];
+        let rust = Requirements {
+            language: Some(Language::Rust),
+            ..Default::default()
+        };
+        let err = place(&nodes, &rust).unwrap_err();
+        assert!(!err.is_transient());
+        assert_eq!(
+            err.to_string(),
+            "no node can run rust: laptop offers python, bash"
+        );
+        let pinned = Requirements {
+            node: Some("nas"),
+            ..python()
+        };
+        assert_eq!(
+            place(&nodes, &pinned).unwrap_err().to_string(),
+            "no node is called 'nas'; known nodes: laptop"
+        );
+        let tried = vec!["id-laptop".to_string()];
+        let retry = Requirements {
+            exclude: &tried,
+            ..python()
+        };
+        assert_eq!(
+            place(&nodes, &retry).unwrap_err(),
+            Unplaceable::Exhausted { tried: 1 }
+        );
+        let busy = [node("laptop", 2, 2, 0.0)];
+        assert!(place(&busy, &python()).unwrap_err().is_transient());
+        let mut down = node("laptop", 0, 2, 0.0);
+        down.state = NodeState::Down;
+        let err = place(&[down], &python()).unwrap_err();
+        assert!(err.is_transient());
+        assert_eq!(err.to_string(), "no fitting node is ready: laptop is down");
+    }
+}
