@@ -15,9 +15,11 @@ use std::{
 };
 
 use kowalski_exo_common::proto::{
-    DescribeRequest, NodeDescription, node_agent_client::NodeAgentClient,
+    DescribeRequest, ListNodesRequest, NodeDescription, NodeInfo,
+    coordinator_client::CoordinatorClient, node_agent_client::NodeAgentClient,
 };
 use nix::{sys::signal::Signal, unistd::Pid};
+use tonic::transport::Channel;
 
 /// Generous ceiling for anything a test waits on; only catches hangs.
 pub const CEILING: Duration = Duration::from_secs(30);
@@ -141,6 +143,151 @@ pub async fn describe(url: &str) -> NodeDescription {
         .await
         .expect("Describe failed")
         .into_inner()
+}
+
+/// A coordinator and agents, each a real process on loopback.
+pub struct Cluster {
+    pub coordinator: Daemon,
+    /// Agents named `agent-0`, `agent-1`, ...
+    pub agents: Vec<Daemon>,
+    pub port: u16,
+    dirs: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts a coordinator and `agents` agents (each with `capacity` slots and `env` added to
+    /// its environment), and waits until every agent is ready.
+    pub async fn start(agents: usize, capacity: usize, env: &[(&str, &str)]) -> Cluster {
+        let port = free_port();
+        let coordinator = start_coordinator(port);
+        let dirs = tempfile::tempdir().expect("temp dir");
+        let agents = (0..agents)
+            .map(|i| start_agent(port, i, capacity, dirs.path(), env))
+            .collect();
+        let cluster = Cluster {
+            coordinator,
+            agents,
+            port,
+            dirs,
+        };
+        for i in 0..cluster.agents.len() {
+            cluster.wait_for_state(&format!("agent-{i}"), "ready").await;
+        }
+        cluster
+    }
+
+    /// `http://127.0.0.1:PORT` of the coordinator.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn client(&self) -> CoordinatorClient<Channel> {
+        CoordinatorClient::connect(self.url())
+            .await
+            .expect("connect to the coordinator")
+    }
+
+    /// Every node as the coordinator lists it (empty while the coordinator is unreachable).
+    pub async fn nodes(&self) -> Vec<NodeInfo> {
+        match CoordinatorClient::connect(self.url()).await {
+            Ok(mut client) => client
+                .list_nodes(ListNodesRequest {})
+                .await
+                .map(|r| r.into_inner().nodes)
+                .unwrap_or_default(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// The state of the node called `name`, if listed.
+    pub async fn state_of(&self, name: &str) -> Option<String> {
+        self.nodes()
+            .await
+            .into_iter()
+            .find(|n| n.name == name)
+            .map(|n| n.state)
+    }
+
+    /// Polls until the node is in `state`; returns how long that took.
+    pub async fn wait_for_state(&self, name: &str, state: &str) -> Duration {
+        let start = Instant::now();
+        loop {
+            if self.state_of(name).await.as_deref() == Some(state) {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < CEILING,
+                "{name} not {state} within {CEILING:?}: {:?}",
+                self.nodes()
+                    .await
+                    .iter()
+                    .map(|n| (&n.name, &n.state))
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Replaces the coordinator with a fresh process on the same port.
+    pub fn restart_coordinator(&mut self) {
+        self.coordinator.signal(Signal::SIGKILL);
+        self.coordinator.wait_exit();
+        self.coordinator = start_coordinator(self.port);
+    }
+
+    /// The agent called `name`.
+    pub fn agent(&self, name: &str) -> &Daemon {
+        let index: usize = name
+            .strip_prefix("agent-")
+            .and_then(|i| i.parse().ok())
+            .unwrap_or_else(|| panic!("no agent called {name}"));
+        &self.agents[index]
+    }
+
+    /// Where agents keep their work directories.
+    pub fn work_root(&self) -> &std::path::Path {
+        self.dirs.path()
+    }
+}
+
+fn start_coordinator(port: u16) -> Daemon {
+    let listen = format!("127.0.0.1:{port}");
+    Daemon::start(
+        "coordinator",
+        &["serve", "--listen", &listen],
+        &[],
+        "coordinator listening",
+    )
+}
+
+fn start_agent(
+    port: u16,
+    index: usize,
+    capacity: usize,
+    work_root: &std::path::Path,
+    env: &[(&str, &str)],
+) -> Daemon {
+    let coordinator = format!("http://127.0.0.1:{port}");
+    let name = format!("agent-{index}");
+    let work = work_root.join(&name);
+    let capacity = capacity.to_string();
+    Daemon::start(
+        "node-agent",
+        &[
+            "--coordinator",
+            &coordinator,
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            &name,
+            "--capacity",
+            &capacity,
+            "--work-dir",
+            work.to_str().expect("UTF-8 temp path"),
+        ],
+        env,
+        "node agent listening",
+    )
 }
 
 /// A port that was free a moment ago, for a server that must start after its clients.

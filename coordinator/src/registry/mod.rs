@@ -209,12 +209,13 @@ impl NodeRegistry {
         nodes
     }
 
-    /// Every node as placement sees it.
+    /// Every node as placement sees it, ordered by name then id.
     pub fn candidates(&self, now: Instant) -> Vec<Candidate> {
         let inner = self.lock();
-        inner
-            .nodes
-            .values()
+        let mut nodes: Vec<&Node> = inner.nodes.values().collect();
+        nodes.sort_by(|a, b| (&a.registration.name, &a.id).cmp(&(&b.registration.name, &b.id)));
+        nodes
+            .into_iter()
             .map(|n| Candidate {
                 id: n.id.clone(),
                 name: n.registration.name.clone(),

@@ -1,0 +1,356 @@
+//! A coordinator and three agents as real processes on loopback: load spreading, failover when
+//! an agent is killed or hangs, recovery after a coordinator restart, and clear refusals.
+
+use std::{collections::HashSet, process::Command};
+
+use kowalski_exo_common::proto::{
+    ClusterEvent, ClusterExecuteRequest, DrainRequest, ExecStatus, ExecuteRequest,
+    RunBlocksRequest, cluster_event::Event,
+};
+use kowalski_exo_tests::{CEILING, Cluster, binary};
+use nix::sys::signal::Signal;
+use tonic::Streaming;
+
+fn python(code: &str) -> ClusterExecuteRequest {
+    ClusterExecuteRequest {
+        execution: Some(ExecuteRequest {
+            language: "python".into(),
+            code: code.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Reads events until one matches, returning everything read.
+async fn read_until(
+    stream: &mut Streaming<ClusterEvent>,
+    seen: &mut Vec<Event>,
+    done: impl Fn(&Event) -> bool,
+) {
+    loop {
+        let event = tokio::time::timeout(CEILING, stream.message())
+            .await
+            .expect("no event within the ceiling")
+            .expect("stream failed")
+            .expect("stream ended first")
+            .event
+            .expect("empty event");
+        let matched = done(&event);
+        seen.push(event);
+        if matched {
+            return;
+        }
+    }
+}
+
+async fn run_to_end(stream: &mut Streaming<ClusterEvent>) -> Vec<Event> {
+    let mut seen = Vec::new();
+    read_until(stream, &mut seen, |e| matches!(e, Event::Finished(_))).await;
+    seen
+}
+
+fn placements(events: &[Event]) -> Vec<(String, u32)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Placed(p) => Some((p.node_name.clone(), p.attempt)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn output_of_attempt(events: &[Event], attempt: u32) -> String {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Output(o) if o.attempt == attempt => o.chunk.as_ref(),
+            _ => None,
+        })
+        .map(|c| String::from_utf8_lossy(&c.data).into_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_spreads_over_the_agents() {
+    let cluster = Cluster::start(3, 2, &[]).await;
+    let mut streams = Vec::new();
+    for _ in 0..6 {
+        let mut client = cluster.client().await;
+        let stream = client
+            .execute(python("import time\ntime.sleep(1.5)\nprint('ok')"))
+            .await
+            .unwrap()
+            .into_inner();
+        streams.push(stream);
+    }
+    let mut used = Vec::new();
+    for mut stream in streams {
+        let events = run_to_end(&mut stream).await;
+        used.extend(placements(&events).into_iter().map(|(node, _)| node));
+        match events.last() {
+            Some(Event::Finished(f)) => {
+                assert_eq!(f.result.as_ref().unwrap().status(), ExecStatus::Ok)
+            }
+            other => panic!("expected finished, got {other:?}"),
+        }
+    }
+    let distinct: HashSet<&String> = used.iter().collect();
+    assert_eq!(distinct.len(), 3, "six runs used only {used:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agents_task_finishes_on_another_with_the_first_attempt_marked() {
+    let cluster = Cluster::start(3, 2, &[]).await;
+    let mut client = cluster.client().await;
+    let code = "import time\nprint('started', flush=True)\ntime.sleep(3)\nprint('done')";
+    let mut stream = client.execute(python(code)).await.unwrap().into_inner();
+    let mut events = Vec::new();
+    read_until(&mut stream, &mut events, |e| matches!(e, Event::Output(_))).await;
+    let (first_node, _) = placements(&events)[0].clone();
+    cluster.agent(&first_node).signal(Signal::SIGKILL);
+    read_until(&mut stream, &mut events, |e| {
+        matches!(e, Event::Finished(_))
+    })
+    .await;
+
+    let retry = events.iter().find_map(|e| match e {
+        Event::Retrying(r) => Some(r),
+        _ => None,
+    });
+    let retry = retry.expect("no retrying event");
+    assert_eq!(
+        (retry.attempt, retry.node_name.as_str()),
+        (1, first_node.as_str())
+    );
+    let placed = placements(&events);
+    assert_eq!(placed.len(), 2, "{placed:?}");
+    assert_eq!(placed[1].1, 2);
+    assert_ne!(placed[1].0, first_node, "retried on the node that died");
+    assert_eq!(output_of_attempt(&events, 1), "started\n");
+    assert_eq!(output_of_attempt(&events, 2), "started\ndone\n");
+    let Some(Event::Finished(finished)) = events.last() else {
+        panic!("no finished event")
+    };
+    assert_eq!(finished.attempt, 2);
+    assert_eq!(finished.node_name, placed[1].0);
+    assert_eq!(finished.result.as_ref().unwrap().status(), ExecStatus::Ok);
+    cluster.wait_for_state(&first_node, "down").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_agent_turns_suspect_then_down_with_its_work_moved_and_returns() {
+    let cluster = Cluster::start(3, 2, &[]).await;
+    let mut client = cluster.client().await;
+    for other in ["agent-1", "agent-2"] {
+        client
+            .drain(DrainRequest { node: other.into() })
+            .await
+            .unwrap();
+    }
+    let code = "import time\nprint('started', flush=True)\ntime.sleep(2)\nprint('done')";
+    let mut stream = client.execute(python(code)).await.unwrap().into_inner();
+    let mut events = Vec::new();
+    read_until(&mut stream, &mut events, |e| matches!(e, Event::Output(_))).await;
+    assert_eq!(placements(&events)[0].0, "agent-0");
+    for other in ["agent-1", "agent-2"] {
+        client
+            .undrain(DrainRequest { node: other.into() })
+            .await
+            .unwrap();
+    }
+
+    let target = cluster.agent("agent-0");
+    target.signal(Signal::SIGSTOP);
+    cluster.wait_for_state("agent-0", "suspect").await;
+    for _ in 0..4 {
+        let mut quick = client
+            .execute(python("print(1)"))
+            .await
+            .unwrap()
+            .into_inner();
+        let quick_events = run_to_end(&mut quick).await;
+        assert_ne!(
+            placements(&quick_events)[0].0,
+            "agent-0",
+            "new work went to a suspect node"
+        );
+    }
+    cluster.wait_for_state("agent-0", "down").await;
+    read_until(&mut stream, &mut events, |e| {
+        matches!(e, Event::Finished(_))
+    })
+    .await;
+    let placed = placements(&events);
+    assert_eq!(placed.len(), 2, "{placed:?}");
+    assert_ne!(placed[1].0, "agent-0");
+    let Some(Event::Finished(finished)) = events.last() else {
+        panic!("no finished event")
+    };
+    assert_eq!(finished.result.as_ref().unwrap().status(), ExecStatus::Ok);
+    assert_eq!(output_of_attempt(&events, 2), "started\ndone\n");
+
+    target.signal(Signal::SIGCONT);
+    cluster.wait_for_state("agent-0", "ready").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_agent_comes_back_after_a_coordinator_restart() {
+    let mut cluster = Cluster::start(3, 2, &[]).await;
+    let before: HashSet<(String, String)> = cluster
+        .nodes()
+        .await
+        .into_iter()
+        .map(|n| (n.name, n.id))
+        .collect();
+    cluster.restart_coordinator();
+    for name in ["agent-0", "agent-1", "agent-2"] {
+        cluster.wait_for_state(name, "ready").await;
+    }
+    let after: HashSet<(String, String)> = cluster
+        .nodes()
+        .await
+        .into_iter()
+        .map(|n| (n.name, n.id))
+        .collect();
+    assert_eq!(before, after, "node ids changed across the restart");
+    let mut client = cluster.client().await;
+    let mut stream = client
+        .execute(python("print('back')"))
+        .await
+        .unwrap()
+        .into_inner();
+    let events = run_to_end(&mut stream).await;
+    assert_eq!(output_of_attempt(&events, 1), "back\n");
+}
+
+/// Agents whose PATH holds python and bash only.
+async fn python_and_bash_cluster() -> (Cluster, tempfile::TempDir) {
+    let bin = tempfile::tempdir().unwrap();
+    for tool in ["python3", "bash"] {
+        std::os::unix::fs::symlink(real_executable(tool), bin.path().join(tool)).unwrap();
+    }
+    let path = bin.path().to_str().unwrap().to_string();
+    let cluster = Cluster::start(2, 2, &[("PATH", &path)]).await;
+    (cluster, bin)
+}
+
+/// The real executable behind a tool on PATH (past pyenv-style shims).
+fn real_executable(tool: &str) -> std::path::PathBuf {
+    let probe = match tool {
+        "python3" => "import sys; print(sys.executable)",
+        _ => "",
+    };
+    if probe.is_empty() {
+        let found = std::env::split_paths(&std::env::var_os("PATH").unwrap())
+            .map(|d| d.join(tool))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("{tool} not on PATH"));
+        return std::fs::canonicalize(found).unwrap();
+    }
+    let output = Command::new(tool).args(["-c", probe]).output().unwrap();
+    String::from_utf8(output.stdout).unwrap().trim().into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_language_no_node_has_is_refused_naming_it_and_what_nodes_offer() {
+    let (cluster, _bin) = python_and_bash_cluster().await;
+    let mut client = cluster.client().await;
+    let mut request = python("print 1");
+    request.execution.as_mut().unwrap().language = "perl".into();
+    let err = client.execute(request).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    let message = err.message();
+    assert!(message.contains("no node can run perl"), "{message}");
+    assert!(message.contains("agent-0 offers python, bash"), "{message}");
+
+    let output = Command::new(binary("coordinator"))
+        .args([
+            "exec",
+            "--addr",
+            &cluster.url(),
+            "--lang",
+            "perl",
+            "-c",
+            "print 1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no node can run perl"));
+
+    let document = "```perl\nprint 1\n```\n\n```bash\necho still runs\n```\n".to_string();
+    let mut stream = client
+        .run_blocks(RunBlocksRequest {
+            document,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(event) = tokio::time::timeout(CEILING, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        events.push(event);
+    }
+    match &events[0].event {
+        Some(Event::Skipped(s)) => {
+            assert_eq!(s.line, 1);
+            assert!(s.no_node);
+            assert!(s.reason.contains("perl"), "{}", s.reason);
+        }
+        other => panic!("expected the perl block skipped, got {other:?}"),
+    }
+    let ran: String = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(Event::Output(o)) if e.block == 1 => o.chunk.as_ref(),
+            _ => None,
+        })
+        .map(|c| String::from_utf8_lossy(&c.data).into_owned())
+        .collect();
+    assert_eq!(ran, "still runs\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_stops_at_the_first_failing_block_and_exits_with_its_status() {
+    let (cluster, _bin) = python_and_bash_cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("doc.md");
+    std::fs::write(
+        &file,
+        "```bash\necho one\n```\n```bash\nexit 5\n```\n```bash\necho never\n```\n",
+    )
+    .unwrap();
+    let output = Command::new(binary("coordinator"))
+        .args([
+            "run",
+            "--json",
+            "--addr",
+            &cluster.url(),
+            file.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(5));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let finished: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l["event"] == "finished").collect();
+    assert_eq!(finished.len(), 2, "{lines:?}");
+    assert_eq!(finished[1]["block"], 1);
+    assert_eq!(finished[1]["exit_code"], 5);
+    assert_eq!(finished[1]["status"], "nonzero_exit");
+    assert!(lines.iter().all(|l| l["data"] != "never\n"));
+    for line in &lines {
+        assert!(
+            line["event"].is_string() && line["block"].is_u64(),
+            "{line}"
+        );
+    }
+}
