@@ -22,11 +22,8 @@ pub struct ServerBase {
 /// Failure to set up or run a gRPC server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: String,
-        source: std::io::Error,
-    },
+    #[error("cannot listen on {addr}: {error}")]
+    Bind { addr: String, error: std::io::Error },
     #[error("reflection descriptors are invalid: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed: {0}")]
@@ -85,15 +82,11 @@ impl ServerBase {
 
 /// Binds a TCP listener, naming the address in the error.
 pub async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr), ServeError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: addr.to_string(),
-            source,
-        })?;
-    let local = listener.local_addr().map_err(|source| ServeError::Bind {
+    let bind_error = |error| ServeError::Bind {
         addr: addr.to_string(),
-        source,
-    })?;
+        error,
+    };
+    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let local = listener.local_addr().map_err(bind_error)?;
     Ok((listener, local))
 }

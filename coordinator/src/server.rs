@@ -20,6 +20,15 @@ use crate::{
 /// How long shutdown waits for open client streams.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// Failure to start a coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    #[error("cannot start the local agent: {0}")]
+    LocalAgent(#[from] kowalski_exo_node_agent::agent::AgentError),
+}
+
 /// A started coordinator.
 pub struct RunningCoordinator {
     /// The gRPC address it listens on (with the real port when 0 was asked).
@@ -62,7 +71,7 @@ impl RunningCoordinator {
 pub async fn start(
     listen: &str,
     local_agent: Option<AgentConfig>,
-) -> Result<RunningCoordinator, ServeError> {
+) -> Result<RunningCoordinator, StartError> {
     let registry = NodeRegistry::default();
     registry.spawn_liveness_ticker();
     let shutdown = CancellationToken::new();
@@ -102,10 +111,7 @@ pub async fn start(
                 Ok(agent) => Some(agent),
                 Err(e) => {
                     shutdown.cancel();
-                    return Err(ServeError::Bind {
-                        addr: "local agent".into(),
-                        source: std::io::Error::other(e.to_string()),
-                    });
+                    return Err(StartError::LocalAgent(e));
                 }
             }
         }

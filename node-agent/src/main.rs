@@ -66,7 +66,7 @@ struct ServeArgs {
     #[arg(long, default_value_t = 30)]
     fingerprint_interval: u64,
     /// Do not use cgroups even where the host offers them.
-    #[arg(long)]
+    #[arg(long, env = "KOWALSKI_NO_CGROUPS")]
     no_cgroups: bool,
 }
 

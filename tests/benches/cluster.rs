@@ -5,7 +5,8 @@
 //!   interpreter directly with the same parallelism, in one run.
 //!
 //! Run with `scripts/bench-cluster.sh` (builds the release binaries first). Options:
-//! `--rounds N` (detection and failover, default 5), `--tasks N` (throughput, default 300).
+//! `--rounds N` (detection and failover, default 5), `--tasks N` (throughput, default 300),
+//! `--no-cgroups` (throughput with agents that contain runs by process group only).
 
 use std::{
     process::{Command, Stdio},
@@ -78,6 +79,31 @@ async fn next_event(stream: &mut Streaming<ClusterEvent>) -> Event {
         .expect("empty event")
 }
 
+/// CPU seconds (user + system) a process used itself, children not included.
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Fields 14 and 15 of /proc/PID/stat, counted from the state field (3) here.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// (coordinator, all agents) CPU seconds so far.
+fn cluster_cpu(cluster: &Cluster) -> (f64, f64) {
+    let agents = (0..3)
+        .map(|i| cpu_seconds(cluster.agent(&format!("agent-{i}")).pid()))
+        .sum();
+    (cpu_seconds(cluster.coordinator.pid()), agents)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let rounds = arg("--rounds", 5);
@@ -140,7 +166,13 @@ async fn main() {
     println!("failover (SIGKILL mid-task until finished elsewhere, minus the task's own length)");
     println!("  overhead            {}", summary(&mut overheads));
 
-    let cluster = Cluster::start(3, 2, &[]).await;
+    let no_cgroups = std::env::args().any(|a| a == "--no-cgroups");
+    let env: &[(&str, &str)] = if no_cgroups {
+        &[("KOWALSKI_NO_CGROUPS", "true")]
+    } else {
+        &[]
+    };
+    let cluster = Cluster::start(3, 2, env).await;
     let parallelism = 6;
     let python_exe = {
         let output = Command::new("python3")
@@ -150,13 +182,19 @@ async fn main() {
         String::from_utf8(output.stdout).unwrap().trim().to_string()
     };
     let slots = Arc::new(Semaphore::new(parallelism));
+    let shared = cluster.client().await;
+    let cpu_before = cluster_cpu(&cluster);
     let started = Instant::now();
     let mut handles = Vec::new();
     for _ in 0..tasks {
         let permit = slots.clone().acquire_owned().await.unwrap();
-        let mut client = cluster.client().await;
+        let mut client = shared.clone();
         handles.push(tokio::spawn(async move {
-            let mut stream = client.execute(python("print(1)")).await.unwrap().into_inner();
+            let mut stream = client
+                .execute(python("print(1)"))
+                .await
+                .unwrap()
+                .into_inner();
             loop {
                 if let Event::Finished(f) = next_event(&mut stream).await {
                     assert_eq!(f.result.unwrap().status(), ExecStatus::Ok);
@@ -170,6 +208,7 @@ async fn main() {
         handle.await.unwrap();
     }
     let through_cluster = tasks as f64 / started.elapsed().as_secs_f64();
+    let cpu_after = cluster_cpu(&cluster);
     let script = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(script.path(), "print(1)\n").unwrap();
     let started = Instant::now();
@@ -178,7 +217,11 @@ async fn main() {
         let permit = slots.clone().acquire_owned().await.unwrap();
         let (exe, path) = (python_exe.clone(), script.path().to_path_buf());
         handles.push(tokio::task::spawn_blocking(move || {
-            let output = Command::new(exe).arg(path).stdin(Stdio::null()).output().unwrap();
+            let output = Command::new(exe)
+                .arg(path)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
             assert_eq!(output.stdout, b"1\n");
             drop(permit);
         }));
@@ -189,5 +232,14 @@ async fn main() {
     let direct = tasks as f64 / started.elapsed().as_secs_f64();
     println!("throughput ({tasks} print(1) tasks, {parallelism} at a time, 3 agents x 2 slots)");
     println!("  direct spawn        {direct:>8.1} tasks/s");
-    println!("  through coordinator {through_cluster:>8.1} tasks/s   ({:.0}% of direct)", 100.0 * through_cluster / direct);
+    println!(
+        "  through coordinator {through_cluster:>8.1} tasks/s   ({:.0}% of direct)",
+        100.0 * through_cluster / direct
+    );
+    let per_task = |before: f64, after: f64| (after - before) * 1000.0 / tasks as f64;
+    println!(
+        "  CPU per task, own processes only: coordinator {:.2} ms, agents {:.2} ms",
+        per_task(cpu_before.0, cpu_after.0),
+        per_task(cpu_before.1, cpu_after.1)
+    );
 }
