@@ -7,7 +7,7 @@ use kowalski_exo_common::proto::{
     ClusterEvent, ClusterExecuteRequest, DrainRequest, ExecStatus, ExecuteRequest,
     RunBlocksRequest, cluster_event::Event,
 };
-use kowalski_exo_tests::{CEILING, Cluster, binary};
+use kowalski_exo_tests::{CEILING, Cluster, binary, eventually, process_alive};
 use nix::sys::signal::Signal;
 use tonic::Streaming;
 
@@ -353,4 +353,44 @@ async fn run_stops_at_the_first_failing_block_and_exits_with_its_status() {
             "{line}"
         );
     }
+}
+
+/// The pid a program printed as its first output.
+async fn printed_pid(stream: &mut Streaming<ClusterEvent>) -> i32 {
+    let mut events = Vec::new();
+    read_until(stream, &mut events, |e| matches!(e, Event::Output(_))).await;
+    output_of_attempt(&events, 1).trim().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_ends_the_run_on_the_agent() {
+    let (cluster, _bin) = python_and_bash_cluster().await;
+    let mut client = cluster.client().await;
+    let code = "import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(1000)";
+    let mut stream = client.execute(python(code)).await.unwrap().into_inner();
+    let pid = printed_pid(&mut stream).await;
+    assert!(process_alive(pid));
+    drop(stream);
+    eventually("run killed after the client left", || !process_alive(pid));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_deadline_reaches_the_agent() {
+    let (cluster, _bin) = python_and_bash_cluster().await;
+    let mut client = cluster.client().await;
+    let code = "import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(1000)";
+    let mut request = tonic::Request::new(python(code));
+    request.set_timeout(std::time::Duration::from_secs(2));
+    let mut stream = client.execute(request).await.unwrap().into_inner();
+    let pid = printed_pid(&mut stream).await;
+    // The run's timeout is set just inside the deadline, so the agent ends it and the client
+    // still hears why.
+    let mut status = None;
+    while let Ok(Some(event)) = stream.message().await {
+        if let Some(Event::Finished(f)) = event.event {
+            status = f.result.map(|r| r.status());
+        }
+    }
+    assert_eq!(status, Some(ExecStatus::Timeout));
+    eventually("run killed at the deadline", || !process_alive(pid));
 }

@@ -61,11 +61,16 @@ fn deadline(metadata: &MetadataMap) -> Option<Duration> {
     })
 }
 
-/// The run's timeout, shortened to the client's deadline when that comes first.
+/// Time kept between the run's timeout and the client's deadline, so the `finished` event (with
+/// its timeout status) reaches the client before its deadline cuts the stream.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(200);
+
+/// The run's timeout, shortened to just inside the client's deadline when that comes first.
 fn bounded_timeout(timeout_ms: u32, deadline: Option<Duration>) -> u32 {
     match deadline {
         Some(deadline) => {
-            let deadline_ms = deadline.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
+            let inside = deadline.saturating_sub(DEADLINE_MARGIN.min(deadline / 2));
+            let deadline_ms = inside.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
             if timeout_ms == 0 {
                 deadline_ms
             } else {
@@ -291,9 +296,10 @@ mod tests {
         metadata.insert("grpc-timeout", "1500m".parse().unwrap());
         let deadline = deadline(&metadata);
         assert_eq!(deadline, Some(Duration::from_millis(1500)));
-        assert_eq!(bounded_timeout(0, deadline), 1500);
+        assert_eq!(bounded_timeout(0, deadline), 1300);
         assert_eq!(bounded_timeout(900, deadline), 900);
-        assert_eq!(bounded_timeout(5000, deadline), 1500);
+        assert_eq!(bounded_timeout(5000, deadline), 1300);
         assert_eq!(bounded_timeout(5000, None), 5000);
+        assert_eq!(bounded_timeout(0, Some(Duration::from_millis(100))), 50);
     }
 }
