@@ -13,6 +13,10 @@ use tonic_health::server::HealthReporter;
 
 use crate::proto::FILE_DESCRIPTOR_SET;
 
+/// HTTP/2 pings on accepted connections, so a peer that vanished without closing is noticed.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The services every server carries besides its own: health and reflection.
 pub struct ServerBase {
     routes: RoutesBuilder,
@@ -73,6 +77,8 @@ impl ServerBase {
         // Output chunks are small and latency matters: no Nagle delay on accepted connections.
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         Server::builder()
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;

@@ -412,6 +412,8 @@ async fn follow(
     let mut exit: Option<u8> = None;
     let mut skipped_no_node = false;
     let mut finished_any = false;
+    // Blocks queued and not yet finished: any left when the stream ends were lost.
+    let mut open_blocks = std::collections::BTreeSet::new();
     loop {
         let event = match stream.message().await {
             Ok(Some(event)) => event,
@@ -429,7 +431,11 @@ async fn follow(
             ));
         }
         match &event.event {
+            Some(Event::Queued(_)) => {
+                open_blocks.insert(event.block);
+            }
             Some(Event::Finished(f)) => {
+                open_blocks.remove(&event.block);
                 finished_any = true;
                 let status = match &f.result {
                     Some(result) => cli::exit_status(result),
@@ -442,6 +448,15 @@ async fn follow(
             Some(Event::Skipped(s)) if s.no_node => skipped_no_node = true,
             _ => {}
         }
+    }
+    if let Some(block) = open_blocks.first() {
+        return Err(Failure::new(
+            EXIT_INFRASTRUCTURE,
+            format!(
+                "the coordinator ended the stream before block {} finished",
+                block + 1
+            ),
+        ));
     }
     match exit {
         Some(status) if status != 0 => Ok(status),

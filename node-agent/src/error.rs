@@ -28,7 +28,7 @@ pub enum ExecError {
         "this agent is busy: {capacity} runs in progress and {queue} queued, the most it takes; retry later or on another node"
     )]
     Busy { capacity: usize, queue: usize },
-    #[error("the agent is shutting down")]
+    #[error("the agent is shutting down; running work was stopped")]
     ShuttingDown,
 }
 

@@ -17,6 +17,11 @@ use crate::{load::LoadSampler, service::NodeAgentService};
 
 /// Heartbeat interval used until the coordinator names its own.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(500);
+/// A coordinator that does not accept the connection within this is retried later.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// HTTP/2 pings, so a coordinator that vanished without closing the stream is noticed.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Reconnect backoff bounds.
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
@@ -93,7 +98,14 @@ impl Registration {
     /// One stream: register, then heartbeat until it breaks. `Ok(true)` when it was registered
     /// before it ended (so the next attempt starts with a short delay), `Ok(false)` at shutdown.
     async fn attach(&mut self, shutdown: &CancellationToken) -> Result<bool, StreamError> {
-        let mut client = AgentRegistryClient::connect(self.coordinator.clone()).await?;
+        let channel = tonic::transport::Endpoint::from_shared(self.coordinator.clone())?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .connect()
+            .await?;
+        let mut client = AgentRegistryClient::new(channel);
         let (outbound, queue) = mpsc::channel(8);
         let mut runtimes = self.service.runtimes();
         runtimes.mark_unchanged();

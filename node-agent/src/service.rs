@@ -3,7 +3,8 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use kowalski_exo_common::proto::{
-    self, DescribeRequest, ExecEvent, NodeDescription, exec_event, node_agent_server::NodeAgent,
+    self, DescribeRequest, ExecEvent, ExecStatus, NodeDescription, exec_event,
+    node_agent_server::NodeAgent,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -101,10 +102,16 @@ impl NodeAgent for NodeAgentService {
             };
             let finished = executor.run(prepared, &events, cancel.clone()).await;
             drop(slot);
+            // A run cut short by the agent's shutdown is an infrastructure failure, not a result:
+            // say so, so that a coordinator runs it elsewhere.
+            let finished = if cancel.is_cancelled() && finished.status() == ExecStatus::Cancelled {
+                Err(ExecError::ShuttingDown.into())
+            } else {
+                Ok(ExecEvent {
+                    event: Some(exec_event::Event::Finished(finished)),
+                })
+            };
             // A caller that stopped reading must not hold a run slot, nor this task for long.
-            let finished = Ok(ExecEvent {
-                event: Some(exec_event::Event::Finished(finished)),
-            });
             tokio::select! {
                 biased;
                 _ = events.send(finished) => {}

@@ -473,8 +473,9 @@ async fn shutdown_kills_running_work_and_removes_directories() {
         .unwrap();
     assert!(!process_alive(pid));
     assert!(!t.work_root.exists(), "work root left behind");
-    let record = rest.await.unwrap().unwrap();
-    assert_eq!(record.status(), ExecStatus::Cancelled);
+    let err = rest.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert!(err.message().contains("shutting down"), "{}", err.message());
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@ use std::{process::Command, time::Duration};
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 
 use kowalski_exo_common::proto::{
-    ExecEvent, ExecStatus, ExecuteRequest, exec_event::Event, node_agent_client::NodeAgentClient,
+    ExecStatus, ExecuteRequest, exec_event::Event, node_agent_client::NodeAgentClient,
 };
 use kowalski_exo_tests::{CEILING, Daemon, binary, describe, eventually, free_port, process_alive};
 use nix::sys::signal::Signal;
@@ -102,16 +102,15 @@ async fn sigterm_kills_running_work_and_removes_work_directories() {
         "no work dir while running"
     );
     agent.signal(Signal::SIGTERM);
-    let finished = loop {
+    let ended = loop {
         match stream.message().await {
-            Ok(Some(ExecEvent {
-                event: Some(Event::Finished(f)),
-            })) => break Some(f),
             Ok(Some(_)) => continue,
-            _ => break None,
+            Ok(None) => break None,
+            Err(status) => break Some(status),
         }
     };
-    assert_eq!(finished.map(|f| f.status()), Some(ExecStatus::Cancelled));
+    let status = ended.expect("the stream ended without saying why");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert!(agent.wait_exit().success(), "{:?}", agent.log());
     assert!(!process_alive(pid), "the run outlived the agent");
     assert!(!work.exists(), "work directories left behind");

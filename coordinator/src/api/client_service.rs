@@ -6,10 +6,10 @@ use std::{collections::BTreeMap, pin::Pin, time::Duration};
 use kowalski_exo_common::{
     Language,
     proto::{
-        BlockSkipped, ClusterEvent, ClusterExecuteRequest, DrainRequest, DrainResponse, ExecStatus,
-        ExecuteRequest, ListNodesRequest, ListNodesResponse, PlacementConstraints, PlanRequest,
-        PlanResponse, PlannedBlock, RunBlocksRequest, cluster_event::Event,
-        coordinator_server::Coordinator,
+        BlockSkipped, ClusterEvent, ClusterExecuteRequest, ClusterFinished, DrainRequest,
+        DrainResponse, ExecStatus, ExecuteRequest, ListNodesRequest, ListNodesResponse,
+        PlacementConstraints, PlanRequest, PlanResponse, PlannedBlock, RunBlocksRequest,
+        cluster_event::Event, coordinator_server::Coordinator,
     },
 };
 use tokio::{sync::mpsc, time::Instant};
@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status, metadata::MetadataMap};
 
 use crate::{
     codeblocks::{self, CodeBlock},
-    registry::NodeRegistry,
+    registry::{NodeLookupError, NodeRegistry},
     scheduling::{
         dispatch::{Dispatcher, Outcome, RunSpec},
         placement::{Requirements, place},
@@ -159,7 +159,9 @@ impl Coordinator for ClientService {
         let (events, stream) = mpsc::channel(EVENT_BUFFER);
         let dispatcher = self.dispatcher.clone();
         tokio::spawn(async move {
-            dispatcher.run(&spec, &events).await;
+            if let Outcome::Rejected(status) = dispatcher.run(&spec, &events).await {
+                let _ = events.send(Err(status)).await;
+            }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(stream))))
     }
@@ -205,7 +207,21 @@ impl Coordinator for ClientService {
                 let succeeded = match dispatcher.run(&spec, &events).await {
                     Outcome::Finished(result) => result.status() == ExecStatus::Ok,
                     Outcome::Cancelled => return,
-                    Outcome::Failed(_) | Outcome::Rejected(_) => false,
+                    Outcome::Failed(_) => false,
+                    Outcome::Rejected(status) => {
+                        // Reported as this block's end, so the document can go on.
+                        let finished = ClusterEvent {
+                            block: block.index as u32,
+                            event: Some(Event::Finished(ClusterFinished {
+                                error: format!("rejected: {}", status.message()),
+                                ..Default::default()
+                            })),
+                        };
+                        if events.send(Ok(finished)).await.is_err() {
+                            return;
+                        }
+                        false
+                    }
                 };
                 if !succeeded && !request.keep_going {
                     return;
@@ -281,7 +297,10 @@ impl ClientService {
         let node = self
             .registry()
             .set_draining(&request.node, draining, Instant::now())
-            .map_err(|e| Status::not_found(e.to_string()))?;
+            .map_err(|e| match e {
+                NodeLookupError::Unknown(_) => Status::not_found(e.to_string()),
+                NodeLookupError::Ambiguous(_) => Status::invalid_argument(e.to_string()),
+            })?;
         Ok(Response::new(DrainResponse { node: Some(node) }))
     }
 }

@@ -52,10 +52,14 @@ struct Inner {
     generation: u64,
 }
 
-/// A node the operator named that does not exist.
+/// A node the operator named that cannot be told apart.
 #[derive(Debug, thiserror::Error)]
-#[error("no node is called '{0}'")]
-pub struct UnknownNode(pub String);
+pub enum NodeLookupError {
+    #[error("no node is called '{0}'")]
+    Unknown(String),
+    #[error("'{0}' names several live nodes; use an id from `coordinator nodes`")]
+    Ambiguous(String),
+}
 
 impl Default for NodeRegistry {
     fn default() -> Self {
@@ -91,40 +95,53 @@ impl NodeRegistry {
         self.changes.send_replace(inner.generation);
     }
 
-    /// Records a registration and returns (node id, stream number). A node presenting an id
-    /// keeps it unless another live node holds it (ids survive reconnects and coordinator
-    /// restarts); otherwise it gets a fresh one.
+    /// Records a registration and returns (node id, stream number). A node keeps its id:
+    /// the one it presents (after a reconnect or a coordinator restart) unless a live node of
+    /// another name holds it, else the id of a gone node of the same name (the device came
+    /// back after a restart); otherwise it gets a fresh one. State (drain, in-flight runs)
+    /// carries over only to the same name.
     pub fn register(&self, registration: proto::Register, now: Instant) -> (String, u64) {
         let mut inner = self.lock();
-        let wanted = registration.node_id.clone();
-        let taken = inner
-            .nodes
-            .get(&wanted)
-            .is_some_and(|n| n.observation.stream_open && n.registration.name != registration.name);
-        let id = if !wanted.is_empty() && !taken {
-            wanted
-        } else {
-            loop {
+        let name = registration.name.clone();
+        let live_elsewhere = |n: &Node| n.observation.stream_open && n.registration.name != name;
+        let presented = Some(registration.node_id.clone())
+            .filter(|id| !id.is_empty())
+            .filter(|id| !inner.nodes.get(id).is_some_and(live_elsewhere));
+        let same_name_gone = || {
+            inner
+                .nodes
+                .values()
+                .filter(|n| n.registration.name == name && !n.observation.stream_open)
+                .map(|n| n.id.clone())
+                .min()
+        };
+        let id = match presented.or_else(same_name_gone) {
+            Some(id) => id,
+            None => loop {
                 inner.next_id += 1;
-                let id = format!("node-{}", inner.next_id);
+                let id = fresh_id(&name, inner.next_id);
                 if !inner.nodes.contains_key(&id) {
                     break id;
                 }
-            }
+            },
         };
         inner.next_stream += 1;
         let stream = inner.next_stream;
-        let previous = inner.nodes.remove(&id);
+        let previous = inner
+            .nodes
+            .remove(&id)
+            .filter(|p| p.registration.name == name);
+        let observation = Observation {
+            last_seen: now,
+            stream_open: true,
+            draining: previous.as_ref().is_some_and(|p| p.observation.draining),
+        };
         let node = Node {
             id: id.clone(),
             registration,
             load: proto::NodeLoad::default(),
-            observation: Observation {
-                last_seen: now,
-                stream_open: true,
-                draining: previous.as_ref().is_some_and(|p| p.observation.draining),
-            },
-            state: NodeState::Ready,
+            observation,
+            state: assess(&observation, now, &self.config),
             in_flight: previous.map_or(0, |p| p.in_flight),
             stream,
         };
@@ -181,19 +198,35 @@ impl NodeRegistry {
         }
     }
 
-    /// Drains (or undrains) a node given by name or id.
+    /// Drains (or undrains) a node given by id, or by name when one live node (or else one
+    /// node) has it.
     pub fn set_draining(
         &self,
         node: &str,
         draining: bool,
         now: Instant,
-    ) -> Result<NodeInfo, UnknownNode> {
+    ) -> Result<NodeInfo, NodeLookupError> {
         let mut inner = self.lock();
-        let found = inner
-            .nodes
-            .values_mut()
-            .find(|n| n.id == node || n.registration.name == node)
-            .ok_or_else(|| UnknownNode(node.to_string()))?;
+        let id = if inner.nodes.contains_key(node) {
+            node.to_string()
+        } else {
+            let named: Vec<&Node> = inner
+                .nodes
+                .values()
+                .filter(|n| n.registration.name == node)
+                .collect();
+            let live: Vec<&Node> = named
+                .iter()
+                .copied()
+                .filter(|n| n.observation.stream_open)
+                .collect();
+            match (live.as_slice(), named.as_slice()) {
+                ([one], _) | ([], [one]) => one.id.clone(),
+                ([], []) => return Err(NodeLookupError::Unknown(node.to_string())),
+                _ => return Err(NodeLookupError::Ambiguous(node.to_string())),
+            }
+        };
+        let found = inner.nodes.get_mut(&id).expect("id found above");
         found.observation.draining = draining;
         found.state = assess(&found.observation, now, &self.config);
         let info = info(found, now);
@@ -235,6 +268,14 @@ impl NodeRegistry {
             .nodes
             .get(id)
             .map(|n| n.registration.address.clone())
+    }
+
+    /// When silence will have lasted past the deadline, if the node stays quiet.
+    pub fn silence_deadline(&self, id: &str) -> Option<Instant> {
+        self.lock()
+            .nodes
+            .get(id)
+            .map(|n| n.observation.last_seen + self.config.down_after)
     }
 
     /// True when work running on the node must be moved: it has been silent past the deadline.
@@ -299,6 +340,20 @@ impl Drop for InFlight {
     }
 }
 
+/// A node id unlikely to be reused by another coordinator or after a restart.
+fn fresh_id(name: &str, serial: u64) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write(name.as_bytes());
+    hasher.write_u64(serial);
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    format!("node-{:08x}", hasher.finish() as u32)
+}
+
 fn healthy_languages(registration: &proto::Register) -> Vec<String> {
     registration
         .runtimes
@@ -361,6 +416,34 @@ mod tests {
         let (b, _) = registry.register(register("b", "node-7"), Instant::now());
         assert_ne!(b, "node-7");
         assert_eq!(registry.list(Instant::now()).len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restarted_agent_gets_its_old_entry_back_by_name() {
+        let registry = NodeRegistry::default();
+        let (id, stream) = registry.register(register("laptop", ""), Instant::now());
+        registry
+            .set_draining("laptop", true, Instant::now())
+            .unwrap();
+        registry.stream_closed(&id, stream, Instant::now());
+        // A restarted agent has forgotten its id.
+        let (again, _) = registry.register(register("laptop", ""), Instant::now());
+        assert_eq!(again, id);
+        let nodes = registry.list(Instant::now());
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].state, "draining");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_name_shared_by_two_live_nodes_cannot_be_drained_by_name() {
+        let registry = NodeRegistry::default();
+        let (first, _) = registry.register(register("twin", ""), Instant::now());
+        registry.register(register("twin", ""), Instant::now());
+        let err = registry
+            .set_draining("twin", true, Instant::now())
+            .unwrap_err();
+        assert!(err.to_string().contains("several live nodes"), "{err}");
+        assert!(registry.set_draining(&first, true, Instant::now()).is_ok());
     }
 
     #[tokio::test(start_paused = true)]

@@ -16,7 +16,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use kowalski_exo_common::{
     Language,
     proto::{
-        self, ClusterEvent, ClusterFinished, ExecuteRequest, Placed, Queued, Retrying,
+        self, ClusterEvent, ClusterFinished, ExecStatus, ExecuteRequest, Placed, Queued, Retrying,
         cluster_event::Event, exec_event, node_agent_client::NodeAgentClient,
     },
 };
@@ -35,6 +35,9 @@ const RETRY_MAX_DELAY: Duration = Duration::from_secs(1);
 const NONE_READY_WAIT: Duration = Duration::from_secs(10);
 /// Connecting to an agent that does not answer within this is a failed attempt.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// HTTP/2 pings on agent connections, so a half-open one is noticed.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where a run's events go.
 pub type ClusterSender = mpsc::Sender<Result<ClusterEvent, Status>>;
@@ -75,10 +78,13 @@ pub enum Outcome {
     Cancelled,
 }
 
-/// Why one attempt ended without a result.
+/// How one attempt ended.
 enum AttemptEnd {
     Finished(proto::ExecFinished),
+    /// The node failed; it is not tried again for this run.
     Lost(String),
+    /// The node had no room; another is preferred.
+    Busy(String),
     Rejected(Status),
     Cancelled,
 }
@@ -99,6 +105,9 @@ impl AgentChannels {
             .map_err(|e| format!("node address '{address}' is not a URL: {e}"))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .connect_lazy();
         channels.insert(address.to_string(), channel.clone());
         Ok(NodeAgentClient::new(channel))
@@ -135,8 +144,8 @@ impl Dispatcher {
         }
     }
 
-    /// Runs `spec` to its end, streaming events; the last is `finished` (or an error status
-    /// when a node rejected the request itself).
+    /// Runs `spec` to its end, streaming events; the last is `finished`, except when a node
+    /// rejected the request itself (`Outcome::Rejected`), which the caller reports.
     pub async fn run(&self, spec: &RunSpec, events: &ClusterSender) -> Outcome {
         let mut last_placed = None;
         let outcome = self.run_attempts(spec, events, &mut last_placed).await;
@@ -151,16 +160,11 @@ impl Dispatcher {
             error,
         };
         let last = match &outcome {
-            Outcome::Finished(result) => Ok(finished(Some(result.clone()), String::new())),
-            Outcome::Failed(error) => Ok(finished(None, error.clone())),
-            Outcome::Rejected(status) => Err(status.clone()),
-            Outcome::Cancelled => return outcome,
+            Outcome::Finished(result) => finished(Some(result.clone()), String::new()),
+            Outcome::Failed(error) => finished(None, error.clone()),
+            Outcome::Rejected(_) | Outcome::Cancelled => return outcome,
         };
-        let event = last.map(|f| ClusterEvent {
-            block: spec.block,
-            event: Some(Event::Finished(f)),
-        });
-        let _ = events.send(event).await;
+        let _ = send(events, spec.block, Event::Finished(last)).await;
         outcome
     }
 
@@ -186,10 +190,13 @@ impl Dispatcher {
             .with_jitter()
             .without_max_times()
             .build();
-        let mut tried: Vec<String> = Vec::new();
+        // Nodes that failed this run are not tried again; nodes that were only full are
+        // avoided while another fits.
+        let mut failed: Vec<String> = Vec::new();
+        let mut busy: Vec<String> = Vec::new();
         let mut losses: Vec<String> = Vec::new();
         for attempt in 1..=max_attempts {
-            let node = match self.wait_for_node(spec, &tried, events).await {
+            let node = match self.wait_for_node(spec, &failed, &busy, events).await {
                 Ok(node) => node,
                 Err(None) => return Outcome::Cancelled,
                 Err(Some(reason)) => {
@@ -214,11 +221,17 @@ impl Dispatcher {
                 AttemptEnd::Finished(finished) => return Outcome::Finished(finished),
                 AttemptEnd::Rejected(status) => return Outcome::Rejected(status),
                 AttemptEnd::Cancelled => return Outcome::Cancelled,
-                AttemptEnd::Lost(reason) => reason,
+                AttemptEnd::Busy(reason) => {
+                    busy.push(node.0.clone());
+                    reason
+                }
+                AttemptEnd::Lost(reason) => {
+                    failed.push(node.0.clone());
+                    reason
+                }
             };
             tracing::warn!(node = %node.1, attempt, %reason, "attempt lost");
             losses.push(format!("attempt {attempt} on {}: {reason}", node.1));
-            tried.push(node.0.clone());
             if attempt == max_attempts {
                 break;
             }
@@ -250,23 +263,33 @@ impl Dispatcher {
     async fn wait_for_node(
         &self,
         spec: &RunSpec,
-        tried: &[String],
+        failed: &[String],
+        busy: &[String],
         events: &ClusterSender,
     ) -> Result<(String, String), Option<String>> {
         let mut changes = self.registry.subscribe();
-        let started = Instant::now();
+        let avoid: Vec<String> = failed.iter().chain(busy).cloned().collect();
+        let mut none_ready_since: Option<Instant> = None;
         loop {
             changes.borrow_and_update();
             let candidates = self.registry.candidates(Instant::now());
-            match place(&candidates, &spec.requirements(tried)) {
+            let choice = match place(&candidates, &spec.requirements(&avoid)) {
+                // Only full nodes remain: one of them, once it has room, beats failing.
+                Err(Unplaceable::Exhausted { .. }) if !busy.is_empty() => {
+                    place(&candidates, &spec.requirements(failed))
+                }
+                other => other,
+            };
+            match choice {
                 Ok(node) => return Ok((node.id.clone(), node.name.clone())),
-                Err(reason @ Unplaceable::NoneReady { .. })
-                    if started.elapsed() >= NONE_READY_WAIT =>
-                {
-                    return Err(Some(reason.to_string()));
+                Err(reason @ Unplaceable::NoneReady { .. }) => {
+                    let since = *none_ready_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= NONE_READY_WAIT {
+                        return Err(Some(reason.to_string()));
+                    }
                 }
                 Err(reason) if !reason.is_transient() => return Err(Some(reason.to_string())),
-                Err(_) => {}
+                Err(_) => none_ready_since = None,
             }
             tokio::select! {
                 _ = changes.changed() => {}
@@ -301,7 +324,7 @@ impl Dispatcher {
         let mut stream = tokio::select! {
             response = call => match response {
                 Ok(response) => response.into_inner(),
-                Err(status) => return classify(status),
+                Err(status) => return classify(status, events),
             },
             _ = silent(&self.registry, node_id, &mut changes) => {
                 return AttemptEnd::Lost(silence_reason(&self.registry));
@@ -331,19 +354,28 @@ impl Dispatcher {
                             return AttemptEnd::Cancelled;
                         }
                     }
+                    exec_event::Event::Finished(finished)
+                        if finished.status() == ExecStatus::Cancelled && !events.is_closed() =>
+                    {
+                        return AttemptEnd::Lost(format!(
+                            "the node stopped the run: {}",
+                            finished.message
+                        ));
+                    }
                     exec_event::Event::Finished(finished) => return AttemptEnd::Finished(finished),
                 },
                 Ok(Some(_)) => {}
                 Ok(None) => {
                     return AttemptEnd::Lost("the node ended the run without a result".into());
                 }
-                Err(status) => return classify(status),
+                Err(status) => return classify(status, events),
             }
         }
     }
 }
 
-/// Completes when the node has been silent past the deadline.
+/// Completes when the node has been silent past the deadline. Wakes on registry changes and
+/// at the deadline itself, which passes without any change when the node's stream is gone.
 async fn silent(
     registry: &NodeRegistry,
     node_id: &str,
@@ -353,8 +385,16 @@ async fn silent(
         if registry.in_flight_lost(node_id, Instant::now()) {
             return;
         }
-        if changes.changed().await.is_err() {
-            std::future::pending::<()>().await;
+        let Some(deadline) = registry.silence_deadline(node_id) else {
+            return;
+        };
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    tokio::time::sleep_until(deadline).await;
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {}
         }
     }
 }
@@ -363,16 +403,15 @@ fn silence_reason(registry: &NodeRegistry) -> String {
     format!("the node was silent for {:?}", registry.config().down_after)
 }
 
-/// Infrastructure failures are retried elsewhere; a bad request is not.
-fn classify(status: Status) -> AttemptEnd {
+/// Infrastructure failures are retried elsewhere; a bad request is not. A cancellation is the
+/// caller's only when the caller is in fact gone.
+fn classify(status: Status, events: &ClusterSender) -> AttemptEnd {
+    let reason = format!("{}: {}", code_name(status.code()), status.message());
     match status.code() {
         Code::InvalidArgument => AttemptEnd::Rejected(status),
-        Code::Cancelled => AttemptEnd::Cancelled,
-        _ => AttemptEnd::Lost(format!(
-            "{}: {}",
-            code_name(status.code()),
-            status.message()
-        )),
+        Code::Cancelled if events.is_closed() => AttemptEnd::Cancelled,
+        Code::ResourceExhausted => AttemptEnd::Busy(reason),
+        _ => AttemptEnd::Lost(reason),
     }
 }
 
