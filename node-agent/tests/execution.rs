@@ -37,6 +37,22 @@ const HELLO: &[(Language, &str)] = &[
     ),
 ];
 
+/// Runs code that prints the pid of a child it left behind, and checks that the child is gone
+/// once the run has ended.
+async fn assert_detached_child_dies_with_the_run(
+    t: &mut TestAgent,
+    language: &str,
+    code: &str,
+    what: &str,
+) {
+    let run = execute(&mut t.client, request(language, code))
+        .await
+        .unwrap();
+    assert_eq!(run.status(), ExecStatus::Ok, "{}", run.stderr());
+    let child = run.printed_pid();
+    eventually(what, || async move { !process_alive(child) }).await;
+}
+
 #[tokio::test]
 async fn hello_world_runs_in_every_runtime_present() {
     let mut t = start_agent(|_| {}).await;
@@ -140,14 +156,12 @@ async fn loop_ignoring_sigterm_is_still_killed() {
 #[tokio::test]
 async fn background_child_does_not_outlive_the_run() {
     let mut t = start_agent(|_| {}).await;
-    let run = execute(&mut t.client, request("bash", "sleep 1000 &\necho $!"))
-        .await
-        .unwrap();
-    assert_eq!(run.status(), ExecStatus::Ok);
-    let child = run.printed_pid();
-    eventually("background sleep killed", || async move {
-        !process_alive(child)
-    })
+    assert_detached_child_dies_with_the_run(
+        &mut t,
+        "bash",
+        "sleep 1000 &\necho $!",
+        "background sleep killed",
+    )
     .await;
 }
 
@@ -175,16 +189,7 @@ if os.fork() == 0:
 os.close(w)
 print(os.read(r, 32).decode(), flush=True)
 "#;
-    let run = execute(&mut t.client, request("python", code))
-        .await
-        .unwrap();
-    assert_eq!(run.status(), ExecStatus::Ok, "{}", run.stderr());
-    let daemon = run.printed_pid();
-    eventually(
-        "setsid daemon killed",
-        || async move { !process_alive(daemon) },
-    )
-    .await;
+    assert_detached_child_dies_with_the_run(&mut t, "python", code, "setsid daemon killed").await;
 }
 
 #[tokio::test]
@@ -504,13 +509,11 @@ if os.fork() == 0:
 os.close(w)
 print(os.read(r, 32).decode(), flush=True)
 "#;
-    let run = execute(&mut t.client, request("python", code))
-        .await
-        .unwrap();
-    assert_eq!(run.status(), ExecStatus::Ok, "{}", run.stderr());
-    let escaped = run.printed_pid();
-    eventually("child in a nested cgroup killed", || async move {
-        !process_alive(escaped)
-    })
+    assert_detached_child_dies_with_the_run(
+        &mut t,
+        "python",
+        code,
+        "child in a nested cgroup killed",
+    )
     .await;
 }

@@ -14,10 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kowalski_exo_common::proto::{
-    ClusterEvent, ClusterExecuteRequest, ExecStatus, ExecuteRequest, cluster_event::Event,
-};
-use kowalski_exo_tests::Cluster;
+use kowalski_exo_common::proto::{ClusterEvent, ExecStatus, cluster_event::Event};
+use kowalski_exo_tests::{Cluster, python_request};
 use nix::sys::signal::Signal;
 use tokio::sync::Semaphore;
 use tonic::Streaming;
@@ -29,17 +27,6 @@ fn arg(name: &str, default: usize) -> usize {
         .and_then(|i| args.get(i + 1))
         .and_then(|n| n.parse().ok())
         .unwrap_or(default)
-}
-
-fn python(code: &str) -> ClusterExecuteRequest {
-    ClusterExecuteRequest {
-        execution: Some(ExecuteRequest {
-            language: "python".into(),
-            code: code.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -131,7 +118,11 @@ async fn main() {
         let cluster = Cluster::start(3, 2, &[]).await;
         let mut client = cluster.client().await;
         // The task's own length, from its first output to its end, on a healthy node.
-        let mut stream = client.execute(python(task)).await.unwrap().into_inner();
+        let mut stream = client
+            .execute(python_request(task))
+            .await
+            .unwrap()
+            .into_inner();
         let mut first_output = None;
         let own_length = loop {
             match next_event(&mut stream).await {
@@ -140,7 +131,11 @@ async fn main() {
                 _ => {}
             }
         };
-        let mut stream = client.execute(python(task)).await.unwrap().into_inner();
+        let mut stream = client
+            .execute(python_request(task))
+            .await
+            .unwrap()
+            .into_inner();
         let mut node = String::new();
         let killed_at = loop {
             match next_event(&mut stream).await {
@@ -191,7 +186,7 @@ async fn main() {
         let mut client = shared.clone();
         handles.push(tokio::spawn(async move {
             let mut stream = client
-                .execute(python("print(1)"))
+                .execute(python_request("print(1)"))
                 .await
                 .unwrap()
                 .into_inner();

@@ -15,8 +15,8 @@ use std::{
 };
 
 use kowalski_exo_common::proto::{
-    DescribeRequest, ListNodesRequest, NodeDescription, NodeInfo,
-    coordinator_client::CoordinatorClient, node_agent_client::NodeAgentClient,
+    ClusterExecuteRequest, DescribeRequest, ExecuteRequest, ListNodesRequest, NodeDescription,
+    NodeInfo, coordinator_client::CoordinatorClient, node_agent_client::NodeAgentClient,
 };
 use nix::{sys::signal::Signal, unistd::Pid};
 use tonic::transport::Channel;
@@ -143,6 +143,18 @@ pub async fn describe(url: &str) -> NodeDescription {
         .await
         .expect("Describe failed")
         .into_inner()
+}
+
+/// A `Coordinator.Execute` request for Python code.
+pub fn python_request(code: &str) -> ClusterExecuteRequest {
+    ClusterExecuteRequest {
+        execution: Some(ExecuteRequest {
+            language: "python".into(),
+            code: code.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 /// A coordinator and agents, each a real process on loopback.

@@ -4,23 +4,11 @@
 use std::{collections::HashSet, process::Command};
 
 use kowalski_exo_common::proto::{
-    ClusterEvent, ClusterExecuteRequest, DrainRequest, ExecStatus, ExecuteRequest,
-    RunBlocksRequest, cluster_event::Event,
+    ClusterEvent, DrainRequest, ExecStatus, RunBlocksRequest, cluster_event::Event,
 };
-use kowalski_exo_tests::{CEILING, Cluster, binary, eventually, process_alive};
+use kowalski_exo_tests::{CEILING, Cluster, binary, eventually, process_alive, python_request};
 use nix::sys::signal::Signal;
 use tonic::Streaming;
-
-fn python(code: &str) -> ClusterExecuteRequest {
-    ClusterExecuteRequest {
-        execution: Some(ExecuteRequest {
-            language: "python".into(),
-            code: code.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
 
 /// Reads events until one matches, returning everything read.
 async fn read_until(
@@ -78,7 +66,7 @@ async fn load_spreads_over_the_agents() {
     for _ in 0..6 {
         let mut client = cluster.client().await;
         let stream = client
-            .execute(python("import time\ntime.sleep(1.5)\nprint('ok')"))
+            .execute(python_request("import time\ntime.sleep(1.5)\nprint('ok')"))
             .await
             .unwrap()
             .into_inner();
@@ -104,7 +92,11 @@ async fn a_killed_agents_task_finishes_on_another_with_the_first_attempt_marked(
     let cluster = Cluster::start(3, 2, &[]).await;
     let mut client = cluster.client().await;
     let code = "import time\nprint('started', flush=True)\ntime.sleep(3)\nprint('done')";
-    let mut stream = client.execute(python(code)).await.unwrap().into_inner();
+    let mut stream = client
+        .execute(python_request(code))
+        .await
+        .unwrap()
+        .into_inner();
     let mut events = Vec::new();
     read_until(&mut stream, &mut events, |e| matches!(e, Event::Output(_))).await;
     let (first_node, _) = placements(&events)[0].clone();
@@ -150,7 +142,11 @@ async fn a_stopped_agent_turns_suspect_then_down_with_its_work_moved_and_returns
             .unwrap();
     }
     let code = "import time\nprint('started', flush=True)\ntime.sleep(2)\nprint('done')";
-    let mut stream = client.execute(python(code)).await.unwrap().into_inner();
+    let mut stream = client
+        .execute(python_request(code))
+        .await
+        .unwrap()
+        .into_inner();
     let mut events = Vec::new();
     read_until(&mut stream, &mut events, |e| matches!(e, Event::Output(_))).await;
     assert_eq!(placements(&events)[0].0, "agent-0");
@@ -166,7 +162,7 @@ async fn a_stopped_agent_turns_suspect_then_down_with_its_work_moved_and_returns
     cluster.wait_for_state("agent-0", "suspect").await;
     for _ in 0..4 {
         let mut quick = client
-            .execute(python("print(1)"))
+            .execute(python_request("print(1)"))
             .await
             .unwrap()
             .into_inner();
@@ -217,7 +213,7 @@ async fn every_agent_comes_back_after_a_coordinator_restart() {
     assert_eq!(before, after, "node ids changed across the restart");
     let mut client = cluster.client().await;
     let mut stream = client
-        .execute(python("print('back')"))
+        .execute(python_request("print('back')"))
         .await
         .unwrap()
         .into_inner();
@@ -257,7 +253,7 @@ fn real_executable(tool: &str) -> std::path::PathBuf {
 async fn a_language_no_node_has_is_refused_naming_it_and_what_nodes_offer() {
     let (cluster, _bin) = python_and_bash_cluster().await;
     let mut client = cluster.client().await;
-    let mut request = python("print 1");
+    let mut request = python_request("print 1");
     request.execution.as_mut().unwrap().language = "perl".into();
     let err = client.execute(request).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
@@ -368,7 +364,11 @@ async fn a_client_that_goes_away_ends_the_run_on_the_agent() {
     let (cluster, _bin) = python_and_bash_cluster().await;
     let mut client = cluster.client().await;
     let code = "import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(1000)";
-    let mut stream = client.execute(python(code)).await.unwrap().into_inner();
+    let mut stream = client
+        .execute(python_request(code))
+        .await
+        .unwrap()
+        .into_inner();
     let pid = printed_pid(&mut stream).await;
     assert!(process_alive(pid));
     drop(stream);
@@ -380,7 +380,7 @@ async fn the_clients_deadline_reaches_the_agent() {
     let (cluster, _bin) = python_and_bash_cluster().await;
     let mut client = cluster.client().await;
     let code = "import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(1000)";
-    let mut request = tonic::Request::new(python(code));
+    let mut request = tonic::Request::new(python_request(code));
     request.set_timeout(std::time::Duration::from_secs(2));
     let mut stream = client.execute(request).await.unwrap().into_inner();
     let pid = printed_pid(&mut stream).await;
@@ -401,7 +401,11 @@ async fn an_agent_shut_down_mid_run_has_its_run_finished_elsewhere() {
     let cluster = Cluster::start(2, 2, &[]).await;
     let mut client = cluster.client().await;
     let code = "import time\nprint('started', flush=True)\ntime.sleep(2)\nprint('done')";
-    let mut stream = client.execute(python(code)).await.unwrap().into_inner();
+    let mut stream = client
+        .execute(python_request(code))
+        .await
+        .unwrap()
+        .into_inner();
     let mut events = Vec::new();
     read_until(&mut stream, &mut events, |e| matches!(e, Event::Output(_))).await;
     let (first, _) = placements(&events)[0].clone();
