@@ -1,7 +1,13 @@
 //! One node agent, assembled: sandbox, fingerprint, executor, admission and the gRPC server,
 //! with a clean shutdown that kills running work and removes its directories.
 
-use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use kowalski_exo_common::{
     defaults,
@@ -63,7 +69,7 @@ impl Default for AgentConfig {
             dirs: ExecDirs {
                 work_root: std::env::temp_dir()
                     .join("kowalski-exo")
-                    .join(format!("agent-{}", std::process::id())),
+                    .join(format!("{WORK_ROOT_PREFIX}{}", std::process::id())),
                 cache_dir: default_cache_dir(),
             },
             fingerprint_interval: DEFAULT_FINGERPRINT_INTERVAL,
@@ -128,9 +134,44 @@ impl RunningAgent {
     }
 }
 
+/// Prefix of an agent's own work root under the shared default parent; its pid follows.
+const WORK_ROOT_PREFIX: &str = "agent-";
+
+/// Removes the default work roots of agents that died without cleaning up (`agent-PID` beside
+/// this agent's, where PID no longer runs). Explicit `--work-dir`s may be shared, so they are
+/// left alone.
+fn remove_dead_agents_work_roots(work_root: &Path) {
+    let (Some(parent), Some(own)) = (work_root.parent(), work_root.file_name()) else {
+        return;
+    };
+    if !own.to_string_lossy().starts_with(WORK_ROOT_PREFIX) {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(WORK_ROOT_PREFIX)
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+            == Err(nix::errno::Errno::ESRCH);
+        if gone && std::fs::remove_dir_all(entry.path()).is_ok() {
+            tracing::warn!(dir = %entry.path().display(), "removed work left by an agent that is gone");
+        }
+    }
+}
+
 /// Starts an agent: probes runtimes, binds, serves, and registers in the background.
 pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     let shutdown = CancellationToken::new();
+    if config.dirs.work_root == AgentConfig::default().dirs.work_root {
+        remove_dead_agents_work_roots(&config.dirs.work_root);
+    }
     let sandbox = Sandbox::detect(config.use_cgroups, config.capacity.max(1));
     let runtimes = fingerprint::spawn_refresh(
         config.search_path.clone(),
@@ -214,4 +255,25 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         shutdown,
         task,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_roots_of_dead_agents_are_removed_and_live_ones_kept() {
+        let parent = tempfile::tempdir().unwrap();
+        let own = parent.path().join(format!("agent-{}", std::process::id()));
+        // pid_max is at most 2^22 on Linux: this pid cannot exist.
+        let dead = parent.path().join("agent-99999999");
+        let unrelated = parent.path().join("keep-me");
+        for dir in [&own, &dead, &unrelated] {
+            std::fs::create_dir_all(dir.join("run-1")).unwrap();
+        }
+        remove_dead_agents_work_roots(&own);
+        assert!(own.exists());
+        assert!(!dead.exists());
+        assert!(unrelated.exists());
+    }
 }

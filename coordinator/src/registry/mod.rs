@@ -18,6 +18,8 @@ use liveness::{Observation, assess, in_flight_lost};
 
 use crate::scheduling::placement::Candidate;
 
+/// A node whose stream has been closed this long, with nothing in flight, is forgotten.
+const FORGET_AFTER: Duration = Duration::from_secs(3600);
 /// How often states are re-assessed for silence.
 const ASSESS_PERIOD: Duration = Duration::from_millis(100);
 
@@ -181,10 +183,21 @@ impl NodeRegistry {
         }
     }
 
-    /// Re-assesses every node against the clock; publishes when a state changed.
+    /// Re-assesses every node against the clock, and forgets nodes down for an hour with
+    /// nothing in flight; publishes when anything changed.
     pub fn reassess(&self, now: Instant) {
         let mut inner = self.lock();
-        let mut changed = false;
+        let before = inner.nodes.len();
+        inner.nodes.retain(|_, n| {
+            let gone = n.in_flight == 0
+                && !n.observation.stream_open
+                && now.saturating_duration_since(n.observation.last_seen) >= FORGET_AFTER;
+            if gone {
+                tracing::info!(node_id = %n.id, name = %n.registration.name, "forgetting a node gone for {FORGET_AFTER:?}");
+            }
+            !gone
+        });
+        let mut changed = inner.nodes.len() != before;
         for node in inner.nodes.values_mut() {
             let fresh = assess(&node.observation, now, &self.config);
             if fresh != node.state {
@@ -463,6 +476,28 @@ mod tests {
         assert!(registry.in_flight_lost(&id, Instant::now()));
         registry.heartbeat(&id, stream, proto::Heartbeat::default(), Instant::now());
         assert_eq!(registry.list(Instant::now())[0].state, "ready");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_gone_for_an_hour_is_forgotten_unless_work_is_still_counted_on_it() {
+        let registry = NodeRegistry::default();
+        let (gone, gone_stream) = registry.register(register("gone", ""), Instant::now());
+        let (busy, busy_stream) = registry.register(register("busy", ""), Instant::now());
+        let held = registry.begin_run(&busy);
+        registry.stream_closed(&gone, gone_stream, Instant::now());
+        registry.stream_closed(&busy, busy_stream, Instant::now());
+        tokio::time::advance(FORGET_AFTER - Duration::from_secs(1)).await;
+        registry.reassess(Instant::now());
+        assert_eq!(registry.list(Instant::now()).len(), 2);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        registry.reassess(Instant::now());
+        let names: Vec<String> = registry
+            .list(Instant::now())
+            .into_iter()
+            .map(|n| n.name)
+            .collect();
+        assert_eq!(names, vec!["busy".to_string()]);
+        drop(held);
     }
 
     #[tokio::test(start_paused = true)]
