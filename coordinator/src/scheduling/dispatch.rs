@@ -6,24 +6,24 @@
 //! refused for lack of room), each time on a node not tried yet, with exponential backoff and
 //! jitter. A non-zero exit is a result.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use kowalski_exo_common::{
     Language,
     proto::{
         self, ClusterEvent, ClusterFinished, ExecStatus, ExecuteRequest, Placed, Queued, Retrying,
-        cluster_event::Event, exec_event, node_agent_client::NodeAgentClient,
+        cluster_event::Event, exec_event,
     },
 };
 use tokio::{sync::mpsc, time::Instant};
-use tonic::{Code, Status, transport::Channel};
+use tokio_stream::StreamExt;
+use tonic::{Code, Status};
 
-use super::placement::{Requirements, Unplaceable, place};
+use super::{
+    agents::{AgentConnector, GrpcAgents},
+    placement::{Requirements, Unplaceable, place},
+};
 use crate::registry::NodeRegistry;
 
 /// Attempts per run unless the request says otherwise.
@@ -33,11 +33,6 @@ const RETRY_MIN_DELAY: Duration = Duration::from_millis(20);
 const RETRY_MAX_DELAY: Duration = Duration::from_secs(1);
 /// How long a run waits for a fitting node to become ready before giving up.
 const NONE_READY_WAIT: Duration = Duration::from_secs(10);
-/// Connecting to an agent that does not answer within this is a failed attempt.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// HTTP/2 pings on agent connections, so a half-open one is noticed.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where a run's events go.
 pub type ClusterSender = mpsc::Sender<Result<ClusterEvent, Status>>;
@@ -89,44 +84,21 @@ enum AttemptEnd {
     Cancelled,
 }
 
-/// Channels to agents, one per address, connected lazily and reused.
-#[derive(Clone, Default)]
-pub struct AgentChannels {
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
-}
-
-impl AgentChannels {
-    fn client(&self, address: &str) -> Result<NodeAgentClient<Channel>, String> {
-        let mut channels = self.channels.lock().expect("channel cache poisoned");
-        if let Some(channel) = channels.get(address) {
-            return Ok(NodeAgentClient::new(channel.clone()));
-        }
-        let channel = tonic::transport::Endpoint::from_shared(address.to_string())
-            .map_err(|e| format!("node address '{address}' is not a URL: {e}"))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .connect_lazy();
-        channels.insert(address.to_string(), channel.clone());
-        Ok(NodeAgentClient::new(channel))
-    }
-}
-
 /// Places runs and moves them when nodes fail.
 #[derive(Clone)]
 pub struct Dispatcher {
     registry: NodeRegistry,
-    agents: AgentChannels,
+    agents: Arc<dyn AgentConnector>,
 }
 
 impl Dispatcher {
+    /// A dispatcher that reaches agents over gRPC.
     pub fn new(registry: NodeRegistry) -> Self {
-        Dispatcher {
-            registry,
-            agents: AgentChannels::default(),
-        }
+        Self::with_agents(registry, Arc::new(GrpcAgents::default()))
+    }
+
+    pub fn with_agents(registry: NodeRegistry, agents: Arc<dyn AgentConnector>) -> Self {
+        Dispatcher { registry, agents }
     }
 
     pub fn registry(&self) -> &NodeRegistry {
@@ -311,19 +283,15 @@ impl Dispatcher {
         let Some(address) = self.registry.address(node_id) else {
             return AttemptEnd::Lost("the node left the cluster".into());
         };
-        let mut client = match self.agents.client(&address) {
-            Ok(client) => client,
-            Err(reason) => return AttemptEnd::Lost(reason),
-        };
         let mut request = spec.execution.clone();
         if !request.run_id.is_empty() {
             request.run_id = format!("{}-{attempt}", request.run_id);
         }
         let mut changes = self.registry.subscribe();
-        let call = client.execute(request);
+        let call = self.agents.execute(&address, request);
         let mut stream = tokio::select! {
             response = call => match response {
-                Ok(response) => response.into_inner(),
+                Ok(stream) => stream,
                 Err(status) => return classify(status, events),
             },
             _ = silent(&self.registry, node_id, &mut changes) => {
@@ -333,7 +301,7 @@ impl Dispatcher {
         };
         loop {
             let message = tokio::select! {
-                message = stream.message() => message,
+                message = stream.next() => message.transpose(),
                 _ = silent(&self.registry, node_id, &mut changes) => {
                     return AttemptEnd::Lost(silence_reason(&self.registry));
                 }
@@ -435,4 +403,299 @@ async fn send(events: &ClusterSender, block: u32, event: Event) -> Result<(), ()
         }))
         .await
         .map_err(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::{HashMap, VecDeque},
+        sync::Mutex,
+    };
+
+    use kowalski_exo_common::proto::{
+        ExecEvent, ExecFinished, Heartbeat, OutputChunk, Register, Runtime, RuntimeFingerprint,
+        RuntimeHealth, exec_event,
+    };
+
+    use super::*;
+    use crate::scheduling::agents::ExecStream;
+
+    /// What a scripted agent does with the next run it gets.
+    enum Script {
+        Refuse(Status),
+        Finish(&'static str, i32),
+        DieAfterOutput(&'static str),
+        Hang,
+    }
+
+    /// Agents that are scripted streams: no network, no processes, no sleeps.
+    #[derive(Default)]
+    struct ScriptedAgents {
+        scripts: Mutex<HashMap<String, VecDeque<Script>>>,
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl ScriptedAgents {
+        fn with(scripts: Vec<(&str, Vec<Script>)>) -> Arc<Self> {
+            let agents = ScriptedAgents::default();
+            for (node, steps) in scripts {
+                agents
+                    .scripts
+                    .lock()
+                    .unwrap()
+                    .insert(address(node), steps.into());
+            }
+            Arc::new(agents)
+        }
+
+        fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    fn output(text: &str) -> Result<ExecEvent, Status> {
+        Ok(ExecEvent {
+            event: Some(exec_event::Event::Output(OutputChunk {
+                data: text.as_bytes().to_vec(),
+                ..Default::default()
+            })),
+        })
+    }
+
+    fn finished(exit_code: i32) -> Result<ExecEvent, Status> {
+        let status = if exit_code == 0 {
+            ExecStatus::Ok
+        } else {
+            ExecStatus::NonzeroExit
+        };
+        Ok(ExecEvent {
+            event: Some(exec_event::Event::Finished(ExecFinished {
+                status: status as i32,
+                exit_code: Some(exit_code),
+                ..Default::default()
+            })),
+        })
+    }
+
+    #[tonic::async_trait]
+    impl AgentConnector for ScriptedAgents {
+        async fn execute(
+            &self,
+            address: &str,
+            _request: ExecuteRequest,
+        ) -> Result<ExecStream, Status> {
+            self.calls.lock().unwrap().push(address.to_string());
+            let next = self
+                .scripts
+                .lock()
+                .unwrap()
+                .get_mut(address)
+                .and_then(VecDeque::pop_front);
+            match next.unwrap_or(Script::Refuse(Status::unavailable("no script left"))) {
+                Script::Refuse(status) => Err(status),
+                Script::Finish(text, code) => {
+                    Ok(Box::pin(tokio_stream::iter([output(text), finished(code)])))
+                }
+                Script::DieAfterOutput(text) => Ok(Box::pin(tokio_stream::iter([
+                    output(text),
+                    Err(Status::unavailable("connection reset")),
+                ]))),
+                Script::Hang => Ok(Box::pin(tokio_stream::pending())),
+            }
+        }
+    }
+
+    fn address(node: &str) -> String {
+        format!("http://{node}:50052")
+    }
+
+    /// A registry holding `nodes`, each with a healthy python and two slots.
+    fn cluster(nodes: &[&str]) -> (NodeRegistry, HashMap<String, (String, u64)>) {
+        let registry = NodeRegistry::default();
+        let mut ids = HashMap::new();
+        for node in nodes {
+            let registration = Register {
+                name: node.to_string(),
+                address: address(node),
+                capacity: 2,
+                runtimes: Some(RuntimeFingerprint {
+                    runtimes: vec![Runtime {
+                        language: "python".into(),
+                        health: RuntimeHealth::Healthy as i32,
+                        ..Default::default()
+                    }],
+                    probed_at_unix_ms: 0,
+                }),
+                ..Default::default()
+            };
+            ids.insert(
+                node.to_string(),
+                registry.register(registration, Instant::now()),
+            );
+        }
+        (registry, ids)
+    }
+
+    fn spec() -> RunSpec {
+        RunSpec {
+            execution: ExecuteRequest {
+                language: "python".into(),
+                code: "print(1)".into(),
+                ..Default::default()
+            },
+            language: Language::Python,
+            node: None,
+            labels: Default::default(),
+            max_attempts: 0,
+            block: 0,
+        }
+    }
+
+    async fn run(dispatcher: &Dispatcher) -> (Outcome, Vec<Event>) {
+        let (events, mut received) = mpsc::channel(64);
+        let outcome = dispatcher.run(&spec(), &events).await;
+        drop(events);
+        let mut seen = Vec::new();
+        while let Some(Ok(event)) = received.recv().await {
+            seen.extend(event.event);
+        }
+        (outcome, seen)
+    }
+
+    /// Events as short strings, to compare whole sequences.
+    fn trace(events: &[Event]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match e {
+                Event::Queued(_) => "queued".to_string(),
+                Event::Placed(p) => format!("placed {} #{}", p.node_name, p.attempt),
+                Event::Output(o) => format!(
+                    "output #{} {}",
+                    o.attempt,
+                    String::from_utf8_lossy(&o.chunk.as_ref().unwrap().data)
+                ),
+                Event::Retrying(r) => format!("retrying {} #{}", r.node_name, r.attempt),
+                Event::Finished(f) => format!("finished {} #{}", f.node_name, f.attempt),
+                Event::Skipped(_) => "skipped".to_string(),
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_attempt_is_retried_on_another_node_with_each_attempt_marked() {
+        let (registry, _) = cluster(&["a", "b"]);
+        let agents = ScriptedAgents::with(vec![
+            ("a", vec![Script::DieAfterOutput("partial")]),
+            ("b", vec![Script::Finish("whole", 0)]),
+        ]);
+        let dispatcher = Dispatcher::with_agents(registry, agents.clone());
+        let (outcome, events) = run(&dispatcher).await;
+        assert!(matches!(outcome, Outcome::Finished(_)), "{outcome:?}");
+        assert_eq!(
+            trace(&events),
+            [
+                "queued",
+                "placed a #1",
+                "output #1 partial",
+                "retrying a #1",
+                "placed b #2",
+                "output #2 whole",
+                "finished b #2"
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_nonzero_exit_is_a_result_and_not_retried() {
+        let (registry, _) = cluster(&["a", "b"]);
+        let agents = ScriptedAgents::with(vec![("a", vec![Script::Finish("", 3)])]);
+        let dispatcher = Dispatcher::with_agents(registry, agents.clone());
+        let (outcome, _) = run(&dispatcher).await;
+        match outcome {
+            Outcome::Finished(result) => assert_eq!(result.exit_code, Some(3)),
+            other => panic!("expected a result, got {other:?}"),
+        }
+        assert_eq!(agents.calls(), [address("a")]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_three_lost_attempts_on_three_nodes_it_gives_up_naming_each() {
+        let (registry, _) = cluster(&["a", "b", "c", "d"]);
+        let refuse = || vec![Script::Refuse(Status::unavailable("refused"))];
+        let agents = ScriptedAgents::with(vec![("a", refuse()), ("b", refuse()), ("c", refuse())]);
+        let dispatcher = Dispatcher::with_agents(registry, agents.clone());
+        let (outcome, _) = run(&dispatcher).await;
+        let Outcome::Failed(reason) = outcome else {
+            panic!("expected failure, got {outcome:?}")
+        };
+        assert!(reason.starts_with("gave up after 3 attempts"), "{reason}");
+        for node in ["a", "b", "c"] {
+            assert!(
+                reason.contains(&format!("on {node}: unavailable: refused")),
+                "{reason}"
+            );
+        }
+        assert_eq!(agents.calls(), [address("a"), address("b"), address("c")]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_node_is_tried_again_after_backoff_when_no_other_fits() {
+        let (registry, _) = cluster(&["a"]);
+        let agents = ScriptedAgents::with(vec![(
+            "a",
+            vec![
+                Script::Refuse(Status::resource_exhausted("busy")),
+                Script::Finish("ok", 0),
+            ],
+        )]);
+        let dispatcher = Dispatcher::with_agents(registry, agents.clone());
+        let (outcome, events) = run(&dispatcher).await;
+        assert!(matches!(outcome, Outcome::Finished(_)), "{outcome:?}");
+        assert_eq!(trace(&events).last().unwrap(), "finished a #2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_node_loses_its_run_at_the_deadline() {
+        let (registry, ids) = cluster(&["a", "b"]);
+        let (b_id, b_stream) = ids["b"].clone();
+        let beating = registry.clone();
+        // b keeps sending heartbeats; a falls silent while its run hangs.
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                beating.heartbeat(&b_id, b_stream, Heartbeat::default(), Instant::now());
+            }
+        });
+        let agents = ScriptedAgents::with(vec![
+            ("a", vec![Script::Hang]),
+            ("b", vec![Script::Finish("ok", 0)]),
+        ]);
+        let dispatcher = Dispatcher::with_agents(registry, agents.clone());
+        let started = Instant::now();
+        let (outcome, events) = run(&dispatcher).await;
+        assert!(matches!(outcome, Outcome::Finished(_)), "{outcome:?}");
+        let retry = events.iter().find_map(|e| match e {
+            Event::Retrying(r) => Some(r.reason.clone()),
+            _ => None,
+        });
+        assert!(retry.unwrap().contains("silent"));
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(5) && waited < Duration::from_secs(7),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_a_node_rejects_is_not_retried() {
+        let (registry, _) = cluster(&["a", "b"]);
+        let agents = ScriptedAgents::with(vec![(
+            "a",
+            vec![Script::Refuse(Status::invalid_argument("code too large"))],
+        )]);
+        let dispatcher = Dispatcher::with_agents(registry, agents.clone());
+        let (outcome, _) = run(&dispatcher).await;
+        assert!(matches!(outcome, Outcome::Rejected(_)), "{outcome:?}");
+        assert_eq!(agents.calls().len(), 1);
+    }
 }

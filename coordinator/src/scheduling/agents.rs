@@ -1,0 +1,65 @@
+//! How dispatch reaches node agents. The product speaks gRPC ([`GrpcAgents`]); the trait is the
+//! boundary that lets dispatch be tested with agents that are just scripted streams.
+
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use kowalski_exo_common::proto::{ExecEvent, ExecuteRequest, node_agent_client::NodeAgentClient};
+use tokio_stream::Stream;
+use tonic::{Status, transport::Channel};
+
+/// The events of one run on an agent.
+pub type ExecStream = Pin<Box<dyn Stream<Item = Result<ExecEvent, Status>> + Send>>;
+
+/// Starts runs on agents by address.
+#[tonic::async_trait]
+pub trait AgentConnector: Send + Sync + 'static {
+    /// Calls `NodeAgent.Execute` on the agent at `address`.
+    async fn execute(&self, address: &str, request: ExecuteRequest) -> Result<ExecStream, Status>;
+}
+
+/// Connecting to an agent that does not answer within this is a failed attempt.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// HTTP/2 pings on agent connections, so a half-open one is noticed.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// gRPC channels to agents, one per address, connected lazily and reused.
+#[derive(Clone, Default)]
+pub struct GrpcAgents {
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl GrpcAgents {
+    fn client(&self, address: &str) -> Result<NodeAgentClient<Channel>, Status> {
+        let mut channels = self.channels.lock().expect("channel cache poisoned");
+        if let Some(channel) = channels.get(address) {
+            return Ok(NodeAgentClient::new(channel.clone()));
+        }
+        let channel = tonic::transport::Endpoint::from_shared(address.to_string())
+            .map_err(|e| {
+                Status::unavailable(format!("node address '{address}' is not a URL: {e}"))
+            })?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        channels.insert(address.to_string(), channel.clone());
+        Ok(NodeAgentClient::new(channel))
+    }
+}
+
+#[tonic::async_trait]
+impl AgentConnector for GrpcAgents {
+    async fn execute(&self, address: &str, request: ExecuteRequest) -> Result<ExecStream, Status> {
+        let mut client = self.client(address)?;
+        let stream = client.execute(request).await?.into_inner();
+        Ok(Box::pin(stream))
+    }
+}
