@@ -67,9 +67,7 @@ impl Default for AgentConfig {
             limits: ExecLimits::default(),
             max_code_bytes: DEFAULT_MAX_CODE_BYTES,
             dirs: ExecDirs {
-                work_root: std::env::temp_dir()
-                    .join("kowalski-exo")
-                    .join(format!("{WORK_ROOT_PREFIX}{}", std::process::id())),
+                work_root: default_work_root(),
                 cache_dir: default_cache_dir(),
             },
             fingerprint_interval: DEFAULT_FINGERPRINT_INTERVAL,
@@ -86,6 +84,13 @@ pub fn default_name() -> String {
         .and_then(|h| h.into_string().ok())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "node".to_string())
+}
+
+/// `$TMPDIR/kowalski-exo/agent-PID`: this agent's own, so dead agents' roots can be found.
+fn default_work_root() -> PathBuf {
+    std::env::temp_dir()
+        .join("kowalski-exo")
+        .join(format!("{WORK_ROOT_PREFIX}{}", std::process::id()))
 }
 
 fn default_cache_dir() -> PathBuf {
@@ -169,7 +174,7 @@ fn remove_dead_agents_work_roots(work_root: &Path) {
 /// Starts an agent: probes runtimes, binds, serves, and registers in the background.
 pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     let shutdown = CancellationToken::new();
-    if config.dirs.work_root == AgentConfig::default().dirs.work_root {
+    if config.dirs.work_root == default_work_root() {
         remove_dead_agents_work_roots(&config.dirs.work_root);
     }
     let sandbox = Sandbox::detect(config.use_cgroups, config.capacity.max(1));

@@ -164,15 +164,15 @@ impl Registration {
     }
 
     fn load(&mut self) -> NodeLoad {
-        let description = self.service.description();
+        let (running, queued) = self.service.occupancy();
         let host = self.load.sample();
         NodeLoad {
             cpu_percent: host.cpu_percent,
             memory_used_bytes: host.memory_used_bytes,
             memory_total_bytes: host.memory_total_bytes,
             load_average_1m: host.load_average_1m,
-            running: description.running,
-            queued: description.queued,
+            running,
+            queued,
         }
     }
 }

@@ -59,6 +59,14 @@ impl NodeAgentService {
         self.executor.runtimes().clone()
     }
 
+    /// Runs in progress and runs queued, right now.
+    pub fn occupancy(&self) -> (u32, u32) {
+        (
+            self.admission.running() as u32,
+            self.admission.queued() as u32,
+        )
+    }
+
     /// What this agent is and can do right now.
     pub fn description(&self) -> NodeDescription {
         NodeDescription {
@@ -69,8 +77,8 @@ impl NodeAgentService {
             isolation: self.executor.isolation() as i32,
             capacity: self.admission.capacity() as u32,
             queue_capacity: self.admission.queue_capacity() as u32,
-            running: self.admission.running() as u32,
-            queued: self.admission.queued() as u32,
+            running: self.occupancy().0,
+            queued: self.occupancy().1,
         }
     }
 }

@@ -15,7 +15,7 @@ use std::{
 };
 
 use kowalski_exo_common::proto::{ClusterEvent, ExecStatus, cluster_event::Event};
-use kowalski_exo_tests::{Cluster, python_request};
+use kowalski_exo_tests::{Cluster, python_request, real_executable};
 use nix::sys::signal::Signal;
 use tokio::sync::Semaphore;
 use tonic::Streaming;
@@ -169,13 +169,7 @@ async fn main() {
     };
     let cluster = Cluster::start(3, 2, env).await;
     let parallelism = 6;
-    let python_exe = {
-        let output = Command::new("python3")
-            .args(["-c", "import sys; print(sys.executable)"])
-            .output()
-            .unwrap();
-        String::from_utf8(output.stdout).unwrap().trim().to_string()
-    };
+    let python_exe = real_executable("python3");
     let slots = Arc::new(Semaphore::new(parallelism));
     let shared = cluster.client().await;
     let cpu_before = cluster_cpu(&cluster);

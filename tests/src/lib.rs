@@ -302,6 +302,23 @@ fn start_agent(
     )
 }
 
+/// The real executable behind a tool on PATH (past pyenv-style shims).
+pub fn real_executable(tool: &str) -> std::path::PathBuf {
+    let probe = match tool {
+        "python3" => "import sys; print(sys.executable)",
+        _ => "",
+    };
+    if probe.is_empty() {
+        let found = std::env::split_paths(&std::env::var_os("PATH").unwrap())
+            .map(|d| d.join(tool))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("{tool} not on PATH"));
+        return std::fs::canonicalize(found).unwrap();
+    }
+    let output = Command::new(tool).args(["-c", probe]).output().unwrap();
+    String::from_utf8(output.stdout).unwrap().trim().into()
+}
+
 /// A port that was free a moment ago, for a server that must start after its clients.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -4,9 +4,11 @@
 use std::{collections::HashSet, process::Command};
 
 use kowalski_exo_common::proto::{
-    ClusterEvent, DrainRequest, ExecStatus, RunBlocksRequest, cluster_event::Event,
+    ClusterEvent, ClusterFinished, DrainRequest, ExecStatus, RunBlocksRequest, cluster_event::Event,
 };
-use kowalski_exo_tests::{CEILING, Cluster, binary, eventually, process_alive, python_request};
+use kowalski_exo_tests::{
+    CEILING, Cluster, binary, eventually, process_alive, python_request, real_executable,
+};
 use nix::sys::signal::Signal;
 use tonic::Streaming;
 
@@ -36,6 +38,34 @@ async fn run_to_end(stream: &mut Streaming<ClusterEvent>) -> Vec<Event> {
     let mut seen = Vec::new();
     read_until(stream, &mut seen, |e| matches!(e, Event::Finished(_))).await;
     seen
+}
+
+/// Starts `code` (which prints, then sleeps), sends `signal` to the agent running it once its
+/// first output arrives, and reads to the end. Returns that agent's name and every event.
+async fn signal_mid_run(cluster: &Cluster, code: &str, signal: Signal) -> (String, Vec<Event>) {
+    let mut client = cluster.client().await;
+    let mut stream = client
+        .execute(python_request(code))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    read_until(&mut stream, &mut events, |e| matches!(e, Event::Output(_))).await;
+    let (first, _) = placements(&events)[0].clone();
+    cluster.agent(&first).signal(signal);
+    read_until(&mut stream, &mut events, |e| {
+        matches!(e, Event::Finished(_))
+    })
+    .await;
+    (first, events)
+}
+
+/// The `finished` event that ends `events`.
+fn last_finished(events: &[Event]) -> &ClusterFinished {
+    match events.last() {
+        Some(Event::Finished(finished)) => finished,
+        other => panic!("expected finished last, got {other:?}"),
+    }
 }
 
 fn placements(events: &[Event]) -> Vec<(String, u32)> {
@@ -90,21 +120,8 @@ async fn load_spreads_over_the_agents() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_agents_task_finishes_on_another_with_the_first_attempt_marked() {
     let cluster = Cluster::start(3, 2, &[]).await;
-    let mut client = cluster.client().await;
     let code = "import time\nprint('started', flush=True)\ntime.sleep(3)\nprint('done')";
-    let mut stream = client
-        .execute(python_request(code))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut events = Vec::new();
-    read_until(&mut stream, &mut events, |e| matches!(e, Event::Output(_))).await;
-    let (first_node, _) = placements(&events)[0].clone();
-    cluster.agent(&first_node).signal(Signal::SIGKILL);
-    read_until(&mut stream, &mut events, |e| {
-        matches!(e, Event::Finished(_))
-    })
-    .await;
+    let (first_node, events) = signal_mid_run(&cluster, code, Signal::SIGKILL).await;
 
     let retry = events.iter().find_map(|e| match e {
         Event::Retrying(r) => Some(r),
@@ -122,9 +139,7 @@ async fn a_killed_agents_task_finishes_on_another_with_the_first_attempt_marked(
     // The kill came right after the first output arrived: attempt 1 got at least that far.
     assert!(output_of_attempt(&events, 1).starts_with("started"));
     assert_eq!(output_of_attempt(&events, 2), "started\ndone\n");
-    let Some(Event::Finished(finished)) = events.last() else {
-        panic!("no finished event")
-    };
+    let finished = last_finished(&events);
     assert_eq!(finished.attempt, 2);
     assert_eq!(finished.node_name, placed[1].0);
     assert_eq!(finished.result.as_ref().unwrap().status(), ExecStatus::Ok);
@@ -181,9 +196,7 @@ async fn a_stopped_agent_turns_suspect_then_down_with_its_work_moved_and_returns
     let placed = placements(&events);
     assert_eq!(placed.len(), 2, "{placed:?}");
     assert_ne!(placed[1].0, "agent-0");
-    let Some(Event::Finished(finished)) = events.last() else {
-        panic!("no finished event")
-    };
+    let finished = last_finished(&events);
     assert_eq!(finished.result.as_ref().unwrap().status(), ExecStatus::Ok);
     assert_eq!(output_of_attempt(&events, 2), "started\ndone\n");
 
@@ -230,23 +243,6 @@ async fn python_and_bash_cluster() -> (Cluster, tempfile::TempDir) {
     let path = bin.path().to_str().unwrap().to_string();
     let cluster = Cluster::start(2, 2, &[("PATH", &path)]).await;
     (cluster, bin)
-}
-
-/// The real executable behind a tool on PATH (past pyenv-style shims).
-fn real_executable(tool: &str) -> std::path::PathBuf {
-    let probe = match tool {
-        "python3" => "import sys; print(sys.executable)",
-        _ => "",
-    };
-    if probe.is_empty() {
-        let found = std::env::split_paths(&std::env::var_os("PATH").unwrap())
-            .map(|d| d.join(tool))
-            .find(|p| p.exists())
-            .unwrap_or_else(|| panic!("{tool} not on PATH"));
-        return std::fs::canonicalize(found).unwrap();
-    }
-    let output = Command::new(tool).args(["-c", probe]).output().unwrap();
-    String::from_utf8(output.stdout).unwrap().trim().into()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -399,27 +395,12 @@ async fn the_clients_deadline_reaches_the_agent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_shut_down_mid_run_has_its_run_finished_elsewhere() {
     let cluster = Cluster::start(2, 2, &[]).await;
-    let mut client = cluster.client().await;
     let code = "import time\nprint('started', flush=True)\ntime.sleep(2)\nprint('done')";
-    let mut stream = client
-        .execute(python_request(code))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut events = Vec::new();
-    read_until(&mut stream, &mut events, |e| matches!(e, Event::Output(_))).await;
-    let (first, _) = placements(&events)[0].clone();
-    cluster.agent(&first).signal(Signal::SIGTERM);
-    read_until(&mut stream, &mut events, |e| {
-        matches!(e, Event::Finished(_))
-    })
-    .await;
+    let (first, events) = signal_mid_run(&cluster, code, Signal::SIGTERM).await;
     let placed = placements(&events);
     assert_eq!(placed.len(), 2, "{placed:?}");
     assert_ne!(placed[1].0, first);
-    let Some(Event::Finished(finished)) = events.last() else {
-        panic!("no finished event")
-    };
+    let finished = last_finished(&events);
     assert_eq!(finished.result.as_ref().unwrap().status(), ExecStatus::Ok);
     assert_eq!(output_of_attempt(&events, 2), "started\ndone\n");
 }
