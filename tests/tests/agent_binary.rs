@@ -227,3 +227,67 @@ async fn grpcurl_can_list_describe_and_execute() {
     let health = grpcurl(&["-plaintext", &addr, "grpc.health.v1.Health/Check"]);
     assert!(health.contains("SERVING"), "{health}");
 }
+
+/// Starts `code` on a standalone agent, SIGKILLs the agent once the program printed, and gives
+/// the program time to reach its end had it survived.
+async fn kill_agent_mid_run(code: String, dir: &std::path::Path, after: Duration) {
+    let mut agent = standalone_agent(&dir.join("work"), &[]);
+    let mut client = NodeAgentClient::connect(agent.url()).await.unwrap();
+    let request = ExecuteRequest {
+        language: "python".into(),
+        code,
+        ..Default::default()
+    };
+    let mut stream = client.execute(request).await.unwrap().into_inner();
+    loop {
+        let event = tokio::time::timeout(CEILING, stream.message())
+            .await
+            .expect("no output within the ceiling")
+            .unwrap()
+            .unwrap();
+        if let Some(Event::Output(_)) = event.event {
+            break;
+        }
+    }
+    agent.signal(Signal::SIGKILL);
+    agent.wait_exit();
+    tokio::time::sleep(after).await;
+}
+
+#[tokio::test]
+async fn a_killed_agents_program_and_its_children_end_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (own, child, detached) = (
+        dir.path().join("own"),
+        dir.path().join("child"),
+        dir.path().join("detached"),
+    );
+    // The program, an ordinary child and a child in a session of its own each write a file
+    // 1.5 s after the agent dies, had they survived it.
+    let code = format!(
+        "import subprocess, time\n\
+         subprocess.Popen(['sh', '-c', 'sleep 1.5; touch {child}'])\n\
+         subprocess.Popen(['sh', '-c', 'sleep 1.5; touch {detached}'], start_new_session=True)\n\
+         print('started', flush=True)\n\
+         time.sleep(1.5)\n\
+         open('{own}', 'w').close()\n",
+        own = own.display(),
+        child = child.display(),
+        detached = detached.display(),
+    );
+    kill_agent_mid_run(code, dir.path(), Duration::from_secs(3)).await;
+    assert!(!own.exists(), "the program outlived its agent");
+    assert!(!child.exists(), "the program's child outlived the agent");
+    let cgroups =
+        std::fs::read_to_string("/proc/self/cgroup").is_ok() && nix::unistd::geteuid().is_root();
+    if cgroups {
+        assert!(
+            !detached.exists(),
+            "a child in its own session outlived the agent"
+        );
+    } else {
+        println!(
+            "not root: a child in its own session is only contained with cgroups; not checked"
+        );
+    }
+}

@@ -150,20 +150,43 @@ impl CgroupRoot {
         }
     }
 
+    /// A handle on an existing run cgroup of this agent.
+    fn existing_run(&self, name: &std::ffi::OsStr) -> RunCgroup {
+        RunCgroup {
+            version: self.clone(),
+            procs: Vec::new(),
+            dirs: self.run_parents().iter().map(|p| p.join(name)).collect(),
+        }
+    }
+
+    /// Names of this agent's run cgroups.
+    fn run_names(&self) -> Vec<std::ffi::OsString> {
+        fs::read_dir(self.run_parents()[0])
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Kills every run under this agent's directory and removes it (at shutdown).
     pub fn remove_all(&self) {
-        if let Ok(entries) = fs::read_dir(self.run_parents()[0]) {
-            for entry in entries.flatten().filter(|e| e.path().is_dir()) {
-                let name = entry.file_name();
-                drop(RunCgroup {
-                    version: self.clone(),
-                    procs: Vec::new(),
-                    dirs: self.run_parents().iter().map(|p| p.join(&name)).collect(),
-                });
-            }
+        for name in self.run_names() {
+            drop(self.existing_run(&name));
         }
         for dir in self.run_parents() {
             let _ = fs::remove_dir(dir);
+        }
+    }
+
+    /// Kills every process of every run and leaves the directories, which the next agent to
+    /// start removes. For the sentinel, which must not log (a handle's drop may).
+    pub fn kill_runs(&self) {
+        for name in self.run_names() {
+            std::mem::ManuallyDrop::new(self.existing_run(&name)).kill_all();
         }
     }
 }

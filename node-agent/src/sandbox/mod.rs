@@ -1,11 +1,13 @@
 //! Containment of executed code: a fresh process session, rlimits, and (where the host offers
 //! them) a cgroup per run for the process-count limit, the memory limit and the whole-tree kill.
-//! Programs start through [`launcher`]s; with cgroups a [`pool`] keeps some ready.
+//! Programs start through [`launcher`]s; with cgroups a [`pool`] keeps some ready. A
+//! [`sentinel`] process ends every run when the agent dies without shutting down.
 
 mod cgroup;
 mod launcher;
 mod pool;
 mod process_tree;
+mod sentinel;
 
 use std::{ffi::OsString, io, path::Path, sync::Arc};
 
@@ -14,12 +16,14 @@ use kowalski_exo_common::proto::IsolationLevel;
 pub use cgroup::{CgroupLimits, CgroupRoot, RunCgroup};
 pub use launcher::{Job, Launched, Launcher, MAX_JOB_BYTES, Rlimit};
 use pool::LauncherPool;
+use sentinel::Sentinel;
 
 /// How this agent contains runs, found once at start.
 #[derive(Clone, Debug)]
 pub struct Sandbox {
     cgroups: Option<CgroupRoot>,
     pool: Option<Arc<LauncherPool>>,
+    sentinel: Option<Arc<Sentinel>>,
 }
 
 /// Limits the sandbox applies to one process tree.
@@ -66,7 +70,18 @@ impl Sandbox {
             pool.refill();
             pool
         });
-        Sandbox { cgroups, pool }
+        let sentinel = match Sentinel::start(cgroups.clone()) {
+            Ok(sentinel) => Some(Arc::new(sentinel)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no sentinel: runs may outlive a crash of this agent");
+                None
+            }
+        };
+        Sandbox {
+            cgroups,
+            pool,
+            sentinel,
+        }
     }
 
     pub fn level(&self) -> IsolationLevel {
@@ -144,8 +159,12 @@ impl Sandbox {
             pool.refill();
         }
         let mut launched = launched?;
+        if let Some(sentinel) = &self.sentinel {
+            sentinel.running(launched.pid);
+        }
         let containment = Containment {
             cgroup: launched.cgroup.take(),
+            sentinel: self.sentinel.clone(),
         };
         Ok((launched, containment))
     }
@@ -163,6 +182,8 @@ fn rlimit(resource: libc::__rlimit_resource_t, soft: u64, hard: u64) -> Rlimit {
 #[derive(Debug)]
 pub struct Containment {
     cgroup: Option<RunCgroup>,
+    /// Told when the tree is gone, so it no longer kills the group at the agent's death.
+    sentinel: Option<Arc<Sentinel>>,
 }
 
 impl Containment {
@@ -179,6 +200,9 @@ impl Containment {
             }
             None if leader_exited => process_tree::kill_group(leader as i32),
             None => process_tree::kill_tree(leader as i32),
+        }
+        if let Some(sentinel) = &self.sentinel {
+            sentinel.ended(leader);
         }
     }
 
