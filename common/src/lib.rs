@@ -1,13 +1,21 @@
 //! Shared ground for every Kowalski Exo binary.
 //!
 //! - [`proto`]: the generated `kowalski.exo.v1` messages, clients and servers.
+//! - [`error_text`]: errors with their causes, each said once, for people.
+//! - [`exit`]: exit statuses both binaries share.
 //! - [`language`]: the one alias table that turns `py`, `js`, `rs`, ... into canonical names.
+//! - [`cli_args`]: command-line values both binaries take (labels, the coordinator URL).
 //! - [`defaults`]: ports and addresses every binary agrees on.
+//! - [`request_size`]: how large a run request may be, checked by coordinator and agent alike.
 //! - [`transport`]: gRPC server set-up shared by all servers (health, reflection).
 //! - [`telemetry`]: tracing set-up for the binaries.
 
+pub mod cli_args;
 pub mod defaults;
+pub mod error_text;
+pub mod exit;
 pub mod language;
+pub mod request_size;
 pub mod telemetry;
 pub mod transport;
 

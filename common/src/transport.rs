@@ -26,7 +26,7 @@ pub struct ServerBase {
 /// Failure to set up or run a gRPC server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot listen on {addr}: {error}")]
+    #[error("cannot listen on {addr}: {error}{}", bind_hint(error))]
     Bind { addr: String, error: std::io::Error },
     #[error("reflection descriptors are invalid: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -34,12 +34,46 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
+fn bind_hint(error: &std::io::Error) -> &'static str {
+    match error.kind() {
+        std::io::ErrorKind::InvalidInput => "; write HOST:PORT, for example 0.0.0.0:50051",
+        std::io::ErrorKind::AddrInUse => {
+            "; another process holds the port: stop it or pick another"
+        }
+        _ => "",
+    }
+}
+
+impl ServeError {
+    /// The exit status for a server that could not start: usage for a malformed address,
+    /// infrastructure for anything else.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            ServeError::Bind { error, .. } if error.kind() == std::io::ErrorKind::InvalidInput => {
+                crate::exit::USAGE
+            }
+            _ => crate::exit::INFRASTRUCTURE,
+        }
+    }
+}
+
 impl ServerBase {
-    /// Starts a route table holding health and reflection (v1 and v1alpha).
-    pub fn new() -> Result<Self, ServeError> {
+    /// Starts a route table holding health and reflection (v1 and v1alpha). Reflection lists
+    /// `services` (the server's own, by full name) besides health and itself, and nothing else.
+    pub fn new(services: &[&str]) -> Result<Self, ServeError> {
         let (health, health_service) = tonic_health::server::health_reporter();
         let reflection = || {
-            tonic_reflection::server::Builder::configure()
+            let named = [
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection",
+            ];
+            services
+                .iter()
+                .chain(&named)
+                .fold(tonic_reflection::server::Builder::configure(), |b, name| {
+                    b.with_service_name(*name)
+                })
                 .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
@@ -92,6 +126,15 @@ pub async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr), ServeError> {
         addr: addr.to_string(),
         error,
     };
+    let well_formed = addr
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if !well_formed {
+        return Err(bind_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a HOST:PORT address",
+        )));
+    }
     let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
     let local = listener.local_addr().map_err(bind_error)?;
     Ok((listener, local))

@@ -10,6 +10,7 @@ use kowalski_exo_common::{
 use kowalski_exo_node_agent::{AgentConfig, RunningAgent};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
 
 use crate::{
     api::{client_service::ClientService, registry_service::RegistryService},
@@ -76,7 +77,10 @@ pub async fn start(
     registry.spawn_liveness_ticker();
     let shutdown = CancellationToken::new();
     let (listener, addr) = transport::bind(listen).await?;
-    let mut server = ServerBase::new()?;
+    let mut server = ServerBase::new(&[
+        AgentRegistryServer::<RegistryService>::NAME,
+        CoordinatorServer::<ClientService>::NAME,
+    ])?;
     server
         .routes()
         .add_service(AgentRegistryServer::new(RegistryService::new(

@@ -16,10 +16,11 @@ use kowalski_exo_common::{
 };
 use tokio::task::JoinHandle;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::server::NamedService;
 
 use crate::{
     admission::Admission,
-    exec::{ExecDirs, ExecLimits, Executor, limits::DEFAULT_MAX_CODE_BYTES},
+    exec::{ExecDirs, ExecLimits, Executor},
     fingerprint::{self, SearchPath},
     registration::{self, Registration},
     sandbox::Sandbox,
@@ -65,7 +66,7 @@ impl Default for AgentConfig {
             capacity: cores,
             queue: cores * 4,
             limits: ExecLimits::default(),
-            max_code_bytes: DEFAULT_MAX_CODE_BYTES,
+            max_code_bytes: kowalski_exo_common::request_size::MAX_CODE_BYTES,
             dirs: ExecDirs {
                 work_root: default_work_root(),
                 cache_dir: default_cache_dir(),
@@ -174,6 +175,8 @@ fn remove_dead_agents_work_roots(work_root: &Path) {
 /// Starts an agent: probes runtimes, binds, serves, and registers in the background.
 pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     let shutdown = CancellationToken::new();
+    // Bound first, so a taken port or a bad address leaves nothing behind.
+    let (listener, addr) = transport::bind(&config.listen).await?;
     if config.dirs.work_root == default_work_root() {
         remove_dead_agents_work_roots(&config.dirs.work_root);
     }
@@ -191,13 +194,16 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         config.max_code_bytes,
         config.dirs.clone(),
     )
-    .map_err(|source| AgentError::Io {
-        what: format!(
-            "work directory {} and cache {}",
-            config.dirs.work_root.display(),
-            config.dirs.cache_dir.display()
-        ),
-        source,
+    .map_err(|source| {
+        sandbox.tear_down();
+        AgentError::Io {
+            what: format!(
+                "work directory {} and cache {}",
+                config.dirs.work_root.display(),
+                config.dirs.cache_dir.display()
+            ),
+            source,
+        }
     })?;
     let admission = Admission::new(config.capacity, config.queue);
     let runs = TaskTracker::new();
@@ -212,8 +218,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         shutdown.clone(),
         runs.clone(),
     );
-    let (listener, addr) = transport::bind(&config.listen).await?;
-    let mut server = ServerBase::new()?;
+    let mut server = ServerBase::new(&[NodeAgentServer::<NodeAgentService>::NAME])?;
     server
         .routes()
         .add_service(NodeAgentServer::new(service.clone()));

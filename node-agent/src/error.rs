@@ -1,6 +1,6 @@
 //! Errors of the node agent, and their one mapping to gRPC status codes.
 
-use kowalski_exo_common::{Language, language::UnknownLanguage};
+use kowalski_exo_common::{Language, language::UnknownLanguage, request_size::OversizedRequest};
 use tonic::Status;
 
 /// Why an execution request was refused before it ran.
@@ -8,16 +8,8 @@ use tonic::Status;
 pub enum ExecError {
     #[error(transparent)]
     UnknownLanguage(#[from] UnknownLanguage),
-    #[error("code is {size} bytes; this agent accepts at most {limit} bytes")]
-    CodeTooLarge { size: usize, limit: usize },
-    #[error("arguments take {size} bytes; this agent accepts at most {limit} bytes")]
-    ArgsTooLarge { size: usize, limit: usize },
-    #[error("{count} arguments; this agent accepts at most {limit}")]
-    TooManyArgs { count: usize, limit: usize },
-    #[error("argument {index} contains a NUL byte, which a program argument cannot hold")]
-    NulInArgument { index: usize },
-    #[error("stdin is {size} bytes; this agent accepts at most {limit} bytes")]
-    StdinTooLarge { size: usize, limit: usize },
+    #[error(transparent)]
+    Oversized(#[from] OversizedRequest),
     #[error("{language} cannot run on this device: {reason}; healthy runtimes here: {available}")]
     RuntimeUnavailable {
         language: Language,
@@ -36,12 +28,9 @@ impl From<ExecError> for Status {
     fn from(err: ExecError) -> Status {
         let message = err.to_string();
         match err {
-            ExecError::UnknownLanguage(_)
-            | ExecError::CodeTooLarge { .. }
-            | ExecError::ArgsTooLarge { .. }
-            | ExecError::TooManyArgs { .. }
-            | ExecError::NulInArgument { .. }
-            | ExecError::StdinTooLarge { .. } => Status::invalid_argument(message),
+            ExecError::UnknownLanguage(_) | ExecError::Oversized(_) => {
+                Status::invalid_argument(message)
+            }
             ExecError::RuntimeUnavailable { .. } => Status::failed_precondition(message),
             ExecError::Busy { .. } => Status::resource_exhausted(message),
             ExecError::ShuttingDown => Status::unavailable(message),

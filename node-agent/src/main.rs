@@ -3,10 +3,11 @@
 use std::{collections::HashMap, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use kowalski_exo_common::{defaults, telemetry};
+use kowalski_exo_common::{cli_args, defaults, exit, telemetry};
 use kowalski_exo_node_agent::{
     AgentConfig,
-    fingerprint::{SearchPath, probe_all},
+    agent::AgentError,
+    fingerprint::{RuntimeHealth, SearchPath, probe_all},
 };
 
 /// Runs code for a Kowalski Exo cluster on this device.
@@ -32,7 +33,8 @@ enum Command {
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
     /// Coordinator to join (kept trying in the background until it answers).
-    #[arg(long, env = "KOWALSKI_COORDINATOR", default_value = defaults::COORDINATOR_URL)]
+    #[arg(long, env = cli_args::COORDINATOR_ENV, default_value_t = cli_args::default_coordinator_url(),
+          value_parser = cli_args::parse_coordinator_url)]
     coordinator: String,
     /// Run stand-alone: do not try to join a coordinator.
     #[arg(long, conflicts_with = "coordinator")]
@@ -48,7 +50,7 @@ struct ServeArgs {
     #[arg(long)]
     name: Option<String>,
     /// A label, as key=value; repeatable.
-    #[arg(long = "label", value_parser = parse_label)]
+    #[arg(long = "label", value_parser = cli_args::parse_label)]
     labels: Vec<(String, String)>,
     /// Runs at once (default: the number of cores).
     #[arg(long)]
@@ -70,13 +72,6 @@ struct ServeArgs {
     no_cgroups: bool,
 }
 
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("label '{s}' is not key=value")),
-    }
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -88,7 +83,11 @@ async fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("node-agent: {e:#}");
-                    ExitCode::FAILURE
+                    let status = match e.downcast_ref::<AgentError>() {
+                        Some(AgentError::Serve(serve)) => serve.exit_status(),
+                        _ => exit::INFRASTRUCTURE,
+                    };
+                    ExitCode::from(status)
                 }
             }
         }
@@ -98,12 +97,19 @@ async fn main() -> ExitCode {
 async fn print_runtimes(json: bool) -> ExitCode {
     let fingerprint = probe_all(&SearchPath::from_env()).await;
     if json {
-        match serde_json::to_string_pretty(&fingerprint) {
-            Ok(text) => println!("{text}"),
-            Err(e) => {
-                eprintln!("node-agent: cannot encode the fingerprint: {e}");
-                return ExitCode::FAILURE;
+        // One object per runtime and line, like every other --json; a missing one says why.
+        for runtime in &fingerprint.runtimes {
+            let mut line = match serde_json::to_value(runtime) {
+                Ok(line) => line,
+                Err(e) => {
+                    eprintln!("node-agent: cannot encode the fingerprint: {e}");
+                    return ExitCode::from(exit::INFRASTRUCTURE);
+                }
+            };
+            if runtime.health == RuntimeHealth::Missing {
+                line["reason"] = format!("no {} executable on PATH", runtime.language).into();
             }
+            println!("{line}");
         }
     } else {
         print!("{}", fingerprint.table());

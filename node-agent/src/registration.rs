@@ -5,11 +5,14 @@
 use std::{net::SocketAddr, time::Duration};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use kowalski_exo_common::proto::{
-    self, AgentMessage, NodeLoad, agent_message, agent_registry_client::AgentRegistryClient,
-    coordinator_message,
+use kowalski_exo_common::{
+    error_text::error_chain,
+    proto::{
+        self, AgentMessage, NodeLoad, agent_message, agent_registry_client::AgentRegistryClient,
+        coordinator_message,
+    },
 };
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, time::Instant};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
@@ -22,6 +25,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// HTTP/2 pings, so a coordinator that vanished without closing the stream is noticed.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// While the coordinator stays unreachable, the log says so at most this often.
+const UNREACHABLE_LOG_EVERY: Duration = Duration::from_secs(60);
 /// Reconnect backoff bounds.
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
@@ -30,6 +35,29 @@ const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// coordinator then dials the host the stream came from.
 pub fn advertise_address(listen: SocketAddr) -> String {
     format!("http://{listen}")
+}
+
+/// When to tell the log that the coordinator cannot be reached: at the first failure, then at
+/// most once a period while failures go on; a success starts over.
+#[derive(Debug, Default)]
+struct UnreachableLog {
+    last_said: Option<Instant>,
+}
+
+impl UnreachableLog {
+    fn failed(&mut self, now: Instant) -> bool {
+        let say = self
+            .last_said
+            .is_none_or(|last| now.duration_since(last) >= UNREACHABLE_LOG_EVERY);
+        if say {
+            self.last_said = Some(now);
+        }
+        say
+    }
+
+    fn attached(&mut self) {
+        self.last_said = None;
+    }
 }
 
 /// The agent's side of its registry stream.
@@ -75,16 +103,25 @@ impl Registration {
                 .build()
         };
         let mut delays = backoff();
+        let mut unreachable = UnreachableLog::default();
         loop {
             let attached = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 result = self.attach(&shutdown) => result,
             };
             match attached {
-                Ok(true) => delays = backoff(),
+                Ok(true) => {
+                    delays = backoff();
+                    unreachable.attached();
+                }
                 Ok(false) => return,
+                Err(e) if unreachable.failed(Instant::now()) => tracing::warn!(
+                    coordinator = %self.coordinator,
+                    "{}; retrying in the background (said again at most once a minute)",
+                    error_chain(&e)
+                ),
                 Err(e) => {
-                    tracing::debug!(coordinator = %self.coordinator, error = %e, "not attached")
+                    tracing::debug!(coordinator = %self.coordinator, error = %error_chain(&e), "not attached")
                 }
             }
             let delay = delays.next().unwrap_or(RECONNECT_MAX);
@@ -187,4 +224,21 @@ async fn send(
         })
         .await
         .map_err(|_| StreamError::Closed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreachable_coordinator_is_logged_at_once_then_once_a_minute() {
+        let start = Instant::now();
+        let mut log = UnreachableLog::default();
+        assert!(log.failed(start));
+        assert!(!log.failed(start + Duration::from_secs(1)));
+        assert!(!log.failed(start + Duration::from_millis(59_999)));
+        assert!(log.failed(start + UNREACHABLE_LOG_EVERY));
+        log.attached();
+        assert!(log.failed(start + Duration::from_secs(61)));
+    }
 }

@@ -4,7 +4,8 @@
 use std::{collections::HashSet, process::Command};
 
 use kowalski_exo_common::proto::{
-    ClusterEvent, ClusterFinished, DrainRequest, ExecStatus, RunBlocksRequest, cluster_event::Event,
+    ClusterEvent, ClusterFinished, DrainRequest, ExecStatus, RunBlocksRequest, SkipKind,
+    cluster_event::Event,
 };
 use kowalski_exo_tests::{
     CEILING, Cluster, binary, eventually, process_alive, python_request, real_executable,
@@ -272,40 +273,59 @@ async fn a_language_no_node_has_is_refused_naming_it_and_what_nodes_offer() {
     assert_eq!(output.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&output.stderr).contains("no node can run perl"));
 
-    let document = "```perl\nprint 1\n```\n\n```bash\necho still runs\n```\n".to_string();
-    let mut stream = client
-        .run_blocks(RunBlocksRequest {
-            document,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut events = Vec::new();
-    while let Some(event) = tokio::time::timeout(CEILING, stream.message())
-        .await
-        .unwrap()
-        .unwrap()
-    {
-        events.push(event);
-    }
+    let document = "```perl\nprint 1\n```\n\n```bash\necho still runs\n```\n";
+    let run = |keep_going| {
+        let mut client = client.clone();
+        async move {
+            let request = RunBlocksRequest {
+                document: document.into(),
+                keep_going,
+                ..Default::default()
+            };
+            let mut stream = client.run_blocks(request).await.unwrap().into_inner();
+            let mut events = Vec::new();
+            while let Some(event) = tokio::time::timeout(CEILING, stream.message())
+                .await
+                .unwrap()
+                .unwrap()
+            {
+                events.push(event);
+            }
+            events
+        }
+    };
+    let second_block_output = |events: &[ClusterEvent]| -> String {
+        events
+            .iter()
+            .filter_map(|e| match &e.event {
+                Some(Event::Output(o)) if e.block == 1 => o.chunk.as_ref(),
+                _ => None,
+            })
+            .map(|c| String::from_utf8_lossy(&c.data).into_owned())
+            .collect()
+    };
+
+    // A block no node can run stops the document like a failure...
+    let events = run(false).await;
     match &events[0].event {
         Some(Event::Skipped(s)) => {
             assert_eq!(s.line, 1);
-            assert!(s.no_node);
+            assert_eq!(s.kind(), SkipKind::NoNode);
             assert!(s.reason.contains("perl"), "{}", s.reason);
         }
         other => panic!("expected the perl block skipped, got {other:?}"),
     }
-    let ran: String = events
-        .iter()
-        .filter_map(|e| match &e.event {
-            Some(Event::Output(o)) if e.block == 1 => o.chunk.as_ref(),
-            _ => None,
-        })
-        .map(|c| String::from_utf8_lossy(&c.data).into_owned())
-        .collect();
-    assert_eq!(ran, "still runs\n");
+    match &events[1].event {
+        Some(Event::Skipped(s)) => {
+            assert_eq!(s.kind(), SkipKind::NotRun);
+            assert!(s.reason.contains("block 1 (line 1) failed"), "{}", s.reason);
+        }
+        other => panic!("expected the bash block not run, got {other:?}"),
+    }
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(second_block_output(&events), "");
+    // ...unless told to keep going.
+    assert_eq!(second_block_output(&run(true).await), "still runs\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,11 +356,29 @@ async fn run_stops_at_the_first_failing_block_and_exits_with_its_status() {
     let finished: Vec<&serde_json::Value> =
         lines.iter().filter(|l| l["event"] == "finished").collect();
     assert_eq!(finished.len(), 2, "{lines:?}");
-    assert_eq!(finished[1]["block"], 1);
+    assert_eq!(finished[1]["block"], 2, "blocks are numbered from 1");
     assert_eq!(finished[1]["exit_code"], 5);
     assert_eq!(finished[1]["status"], "nonzero_exit");
     assert!(lines.iter().all(|l| l["data"] != "never\n"));
-    for line in &lines {
+    let not_run = &lines[lines.len() - 2];
+    assert_eq!(
+        (
+            &not_run["event"],
+            &not_run["skip"],
+            &not_run["block"],
+            &not_run["line"]
+        ),
+        (&"skipped".into(), &"not_run".into(), &3.into(), &7.into())
+    );
+    let last = lines.last().unwrap();
+    assert_eq!(last["event"], "error", "{last}");
+    assert_eq!(last["code"], "block_failed");
+    assert_eq!(last["block"], 2);
+    assert_eq!(
+        last["message"],
+        "block 2 (line 4) exited with 5; block 3 not run (--keep-going runs it)"
+    );
+    for line in &lines[..lines.len() - 1] {
         assert!(
             line["event"].is_string() && line["block"].is_u64(),
             "{line}"

@@ -1,19 +1,42 @@
-//! Printing a stream of cluster events: raw output for people (program output on stdout and
-//! stderr, progress notes on stderr), or one JSON object per event.
-
-use std::io::Write;
+//! The JSON shape of cluster events: one object per event, stable field names, absent fields
+//! left out; blocks numbered from 1 as people count them (the line stays the stable reference).
 
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
-use kowalski_exo_common::proto::{ClusterEvent, OutputStream, cluster_event::Event};
+use kowalski_exo_common::proto::{ClusterEvent, OutputStream, SkipKind, cluster_event::Event};
 use serde::Serialize;
 
 use super::status_name;
+
+/// The last line of a command that could not do its job.
+#[derive(Serialize, Debug, PartialEq)]
+pub struct ErrorLine {
+    /// Always `error`.
+    pub event: &'static str,
+    /// invalid_request, no_node, infrastructure or block_failed.
+    pub code: &'static str,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<u32>,
+}
+
+/// The JSON name of a skip kind.
+pub fn skip_name(kind: SkipKind) -> &'static str {
+    match kind {
+        SkipKind::NoLanguage => "no_language",
+        SkipKind::NoNode => "no_node",
+        SkipKind::Invalid => "invalid",
+        SkipKind::NotRun => "not_run",
+        SkipKind::Unspecified => "other",
+    }
+}
 
 /// One event as `exec --json` and `run --json` print it. Field names are stable; absent
 /// fields are left out.
 #[derive(Serialize, Debug, Default, PartialEq)]
 pub struct EventLine {
-    /// queued, placed, output, retrying, finished or skipped.
+    /// queued, placed, output, retrying, finished, skipped (or error, see [`ErrorLine`]).
     pub event: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub block: Option<u32>,
@@ -43,6 +66,9 @@ pub struct EventLine {
     pub reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wall_ms: Option<f64>,
+    /// Why a block was skipped: no_language, no_node, invalid or not_run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skip: Option<&'static str>,
 }
 
 fn stream_name(stream: OutputStream) -> &'static str {
@@ -56,12 +82,13 @@ impl EventLine {
     /// The line for an event; `with_block` for RunBlocks streams.
     pub fn from_event(event: &ClusterEvent, with_block: bool) -> Option<EventLine> {
         let base = EventLine {
-            block: with_block.then_some(event.block),
+            block: with_block.then_some(event.block + 1),
             ..Default::default()
         };
         Some(match event.event.as_ref()? {
-            Event::Queued(_) => EventLine {
+            Event::Queued(q) => EventLine {
                 event: "queued",
+                line: (q.line > 0).then_some(q.line),
                 ..base
             },
             Event::Placed(p) => EventLine {
@@ -123,73 +150,9 @@ impl EventLine {
                 event: "skipped",
                 line: Some(s.line),
                 reason: Some(s.reason.clone()),
+                skip: Some(skip_name(s.kind())),
                 ..base
             },
         })
-    }
-}
-
-/// Prints events for people: program output raw, notes about placement and retries on stderr.
-pub struct HumanPrinter {
-    /// Whether to announce each block (RunBlocks).
-    pub blocks: bool,
-}
-
-impl HumanPrinter {
-    pub fn print(&self, event: &ClusterEvent) -> std::io::Result<()> {
-        let Some(inner) = &event.event else {
-            return Ok(());
-        };
-        let mut stdout = std::io::stdout().lock();
-        let mut stderr = std::io::stderr().lock();
-        match inner {
-            Event::Output(o) => {
-                if let Some(chunk) = &o.chunk {
-                    match chunk.stream() {
-                        OutputStream::Stderr => stderr.write_all(&chunk.data)?,
-                        _ => {
-                            stdout.write_all(&chunk.data)?;
-                            stdout.flush()?;
-                        }
-                    }
-                }
-            }
-            Event::Placed(p) if self.blocks || p.attempt > 1 => {
-                writeln!(
-                    stderr,
-                    "── block {} on {} (attempt {}) ──",
-                    event.block + 1,
-                    p.node_name,
-                    p.attempt
-                )?;
-            }
-            Event::Retrying(r) => {
-                writeln!(
-                    stderr,
-                    "kowalski: attempt {} on {} was lost ({}); retrying on another node",
-                    r.attempt, r.node_name, r.reason
-                )?;
-            }
-            Event::Skipped(s) => {
-                writeln!(
-                    stderr,
-                    "── block {} (line {}) skipped: {} ──",
-                    event.block + 1,
-                    s.line,
-                    s.reason
-                )?;
-            }
-            Event::Finished(f) => {
-                if !f.error.is_empty() {
-                    writeln!(stderr, "kowalski: {}", f.error)?;
-                } else if let Some(result) = &f.result
-                    && !result.message.is_empty()
-                {
-                    writeln!(stderr, "kowalski: {} on {}", result.message, f.node_name)?;
-                }
-            }
-            _ => {}
-        }
-        Ok(())
     }
 }

@@ -1,24 +1,38 @@
-//! What the client subcommands print: tables and raw program output for people, one JSON
-//! object per line (stable field names) for scripts, and the exit status.
+//! The client subcommands: connecting (or starting a local cluster), building requests, and
+//! what they print: tables and raw program output for people, one JSON object per line (stable
+//! field names) for scripts, and the exit status.
 
+pub mod connect;
 pub mod events;
+pub mod follow;
 pub mod nodes;
 pub mod plan;
+pub mod request;
 
-use kowalski_exo_common::proto::{ExecFinished, ExecStatus};
+use kowalski_exo_common::{
+    exit,
+    proto::{ExecFinished, ExecStatus},
+};
+use serde::Serialize;
+use tonic::{Code, Status};
+
+use events::ErrorLine;
 
 /// Bad usage (clap uses it too).
-pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_USAGE: u8 = exit::USAGE;
 /// No node can run the code.
 pub const EXIT_NO_NODE: u8 = 3;
 /// The cluster failed: coordinator unreachable, or every attempt lost.
-pub const EXIT_INFRASTRUCTURE: u8 = 4;
+pub const EXIT_INFRASTRUCTURE: u8 = exit::INFRASTRUCTURE;
 /// The code ran past its timeout.
 pub const EXIT_TIMEOUT: u8 = 124;
 /// The code went over its output, memory or CPU limit.
 pub const EXIT_LIMIT: u8 = 125;
 /// The run was cancelled.
 pub const EXIT_CANCELLED: u8 = 130;
+
+/// The prefix of every message the CLI writes itself.
+pub const PREFIX: &str = "coordinator:";
 
 /// The exit status for what a run came to: the code's own status when it ran.
 pub fn exit_status(result: &ExecFinished) -> u8 {
@@ -44,6 +58,93 @@ pub fn status_name(status: ExecStatus) -> String {
         .as_str_name()
         .trim_start_matches("EXEC_STATUS_")
         .to_ascii_lowercase()
+}
+
+/// A command that could not do its job, with the exit status it means.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub status: u8,
+    /// The stable name of what went wrong, for the JSON `error` event: invalid_request,
+    /// no_node, infrastructure or block_failed.
+    pub code: &'static str,
+    pub message: String,
+    /// The block it concerns (RunBlocks), 1-based, with its line.
+    pub block: Option<(u32, u32)>,
+}
+
+impl Failure {
+    /// A failure named after its exit status.
+    pub fn new(status: u8, message: impl Into<String>) -> Self {
+        let code = match status {
+            EXIT_USAGE => "invalid_request",
+            EXIT_NO_NODE => "no_node",
+            _ => "infrastructure",
+        };
+        Failure {
+            status,
+            code,
+            message: message.into(),
+            block: None,
+        }
+    }
+
+    pub fn usage(message: impl Into<String>) -> Self {
+        Failure::new(EXIT_USAGE, message)
+    }
+
+    pub fn infrastructure(message: impl Into<String>) -> Self {
+        Failure::new(EXIT_INFRASTRUCTURE, message)
+    }
+
+    /// A status from the coordinator at `addr`, as a sentence: a broken connection says so
+    /// rather than quoting the transport.
+    pub fn from_status(status: Status, addr: &str) -> Self {
+        let exit = match status.code() {
+            Code::FailedPrecondition => EXIT_NO_NODE,
+            Code::InvalidArgument | Code::NotFound => EXIT_USAGE,
+            _ => EXIT_INFRASTRUCTURE,
+        };
+        let transport = matches!(
+            status.code(),
+            Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
+        ) && [
+            "h2 protocol error",
+            "transport error",
+            "connection",
+            "broken pipe",
+        ]
+        .iter()
+        .any(|words| status.message().to_ascii_lowercase().contains(words));
+        if transport {
+            return Failure::new(
+                exit,
+                format!("lost the connection to the coordinator at {addr}"),
+            );
+        }
+        Failure::new(exit, status.message().to_string())
+    }
+
+    /// Says what went wrong: on stderr, and with `json` as an `error` event on stdout too.
+    pub fn report(&self, json: bool) {
+        eprintln!("{PREFIX} {}", self.message);
+        if json {
+            print_json(&ErrorLine {
+                event: "error",
+                code: self.code,
+                message: self.message.clone(),
+                block: self.block.map(|(block, _)| block),
+                line: self.block.map(|(_, line)| line),
+            });
+        }
+    }
+}
+
+/// Prints one JSON object on a line of stdout.
+pub fn print_json<T: Serialize>(value: &T) {
+    match serde_json::to_string(value) {
+        Ok(line) => println!("{line}"),
+        Err(e) => eprintln!("{PREFIX} cannot encode JSON: {e}"),
+    }
 }
 
 #[cfg(test)]
@@ -76,5 +177,19 @@ mod tests {
             125
         );
         assert_eq!(status_name(ExecStatus::NonzeroExit), "nonzero_exit");
+    }
+
+    #[test]
+    fn a_broken_transport_is_a_sentence_not_h2_jargon() {
+        let status = Status::unknown("h2 protocol error: error reading a body from connection");
+        let failure = Failure::from_status(status, "http://10.0.0.2:50051");
+        assert_eq!(
+            failure.message,
+            "lost the connection to the coordinator at http://10.0.0.2:50051"
+        );
+        assert_eq!((failure.status, failure.code), (4, "infrastructure"));
+        let refused =
+            Failure::from_status(Status::failed_precondition("no node can run perl"), "x");
+        assert_eq!((refused.status, refused.code), (3, "no_node"));
     }
 }

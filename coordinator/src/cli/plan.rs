@@ -1,12 +1,17 @@
 //! `run --plan`: what would run where.
 
-use kowalski_exo_common::proto::PlannedBlock;
+use kowalski_exo_common::proto::{
+    PlanRequest, PlannedBlock, SkipKind, coordinator_client::CoordinatorClient,
+};
 use serde::Serialize;
+use tonic::transport::Channel;
+
+use super::{Failure, events::skip_name, print_json};
 
 /// One fenced block as `run --plan --json` prints it. Field names are stable.
 #[derive(Serialize, Debug, PartialEq)]
 pub struct PlanLine {
-    /// Index among the document's fenced blocks, from 0.
+    /// Position among the document's fenced blocks, from 1 (as `run` numbers them).
     pub block: u32,
     /// 1-based line of the opening fence.
     pub line: u32,
@@ -16,20 +21,23 @@ pub struct PlanLine {
     pub code: String,
     /// The node it would run on, or null when skipped.
     pub node: Option<String>,
-    /// Why it would be skipped, or null.
+    /// Why it would be skipped (or wait), or null.
     pub reason: Option<String>,
+    /// Why it would be skipped: no_language, no_node or invalid; null when it would run.
+    pub skip: Option<&'static str>,
 }
 
 impl From<&PlannedBlock> for PlanLine {
     fn from(b: &PlannedBlock) -> Self {
         let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
         PlanLine {
-            block: b.block,
+            block: b.block + 1,
             line: b.line,
             language: some(&b.language),
             code: b.code.clone(),
             node: some(&b.node_name),
             reason: some(&b.reason),
+            skip: (b.kind() != SkipKind::Unspecified).then(|| skip_name(b.kind())),
         }
     }
 }
@@ -44,14 +52,47 @@ pub fn plan_table(blocks: &[PlannedBlock]) -> String {
         let line = PlanLine::from(b);
         out.push_str(&format!(
             "{:<6} {:<5} {:<11} {:<16} {}\n",
-            line.block + 1,
+            line.block,
             line.line,
             line.language.as_deref().unwrap_or("-"),
             line.node.as_deref().unwrap_or("-"),
-            line.reason
-                .as_deref()
-                .map_or(String::new(), |r| format!("skipped: {r}"))
+            match (line.skip, line.reason.as_deref()) {
+                (Some(_), Some(reason)) => format!("skipped: {reason}"),
+                (None, Some(reason)) => reason.to_string(),
+                _ => String::new(),
+            }
         ));
     }
     out
+}
+
+/// `coordinator run --plan`. Exits as `run` would before running anything: 3 when a block no
+/// node can run would stop the document, 2 when a block is invalid.
+pub async fn show(
+    mut client: CoordinatorClient<Channel>,
+    addr: &str,
+    request: PlanRequest,
+    json: bool,
+) -> Result<u8, Failure> {
+    let blocks = client
+        .plan(request)
+        .await
+        .map_err(|s| Failure::from_status(s, addr))?
+        .into_inner()
+        .blocks;
+    if json {
+        for block in &blocks {
+            print_json(&PlanLine::from(block));
+        }
+    } else {
+        print!("{}", plan_table(&blocks));
+    }
+    let blocking = blocks
+        .iter()
+        .find(|b| matches!(b.kind(), SkipKind::NoNode | SkipKind::Invalid));
+    Ok(match blocking.map(|b| b.kind()) {
+        Some(SkipKind::NoNode) => super::EXIT_NO_NODE,
+        Some(_) => super::EXIT_USAGE,
+        None => 0,
+    })
 }

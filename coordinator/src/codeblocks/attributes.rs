@@ -1,6 +1,7 @@
 //! The attribute list of a fence's info string: `{node=NAME timeout=SECONDS key=value ...}`.
-//! `node` pins the block to a node, `timeout` sets its wall-clock limit, any other key is a
-//! label the chosen node must carry with that value.
+//! `node` pins the block to a node, `timeout` sets its wall-clock limit (seconds, fractions
+//! allowed), any other key is a label the chosen node must carry with that value. Words outside
+//! the braces (```` ```python title="x.py" ````) are meant for other tools and ignored.
 
 use std::collections::BTreeMap;
 
@@ -8,20 +9,20 @@ use std::collections::BTreeMap;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BlockAttributes {
     pub node: Option<String>,
-    pub timeout_seconds: Option<u32>,
+    /// Wall-clock timeout in milliseconds; 0 means the default.
+    pub timeout_ms: Option<u32>,
     pub labels: BTreeMap<String, String>,
 }
 
-/// Parses the text after the language word. Empty text means no attributes.
+/// Parses the text after the language word: the part in braces, if any.
 pub fn parse_attributes(text: &str) -> Result<BlockAttributes, String> {
-    let text = text.trim();
-    if text.is_empty() {
+    let Some(open) = text.find('{') else {
         return Ok(BlockAttributes::default());
-    }
-    let inner = text
-        .strip_prefix('{')
-        .and_then(|t| t.strip_suffix('}'))
-        .ok_or_else(|| format!("attributes '{text}' are not in braces: use {{key=value ...}}"))?;
+    };
+    let inner = text[open + 1..]
+        .rfind('}')
+        .map(|close| &text[open + 1..open + 1 + close])
+        .ok_or_else(|| format!("attributes '{}' have no closing brace", &text[open..]))?;
     let mut attributes = BlockAttributes::default();
     for pair in inner
         .split(|c: char| c.is_whitespace() || c == ',')
@@ -34,11 +35,10 @@ pub fn parse_attributes(text: &str) -> Result<BlockAttributes, String> {
         match key {
             "node" => attributes.node = Some(value.to_string()),
             "timeout" => {
-                let seconds = value.trim_end_matches('s');
-                attributes.timeout_seconds =
-                    Some(seconds.parse().map_err(|_| {
-                        format!("timeout '{value}' is not a whole number of seconds")
-                    })?)
+                attributes.timeout_ms = Some(
+                    timeout_ms(value.trim_end_matches('s'))
+                        .ok_or_else(|| format!("timeout '{value}' is not a number of seconds"))?,
+                )
             }
             _ if key.is_empty() => return Err(format!("attribute '{pair}' has no key")),
             _ => {
@@ -49,6 +49,16 @@ pub fn parse_attributes(text: &str) -> Result<BlockAttributes, String> {
     Ok(attributes)
 }
 
+/// Seconds (fractions allowed) as milliseconds, rounded up so a tiny timeout stays non-zero;
+/// 0 stays 0, which means the default.
+pub fn timeout_ms(seconds: &str) -> Option<u32> {
+    let seconds: f64 = seconds.trim().parse().ok()?;
+    if !seconds.is_finite() || seconds < 0.0 {
+        return None;
+    }
+    Some((seconds * 1000.0).ceil().min(f64::from(u32::MAX)) as u32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,15 +67,36 @@ mod tests {
     fn commas_quotes_and_suffixes_are_accepted() {
         let a = parse_attributes("{node=\"box\", timeout=5s}").unwrap();
         assert_eq!(a.node.as_deref(), Some("box"));
-        assert_eq!(a.timeout_seconds, Some(5));
+        assert_eq!(a.timeout_ms, Some(5000));
+    }
+
+    #[test]
+    fn fractional_and_zero_timeouts_are_accepted() {
+        assert_eq!(
+            parse_attributes("{timeout=0.5}").unwrap().timeout_ms,
+            Some(500)
+        );
+        assert_eq!(parse_attributes("{timeout=0}").unwrap().timeout_ms, Some(0));
+        assert_eq!(timeout_ms("-1"), None);
+        assert_eq!(timeout_ms("0.0001"), Some(1));
+    }
+
+    #[test]
+    fn words_outside_the_braces_are_ignored() {
+        let a = parse_attributes("title=\"x.py\" {node=box} linenums").unwrap();
+        assert_eq!(a.node.as_deref(), Some("box"));
+        assert_eq!(
+            parse_attributes("title=\"x.py\"").unwrap(),
+            BlockAttributes::default()
+        );
     }
 
     #[test]
     fn malformed_attributes_name_the_problem() {
         assert!(
-            parse_attributes("node=box")
+            parse_attributes("{node=box")
                 .unwrap_err()
-                .contains("not in braces")
+                .contains("no closing brace")
         );
         assert!(
             parse_attributes("{node}")

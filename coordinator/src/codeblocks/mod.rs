@@ -7,7 +7,7 @@ mod attributes;
 use kowalski_exo_common::Language;
 use pulldown_cmark::{CodeBlockKind, Event, Parser, Tag, TagEnd};
 
-pub use attributes::{BlockAttributes, parse_attributes};
+pub use attributes::{BlockAttributes, parse_attributes, timeout_ms};
 
 /// One fenced block.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,6 +88,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn words_after_the_language_that_are_not_attributes_are_ignored() {
+        let blocks = parse("```python title=\"x.py\"\nprint(1)\n```\n");
+        assert_eq!(blocks[0].language, Some(Language::Python));
+        assert_eq!(blocks[0].problem, None);
+    }
+
+    #[test]
     fn fenced_blocks_come_in_document_order_with_lines_and_exact_code() {
         let doc =
             "# Title\n\n```python\nprint(1)\n```\n\ntext\n\n~~~bash\necho hi\n  indented\n~~~\n";
@@ -149,7 +156,7 @@ mod tests {
         let blocks = parse("```python {node=gpu-box timeout=60 gpu=yes}\nprint(1)\n```\n");
         let attributes = &blocks[0].attributes;
         assert_eq!(attributes.node.as_deref(), Some("gpu-box"));
-        assert_eq!(attributes.timeout_seconds, Some(60));
+        assert_eq!(attributes.timeout_ms, Some(60_000));
         assert_eq!(
             attributes.labels.get("gpu").map(String::as_str),
             Some("yes")

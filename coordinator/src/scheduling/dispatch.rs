@@ -24,7 +24,7 @@ use super::{
     agents::{AgentConnector, GrpcAgents},
     placement::{Requirements, Unplaceable, place},
 };
-use crate::registry::NodeRegistry;
+use crate::registry::{NodeRegistry, NodeState};
 
 /// Attempts per run unless the request says otherwise.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
@@ -33,6 +33,26 @@ const RETRY_MIN_DELAY: Duration = Duration::from_millis(20);
 const RETRY_MAX_DELAY: Duration = Duration::from_secs(1);
 /// How long a run waits for a fitting node to become ready before giving up.
 const NONE_READY_WAIT: Duration = Duration::from_secs(10);
+
+/// Time kept between the run's timeout and the client's deadline, so the `finished` event (with
+/// its timeout status) reaches the client before its deadline cuts the stream.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(200);
+
+/// The run's timeout, shortened to just inside the client's deadline when that comes first.
+pub fn bounded_timeout(timeout_ms: u32, deadline: Option<Duration>) -> u32 {
+    match deadline {
+        Some(deadline) => {
+            let inside = deadline.saturating_sub(DEADLINE_MARGIN.min(deadline / 2));
+            let deadline_ms = inside.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
+            if timeout_ms == 0 {
+                deadline_ms
+            } else {
+                timeout_ms.min(deadline_ms)
+            }
+        }
+        None => timeout_ms,
+    }
+}
 
 /// Where a run's events go.
 pub type ClusterSender = mpsc::Sender<Result<ClusterEvent, Status>>;
@@ -47,10 +67,12 @@ pub struct RunSpec {
     pub max_attempts: u32,
     /// Block index, for RunBlocks; 0 for Execute.
     pub block: u32,
+    /// Line of the block's opening fence, for RunBlocks; 0 for Execute.
+    pub line: u32,
 }
 
 impl RunSpec {
-    fn requirements<'a>(&'a self, exclude: &'a [String]) -> Requirements<'a> {
+    pub fn requirements<'a>(&'a self, exclude: &'a [String]) -> Requirements<'a> {
         Requirements {
             language: Some(self.language),
             node: self.node.as_deref(),
@@ -105,14 +127,37 @@ impl Dispatcher {
         &self.registry
     }
 
-    /// Fails early when no node could ever take the run (waiting would not help).
-    pub fn check(&self, spec: &RunSpec) -> Result<(), Unplaceable> {
-        match place(
-            &self.registry.candidates(Instant::now()),
-            &spec.requirements(&[]),
-        ) {
-            Err(reason) if !reason.is_transient() => Err(reason),
-            _ => Ok(()),
+    /// Fails early when no node could ever take the run. While the cluster has no live node, or
+    /// the pinned node has not joined, waits up to `wait` for one, so a client started together
+    /// with its cluster finds it.
+    pub async fn admit(&self, spec: &RunSpec, wait: Duration) -> Result<(), Unplaceable> {
+        let deadline = Instant::now() + wait;
+        let mut changes = self.registry.subscribe();
+        loop {
+            changes.borrow_and_update();
+            let candidates = self.registry.candidates(Instant::now());
+            let reason = match place(&candidates, &spec.requirements(&[])) {
+                Err(reason) if !reason.is_transient() => reason,
+                _ => return Ok(()),
+            };
+            let joining = matches!(reason, Unplaceable::UnknownNode { .. })
+                || candidates.iter().all(|c| c.state == NodeState::Down);
+            if !joining || Instant::now() >= deadline {
+                return Err(reason);
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+
+    /// Why no other node could take the run after the nodes in `failed`, if none can.
+    fn no_retry(&self, spec: &RunSpec, failed: &[String]) -> Option<Unplaceable> {
+        let candidates = self.registry.candidates(Instant::now());
+        match place(&candidates, &spec.requirements(failed)) {
+            Err(reason) if !reason.is_transient() => Some(reason),
+            _ => None,
         }
     }
 
@@ -146,9 +191,13 @@ impl Dispatcher {
         events: &ClusterSender,
         last_placed: &mut Option<Placed>,
     ) -> Outcome {
-        if send(events, spec.block, Event::Queued(Queued {}))
-            .await
-            .is_err()
+        if send(
+            events,
+            spec.block,
+            Event::Queued(Queued { line: spec.line }),
+        )
+        .await
+        .is_err()
         {
             return Outcome::Cancelled;
         }
@@ -206,6 +255,9 @@ impl Dispatcher {
             losses.push(format!("attempt {attempt} on {}: {reason}", node.1));
             if attempt == max_attempts {
                 break;
+            }
+            if let Some(why) = self.no_retry(spec, &failed) {
+                return Outcome::Failed(format!("{}; {why}", losses.join("; ")));
             }
             let retrying = Retrying {
                 attempt,
@@ -374,12 +426,34 @@ fn silence_reason(registry: &NodeRegistry) -> String {
 /// Infrastructure failures are retried elsewhere; a bad request is not. A cancellation is the
 /// caller's only when the caller is in fact gone.
 fn classify(status: Status, events: &ClusterSender) -> AttemptEnd {
-    let reason = format!("{}: {}", code_name(status.code()), status.message());
+    let reason = loss_reason(&status);
     match status.code() {
         Code::InvalidArgument => AttemptEnd::Rejected(status),
         Code::Cancelled if events.is_closed() => AttemptEnd::Cancelled,
         Code::ResourceExhausted => AttemptEnd::Busy(reason),
         _ => AttemptEnd::Lost(reason),
+    }
+}
+
+/// A sentence for a failed call; a broken transport says the node was lost instead of quoting
+/// HTTP/2 internals.
+fn loss_reason(status: &Status) -> String {
+    const TRANSPORT: [&str; 5] = [
+        "h2 protocol error",
+        "transport error",
+        "connection",
+        "broken pipe",
+        "error reading a body",
+    ];
+    let message = status.message().to_ascii_lowercase();
+    let transport = matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
+    ) && TRANSPORT.iter().any(|words| message.contains(words));
+    if transport {
+        "the connection to the node was lost".into()
+    } else {
+        format!("{}: {}", code_name(status.code()), status.message())
     }
 }
 
@@ -407,6 +481,16 @@ async fn send(events: &ClusterSender, block: u32, event: Event) -> Result<(), ()
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_clients_deadline_bounds_the_run() {
+        let deadline = Some(Duration::from_millis(1500));
+        assert_eq!(bounded_timeout(0, deadline), 1300);
+        assert_eq!(bounded_timeout(900, deadline), 900);
+        assert_eq!(bounded_timeout(5000, deadline), 1300);
+        assert_eq!(bounded_timeout(5000, None), 5000);
+        assert_eq!(bounded_timeout(0, Some(Duration::from_millis(100))), 50);
+    }
+
     use std::{
         collections::{HashMap, VecDeque},
         sync::Mutex,
@@ -548,6 +632,7 @@ mod tests {
             labels: Default::default(),
             max_attempts: 0,
             block: 0,
+            line: 0,
         }
     }
 

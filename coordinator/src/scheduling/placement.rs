@@ -46,11 +46,17 @@ pub enum Unplaceable {
     /// The pinned node is not known.
     UnknownNode { node: String, known: Vec<String> },
     /// No node with the runtime carries the labels.
-    NoLabelMatch { labels: BTreeMap<String, String> },
+    NoLabelMatch {
+        labels: BTreeMap<String, String>,
+        /// Each node with the runtime, with the labels it carries.
+        carried: Vec<(String, BTreeMap<String, String>)>,
+    },
     /// Every fitting node was already tried.
     Exhausted { tried: usize },
-    /// Fitting nodes exist but none is ready (suspect, draining or down).
+    /// Fitting nodes exist but none is ready (suspect or down; some may be draining).
     NoneReady { states: Vec<(String, NodeState)> },
+    /// Every fitting node is draining: an operator's choice that waiting does not undo.
+    Draining { nodes: Vec<String> },
     /// Every fitting ready node is running all it can.
     AllBusy,
 }
@@ -84,12 +90,25 @@ impl fmt::Display for Unplaceable {
                     known.join(", ")
                 }
             ),
-            Unplaceable::NoLabelMatch { labels } => {
-                let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            Unplaceable::NoLabelMatch { labels, carried } => {
+                let pairs = |labels: &BTreeMap<String, String>| {
+                    let pairs: Vec<String> =
+                        labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    if pairs.is_empty() {
+                        "no labels".to_string()
+                    } else {
+                        pairs.join(", ")
+                    }
+                };
+                let carried: Vec<String> = carried
+                    .iter()
+                    .map(|(name, labels)| format!("{name} has {}", pairs(labels)))
+                    .collect();
                 write!(
                     f,
-                    "no node with the runtime carries the labels {}",
-                    wanted.join(", ")
+                    "no node with the runtime carries the labels {} ({})",
+                    pairs(labels),
+                    carried.join("; ")
                 )
             }
             Unplaceable::Exhausted { tried } => {
@@ -102,6 +121,16 @@ impl fmt::Display for Unplaceable {
                     .collect();
                 write!(f, "no fitting node is ready: {}", states.join(", "))
             }
+            Unplaceable::Draining { nodes } if nodes.len() == 1 => write!(
+                f,
+                "node '{0}' is draining and takes no new work (`coordinator undrain {0}` takes it back)",
+                nodes[0]
+            ),
+            Unplaceable::Draining { nodes } => write!(
+                f,
+                "every fitting node is draining and takes no new work: {}",
+                nodes.join(", ")
+            ),
             Unplaceable::AllBusy => write!(f, "every fitting node is busy"),
         }
     }
@@ -135,6 +164,10 @@ pub fn place<'c>(
             });
         }
     }
+    let carried = fitting
+        .iter()
+        .map(|c| (c.name.clone(), c.labels.clone().into_iter().collect()))
+        .collect();
     fitting.retain(|c| {
         wanted
             .labels
@@ -144,6 +177,7 @@ pub fn place<'c>(
     if fitting.is_empty() {
         return Err(Unplaceable::NoLabelMatch {
             labels: wanted.labels.clone(),
+            carried,
         });
     }
     fitting.retain(|c| !wanted.exclude.contains(&c.id));
@@ -152,9 +186,18 @@ pub fn place<'c>(
             tried: wanted.exclude.len(),
         });
     }
-    let states = fitting.iter().map(|c| (c.name.clone(), c.state)).collect();
+    let states: Vec<(String, NodeState)> =
+        fitting.iter().map(|c| (c.name.clone(), c.state)).collect();
     fitting.retain(|c| c.state == NodeState::Ready);
     if fitting.is_empty() {
+        if states
+            .iter()
+            .all(|(_, state)| *state == NodeState::Draining)
+        {
+            return Err(Unplaceable::Draining {
+                nodes: states.into_iter().map(|(name, _)| name).collect(),
+            });
+        }
         return Err(Unplaceable::NoneReady { states });
     }
     fitting.retain(|c| c.in_flight < c.capacity.max(1));
@@ -290,5 +333,37 @@ mod tests {
         let err = place(&[down], &python()).unwrap_err();
         assert!(err.is_transient());
         assert_eq!(err.to_string(), "no fitting node is ready: laptop is down");
+    }
+
+    #[test]
+    fn a_pinned_draining_node_is_a_lasting_refusal_naming_the_way_back() {
+        let mut draining = node("laptop", 0, 2, 0.0);
+        draining.state = NodeState::Draining;
+        let pinned = Requirements {
+            node: Some("laptop"),
+            ..python()
+        };
+        let err = place(&[draining, node("desk", 0, 2, 0.0)], &pinned).unwrap_err();
+        assert!(!err.is_transient());
+        assert_eq!(
+            err.to_string(),
+            "node 'laptop' is draining and takes no new work (`coordinator undrain laptop` takes it back)"
+        );
+    }
+
+    #[test]
+    fn unmatched_labels_list_the_labels_nodes_carry() {
+        let mut gpu = node("gpu-box", 0, 2, 0.0);
+        gpu.labels.insert("gpu".into(), "no".into());
+        let wanted = Requirements {
+            labels: [("gpu".to_string(), "yes".to_string())].into(),
+            ..python()
+        };
+        assert_eq!(
+            place(&[gpu, node("laptop", 0, 2, 0.0)], &wanted)
+                .unwrap_err()
+                .to_string(),
+            "no node with the runtime carries the labels gpu=yes (gpu-box has gpu=no; laptop has no labels)"
+        );
     }
 }

@@ -9,14 +9,6 @@ use kowalski_exo_common::proto;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest timeout a request may ask for.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
-/// Largest accepted source code.
-pub const DEFAULT_MAX_CODE_BYTES: usize = 1024 * 1024;
-/// Largest total size of a request's program arguments (well inside the launcher's job size).
-pub const MAX_ARGS_BYTES: usize = 256 * 1024;
-/// Most program arguments a request may pass.
-pub const MAX_ARGS: usize = 4096;
-/// Largest accepted standard input.
-pub const MAX_STDIN_BYTES: usize = 16 * 1024 * 1024;
 
 /// Resolved limits of one run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,15 +57,18 @@ impl ExecLimits {
             if asked == 0 { default } else { asked.min(max) }
         };
         let r = requested.cloned().unwrap_or_default();
+        let timeout = Duration::from_millis(pick(
+            timeout_ms.into(),
+            self.timeout.as_millis() as u64,
+            ceiling.timeout.as_millis() as u64,
+        ));
+        // A run allowed to take longer than the default CPU time may use the CPU all along.
+        let cpu_default = u64::from(self.cpu_seconds).max(timeout.as_secs_f64().ceil() as u64);
         ExecLimits {
-            timeout: Duration::from_millis(pick(
-                timeout_ms.into(),
-                self.timeout.as_millis() as u64,
-                ceiling.timeout.as_millis() as u64,
-            )),
+            timeout,
             cpu_seconds: pick(
                 r.cpu_seconds.into(),
-                self.cpu_seconds.into(),
+                cpu_default,
                 ceiling.cpu_seconds.into(),
             ) as u32,
             memory_bytes: pick(r.memory_bytes, self.memory_bytes, ceiling.memory_bytes),
@@ -113,6 +108,26 @@ mod tests {
         assert_eq!(limits.memory_bytes, 64 * 1024 * 1024);
         assert_eq!(limits.output_bytes, ExecLimits::ceiling().output_bytes);
         assert_eq!(limits.max_processes, ExecLimits::default().max_processes);
+    }
+
+    #[test]
+    fn a_timeout_past_the_cpu_default_raises_the_cpu_limit_unless_one_is_asked() {
+        let limits = ExecLimits::default().with_request(40_500, None);
+        assert_eq!(limits.cpu_seconds, 41);
+        let asked = proto::ExecLimits {
+            cpu_seconds: 5,
+            ..Default::default()
+        };
+        assert_eq!(
+            ExecLimits::default()
+                .with_request(40_000, Some(&asked))
+                .cpu_seconds,
+            5
+        );
+        assert_eq!(
+            ExecLimits::default().with_request(2_000, None).cpu_seconds,
+            30
+        );
     }
 
     #[test]

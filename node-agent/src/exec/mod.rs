@@ -17,6 +17,7 @@ use std::{
 use kowalski_exo_common::{
     Language,
     proto::{self, ExecStatus, IsolationLevel},
+    request_size,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -108,34 +109,7 @@ impl Executor {
     /// Checks a request: language known, runtime present here, sizes within limits.
     pub fn prepare(&self, request: proto::ExecuteRequest) -> Result<PreparedRun, ExecError> {
         let language = Language::parse(&request.language)?;
-        if request.code.len() > self.max_code_bytes {
-            return Err(ExecError::CodeTooLarge {
-                size: request.code.len(),
-                limit: self.max_code_bytes,
-            });
-        }
-        if request.args.len() > limits::MAX_ARGS {
-            return Err(ExecError::TooManyArgs {
-                count: request.args.len(),
-                limit: limits::MAX_ARGS,
-            });
-        }
-        let args_size: usize = request.args.iter().map(|a| a.len() + 1).sum();
-        if args_size > limits::MAX_ARGS_BYTES {
-            return Err(ExecError::ArgsTooLarge {
-                size: args_size,
-                limit: limits::MAX_ARGS_BYTES,
-            });
-        }
-        if let Some(index) = request.args.iter().position(|a| a.contains('\0')) {
-            return Err(ExecError::NulInArgument { index });
-        }
-        if request.stdin.len() > limits::MAX_STDIN_BYTES {
-            return Err(ExecError::StdinTooLarge {
-                size: request.stdin.len(),
-                limit: limits::MAX_STDIN_BYTES,
-            });
-        }
+        request_size::check(&request, self.max_code_bytes)?;
         let runtime = self.runtimes.borrow().get(language);
         let Some(executable) = runtime.healthy_executable().cloned() else {
             let reason = match runtime.health {

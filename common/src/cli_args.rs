@@ -1,0 +1,49 @@
+//! Command-line values both binaries take: labels, and the coordinator's address with the one
+//! environment variable that names it.
+
+use crate::defaults;
+
+/// The environment variable holding the coordinator's URL, read by both binaries.
+pub const COORDINATOR_ENV: &str = "KOWALSKI_COORDINATOR";
+/// The name the coordinator's client subcommands used before; still accepted.
+pub const LEGACY_COORDINATOR_ENV: &str = "COORDINATOR_ADDR";
+
+/// The coordinator URL when neither the flag nor [`COORDINATOR_ENV`] gives one: the legacy
+/// variable if set, else the default.
+pub fn default_coordinator_url() -> String {
+    std::env::var(LEGACY_COORDINATOR_ENV)
+        .ok()
+        .filter(|url| !url.is_empty())
+        .unwrap_or_else(|| defaults::COORDINATOR_URL.to_string())
+}
+
+/// A coordinator URL: it needs its scheme, which is easy to forget.
+pub fn parse_coordinator_url(s: &str) -> Result<String, String> {
+    if s.starts_with("http://") || s.starts_with("https://") {
+        Ok(s.to_string())
+    } else {
+        Err(format!("'{s}' has no scheme; write it as http://{s}"))
+    }
+}
+
+/// A `key=value` label.
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("label '{s}' is not key=value")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_without_scheme_is_refused_with_the_fix() {
+        assert_eq!(
+            parse_coordinator_url("10.0.0.2:50051").unwrap_err(),
+            "'10.0.0.2:50051' has no scheme; write it as http://10.0.0.2:50051"
+        );
+        assert!(parse_coordinator_url("http://10.0.0.2:50051").is_ok());
+    }
+}

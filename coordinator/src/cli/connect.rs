@@ -1,0 +1,85 @@
+//! Reaching a coordinator for a client subcommand: the one at `--addr`, or with `--local` an
+//! in-process coordinator and agent on loopback ports the OS picks, stopped afterwards.
+
+use std::time::Duration;
+
+use kowalski_exo_common::{
+    error_text::error_chain, proto::coordinator_client::CoordinatorClient, telemetry,
+};
+use kowalski_exo_node_agent::AgentConfig;
+use tonic::transport::Channel;
+
+use super::Failure;
+use crate::server::{self, RunningCoordinator};
+
+/// How long `--local` waits for its agent to join.
+const LOCAL_JOIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The agent of a one-process cluster (`serve --local-agent`, `--local`).
+pub fn local_agent_config() -> AgentConfig {
+    AgentConfig {
+        name: "local".into(),
+        listen: "127.0.0.1:0".into(),
+        ..AgentConfig::default()
+    }
+}
+
+/// Connects to `addr` (or a local cluster), runs `command` with the client and the address it
+/// dialled, and stops the local cluster.
+pub async fn with_client<F, Fut>(addr: &str, local: bool, command: F) -> Result<u8, Failure>
+where
+    F: FnOnce(CoordinatorClient<Channel>, String) -> Fut,
+    Fut: Future<Output = Result<u8, Failure>>,
+{
+    let local = if local {
+        Some(start_local().await?)
+    } else {
+        None
+    };
+    let addr = match &local {
+        Some(cluster) => format!("http://{}", cluster.addr),
+        None => addr.to_string(),
+    };
+    let result = match CoordinatorClient::connect(addr.clone()).await {
+        Ok(client) => command(client, addr).await,
+        Err(e) => Err(Failure::infrastructure(format!(
+            "cannot reach the coordinator at {addr} ({}); start one with `coordinator serve`, or pass --local",
+            error_chain(&e)
+        ))),
+    };
+    if let Some(cluster) = local {
+        let _ = cluster.stop().await;
+    }
+    result
+}
+
+/// An in-process coordinator with one agent, on loopback ports the OS picks.
+async fn start_local() -> Result<RunningCoordinator, Failure> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        telemetry::init();
+    }
+    let cluster = server::start("127.0.0.1:0", Some(local_agent_config()))
+        .await
+        .map_err(|e| {
+            Failure::infrastructure(format!(
+                "cannot start the local cluster: {}",
+                error_chain(&e)
+            ))
+        })?;
+    let started = tokio::time::Instant::now();
+    while !cluster
+        .registry
+        .list(tokio::time::Instant::now())
+        .iter()
+        .any(|n| n.state == "ready")
+    {
+        if started.elapsed() > LOCAL_JOIN_TIMEOUT {
+            let _ = cluster.stop().await;
+            return Err(Failure::infrastructure(format!(
+                "the local agent did not join within {LOCAL_JOIN_TIMEOUT:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(cluster)
+}

@@ -1,0 +1,148 @@
+//! What `exec` and `run` send: the code or document, the program's standard input, the limits
+//! and timeout from flags, each read or parsed with an error that names what was wrong.
+
+use std::{
+    io::{IsTerminal, Read},
+    path::Path,
+};
+
+use kowalski_exo_common::{Language, proto::ExecLimits, request_size::MAX_STDIN_BYTES};
+
+use super::Failure;
+use crate::codeblocks;
+
+/// `--timeout SECONDS` (fractions allowed; 0 means the agent's default) as milliseconds.
+pub fn parse_timeout(s: &str) -> Result<u32, String> {
+    codeblocks::timeout_ms(s).ok_or_else(|| format!("'{s}' is not a number of seconds"))
+}
+
+/// A size such as `512M`, `2G`, `64k` or a number of bytes (binary multiples).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let text = s.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let shift = match unit
+        .trim()
+        .to_ascii_lowercase()
+        .trim_end_matches("ib")
+        .trim_end_matches('b')
+    {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        _ => {
+            return Err(format!(
+                "'{s}' is not a size: write bytes, or a number with k, M or G"
+            ));
+        }
+    };
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size: write bytes, or a number with k, M or G"))?;
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// The limits the flags ask for, or None when they ask for none (the agent's defaults hold).
+pub fn limits(
+    memory: Option<u64>,
+    cpu_seconds: Option<u32>,
+    output: Option<u64>,
+) -> Option<ExecLimits> {
+    (memory.is_some() || cpu_seconds.is_some() || output.is_some()).then(|| ExecLimits {
+        memory_bytes: memory.unwrap_or(0),
+        cpu_seconds: cpu_seconds.unwrap_or(0),
+        output_bytes: output.unwrap_or(0),
+        ..Default::default()
+    })
+}
+
+/// Reads a file, or standard input for "-".
+pub fn read_text(file: &Path) -> Result<String, Failure> {
+    let read = if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())
+    } else {
+        std::fs::read_to_string(file)
+    };
+    read.map_err(|e| Failure::usage(format!("cannot read {}: {e}", file.display())))
+}
+
+/// The program's standard input: `--stdin FILE`, else whatever is piped to this command unless
+/// the code itself came from standard input or it is a terminal.
+pub fn program_stdin(stdin_file: Option<&Path>, code_from_stdin: bool) -> Result<Vec<u8>, Failure> {
+    let too_large = || {
+        Failure::usage(format!(
+            "standard input for the program is over {MAX_STDIN_BYTES} bytes, the most a run takes"
+        ))
+    };
+    let data = match stdin_file {
+        Some(path) => std::fs::read(path)
+            .map_err(|e| Failure::usage(format!("cannot read {}: {e}", path.display())))?,
+        None if code_from_stdin || std::io::stdin().is_terminal() => return Ok(Vec::new()),
+        None => {
+            let mut data = Vec::new();
+            std::io::stdin()
+                .take(MAX_STDIN_BYTES as u64 + 1)
+                .read_to_end(&mut data)
+                .map_err(|e| Failure::usage(format!("cannot read standard input: {e}")))?;
+            data
+        }
+    };
+    if data.len() > MAX_STDIN_BYTES {
+        return Err(too_large());
+    }
+    Ok(data)
+}
+
+/// Refuses a source file given to `run`, which takes Markdown, pointing at `exec`.
+pub fn check_markdown(file: &Path, document: &str) -> Result<(), Failure> {
+    let has_fence = document
+        .lines()
+        .any(|l| l.trim_start().starts_with("```") || l.trim_start().starts_with("~~~"));
+    let extension = file.extension().and_then(|e| e.to_str()).unwrap_or("");
+    match Language::parse(extension) {
+        Ok(language) if !has_fence => Err(Failure::usage(format!(
+            "{} is {language} source, not Markdown; run it with `coordinator exec --lang {} {}`",
+            file.display(),
+            language.name(),
+            file.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_take_binary_units() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("lots").unwrap_err().contains("not a size"));
+    }
+
+    #[test]
+    fn zero_timeout_means_the_default_and_fractions_count() {
+        assert_eq!(parse_timeout("0"), Ok(0));
+        assert_eq!(parse_timeout("0.5"), Ok(500));
+        assert!(parse_timeout("soon").is_err());
+    }
+
+    #[test]
+    fn a_source_file_given_to_run_points_at_exec() {
+        let failure = check_markdown(Path::new("script.rs"), "fn main() {}\n").unwrap_err();
+        assert_eq!(failure.status, 2);
+        assert_eq!(
+            failure.message,
+            "script.rs is rust source, not Markdown; run it with `coordinator exec --lang rust script.rs`"
+        );
+        assert!(check_markdown(Path::new("notes.md"), "text").is_ok());
+    }
+}

@@ -1,0 +1,231 @@
+//! A document's blocks, run in order: the verdict for each block (its run, or why it is skipped)
+//! that Plan and RunBlocks share, the rule that a failed block stops the rest unless told to keep
+//! going, and a notice for every block left unrun.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use kowalski_exo_common::{
+    proto::{
+        BlockSkipped, ClusterEvent, ClusterFinished, ExecStatus, ExecuteRequest, PlannedBlock,
+        RunBlocksRequest, SkipKind, cluster_event::Event,
+    },
+    request_size,
+};
+use tokio::time::Instant;
+
+use super::{
+    dispatch::{ClusterSender, Dispatcher, Outcome, RunSpec, bounded_timeout},
+    placement::place,
+};
+use crate::codeblocks::CodeBlock;
+
+/// Why a block does not run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Skip {
+    pub kind: SkipKind,
+    pub reason: String,
+}
+
+impl Skip {
+    /// A skipped block that the document should not run past.
+    fn stops(&self) -> bool {
+        !matches!(self.kind, SkipKind::NoLanguage)
+    }
+
+    fn event(&self, block: &CodeBlock) -> ClusterEvent {
+        ClusterEvent {
+            block: block.index as u32,
+            event: Some(Event::Skipped(BlockSkipped {
+                line: block.line as u32,
+                reason: self.reason.clone(),
+                no_node: self.kind == SkipKind::NoNode,
+                kind: self.kind as i32,
+            })),
+        }
+    }
+}
+
+/// What applies to every block unless the block's attributes say otherwise.
+#[derive(Clone, Debug, Default)]
+pub struct BlockDefaults {
+    pub node: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub timeout_ms: u32,
+    pub limits: Option<kowalski_exo_common::proto::ExecLimits>,
+    pub max_attempts: u32,
+    /// The client's gRPC deadline, which every block's timeout stays inside.
+    pub deadline: Option<Duration>,
+}
+
+impl BlockDefaults {
+    pub fn of(request: &RunBlocksRequest) -> Self {
+        let placement = request.placement.clone().unwrap_or_default();
+        BlockDefaults {
+            node: (!placement.node.is_empty()).then_some(placement.node),
+            labels: placement.labels.into_iter().collect(),
+            timeout_ms: request.timeout_ms,
+            limits: request.limits,
+            max_attempts: request.max_attempts,
+            deadline: None,
+        }
+    }
+
+    /// The run for a block, with the block's attributes over these defaults, or why it cannot
+    /// run from what the block itself holds.
+    pub fn spec(&self, block: &CodeBlock) -> Result<RunSpec, Skip> {
+        let Some(language) = block.language else {
+            return Err(Skip {
+                kind: SkipKind::NoLanguage,
+                reason: block
+                    .problem
+                    .clone()
+                    .unwrap_or_else(|| "the block names no language".into()),
+            });
+        };
+        if let Some(problem) = &block.problem {
+            return Err(Skip {
+                kind: SkipKind::Invalid,
+                reason: problem.clone(),
+            });
+        }
+        let mut labels = self.labels.clone();
+        labels.extend(block.attributes.labels.clone());
+        let execution = ExecuteRequest {
+            language: language.name().to_string(),
+            code: block.code.clone(),
+            timeout_ms: bounded_timeout(
+                block.attributes.timeout_ms.unwrap_or(self.timeout_ms),
+                self.deadline,
+            ),
+            limits: self.limits,
+            ..Default::default()
+        };
+        request_size::check(&execution, request_size::MAX_CODE_BYTES).map_err(|e| Skip {
+            kind: SkipKind::Invalid,
+            reason: e.to_string(),
+        })?;
+        Ok(RunSpec {
+            execution,
+            language,
+            node: block.attributes.node.clone().or(self.node.clone()),
+            labels,
+            max_attempts: self.max_attempts,
+            block: block.index as u32,
+            line: block.line as u32,
+        })
+    }
+}
+
+/// Where each block would run now, with the same verdicts RunBlocks reaches.
+pub fn plan(
+    dispatcher: &Dispatcher,
+    blocks: &[CodeBlock],
+    defaults: &BlockDefaults,
+) -> Vec<PlannedBlock> {
+    let candidates = dispatcher.registry().candidates(Instant::now());
+    blocks
+        .iter()
+        .map(|block| {
+            let mut planned = PlannedBlock {
+                block: block.index as u32,
+                line: block.line as u32,
+                language: block
+                    .language
+                    .map(|l| l.name().to_string())
+                    .unwrap_or_default(),
+                code: block.code.clone(),
+                ..Default::default()
+            };
+            let spec = match defaults.spec(block) {
+                Ok(spec) => spec,
+                Err(skip) => {
+                    planned.reason = skip.reason;
+                    planned.kind = skip.kind as i32;
+                    return planned;
+                }
+            };
+            match place(&candidates, &spec.requirements(&[])) {
+                Ok(chosen) => {
+                    planned.node_id = chosen.id.clone();
+                    planned.node_name = chosen.name.clone();
+                }
+                Err(reason) if reason.is_transient() => {
+                    planned.reason = format!("would wait: {reason}");
+                }
+                Err(reason) => {
+                    planned.reason = reason.to_string();
+                    planned.kind = SkipKind::NoNode as i32;
+                }
+            }
+            planned
+        })
+        .collect()
+}
+
+/// Runs the blocks in order. A block that fails (or cannot run) stops the rest unless
+/// `keep_going`; every block left unrun is reported as such.
+pub async fn run(
+    dispatcher: &Dispatcher,
+    blocks: &[CodeBlock],
+    defaults: &BlockDefaults,
+    keep_going: bool,
+    wait_for_nodes: Duration,
+    events: &ClusterSender,
+) {
+    let mut stopped_at: Option<&CodeBlock> = None;
+    for block in blocks {
+        if let Some(failed) = stopped_at {
+            let skip = Skip {
+                kind: SkipKind::NotRun,
+                reason: format!(
+                    "not run: block {} (line {}) failed; --keep-going runs the rest",
+                    failed.index + 1,
+                    failed.line
+                ),
+            };
+            if events.send(Ok(skip.event(block))).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let admitted = match defaults.spec(block) {
+            Ok(spec) => match dispatcher.admit(&spec, wait_for_nodes).await {
+                Ok(()) => Ok(spec),
+                Err(reason) => Err(Skip {
+                    kind: SkipKind::NoNode,
+                    reason: reason.to_string(),
+                }),
+            },
+            Err(skip) => Err(skip),
+        };
+        let succeeded = match admitted {
+            Err(skip) => {
+                if events.send(Ok(skip.event(block))).await.is_err() {
+                    return;
+                }
+                !skip.stops()
+            }
+            Ok(spec) => match dispatcher.run(&spec, events).await {
+                Outcome::Finished(result) => result.status() == ExecStatus::Ok,
+                Outcome::Cancelled => return,
+                Outcome::Failed(_) => false,
+                Outcome::Rejected(status) => {
+                    let finished = ClusterEvent {
+                        block: block.index as u32,
+                        event: Some(Event::Finished(ClusterFinished {
+                            error: format!("rejected: {}", status.message()),
+                            ..Default::default()
+                        })),
+                    };
+                    if events.send(Ok(finished)).await.is_err() {
+                        return;
+                    }
+                    false
+                }
+            },
+        };
+        if !succeeded && !keep_going {
+            stopped_at = Some(block);
+        }
+    }
+}
