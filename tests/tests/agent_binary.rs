@@ -199,9 +199,36 @@ async fn grpcurl_can_list_describe_and_execute() {
         String::from_utf8_lossy(&output.stdout).into_owned()
     };
     let services = grpcurl(&["-plaintext", &addr, "list"]);
-    for service in ["kowalski.exo.v1.NodeAgent", "grpc.health.v1.Health"] {
-        assert!(services.contains(service), "{services}");
-    }
+    let listed: Vec<&str> = services.lines().collect();
+    assert_eq!(
+        listed,
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+            "kowalski.exo.v1.NodeAgent",
+        ],
+        "an agent lists only what it serves"
+    );
+    let coordinator = Daemon::start(
+        "coordinator",
+        &["serve", "--listen", "127.0.0.1:0"],
+        &[],
+        "coordinator listening",
+    );
+    let services = grpcurl(&["-plaintext", &coordinator.addr.to_string(), "list"]);
+    assert!(
+        services.contains("kowalski.exo.v1.Coordinator"),
+        "{services}"
+    );
+    assert!(
+        services.contains("kowalski.exo.v1.AgentRegistry"),
+        "{services}"
+    );
+    assert!(
+        !services.contains("NodeAgent"),
+        "the coordinator lists NodeAgent: {services}"
+    );
     let described = grpcurl(&["-plaintext", &addr, "describe", "kowalski.exo.v1.NodeAgent"]);
     assert!(described.contains("rpc Execute"), "{described}");
     let executed = grpcurl(&[
@@ -290,4 +317,56 @@ async fn a_killed_agents_program_and_its_children_end_with_it() {
             "not root: a child in its own session is only contained with cgroups; not checked"
         );
     }
+}
+
+#[tokio::test]
+async fn an_agent_that_cannot_reach_its_coordinator_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = format!("http://127.0.0.1:{}", free_port());
+    let agent = Daemon::start(
+        "node-agent",
+        &[
+            "--coordinator",
+            &coordinator,
+            "--listen",
+            "127.0.0.1:0",
+            "--work-dir",
+            dir.path().to_str().unwrap(),
+        ],
+        &[],
+        AGENT_READY,
+    );
+    eventually("the agent logs that the coordinator is unreachable", || {
+        agent
+            .log()
+            .iter()
+            .any(|l| l.contains("cannot reach the coordinator") && l.contains(&coordinator))
+    });
+    // Retries go on every few seconds at most, but the log says it once a minute.
+    std::thread::sleep(Duration::from_secs(2));
+    let said = agent
+        .log()
+        .iter()
+        .filter(|l| l.contains("cannot reach the coordinator"))
+        .count();
+    assert_eq!(said, 1, "{:?}", agent.log());
+}
+
+#[test]
+fn runtimes_json_is_one_object_per_line_with_a_reason_for_what_is_missing() {
+    let empty = tempfile::tempdir().unwrap();
+    let output = Command::new(binary("node-agent"))
+        .args(["runtimes", "--json"])
+        .env("PATH", empty.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.len() >= 10, "{lines:?}");
+    let python = lines.iter().find(|l| l["language"] == "python").unwrap();
+    assert_eq!(python["health"], "missing");
+    assert_eq!(python["reason"], "no python executable on PATH");
 }

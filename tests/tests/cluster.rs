@@ -442,3 +442,211 @@ async fn an_agent_shut_down_mid_run_has_its_run_finished_elsewhere() {
     assert_eq!(finished.result.as_ref().unwrap().status(), ExecStatus::Ok);
     assert_eq!(output_of_attempt(&events, 2), "started\ndone\n");
 }
+
+/// Runs the coordinator CLI; returns (exit code, stdout, stderr).
+fn cli(args: &[&str]) -> (Option<i32>, String, String) {
+    let output = Command::new(binary("coordinator"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_and_run_refuse_a_block_pinned_to_a_draining_node_alike() {
+    let cluster = Cluster::start(2, 2, &[]).await;
+    let mut client = cluster.client().await;
+    client
+        .drain(DrainRequest {
+            node: "agent-0".into(),
+        })
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let doc = dir.path().join("doc.md");
+    std::fs::write(
+        &doc,
+        "intro\n\n```python {node=agent-0}\nprint('pinned')\n```\n\n```bash\necho later\n```\n",
+    )
+    .unwrap();
+    let url = cluster.url();
+    let doc = doc.to_str().unwrap();
+    let expected = "node 'agent-0' is draining and takes no new work (`coordinator undrain agent-0` takes it back)";
+
+    let (status, stdout, _) = cli(&["run", "--plan", "--json", "--addr", &url, doc]);
+    assert_eq!(status, Some(3), "{stdout}");
+    let planned: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (&planned["block"], &planned["line"]),
+        (&1.into(), &3.into())
+    );
+    assert_eq!(
+        (&planned["skip"], &planned["reason"]),
+        (&"no_node".into(), &expected.into())
+    );
+
+    let (status, stdout, stderr) = cli(&["run", "--addr", &url, doc]);
+    assert_eq!(status, Some(3), "{stderr}");
+    assert_eq!(stdout, "", "the block after the refused one ran");
+    assert!(
+        stderr.contains(&format!("block 1 (line 3) skipped: {expected}")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("block 2 not run (--keep-going runs it)"),
+        "{stderr}"
+    );
+
+    let (status, _, stderr) = cli(&[
+        "exec", "--addr", &url, "--node", "agent-0", "--lang", "py", "-c", "1",
+    ]);
+    assert_eq!(status, Some(3), "{stderr}");
+    assert!(stderr.contains(expected), "{stderr}");
+}
+
+/// Starts `coordinator exec` (with `extra` flags) on code that writes `marker` and then
+/// sleeps; SIGKILLs the agent that runs it; returns the CLI's exit code, stdout and stderr.
+async fn kill_the_agent_under_cli_exec(
+    cluster: &Cluster,
+    extra: &[&str],
+    code: &str,
+    marker: &std::path::Path,
+) -> (Option<i32>, String, String) {
+    let url = cluster.url();
+    let mut args = vec![
+        "exec",
+        "--addr",
+        url.as_str(),
+        "--lang",
+        "python",
+        "-c",
+        code,
+    ];
+    args.extend_from_slice(extra);
+    let child = std::process::Command::new(binary("coordinator"))
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("the program started", || marker.exists());
+    let busy = cluster
+        .nodes()
+        .await
+        .into_iter()
+        .find(|n| n.in_flight > 0)
+        .expect("no node runs the program");
+    cluster.agent(&busy.name).signal(Signal::SIGKILL);
+    let output = tokio::task::spawn_blocking(|| child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_a_script_reading_stdout_sees_the_output_once() {
+    let cluster = Cluster::start(2, 2, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("started");
+    let code = format!(
+        "import time\nprint('started', flush=True)\nopen('{}', 'w').close()\ntime.sleep(2)\nprint('done')",
+        marker.display()
+    );
+    let (status, stdout, stderr) =
+        kill_the_agent_under_cli_exec(&cluster, &[], &code, &marker).await;
+    assert_eq!(status, Some(0), "{stderr}");
+    assert_eq!(stdout, "started\ndone\n");
+    assert!(
+        stderr.contains("was lost, and its output dropped"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_run_whose_node_dies_announces_no_retry() {
+    let cluster = Cluster::start(2, 2, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("started");
+    let code = format!(
+        "import time\nopen('{}', 'w').close()\ntime.sleep(30)",
+        marker.display()
+    );
+    let extra = ["--json", "--node", "agent-1"];
+    let (status, stdout, _) = kill_the_agent_under_cli_exec(&cluster, &extra, &code, &marker).await;
+    assert_eq!(status, Some(4));
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.iter().all(|l| l["event"] != "retrying"), "{lines:?}");
+    let last = lines.last().unwrap();
+    assert_eq!(
+        (&last["event"], &last["status"]),
+        (&"finished".into(), &"failed".into())
+    );
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the connection to the node was lost"),
+        "{last}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_waits_for_a_node_of_a_cluster_that_is_starting() {
+    let port = kowalski_exo_tests::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _coordinator = kowalski_exo_tests::Daemon::start(
+        "coordinator",
+        &["serve", "--listen", &listen],
+        &[],
+        "coordinator listening",
+    );
+    let url = format!("http://{listen}");
+    let exec = std::process::Command::new(binary("coordinator"))
+        .args([
+            "exec",
+            "--addr",
+            &url,
+            "--wait-for-nodes",
+            "20",
+            "--lang",
+            "py",
+            "-c",
+            "print('joined')",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let _agent = kowalski_exo_tests::Daemon::start(
+        "node-agent",
+        &[
+            "--coordinator",
+            &url,
+            "--listen",
+            "127.0.0.1:0",
+            "--work-dir",
+            dir.path().to_str().unwrap(),
+        ],
+        &[],
+        "node agent listening",
+    );
+    let output = tokio::task::spawn_blocking(|| exec.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "joined\n");
+}
