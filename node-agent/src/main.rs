@@ -32,7 +32,8 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
-    /// Coordinator to join (kept trying in the background until it answers).
+    /// Coordinator to join, kept trying in the background until it answers (also read from
+    /// COORDINATOR_ADDR, the older name)
     #[arg(long, env = cli_args::COORDINATOR_ENV, default_value_t = cli_args::default_coordinator_url(),
           value_parser = cli_args::parse_coordinator_url)]
     coordinator: String,
@@ -58,10 +59,10 @@ struct ServeArgs {
     /// Runs waiting for a slot before new ones are refused (default: 4 x capacity).
     #[arg(long)]
     queue: Option<usize>,
-    /// Parent directory of per-run work directories.
+    /// Parent directory of per-run work directories [default: $TMPDIR/kowalski-exo/agent-PID]
     #[arg(long)]
     work_dir: Option<PathBuf>,
-    /// Directory for cached builds.
+    /// Directory for cached builds [default: ~/.cache/kowalski-exo]
     #[arg(long)]
     cache_dir: Option<PathBuf>,
     /// Seconds between runtime re-probes.

@@ -42,6 +42,8 @@ pub enum Unplaceable {
         language: String,
         /// Each node's name with the languages it offers.
         offered: Vec<(String, Vec<String>)>,
+        /// The node the run was pinned to, if any.
+        pinned: Option<String>,
     },
     /// The pinned node is not known.
     UnknownNode { node: String, known: Vec<String> },
@@ -71,10 +73,27 @@ impl Unplaceable {
 impl fmt::Display for Unplaceable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Unplaceable::NoRuntime { language, offered } if offered.is_empty() => {
+            Unplaceable::NoRuntime {
+                language, offered, ..
+            } if offered.is_empty() => {
                 write!(f, "no node can run {language}: the cluster has no nodes")
             }
-            Unplaceable::NoRuntime { language, offered } => {
+            Unplaceable::NoRuntime {
+                language,
+                offered,
+                pinned: Some(node),
+            } => write!(
+                f,
+                "the run is pinned to '{node}', which cannot run {language}: it offers {}",
+                offered
+                    .iter()
+                    .flat_map(|(_, languages)| languages.clone())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Unplaceable::NoRuntime {
+                language, offered, ..
+            } => {
                 let offers: Vec<String> = offered
                     .iter()
                     .map(|(name, languages)| format!("{name} offers {}", languages.join(", ")))
@@ -161,6 +180,7 @@ pub fn place<'c>(
             return Err(Unplaceable::NoRuntime {
                 language: language.name().to_string(),
                 offered,
+                pinned: wanted.node.map(str::to_string),
             });
         }
     }
@@ -316,6 +336,14 @@ mod tests {
         assert_eq!(
             place(&nodes, &pinned).unwrap_err().to_string(),
             "no node is called 'nas'; known nodes: laptop"
+        );
+        let pinned_rust = Requirements {
+            node: Some("laptop"),
+            ..rust.clone()
+        };
+        assert_eq!(
+            place(&nodes, &pinned_rust).unwrap_err().to_string(),
+            "the run is pinned to 'laptop', which cannot run rust: it offers python, bash"
         );
         let tried = vec!["id-laptop".to_string()];
         let retry = Requirements {
