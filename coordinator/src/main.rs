@@ -8,8 +8,8 @@ use kowalski_exo_common::{
     cli_args, defaults,
     error_text::error_chain,
     proto::{
-        ClusterExecuteRequest, ExecuteRequest, PlacementConstraints, PlanRequest, RunBlocksRequest,
-        coordinator_client::CoordinatorClient,
+        ClusterEvent, ClusterExecuteRequest, ExecuteRequest, PlacementConstraints, PlanRequest,
+        RunBlocksRequest, coordinator_client::CoordinatorClient,
     },
     telemetry,
 };
@@ -23,7 +23,7 @@ use kowalski_exo_coordinator::{
     },
     server,
 };
-use tonic::transport::Channel;
+use tonic::{Streaming, transport::Channel};
 
 /// The Kowalski Exo coordinator and its client.
 #[derive(Parser, Debug)]
@@ -291,17 +291,10 @@ async fn exec(
         wait_for_nodes_ms: run.wait_for_nodes,
     };
     let options = run.follow_options(client.json, false);
-    with_client(
-        &client.addr,
-        client.local,
-        |mut c: CoordinatorClient<Channel>, addr| async move {
-            let stream = c
-                .execute(request)
-                .await
-                .map_err(|s| Failure::from_status(s, &addr))?
-                .into_inner();
-            follow(stream, options, &addr).await
-        },
+    follow_call(
+        client,
+        options,
+        |mut c| async move { c.execute(request).await },
     )
     .await
 }
@@ -335,17 +328,28 @@ async fn run_document(
         wait_for_nodes_ms: run.wait_for_nodes,
     };
     let options = run.follow_options(client.json, true);
-    with_client(
-        &client.addr,
-        client.local,
-        |mut c: CoordinatorClient<Channel>, addr| async move {
-            let stream = c
-                .run_blocks(request)
-                .await
-                .map_err(|s| Failure::from_status(s, &addr))?
-                .into_inner();
-            follow(stream, options, &addr).await
-        },
-    )
+    follow_call(client, options, |mut c| async move {
+        c.run_blocks(request).await
+    })
+    .await
+}
+
+/// Makes a streaming call and follows its events to the end.
+async fn follow_call<F, Fut>(
+    client: &ClientArgs,
+    options: FollowOptions,
+    call: F,
+) -> Result<u8, Failure>
+where
+    F: FnOnce(CoordinatorClient<Channel>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<Streaming<ClusterEvent>>, tonic::Status>>,
+{
+    with_client(&client.addr, client.local, |c, addr| async move {
+        let stream = call(c)
+            .await
+            .map_err(|s| Failure::from_status(s, &addr))?
+            .into_inner();
+        follow(stream, options, &addr).await
+    })
     .await
 }

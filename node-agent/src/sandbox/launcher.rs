@@ -17,7 +17,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::cgroup::RunCgroup;
+use super::{cgroup::RunCgroup, forked};
 
 /// Largest encoded job (program, arguments, environment, limits).
 pub const MAX_JOB_BYTES: usize = 1024 * 1024;
@@ -260,14 +260,7 @@ unsafe fn child_main(
             libc::write(status_fd, bytes.as_ptr().cast(), bytes.len());
             libc::_exit(127)
         };
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-        for signal in 1..libc::SIGRTMAX() {
-            if signal != libc::SIGKILL && signal != libc::SIGSTOP {
-                libc::signal(signal, libc::SIG_DFL);
-            }
-        }
+        forked::reset_signals();
         for &fd in cgroup_fds {
             if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
                 fail(status);
@@ -293,14 +286,7 @@ unsafe fn child_main(
             }
         }
         let status = 4;
-        if libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32) != 0 {
-            // Kernels before 5.9 (or a seccomp filter) lack close_range: close one by one.
-            let mut limit: libc::rlimit = std::mem::zeroed();
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-            for fd in 5..limit.rlim_cur.min(1 << 20) as RawFd {
-                libc::close(fd);
-            }
-        }
+        forked::close_from(5);
         libc::fcntl(3, libc::F_SETFD, libc::FD_CLOEXEC);
         libc::fcntl(4, libc::F_SETFD, libc::FD_CLOEXEC);
         if libc::write(status, [READY].as_ptr().cast(), 1) != 1 {

@@ -4,6 +4,7 @@
 //! [`sentinel`] process ends every run when the agent dies without shutting down.
 
 mod cgroup;
+mod forked;
 mod launcher;
 mod pool;
 mod process_tree;

@@ -14,7 +14,7 @@ use std::{
     sync::Mutex,
 };
 
-use super::cgroup::CgroupRoot;
+use super::{cgroup::CgroupRoot, forked};
 
 /// Name the sentinel shows in `ps`, so `pkill node-agent` does not take it for the agent.
 const NAME: &[u8] = b"kx-sentinel\0";
@@ -96,14 +96,7 @@ impl Drop for Sentinel {
 unsafe fn watch(pipe: RawFd, cgroups: Option<&CgroupRoot>) -> ! {
     // SAFETY (whole body): syscalls on this process's own descriptors and memory.
     unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-        for signal in 1..libc::SIGRTMAX() {
-            if signal != libc::SIGKILL && signal != libc::SIGSTOP {
-                libc::signal(signal, libc::SIG_DFL);
-            }
-        }
+        forked::reset_signals();
         // A Ctrl-C in the agent's terminal is for the agent, whose shutdown ends the runs.
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::setsid();
@@ -113,13 +106,7 @@ unsafe fn watch(pipe: RawFd, cgroups: Option<&CgroupRoot>) -> ! {
         if libc::dup2(pipe, 3) < 0 {
             libc::_exit(1);
         }
-        if libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32) != 0 {
-            let mut limit: libc::rlimit = std::mem::zeroed();
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-            for fd in 4..limit.rlim_cur.min(1 << 20) as RawFd {
-                libc::close(fd);
-            }
-        }
+        forked::close_from(4);
         for fd in 0..3 {
             libc::close(fd);
         }
