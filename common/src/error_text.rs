@@ -1,4 +1,4 @@
-//! Error text for people: an error with its causes, each said once.
+//! Error text for people: an error with its causes, each said once, or just its root cause.
 
 /// `outer: cause: root`, skipping a cause whose text the line already holds (transport errors
 /// often repeat their source: "tcp connect error: tcp connect error").
@@ -14,6 +14,16 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// The innermost cause, which usually says it plainly ("Connection refused (os error 111)")
+/// where the outer layers name the machinery ("transport error").
+pub fn root_cause(error: &dyn std::error::Error) -> String {
+    let mut innermost = error;
+    while let Some(cause) = innermost.source() {
+        innermost = cause;
+    }
+    innermost.to_string()
 }
 
 #[cfg(test)]
@@ -46,5 +56,6 @@ mod tests {
             error_chain(&outer),
             "tcp connect error: Connection refused (os error 111)"
         );
+        assert_eq!(root_cause(&outer), "Connection refused (os error 111)");
     }
 }

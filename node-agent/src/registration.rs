@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use kowalski_exo_common::{
-    error_text::error_chain,
+    error_text::root_cause,
     proto::{
         self, AgentMessage, NodeLoad, agent_message, agent_registry_client::AgentRegistryClient,
         coordinator_message,
@@ -73,7 +73,7 @@ pub struct Registration {
 /// Why one registry stream ended.
 #[derive(Debug, thiserror::Error)]
 enum StreamError {
-    #[error("cannot reach the coordinator: {0}")]
+    #[error("cannot reach the coordinator ({})", root_cause(.0))]
     Connect(#[from] tonic::transport::Error),
     #[error("the coordinator refused the stream: {0}")]
     Refused(#[from] tonic::Status),
@@ -117,11 +117,10 @@ impl Registration {
                 Ok(false) => return,
                 Err(e) if unreachable.failed(Instant::now()) => tracing::warn!(
                     coordinator = %self.coordinator,
-                    "{}; retrying in the background (said again at most once a minute)",
-                    error_chain(&e)
+                    "{e}; retrying in the background (said again at most once a minute)"
                 ),
                 Err(e) => {
-                    tracing::debug!(coordinator = %self.coordinator, error = %error_chain(&e), "not attached")
+                    tracing::debug!(coordinator = %self.coordinator, error = %e, "not attached")
                 }
             }
             let delay = delays.next().unwrap_or(RECONNECT_MAX);

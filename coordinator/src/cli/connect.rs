@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use kowalski_exo_common::{
-    error_text::error_chain, proto::coordinator_client::CoordinatorClient, telemetry,
+    error_text::{error_chain, root_cause},
+    proto::coordinator_client::CoordinatorClient,
+    telemetry,
 };
 use kowalski_exo_node_agent::AgentConfig;
 use tonic::transport::Channel;
@@ -44,7 +46,7 @@ where
         Ok(client) => command(client, addr).await,
         Err(e) => Err(Failure::infrastructure(format!(
             "cannot reach the coordinator at {addr} ({}); start one with `coordinator serve`, or pass --local",
-            error_chain(&e)
+            root_cause(&e)
         ))),
     };
     if let Some(cluster) = local {
