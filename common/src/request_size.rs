@@ -12,6 +12,10 @@ pub const MAX_ARGS: usize = 4096;
 /// Largest accepted standard input.
 pub const MAX_STDIN_BYTES: usize = 16 * 1024 * 1024;
 
+/// Largest gRPC message a server accepts: a request at every limit above, with room for the
+/// rest of its fields. (tonic's own default, 4 MiB, would refuse stdin the limits allow.)
+pub const MAX_MESSAGE_BYTES: usize = MAX_CODE_BYTES + MAX_ARGS_BYTES + MAX_STDIN_BYTES + 64 * 1024;
+
 /// What makes a request too large or malformed to run anywhere.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum OversizedRequest {

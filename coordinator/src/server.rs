@@ -5,6 +5,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use kowalski_exo_common::{
     proto::{agent_registry_server::AgentRegistryServer, coordinator_server::CoordinatorServer},
+    request_size::MAX_MESSAGE_BYTES,
     transport::{self, ServeError, ServerBase},
 };
 use kowalski_exo_node_agent::{AgentConfig, RunningAgent};
@@ -83,13 +84,14 @@ pub async fn start(
     ])?;
     server
         .routes()
-        .add_service(AgentRegistryServer::new(RegistryService::new(
-            registry.clone(),
-            shutdown.clone(),
-        )))
-        .add_service(CoordinatorServer::new(ClientService::new(Dispatcher::new(
-            registry.clone(),
-        ))));
+        .add_service(
+            AgentRegistryServer::new(RegistryService::new(registry.clone(), shutdown.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            CoordinatorServer::new(ClientService::new(Dispatcher::new(registry.clone())))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        );
     let health = server.health();
     health
         .set_serving::<AgentRegistryServer<RegistryService>>()

@@ -68,6 +68,12 @@ fn run_local_quickstart_runs_every_block_in_order() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    let (last, lines) = lines.split_last().unwrap();
+    assert_eq!(
+        last,
+        &serde_json::json!({"event": "finished", "status": "ok", "blocks_run": 6}),
+        "the document's own line ends the output"
+    );
     let finished_blocks: Vec<u64> = lines
         .iter()
         .filter(|l| l["event"] == "finished" && l["status"] == "ok")
@@ -149,6 +155,22 @@ fn exec_forwards_piped_stdin_and_a_stdin_file_to_the_program() {
     ]);
     assert_eq!(status, Some(0), "{stderr}");
     assert_eq!(stdout, "FROM A FILE\n");
+
+    // Past tonic's default message size of 4 MiB, within the 16 MiB a run takes.
+    let large = vec![b'x'; 6 * 1024 * 1024];
+    let (status, stdout, stderr) = run_with_stdin(
+        &[
+            "exec",
+            "--local",
+            "--lang",
+            "python",
+            "-c",
+            "import sys; print(len(sys.stdin.buffer.read()))",
+        ],
+        &large,
+    );
+    assert_eq!(status, Some(0), "{stderr}");
+    assert_eq!(stdout, "6291456\n");
 }
 
 #[test]

@@ -12,6 +12,7 @@ use std::{
 use kowalski_exo_common::{
     defaults,
     proto::node_agent_server::NodeAgentServer,
+    request_size::MAX_MESSAGE_BYTES,
     transport::{self, ServeError, ServerBase},
 };
 use tokio::task::JoinHandle;
@@ -219,9 +220,9 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         runs.clone(),
     );
     let mut server = ServerBase::new(&[NodeAgentServer::<NodeAgentService>::NAME])?;
-    server
-        .routes()
-        .add_service(NodeAgentServer::new(service.clone()));
+    server.routes().add_service(
+        NodeAgentServer::new(service.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+    );
     server
         .health()
         .set_serving::<NodeAgentServer<NodeAgentService>>()

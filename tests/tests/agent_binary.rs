@@ -5,7 +5,8 @@ use std::{process::Command, time::Duration};
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 
 use kowalski_exo_common::proto::{
-    ExecStatus, ExecuteRequest, exec_event::Event, node_agent_client::NodeAgentClient,
+    ExecStatus, ExecuteRequest, IsolationLevel, exec_event::Event,
+    node_agent_client::NodeAgentClient,
 };
 use kowalski_exo_tests::{CEILING, Daemon, binary, describe, eventually, free_port, process_alive};
 use nix::sys::signal::Signal;
@@ -256,9 +257,14 @@ async fn grpcurl_can_list_describe_and_execute() {
 }
 
 /// Starts `code` on a standalone agent, SIGKILLs the agent once the program printed, and gives
-/// the program time to reach its end had it survived.
-async fn kill_agent_mid_run(code: String, dir: &std::path::Path, after: Duration) {
+/// the program time to reach its end had it survived. Returns the agent's isolation level.
+async fn kill_agent_mid_run(
+    code: String,
+    dir: &std::path::Path,
+    after: Duration,
+) -> IsolationLevel {
     let mut agent = standalone_agent(&dir.join("work"), &[]);
+    let isolation = describe(&agent.url()).await.isolation();
     let mut client = NodeAgentClient::connect(agent.url()).await.unwrap();
     let request = ExecuteRequest {
         language: "python".into(),
@@ -279,6 +285,7 @@ async fn kill_agent_mid_run(code: String, dir: &std::path::Path, after: Duration
     agent.signal(Signal::SIGKILL);
     agent.wait_exit();
     tokio::time::sleep(after).await;
+    isolation
 }
 
 #[tokio::test]
@@ -290,13 +297,13 @@ async fn a_killed_agents_program_and_its_children_end_with_it() {
         dir.path().join("detached"),
     );
     // The program, an ordinary child and a child in a session of its own each write a file
-    // 1.5 s after the agent dies, had they survived it.
+    // 3 s after the program printed, had they survived the agent.
     let code = format!(
         "import subprocess, time\n\
-         subprocess.Popen(['sh', '-c', 'sleep 1.5; touch {child}'])\n\
-         subprocess.Popen(['sh', '-c', 'sleep 1.5; touch {detached}'], start_new_session=True)\n\
+         subprocess.Popen(['sh', '-c', 'sleep 3; touch {child}'])\n\
+         subprocess.Popen(['sh', '-c', 'sleep 3; touch {detached}'], start_new_session=True)\n\
          print('started', flush=True)\n\
-         time.sleep(1.5)\n\
+         time.sleep(3)\n\
          open('{own}', 'w').close()\n",
         own = own.display(),
         child = child.display(),

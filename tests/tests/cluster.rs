@@ -488,6 +488,15 @@ async fn plan_and_run_refuse_a_block_pinned_to_a_draining_node_alike() {
         (&planned["skip"], &planned["reason"]),
         (&"no_node".into(), &expected.into())
     );
+    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (&last["event"], &last["code"]),
+        (&"error".into(), &"no_node".into())
+    );
+    assert_eq!(
+        last["message"],
+        format!("block 1 (line 3) would not run: {expected}")
+    );
 
     let (status, stdout, stderr) = cli(&["run", "--addr", &url, doc]);
     assert_eq!(status, Some(3), "{stderr}");
@@ -529,6 +538,7 @@ async fn kill_the_agent_under_cli_exec(
     args.extend_from_slice(extra);
     let child = std::process::Command::new(binary("coordinator"))
         .args(&args)
+        .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

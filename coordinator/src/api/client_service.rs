@@ -87,18 +87,17 @@ impl Coordinator for ClientService {
         &self,
         request: Request<ClusterExecuteRequest>,
     ) -> Result<Response<Self::ExecuteStream>, Status> {
-        let deadline = deadline(request.metadata());
+        let deadline = deadline(request.metadata()).map(|d| Instant::now() + d);
         let request = request.into_inner();
-        let mut execution = request
+        let execution = request
             .execution
             .ok_or_else(|| Status::invalid_argument("the request has no `execution`"))?;
         let language = Language::parse(&execution.language)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        execution.timeout_ms = dispatch::bounded_timeout(execution.timeout_ms, deadline);
         request_size::check(&execution, request_size::MAX_CODE_BYTES)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (node, labels) = constraints(request.placement);
-        let spec = RunSpec {
+        let mut spec = RunSpec {
             execution,
             language,
             node,
@@ -107,13 +106,14 @@ impl Coordinator for ClientService {
             block: 0,
             line: 0,
         };
+        let wait = Duration::from_millis(request.wait_for_nodes_ms.into());
         self.dispatcher
-            .admit(
-                &spec,
-                Duration::from_millis(request.wait_for_nodes_ms.into()),
-            )
+            .admit(&spec, Instant::now() + wait)
             .await
             .map_err(|reason| Status::failed_precondition(reason.to_string()))?;
+        // Bounded after the wait for nodes, which the client's deadline also counted.
+        spec.execution.timeout_ms =
+            dispatch::bounded_timeout(spec.execution.timeout_ms, document::remaining(deadline));
         let (events, stream) = mpsc::channel(EVENT_BUFFER);
         let dispatcher = self.dispatcher.clone();
         tokio::spawn(async move {
@@ -128,7 +128,7 @@ impl Coordinator for ClientService {
         &self,
         request: Request<RunBlocksRequest>,
     ) -> Result<Response<Self::RunBlocksStream>, Status> {
-        let deadline = deadline(request.metadata());
+        let deadline = deadline(request.metadata()).map(|d| Instant::now() + d);
         let request = request.into_inner();
         let blocks = codeblocks::parse(&request.document);
         let defaults = BlockDefaults {

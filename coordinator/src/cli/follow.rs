@@ -60,6 +60,15 @@ pub struct Follower<O: Write, E: Write> {
     /// Exit status of the first finished run that was not ok (Execute).
     exit: Option<u8>,
     ran: bool,
+    finished_blocks: u32,
+}
+
+/// The last line of `run --json` when every block that ran finished ok (it has no `block`).
+#[derive(serde::Serialize)]
+struct DocumentLine {
+    event: &'static str,
+    status: &'static str,
+    blocks_run: u32,
 }
 
 impl<O: Write, E: Write> Follower<O, E> {
@@ -75,6 +84,7 @@ impl<O: Write, E: Write> Follower<O, E> {
             not_run: Vec::new(),
             exit: None,
             ran: false,
+            finished_blocks: 0,
         }
     }
 
@@ -147,6 +157,7 @@ impl<O: Write, E: Write> Follower<O, E> {
             }
             Event::Finished(f) => {
                 self.open.remove(&block);
+                self.finished_blocks += 1;
                 self.finished(block, f)?;
             }
             Event::Skipped(s) => {
@@ -219,8 +230,9 @@ impl<O: Write, E: Write> Follower<O, E> {
                 (status, what)
             }
             None => {
-                if !self.options.json && !self.options.blocks {
-                    writeln!(self.err, "{PREFIX} {}", f.error)?;
+                // In a document the first failure is told in the closing message.
+                if !self.options.json && (!self.options.blocks || self.failure.is_some()) {
+                    writeln!(self.err, "{PREFIX} {}: {}", self.block_name(block), f.error)?;
                 }
                 (
                     EXIT_INFRASTRUCTURE,
@@ -274,6 +286,13 @@ impl<O: Write, E: Write> Follower<O, E> {
                 return Err(Failure::usage(
                     "the document has no code block to run: no fenced block names a language (```python, ```bash, ...)",
                 ));
+            }
+            if self.options.json {
+                print_json(&DocumentLine {
+                    event: "finished",
+                    status: "ok",
+                    blocks_run: self.finished_blocks,
+                });
             }
             return Ok(0);
         };

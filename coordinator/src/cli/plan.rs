@@ -66,7 +66,7 @@ pub fn plan_table(blocks: &[PlannedBlock]) -> String {
     out
 }
 
-/// `coordinator run --plan`. Exits as `run` would before running anything: 3 when a block no
+/// `coordinator run --plan`. Fails as `run` would before running anything: 3 when a block no
 /// node can run would stop the document, 2 when a block is invalid.
 pub async fn show(
     mut client: CoordinatorClient<Channel>,
@@ -87,12 +87,26 @@ pub async fn show(
     } else {
         print!("{}", plan_table(&blocks));
     }
-    let blocking = blocks
+    let Some(blocking) = blocks
         .iter()
-        .find(|b| matches!(b.kind(), SkipKind::NoNode | SkipKind::Invalid));
-    Ok(match blocking.map(|b| b.kind()) {
-        Some(SkipKind::NoNode) => super::EXIT_NO_NODE,
-        Some(_) => super::EXIT_USAGE,
-        None => 0,
+        .find(|b| matches!(b.kind(), SkipKind::NoNode | SkipKind::Invalid))
+    else {
+        return Ok(0);
+    };
+    let status = match blocking.kind() {
+        SkipKind::NoNode => super::EXIT_NO_NODE,
+        _ => super::EXIT_USAGE,
+    };
+    Err(Failure {
+        block: Some((blocking.block + 1, blocking.line)),
+        ..Failure::new(
+            status,
+            format!(
+                "block {} (line {}) would not run: {}",
+                blocking.block + 1,
+                blocking.line,
+                blocking.reason
+            ),
+        )
     })
 }

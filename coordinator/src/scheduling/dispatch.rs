@@ -128,10 +128,9 @@ impl Dispatcher {
     }
 
     /// Fails early when no node could ever take the run. While the cluster has no live node, or
-    /// the pinned node has not joined, waits up to `wait` for one, so a client started together
-    /// with its cluster finds it.
-    pub async fn admit(&self, spec: &RunSpec, wait: Duration) -> Result<(), Unplaceable> {
-        let deadline = Instant::now() + wait;
+    /// the pinned node has not joined, waits until `wait_until` for one, so a client started
+    /// together with its cluster finds it.
+    pub async fn admit(&self, spec: &RunSpec, wait_until: Instant) -> Result<(), Unplaceable> {
         let mut changes = self.registry.subscribe();
         loop {
             changes.borrow_and_update();
@@ -142,12 +141,12 @@ impl Dispatcher {
             };
             let joining = matches!(reason, Unplaceable::UnknownNode { .. })
                 || candidates.iter().all(|c| c.state == NodeState::Down);
-            if !joining || Instant::now() >= deadline {
+            if !joining || Instant::now() >= wait_until {
                 return Err(reason);
             }
             tokio::select! {
                 _ = changes.changed() => {}
-                _ = tokio::time::sleep_until(deadline) => {}
+                _ = tokio::time::sleep_until(wait_until) => {}
             }
         }
     }

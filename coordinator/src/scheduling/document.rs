@@ -6,8 +6,8 @@ use std::{collections::BTreeMap, time::Duration};
 
 use kowalski_exo_common::{
     proto::{
-        BlockSkipped, ClusterEvent, ClusterFinished, ExecStatus, ExecuteRequest, PlannedBlock,
-        RunBlocksRequest, SkipKind, cluster_event::Event,
+        BlockSkipped, ClusterEvent, ExecStatus, ExecuteRequest, PlannedBlock, RunBlocksRequest,
+        SkipKind, cluster_event::Event,
     },
     request_size,
 };
@@ -53,8 +53,8 @@ pub struct BlockDefaults {
     pub timeout_ms: u32,
     pub limits: Option<kowalski_exo_common::proto::ExecLimits>,
     pub max_attempts: u32,
-    /// The client's gRPC deadline, which every block's timeout stays inside.
-    pub deadline: Option<Duration>,
+    /// When the client's gRPC deadline passes; every block's timeout stays inside it.
+    pub deadline: Option<Instant>,
 }
 
 impl BlockDefaults {
@@ -93,10 +93,7 @@ impl BlockDefaults {
         let execution = ExecuteRequest {
             language: language.name().to_string(),
             code: block.code.clone(),
-            timeout_ms: bounded_timeout(
-                block.attributes.timeout_ms.unwrap_or(self.timeout_ms),
-                self.deadline,
-            ),
+            timeout_ms: block.attributes.timeout_ms.unwrap_or(self.timeout_ms),
             limits: self.limits,
             ..Default::default()
         };
@@ -163,7 +160,8 @@ pub fn plan(
 }
 
 /// Runs the blocks in order. A block that fails (or cannot run) stops the rest unless
-/// `keep_going`; every block left unrun is reported as such.
+/// `keep_going`; every block left unrun is reported as such. The wait for nodes to join is one
+/// budget for the whole document.
 pub async fn run(
     dispatcher: &Dispatcher,
     blocks: &[CodeBlock],
@@ -173,6 +171,7 @@ pub async fn run(
     events: &ClusterSender,
 ) {
     let mut stopped_at: Option<&CodeBlock> = None;
+    let wait_until = Instant::now() + wait_for_nodes;
     for block in blocks {
         if let Some(failed) = stopped_at {
             let skip = Skip {
@@ -189,13 +188,18 @@ pub async fn run(
             continue;
         }
         let admitted = match defaults.spec(block) {
-            Ok(spec) => match dispatcher.admit(&spec, wait_for_nodes).await {
-                Ok(()) => Ok(spec),
-                Err(reason) => Err(Skip {
+            Ok(mut spec) => {
+                let admitted = tokio::select! {
+                    admitted = dispatcher.admit(&spec, wait_until) => admitted,
+                    _ = events.closed() => return,
+                };
+                spec.execution.timeout_ms =
+                    bounded_timeout(spec.execution.timeout_ms, remaining(defaults.deadline));
+                admitted.map(|()| spec).map_err(|reason| Skip {
                     kind: SkipKind::NoNode,
                     reason: reason.to_string(),
-                }),
-            },
+                })
+            }
             Err(skip) => Err(skip),
         };
         let succeeded = match admitted {
@@ -209,15 +213,13 @@ pub async fn run(
                 Outcome::Finished(result) => result.status() == ExecStatus::Ok,
                 Outcome::Cancelled => return,
                 Outcome::Failed(_) => false,
+                // The node refused the request itself, as any node would.
                 Outcome::Rejected(status) => {
-                    let finished = ClusterEvent {
-                        block: block.index as u32,
-                        event: Some(Event::Finished(ClusterFinished {
-                            error: format!("rejected: {}", status.message()),
-                            ..Default::default()
-                        })),
+                    let skip = Skip {
+                        kind: SkipKind::Invalid,
+                        reason: status.message().to_string(),
                     };
-                    if events.send(Ok(finished)).await.is_err() {
+                    if events.send(Ok(skip.event(block))).await.is_err() {
                         return;
                     }
                     false
@@ -228,4 +230,9 @@ pub async fn run(
             stopped_at = Some(block);
         }
     }
+}
+
+/// Time left until `deadline`, if there is one.
+pub fn remaining(deadline: Option<Instant>) -> Option<Duration> {
+    deadline.map(|at| at.saturating_duration_since(Instant::now()))
 }

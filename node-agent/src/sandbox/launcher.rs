@@ -179,6 +179,11 @@ impl Launcher {
         }
     }
 
+    /// The launcher's pid, which is also its session and process group, and the program's.
+    pub fn pid(&self) -> u32 {
+        self.pid as u32
+    }
+
     /// The cgroup the launcher sits in.
     pub fn cgroup(&self) -> Option<&RunCgroup> {
         self.cgroup.as_ref()

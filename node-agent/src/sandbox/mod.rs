@@ -147,27 +147,49 @@ impl Sandbox {
                 .await
                 .map_err(io::Error::other)??,
         };
+        // Watched from before the program starts, so no moment of its life escapes the sentinel.
+        let pgid = launcher.pid();
+        if let Some(sentinel) = &self.sentinel {
+            sentinel.running(pgid);
+        }
+        let launched = self.launch(launcher, job, limits).await;
+        if let Some(pool) = &self.pool {
+            pool.refill();
+        }
+        let mut launched = match launched {
+            Ok(launched) => launched,
+            Err(e) => {
+                if let Some(sentinel) = &self.sentinel {
+                    sentinel.ended(pgid);
+                }
+                return Err(e);
+            }
+        };
+        let containment = Containment {
+            cgroup: launched.cgroup.take(),
+            sentinel: self.sentinel.clone(),
+        };
+        Ok((launched, containment))
+    }
+}
+
+impl Sandbox {
+    /// Sets the cgroup's limits and hands the launcher its job.
+    async fn launch(
+        &self,
+        launcher: Launcher,
+        job: launcher::EncodedJob,
+        limits: TreeLimits,
+    ) -> io::Result<Launched> {
         if let Some(cgroup) = launcher.cgroup() {
             cgroup.set_limits(CgroupLimits {
                 memory_bytes: limits.memory_bytes,
                 max_processes: limits.max_processes,
             })?;
         }
-        let launched = tokio::task::spawn_blocking(move || launcher.launch(&job))
+        tokio::task::spawn_blocking(move || launcher.launch(&job))
             .await
-            .map_err(io::Error::other)?;
-        if let Some(pool) = &self.pool {
-            pool.refill();
-        }
-        let mut launched = launched?;
-        if let Some(sentinel) = &self.sentinel {
-            sentinel.running(launched.pid);
-        }
-        let containment = Containment {
-            cgroup: launched.cgroup.take(),
-            sentinel: self.sentinel.clone(),
-        };
-        Ok((launched, containment))
+            .map_err(io::Error::other)?
     }
 }
 

@@ -97,8 +97,11 @@ unsafe fn watch(pipe: RawFd, cgroups: Option<&CgroupRoot>) -> ! {
     // SAFETY (whole body): syscalls on this process's own descriptors and memory.
     unsafe {
         forked::reset_signals();
-        // A Ctrl-C in the agent's terminal is for the agent, whose shutdown ends the runs.
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        // Signals meant for the agent (a Ctrl-C in its terminal, `pkill -f node-agent`) are not
+        // for the sentinel: the agent's end, however it comes, closes the pipe, and that ends it.
+        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+            libc::signal(signal, libc::SIG_IGN);
+        }
         libc::setsid();
         libc::prctl(libc::PR_SET_NAME, NAME.as_ptr());
         // Holding any other descriptor of the agent (its sockets, other sentinels' pipes) would
