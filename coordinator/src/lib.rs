@@ -2,12 +2,13 @@
 //!
 //! - [`registry`]: the live view of the cluster: who registered, their runtimes and load, and
 //!   the failure detector that says who is alive.
-//! - [`scheduling`]: placement (a pure choice of node) and dispatch (running code there, with
-//!   failover to another node).
+//! - [`scheduling`]: placement (a pure choice of node), dispatch (running code there, with
+//!   failover to another node), and documents (a Markdown file's blocks in order).
 //! - [`codeblocks`]: fenced code blocks out of LLM output.
 //! - [`api`]: the gRPC surfaces: AgentRegistry for agents, Coordinator for clients.
 //! - [`server`]: everything assembled, optionally with an in-process node agent.
-//! - [`cli`]: the client subcommands' output (tables and JSON lines).
+//! - [`cli`]: the client subcommands: connecting (or a local cluster), requests from flags,
+//!   following event streams, tables and JSON lines, exit statuses.
 
 pub mod api;
 pub mod cli;

@@ -592,29 +592,31 @@ mod tests {
         format!("http://{node}:50052")
     }
 
+    /// A node with a healthy python and two slots joins `registry`.
+    fn register(registry: &NodeRegistry, node: &str) -> (String, u64) {
+        let registration = Register {
+            name: node.to_string(),
+            address: address(node),
+            capacity: 2,
+            runtimes: Some(RuntimeFingerprint {
+                runtimes: vec![Runtime {
+                    language: "python".into(),
+                    health: RuntimeHealth::Healthy as i32,
+                    ..Default::default()
+                }],
+                probed_at_unix_ms: 0,
+            }),
+            ..Default::default()
+        };
+        registry.register(registration, Instant::now())
+    }
+
     /// A registry holding `nodes`, each with a healthy python and two slots.
     fn cluster(nodes: &[&str]) -> (NodeRegistry, HashMap<String, (String, u64)>) {
         let registry = NodeRegistry::default();
         let mut ids = HashMap::new();
         for node in nodes {
-            let registration = Register {
-                name: node.to_string(),
-                address: address(node),
-                capacity: 2,
-                runtimes: Some(RuntimeFingerprint {
-                    runtimes: vec![Runtime {
-                        language: "python".into(),
-                        health: RuntimeHealth::Healthy as i32,
-                        ..Default::default()
-                    }],
-                    probed_at_unix_ms: 0,
-                }),
-                ..Default::default()
-            };
-            ids.insert(
-                node.to_string(),
-                registry.register(registration, Instant::now()),
-            );
+            ids.insert(node.to_string(), register(&registry, node));
         }
         (registry, ids)
     }
@@ -636,8 +638,12 @@ mod tests {
     }
 
     async fn run(dispatcher: &Dispatcher) -> (Outcome, Vec<Event>) {
+        run_spec(dispatcher, spec()).await
+    }
+
+    async fn run_spec(dispatcher: &Dispatcher, spec: RunSpec) -> (Outcome, Vec<Event>) {
         let (events, mut received) = mpsc::channel(64);
-        let outcome = dispatcher.run(&spec(), &events).await;
+        let outcome = dispatcher.run(&spec, &events).await;
         drop(events);
         let mut seen = Vec::new();
         while let Some(Ok(event)) = received.recv().await {
@@ -781,5 +787,56 @@ mod tests {
         let (outcome, _) = run(&dispatcher).await;
         assert!(matches!(outcome, Outcome::Rejected(_)), "{outcome:?}");
         assert_eq!(agents.calls().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pinned_run_whose_node_is_lost_announces_no_retry() {
+        let (registry, _) = cluster(&["a", "b"]);
+        let agents = ScriptedAgents::with(vec![("a", vec![Script::DieAfterOutput("partial")])]);
+        let dispatcher = Dispatcher::with_agents(registry, agents.clone());
+        let pinned = RunSpec {
+            node: Some("a".into()),
+            ..spec()
+        };
+        let (outcome, events) = run_spec(&dispatcher, pinned).await;
+        assert_eq!(
+            trace(&events),
+            [
+                "queued",
+                "placed a #1",
+                "output #1 partial",
+                "finished a #1"
+            ]
+        );
+        let Outcome::Failed(reason) = outcome else {
+            panic!("expected failure, got {outcome:?}")
+        };
+        assert!(reason.contains("no other node can take it"), "{reason}");
+        assert_eq!(agents.calls(), [address("a")]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn admission_waits_for_the_first_node_to_join_and_no_longer() {
+        let registry = NodeRegistry::default();
+        let dispatcher = Dispatcher::with_agents(registry.clone(), ScriptedAgents::with(vec![]));
+        let refused = dispatcher
+            .admit(&spec(), Instant::now() + Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "no node can run python: the cluster has no nodes"
+        );
+        let joining = registry.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            register(&joining, "a");
+        });
+        let started = Instant::now();
+        dispatcher
+            .admit(&spec(), Instant::now() + Duration::from_secs(5))
+            .await
+            .expect("admitted once a node joined");
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
     }
 }
