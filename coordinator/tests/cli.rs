@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use kowalski_exo_tests::{Daemon, binary, eventually};
+use kowalski_exo_tests::{Daemon, binary, eventually, outcome};
 
 fn coordinator() -> Command {
     Command::new(env!("CARGO_BIN_EXE_coordinator"))
@@ -110,12 +110,7 @@ fn run_with_stdin(args: &[&str], stdin: &[u8]) -> (Option<i32>, String, String) 
         .spawn()
         .unwrap();
     child.stdin.take().unwrap().write_all(stdin).unwrap();
-    let output = child.wait_with_output().unwrap();
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    outcome(child.wait_with_output().unwrap())
 }
 
 fn run(args: &[&str]) -> (Option<i32>, String, String) {

@@ -319,6 +319,15 @@ pub fn real_executable(tool: &str) -> std::path::PathBuf {
     String::from_utf8(output.stdout).unwrap().trim().into()
 }
 
+/// A finished command's exit code, stdout and stderr (as text).
+pub fn outcome(output: std::process::Output) -> (Option<i32>, String, String) {
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 /// A port that was free a moment ago, for a server that must start after its clients.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

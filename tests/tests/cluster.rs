@@ -8,7 +8,7 @@ use kowalski_exo_common::proto::{
     cluster_event::Event,
 };
 use kowalski_exo_tests::{
-    CEILING, Cluster, binary, eventually, process_alive, python_request, real_executable,
+    CEILING, Cluster, binary, eventually, outcome, process_alive, python_request, real_executable,
 };
 use nix::sys::signal::Signal;
 use tonic::Streaming;
@@ -445,14 +445,11 @@ async fn an_agent_shut_down_mid_run_has_its_run_finished_elsewhere() {
 
 /// Runs the coordinator CLI; returns (exit code, stdout, stderr).
 fn cli(args: &[&str]) -> (Option<i32>, String, String) {
-    let output = Command::new(binary("coordinator"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
+    outcome(
+        Command::new(binary("coordinator"))
+            .args(args)
+            .output()
+            .unwrap(),
     )
 }
 
@@ -551,14 +548,11 @@ async fn kill_the_agent_under_cli_exec(
         .find(|n| n.in_flight > 0)
         .expect("no node runs the program");
     cluster.agent(&busy.name).signal(Signal::SIGKILL);
-    let output = tokio::task::spawn_blocking(|| child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
+    outcome(
+        tokio::task::spawn_blocking(|| child.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap(),
     )
 }
 
