@@ -8,6 +8,7 @@
 //! - [`defaults`]: ports and addresses every binary agrees on.
 //! - [`request_size`]: how large a run request may be, checked by coordinator and agent alike.
 //! - [`transport`]: gRPC server set-up shared by all servers (health, reflection).
+//! - [`shutdown`]: the signals that stop a server, caught from before it starts.
 //! - [`telemetry`]: tracing set-up for the binaries.
 
 pub mod cli_args;
@@ -16,6 +17,7 @@ pub mod error_text;
 pub mod exit;
 pub mod language;
 pub mod request_size;
+pub mod shutdown;
 pub mod telemetry;
 pub mod transport;
 

@@ -11,6 +11,7 @@ use kowalski_exo_common::{
         ClusterEvent, ClusterExecuteRequest, ExecuteRequest, PlacementConstraints, PlanRequest,
         RunBlocksRequest, coordinator_client::CoordinatorClient,
     },
+    shutdown::ShutdownSignals,
     telemetry,
 };
 use kowalski_exo_coordinator::{
@@ -232,6 +233,8 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(listen: &str, local_agent: bool) -> Result<u8, Failure> {
+    let signals = ShutdownSignals::listen()
+        .map_err(|e| Failure::infrastructure(format!("cannot catch SIGTERM and SIGINT: {e}")))?;
     let agent = local_agent.then(local_agent_config);
     let running = server::start(listen, agent).await.map_err(|e| {
         let status = match &e {
@@ -242,17 +245,8 @@ async fn serve(listen: &str, local_agent: bool) -> Result<u8, Failure> {
     })?;
     let shutdown = running.shutdown_token();
     tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-            shutdown.cancel();
-        }
+        signals.received().await;
+        shutdown.cancel();
     });
     running
         .wait()

@@ -3,7 +3,7 @@
 use std::{collections::HashMap, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use kowalski_exo_common::{cli_args, defaults, exit, telemetry};
+use kowalski_exo_common::{cli_args, defaults, exit, shutdown::ShutdownSignals, telemetry};
 use kowalski_exo_node_agent::{
     AgentConfig,
     agent::AgentError,
@@ -144,28 +144,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(dir) = args.cache_dir {
         config.dirs.cache_dir = dir;
     }
+    let signals = ShutdownSignals::listen()?;
     let agent = kowalski_exo_node_agent::start(config).await?;
     let shutdown = agent.shutdown_token();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.received().await;
         tracing::info!("shutting down: killing running work");
         shutdown.cancel();
     });
     agent.wait().await?;
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }
