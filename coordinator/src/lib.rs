@@ -5,7 +5,9 @@
 //! - [`scheduling`]: placement (a pure choice of node), dispatch (running code there, with
 //!   failover to another node), and documents (a Markdown file's blocks in order).
 //! - [`codeblocks`]: fenced code blocks out of LLM output.
+//! - [`service`]: what clients can ask of the cluster, whatever the transport.
 //! - [`api`]: the gRPC surfaces: AgentRegistry for agents, Coordinator for clients.
+//! - [`error`]: the coordinator's refusals, mapped to gRPC status in one place.
 //! - [`server`]: everything assembled, optionally with an in-process node agent.
 //! - [`cli`]: the client subcommands: connecting (or a local cluster), requests from flags,
 //!   following event streams, tables and JSON lines, exit statuses.
@@ -13,6 +15,8 @@
 pub mod api;
 pub mod cli;
 pub mod codeblocks;
+pub mod error;
 pub mod registry;
 pub mod scheduling;
 pub mod server;
+pub mod service;

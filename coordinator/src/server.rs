@@ -17,6 +17,7 @@ use crate::{
     api::{client_service::ClientService, registry_service::RegistryService},
     registry::NodeRegistry,
     scheduling::dispatch::Dispatcher,
+    service::ClusterService,
 };
 
 /// How long shutdown waits for open client streams.
@@ -89,8 +90,10 @@ pub async fn start(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            CoordinatorServer::new(ClientService::new(Dispatcher::new(registry.clone())))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            CoordinatorServer::new(ClientService::new(ClusterService::new(Dispatcher::new(
+                registry.clone(),
+            ))))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
         );
     let health = server.health();
     health

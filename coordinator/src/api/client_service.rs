@@ -1,47 +1,29 @@
-//! The Coordinator service clients call: translates requests into runs for the dispatcher and
-//! its outcomes back into events.
+//! The Coordinator gRPC service clients call: translates between the wire and the
+//! [`ClusterService`], which does the work.
 
-use std::{collections::BTreeMap, pin::Pin, time::Duration};
+use std::{pin::Pin, time::Duration};
 
-use kowalski_exo_common::{
-    Language,
-    proto::{
-        ClusterEvent, ClusterExecuteRequest, DrainRequest, DrainResponse, ListNodesRequest,
-        ListNodesResponse, PlacementConstraints, PlanRequest, PlanResponse, RunBlocksRequest,
-        coordinator_server::Coordinator,
-    },
-    request_size,
+use kowalski_exo_common::proto::{
+    ClusterEvent, ClusterExecuteRequest, DrainRequest, DrainResponse, ListNodesRequest,
+    ListNodesResponse, PlanRequest, PlanResponse, RunBlocksRequest,
+    coordinator_server::Coordinator,
 };
-use tokio::{sync::mpsc, time::Instant};
+use tokio::time::Instant;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 
-use crate::{
-    codeblocks,
-    registry::{NodeLookupError, NodeRegistry},
-    scheduling::{
-        dispatch::{self, Dispatcher, Outcome, RunSpec},
-        document::{self, BlockDefaults},
-    },
-};
-
-/// Events buffered per stream before a slow client holds the run back.
-const EVENT_BUFFER: usize = 64;
+use crate::service::ClusterService;
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<ClusterEvent, Status>> + Send>>;
 
 #[derive(Clone)]
 pub struct ClientService {
-    dispatcher: Dispatcher,
+    cluster: ClusterService,
 }
 
 impl ClientService {
-    pub fn new(dispatcher: Dispatcher) -> Self {
-        ClientService { dispatcher }
-    }
-
-    fn registry(&self) -> &NodeRegistry {
-        self.dispatcher.registry()
+    pub fn new(cluster: ClusterService) -> Self {
+        ClientService { cluster }
     }
 }
 
@@ -61,12 +43,9 @@ fn deadline(metadata: &MetadataMap) -> Option<Duration> {
     })
 }
 
-fn constraints(
-    placement: Option<PlacementConstraints>,
-) -> (Option<String>, BTreeMap<String, String>) {
-    let placement = placement.unwrap_or_default();
-    let node = (!placement.node.is_empty()).then_some(placement.node);
-    (node, placement.labels.into_iter().collect())
+/// When the client's deadline passes, counted from now.
+fn deadline_at(metadata: &MetadataMap) -> Option<Instant> {
+    deadline(metadata).map(|d| Instant::now() + d)
 }
 
 #[tonic::async_trait]
@@ -79,7 +58,7 @@ impl Coordinator for ClientService {
         _request: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
         Ok(Response::new(ListNodesResponse {
-            nodes: self.registry().list(Instant::now()),
+            nodes: self.cluster.list_nodes(),
         }))
     }
 
@@ -87,82 +66,23 @@ impl Coordinator for ClientService {
         &self,
         request: Request<ClusterExecuteRequest>,
     ) -> Result<Response<Self::ExecuteStream>, Status> {
-        let deadline = deadline(request.metadata()).map(|d| Instant::now() + d);
-        let request = request.into_inner();
-        let execution = request
-            .execution
-            .ok_or_else(|| Status::invalid_argument("the request has no `execution`"))?;
-        let language = Language::parse(&execution.language)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        request_size::check(&execution, request_size::MAX_CODE_BYTES)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let (node, labels) = constraints(request.placement);
-        let mut spec = RunSpec {
-            execution,
-            language,
-            node,
-            labels,
-            max_attempts: request.max_attempts,
-            block: 0,
-            line: 0,
-        };
-        let wait = Duration::from_millis(request.wait_for_nodes_ms.into());
-        self.dispatcher
-            .admit(&spec, Instant::now() + wait)
-            .await
-            .map_err(|reason| Status::failed_precondition(reason.to_string()))?;
-        // Bounded after the wait for nodes, which the client's deadline also counted.
-        spec.execution.timeout_ms =
-            dispatch::bounded_timeout(spec.execution.timeout_ms, document::remaining(deadline));
-        let (events, stream) = mpsc::channel(EVENT_BUFFER);
-        let dispatcher = self.dispatcher.clone();
-        tokio::spawn(async move {
-            if let Outcome::Rejected(status) = dispatcher.run(&spec, &events).await {
-                let _ = events.send(Err(status)).await;
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(stream))))
+        let deadline = deadline_at(request.metadata());
+        let events = self.cluster.execute(request.into_inner(), deadline).await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(events))))
     }
 
     async fn run_blocks(
         &self,
         request: Request<RunBlocksRequest>,
     ) -> Result<Response<Self::RunBlocksStream>, Status> {
-        let deadline = deadline(request.metadata()).map(|d| Instant::now() + d);
-        let request = request.into_inner();
-        let blocks = codeblocks::parse(&request.document);
-        let defaults = BlockDefaults {
-            deadline,
-            ..BlockDefaults::of(&request)
-        };
-        let wait = Duration::from_millis(request.wait_for_nodes_ms.into());
-        let (events, stream) = mpsc::channel(EVENT_BUFFER);
-        let dispatcher = self.dispatcher.clone();
-        tokio::spawn(async move {
-            document::run(
-                &dispatcher,
-                &blocks,
-                &defaults,
-                request.keep_going,
-                wait,
-                &events,
-            )
-            .await;
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(stream))))
+        let deadline = deadline_at(request.metadata());
+        let events = self.cluster.run_blocks(request.into_inner(), deadline);
+        Ok(Response::new(Box::pin(ReceiverStream::new(events))))
     }
 
     async fn plan(&self, request: Request<PlanRequest>) -> Result<Response<PlanResponse>, Status> {
         let request = request.into_inner();
-        let defaults = BlockDefaults::of(&RunBlocksRequest {
-            placement: request.placement,
-            ..Default::default()
-        });
-        let blocks = document::plan(
-            &self.dispatcher,
-            &codeblocks::parse(&request.document),
-            &defaults,
-        );
+        let blocks = self.cluster.plan(&request.document, request.placement);
         Ok(Response::new(PlanResponse { blocks }))
     }
 
@@ -170,30 +90,19 @@ impl Coordinator for ClientService {
         &self,
         request: Request<DrainRequest>,
     ) -> Result<Response<DrainResponse>, Status> {
-        self.set_draining(request.into_inner(), true)
+        let node = self
+            .cluster
+            .set_draining(&request.into_inner().node, true)?;
+        Ok(Response::new(DrainResponse { node: Some(node) }))
     }
 
     async fn undrain(
         &self,
         request: Request<DrainRequest>,
     ) -> Result<Response<DrainResponse>, Status> {
-        self.set_draining(request.into_inner(), false)
-    }
-}
-
-impl ClientService {
-    fn set_draining(
-        &self,
-        request: DrainRequest,
-        draining: bool,
-    ) -> Result<Response<DrainResponse>, Status> {
         let node = self
-            .registry()
-            .set_draining(&request.node, draining, Instant::now())
-            .map_err(|e| match e {
-                NodeLookupError::Unknown(_) => Status::not_found(e.to_string()),
-                NodeLookupError::Ambiguous(_) => Status::invalid_argument(e.to_string()),
-            })?;
+            .cluster
+            .set_draining(&request.into_inner().node, false)?;
         Ok(Response::new(DrainResponse { node: Some(node) }))
     }
 }

@@ -12,7 +12,7 @@ use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::registry::NodeRegistry;
+use crate::{error::CoordinatorError, registry::NodeRegistry};
 
 #[derive(Clone)]
 pub struct RegistryService {
@@ -40,20 +40,19 @@ impl AgentRegistry for RegistryService {
     ) -> Result<Response<Self::AttachStream>, Status> {
         let peer = request.remote_addr();
         let mut inbound = request.into_inner();
-        let first = inbound
-            .message()
-            .await?
-            .and_then(|m| m.message)
-            .ok_or_else(|| Status::invalid_argument("the stream closed before registering"))?;
+        let first = inbound.message().await?.and_then(|m| m.message).ok_or(
+            CoordinatorError::Registration("the stream closed before registering"),
+        )?;
         let agent_message::Message::Register(mut registration) = first else {
-            return Err(Status::invalid_argument(
+            return Err(CoordinatorError::Registration(
                 "the first message on an Attach stream must be `register`",
-            ));
+            )
+            .into());
         };
         if registration.name.is_empty() {
-            return Err(Status::invalid_argument(
-                "registration has an empty node name",
-            ));
+            return Err(
+                CoordinatorError::Registration("registration has an empty node name").into(),
+            );
         }
         registration.address = dial_address(&registration.address, peer);
         let name = registration.name.clone();

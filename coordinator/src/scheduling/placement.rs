@@ -155,6 +155,8 @@ impl fmt::Display for Unplaceable {
     }
 }
 
+impl std::error::Error for Unplaceable {}
+
 /// Chooses the node for a run.
 pub fn place<'c>(
     candidates: &'c [Candidate],

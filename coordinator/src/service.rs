@@ -1,0 +1,147 @@
+//! What clients can ask of the cluster, whatever the transport: list and drain nodes, run code,
+//! run a document's blocks, plan one. The gRPC `Coordinator` service is a thin layer over this,
+//! and the HTTP API will be another.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use kowalski_exo_common::{
+    Language,
+    proto::{
+        ClusterEvent, ClusterExecuteRequest, NodeInfo, PlacementConstraints, PlannedBlock,
+        RunBlocksRequest,
+    },
+    request_size,
+};
+use tokio::{sync::mpsc, time::Instant};
+use tonic::Status;
+
+use crate::{
+    codeblocks,
+    error::CoordinatorError,
+    registry::NodeRegistry,
+    scheduling::{
+        dispatch::{Dispatcher, Outcome, RunSpec, bounded_timeout},
+        document::{self, BlockDefaults},
+    },
+};
+
+/// Events buffered per stream before a slow client holds the run back.
+const EVENT_BUFFER: usize = 64;
+
+/// The events of one run or document, ending when it does; an `Err` is a node's refusal of
+/// the request itself, passed on as it came.
+pub type EventReceiver = mpsc::Receiver<Result<ClusterEvent, Status>>;
+
+/// The cluster as clients see it.
+#[derive(Clone)]
+pub struct ClusterService {
+    dispatcher: Dispatcher,
+}
+
+impl ClusterService {
+    pub fn new(dispatcher: Dispatcher) -> Self {
+        ClusterService { dispatcher }
+    }
+
+    fn registry(&self) -> &NodeRegistry {
+        self.dispatcher.registry()
+    }
+
+    /// Every node the coordinator knows, with its state and load.
+    pub fn list_nodes(&self) -> Vec<NodeInfo> {
+        self.registry().list(Instant::now())
+    }
+
+    /// No new work for a node (`draining`), or work again.
+    pub fn set_draining(&self, node: &str, draining: bool) -> Result<NodeInfo, CoordinatorError> {
+        Ok(self
+            .registry()
+            .set_draining(node, draining, Instant::now())?)
+    }
+
+    /// Checks and places a run, then streams its events; `deadline` is when the client stops
+    /// listening.
+    pub async fn execute(
+        &self,
+        request: ClusterExecuteRequest,
+        deadline: Option<Instant>,
+    ) -> Result<EventReceiver, CoordinatorError> {
+        let execution = request
+            .execution
+            .ok_or(CoordinatorError::MissingField("execution"))?;
+        let language = Language::parse(&execution.language)?;
+        request_size::check(&execution, request_size::MAX_CODE_BYTES)?;
+        let (node, labels) = constraints(request.placement);
+        let mut spec = RunSpec {
+            execution,
+            language,
+            node,
+            labels,
+            max_attempts: request.max_attempts,
+            block: 0,
+            line: 0,
+        };
+        let wait = Duration::from_millis(request.wait_for_nodes_ms.into());
+        self.dispatcher.admit(&spec, Instant::now() + wait).await?;
+        // Bounded after the wait for nodes, which the client's deadline also counted.
+        spec.execution.timeout_ms =
+            bounded_timeout(spec.execution.timeout_ms, document::remaining(deadline));
+        let (events, receiver) = mpsc::channel(EVENT_BUFFER);
+        let dispatcher = self.dispatcher.clone();
+        tokio::spawn(async move {
+            if let Outcome::Rejected(status) = dispatcher.run(&spec, &events).await {
+                let _ = events.send(Err(status)).await;
+            }
+        });
+        Ok(receiver)
+    }
+
+    /// Runs a document's blocks in order, streaming their events.
+    pub fn run_blocks(
+        &self,
+        request: RunBlocksRequest,
+        deadline: Option<Instant>,
+    ) -> EventReceiver {
+        let blocks = codeblocks::parse(&request.document);
+        let defaults = BlockDefaults {
+            deadline,
+            ..BlockDefaults::of(&request)
+        };
+        let wait = Duration::from_millis(request.wait_for_nodes_ms.into());
+        let (events, receiver) = mpsc::channel(EVENT_BUFFER);
+        let dispatcher = self.dispatcher.clone();
+        tokio::spawn(async move {
+            document::run(
+                &dispatcher,
+                &blocks,
+                &defaults,
+                request.keep_going,
+                wait,
+                &events,
+            )
+            .await;
+        });
+        receiver
+    }
+
+    /// Where each block of a document would run now; runs nothing.
+    pub fn plan(
+        &self,
+        document: &str,
+        placement: Option<PlacementConstraints>,
+    ) -> Vec<PlannedBlock> {
+        let defaults = BlockDefaults::of(&RunBlocksRequest {
+            placement,
+            ..Default::default()
+        });
+        document::plan(&self.dispatcher, &codeblocks::parse(document), &defaults)
+    }
+}
+
+fn constraints(
+    placement: Option<PlacementConstraints>,
+) -> (Option<String>, BTreeMap<String, String>) {
+    let placement = placement.unwrap_or_default();
+    let node = (!placement.node.is_empty()).then_some(placement.node);
+    (node, placement.labels.into_iter().collect())
+}
