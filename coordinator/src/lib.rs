@@ -7,6 +7,7 @@
 //! - [`codeblocks`]: fenced code blocks out of LLM output.
 //! - [`service`]: what clients can ask of the cluster, whatever the transport.
 //! - [`api`]: the gRPC surfaces: AgentRegistry for agents, Coordinator for clients.
+//! - [`json_events`]: the JSON shape of cluster events, for the CLI and the HTTP API.
 //! - [`error`]: the coordinator's refusals, mapped to gRPC status in one place.
 //! - [`server`]: everything assembled, optionally with an in-process node agent.
 //! - [`cli`]: the client subcommands: connecting (or a local cluster), requests from flags,
@@ -16,6 +17,7 @@ pub mod api;
 pub mod cli;
 pub mod codeblocks;
 pub mod error;
+pub mod json_events;
 pub mod registry;
 pub mod scheduling;
 pub mod server;

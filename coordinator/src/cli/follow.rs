@@ -18,9 +18,9 @@ use kowalski_exo_common::proto::{
 use tonic::Streaming;
 
 use super::{
-    EXIT_INFRASTRUCTURE, EXIT_NO_NODE, EXIT_USAGE, Failure, PREFIX, events::EventLine, exit_status,
-    print_json, status_name,
+    EXIT_INFRASTRUCTURE, EXIT_NO_NODE, EXIT_USAGE, Failure, PREFIX, exit_status, print_json,
 };
+use crate::json_events::{EventLine, status_name};
 
 /// How to show a stream.
 #[derive(Clone, Copy, Debug)]

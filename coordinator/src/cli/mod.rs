@@ -1,9 +1,8 @@
 //! The client subcommands: connecting (or starting a local cluster), building requests, and
-//! what they print: tables and raw program output for people, one JSON object per line (stable
-//! field names) for scripts, and the exit status.
+//! what they print: tables and raw program output for people, one JSON object per line (the
+//! shape in [`crate::json_events`]) for scripts, and the exit status.
 
 pub mod connect;
-pub mod events;
 pub mod follow;
 pub mod nodes;
 pub mod plan;
@@ -16,7 +15,7 @@ use kowalski_exo_common::{
 use serde::Serialize;
 use tonic::{Code, Status};
 
-use events::ErrorLine;
+use crate::json_events::ErrorLine;
 
 /// Bad usage (clap uses it too).
 pub const EXIT_USAGE: u8 = exit::USAGE;
@@ -50,14 +49,6 @@ pub fn exit_status(result: &ExecFinished) -> u8 {
         ExecStatus::Cancelled => EXIT_CANCELLED,
         ExecStatus::FailedToStart | ExecStatus::Unspecified => EXIT_INFRASTRUCTURE,
     }
-}
-
-/// The lower-case status name used in JSON lines, e.g. `nonzero_exit`.
-pub fn status_name(status: ExecStatus) -> String {
-    status
-        .as_str_name()
-        .trim_start_matches("EXEC_STATUS_")
-        .to_ascii_lowercase()
 }
 
 /// A command that could not do its job, with the exit status it means.
@@ -176,7 +167,6 @@ mod tests {
             exit_status(&finished(ExecStatus::MemoryLimit, None, Some(9))),
             125
         );
-        assert_eq!(status_name(ExecStatus::NonzeroExit), "nonzero_exit");
     }
 
     #[test]

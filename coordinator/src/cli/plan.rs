@@ -6,7 +6,8 @@ use kowalski_exo_common::proto::{
 use serde::Serialize;
 use tonic::transport::Channel;
 
-use super::{Failure, events::skip_name, print_json};
+use super::{Failure, print_json};
+use crate::json_events::skip_name;
 
 /// One fenced block as `run --plan --json` prints it. Field names are stable.
 #[derive(Serialize, Debug, PartialEq)]

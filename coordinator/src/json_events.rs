@@ -1,11 +1,12 @@
-//! The JSON shape of cluster events: one object per event, stable field names, absent fields
-//! left out; blocks numbered from 1 as people count them (the line stays the stable reference).
+//! The JSON shape of cluster events, shared by the CLI's `--json` and the HTTP API: one object
+//! per event, stable field names, absent fields left out; blocks numbered from 1 as people count
+//! them (the line stays the stable reference).
 
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
-use kowalski_exo_common::proto::{ClusterEvent, OutputStream, SkipKind, cluster_event::Event};
+use kowalski_exo_common::proto::{
+    ClusterEvent, ExecStatus, OutputStream, SkipKind, cluster_event::Event,
+};
 use serde::Serialize;
-
-use super::status_name;
 
 /// The last line of a command that could not do its job.
 #[derive(Serialize, Debug, PartialEq)]
@@ -19,6 +20,14 @@ pub struct ErrorLine {
     pub block: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub line: Option<u32>,
+}
+
+/// The lower-case status name used in JSON lines, e.g. `nonzero_exit`.
+pub fn status_name(status: ExecStatus) -> String {
+    status
+        .as_str_name()
+        .trim_start_matches("EXEC_STATUS_")
+        .to_ascii_lowercase()
 }
 
 /// The JSON name of a skip kind.
@@ -154,5 +163,36 @@ impl EventLine {
                 ..base
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kowalski_exo_common::proto::{BlockSkipped, Queued};
+
+    use super::*;
+
+    #[test]
+    fn names_are_lower_case_and_blocks_count_from_one() {
+        assert_eq!(status_name(ExecStatus::NonzeroExit), "nonzero_exit");
+        let queued = ClusterEvent {
+            block: 0,
+            event: Some(Event::Queued(Queued { line: 7 })),
+        };
+        let line = EventLine::from_event(&queued, true).unwrap();
+        assert_eq!((line.block, line.line), (Some(1), Some(7)));
+        let skipped = ClusterEvent {
+            block: 2,
+            event: Some(Event::Skipped(BlockSkipped {
+                line: 9,
+                kind: SkipKind::NotRun as i32,
+                ..Default::default()
+            })),
+        };
+        let line = EventLine::from_event(&skipped, true).unwrap();
+        assert_eq!(
+            serde_json::to_string(&line).unwrap(),
+            r#"{"event":"skipped","block":3,"line":9,"reason":"","skip":"not_run"}"#
+        );
     }
 }
