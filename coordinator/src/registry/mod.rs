@@ -10,13 +10,11 @@ use std::{
     time::Duration,
 };
 
-use kowalski_exo_common::proto::{self, NodeInfo, RuntimeHealth};
+use kowalski_exo_common::proto::{self, NodeInfo};
 use tokio::{sync::watch, time::Instant};
 
 pub use liveness::{LivenessConfig, NodeState};
 use liveness::{Observation, assess, in_flight_lost};
-
-use crate::scheduling::placement::Candidate;
 
 /// A node whose stream has been closed this long, with nothing in flight, is forgotten.
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
@@ -36,6 +34,18 @@ struct Node {
     in_flight: u32,
     /// Which registry stream is the current one (a reconnect opens a new one).
     stream: u64,
+}
+
+/// A node as it stands at one moment, for whoever decides where work goes.
+#[derive(Clone, Debug)]
+pub struct NodeSnapshot {
+    pub id: String,
+    pub state: NodeState,
+    /// What the node said of itself, runtimes updated by its heartbeats.
+    pub registration: proto::Register,
+    pub load: proto::NodeLoad,
+    /// Runs placed there and not finished.
+    pub in_flight: u32,
 }
 
 /// Every known node, shared by the registry streams, dispatch and the client API.
@@ -255,22 +265,19 @@ impl NodeRegistry {
         nodes
     }
 
-    /// Every node as placement sees it, ordered by name then id.
-    pub fn candidates(&self, now: Instant) -> Vec<Candidate> {
+    /// Every node as it stands now, ordered by name then id.
+    pub fn snapshot(&self, now: Instant) -> Vec<NodeSnapshot> {
         let inner = self.lock();
         let mut nodes: Vec<&Node> = inner.nodes.values().collect();
         nodes.sort_by(|a, b| (&a.registration.name, &a.id).cmp(&(&b.registration.name, &b.id)));
         nodes
             .into_iter()
-            .map(|n| Candidate {
+            .map(|n| NodeSnapshot {
                 id: n.id.clone(),
-                name: n.registration.name.clone(),
                 state: assess(&n.observation, now, &self.config),
-                labels: n.registration.labels.clone(),
-                languages: healthy_languages(&n.registration),
+                registration: n.registration.clone(),
+                load: n.load,
                 in_flight: n.in_flight,
-                capacity: n.registration.capacity,
-                cpu_percent: n.load.cpu_percent,
             })
             .collect()
     }
@@ -365,16 +372,6 @@ fn fresh_id(name: &str, serial: u64) -> String {
             .map_or(0, |d| d.as_nanos()),
     );
     format!("node-{:08x}", hasher.finish() as u32)
-}
-
-fn healthy_languages(registration: &proto::Register) -> Vec<String> {
-    registration
-        .runtimes
-        .iter()
-        .flat_map(|f| &f.runtimes)
-        .filter(|r| r.health() == RuntimeHealth::Healthy)
-        .map(|r| r.language.clone())
-        .collect()
 }
 
 fn info(n: &Node, now: Instant) -> NodeInfo {
@@ -501,17 +498,17 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn drain_and_in_flight_counts_show_in_candidates() {
+    async fn drain_and_in_flight_counts_show_in_the_snapshot() {
         let registry = NodeRegistry::default();
         let (id, _) = registry.register(register("box", ""), Instant::now());
         let run = registry.begin_run(&id);
-        assert_eq!(registry.candidates(Instant::now())[0].in_flight, 1);
+        assert_eq!(registry.snapshot(Instant::now())[0].in_flight, 1);
         drop(run);
-        assert_eq!(registry.candidates(Instant::now())[0].in_flight, 0);
+        assert_eq!(registry.snapshot(Instant::now())[0].in_flight, 0);
         let info = registry.set_draining("box", true, Instant::now()).unwrap();
         assert_eq!(info.state, "draining");
         assert_eq!(
-            registry.candidates(Instant::now())[0].state,
+            registry.snapshot(Instant::now())[0].state,
             NodeState::Draining
         );
         registry.set_draining(&id, false, Instant::now()).unwrap();
@@ -532,15 +529,16 @@ mod tests {
             runtimes: Some(proto::RuntimeFingerprint {
                 runtimes: vec![proto::Runtime {
                     language: "python".into(),
-                    health: RuntimeHealth::Healthy as i32,
+                    health: proto::RuntimeHealth::Healthy as i32,
                     ..Default::default()
                 }],
                 probed_at_unix_ms: 1,
             }),
         };
         registry.heartbeat(&id, stream, heartbeat, Instant::now());
-        let candidate = &registry.candidates(Instant::now())[0];
-        assert_eq!(candidate.languages, vec!["python".to_string()]);
-        assert_eq!(candidate.cpu_percent, 50.0);
+        let node = &registry.snapshot(Instant::now())[0];
+        let runtimes = &node.registration.runtimes.as_ref().unwrap().runtimes;
+        assert_eq!(runtimes[0].language, "python");
+        assert_eq!(node.load.cpu_percent, 50.0);
     }
 }

@@ -22,7 +22,7 @@ use tonic::{Code, Status};
 
 use super::{
     agents::{AgentConnector, GrpcAgents},
-    placement::{Requirements, Unplaceable, place},
+    placement::{Requirements, Unplaceable, candidates, place},
 };
 use crate::registry::{NodeRegistry, NodeState};
 
@@ -134,7 +134,7 @@ impl Dispatcher {
         let mut changes = self.registry.subscribe();
         loop {
             changes.borrow_and_update();
-            let candidates = self.registry.candidates(Instant::now());
+            let candidates = candidates(&self.registry, Instant::now());
             let reason = match place(&candidates, &spec.requirements(&[])) {
                 Err(reason) if !reason.is_transient() => reason,
                 _ => return Ok(()),
@@ -153,7 +153,7 @@ impl Dispatcher {
 
     /// Why no other node could take the run after the nodes in `failed`, if none can.
     fn no_retry(&self, spec: &RunSpec, failed: &[String]) -> Option<Unplaceable> {
-        let candidates = self.registry.candidates(Instant::now());
+        let candidates = candidates(&self.registry, Instant::now());
         match place(&candidates, &spec.requirements(failed)) {
             Err(reason) if !reason.is_transient() => Some(reason),
             _ => None,
@@ -295,7 +295,7 @@ impl Dispatcher {
         let mut none_ready_since: Option<Instant> = None;
         loop {
             changes.borrow_and_update();
-            let candidates = self.registry.candidates(Instant::now());
+            let candidates = candidates(&self.registry, Instant::now());
             let choice = match place(&candidates, &spec.requirements(&avoid)) {
                 // Only full nodes remain: one of them, once it has room, beats failing.
                 Err(Unplaceable::Exhausted { .. }) if !busy.is_empty() => {

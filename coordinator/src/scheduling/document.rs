@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::{
     dispatch::{ClusterSender, Dispatcher, Outcome, RunSpec, bounded_timeout},
-    placement::place,
+    placement::{candidates, place},
 };
 use crate::codeblocks::CodeBlock;
 
@@ -119,7 +119,7 @@ pub fn plan(
     blocks: &[CodeBlock],
     defaults: &BlockDefaults,
 ) -> Vec<PlannedBlock> {
-    let candidates = dispatcher.registry().candidates(Instant::now());
+    let candidates = candidates(dispatcher.registry(), Instant::now());
     blocks
         .iter()
         .map(|block| {

@@ -1,12 +1,39 @@
-//! Placement: hard filters (runtime present and healthy, node pin, labels, not already tried,
+//! Placement: hard filters (the capability the work needs, node pin, labels, not already tried,
 //! ready, room), then the least loaded node, with a deterministic tie-break. A pure function
-//! of the nodes and the requirements.
+//! of the nodes and the requirements; [`candidates`] turns the registry's view into its input.
 
 use std::{cmp::Ordering, collections::BTreeMap, collections::HashMap, fmt};
 
-use kowalski_exo_common::Language;
+use kowalski_exo_common::{Language, proto::RuntimeHealth};
+use tokio::time::Instant;
 
-use crate::registry::NodeState;
+use crate::registry::{NodeRegistry, NodeSnapshot, NodeState};
+
+/// What a node can take on, as it reports it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Capabilities {
+    /// Canonical names of the languages whose runtime is healthy on the node.
+    pub languages: Vec<String>,
+}
+
+impl Capabilities {
+    fn of(node: &NodeSnapshot) -> Self {
+        Capabilities {
+            languages: node
+                .registration
+                .runtimes
+                .iter()
+                .flat_map(|f| &f.runtimes)
+                .filter(|r| r.health() == RuntimeHealth::Healthy)
+                .map(|r| r.language.clone())
+                .collect(),
+        }
+    }
+
+    fn runs(&self, language: Language) -> bool {
+        self.languages.iter().any(|l| l == language.name())
+    }
+}
 
 /// A node as placement sees it.
 #[derive(Clone, Debug, PartialEq)]
@@ -15,12 +42,35 @@ pub struct Candidate {
     pub name: String,
     pub state: NodeState,
     pub labels: HashMap<String, String>,
-    /// Canonical names of the languages whose runtime is healthy on the node.
-    pub languages: Vec<String>,
+    pub capabilities: Capabilities,
     /// Runs placed there and not finished.
     pub in_flight: u32,
     pub capacity: u32,
     pub cpu_percent: f32,
+}
+
+impl From<NodeSnapshot> for Candidate {
+    fn from(node: NodeSnapshot) -> Self {
+        Candidate {
+            capabilities: Capabilities::of(&node),
+            id: node.id,
+            name: node.registration.name,
+            state: node.state,
+            labels: node.registration.labels,
+            in_flight: node.in_flight,
+            capacity: node.registration.capacity,
+            cpu_percent: node.load.cpu_percent,
+        }
+    }
+}
+
+/// Every node as placement sees it now, ordered by name then id.
+pub fn candidates(registry: &NodeRegistry, now: Instant) -> Vec<Candidate> {
+    registry
+        .snapshot(now)
+        .into_iter()
+        .map(Candidate::from)
+        .collect()
 }
 
 /// What a run needs of its node.
@@ -175,9 +225,9 @@ pub fn place<'c>(
     if let Some(language) = wanted.language {
         let offered = fitting
             .iter()
-            .map(|c| (c.name.clone(), c.languages.clone()))
+            .map(|c| (c.name.clone(), c.capabilities.languages.clone()))
             .collect();
-        fitting.retain(|c| c.languages.iter().any(|l| l == language.name()));
+        fitting.retain(|c| c.capabilities.runs(language));
         if fitting.is_empty() {
             return Err(Unplaceable::NoRuntime {
                 language: language.name().to_string(),
@@ -249,7 +299,9 @@ mod tests {
             name: name.to_string(),
             state: NodeState::Ready,
             labels: HashMap::new(),
-            languages: vec!["python".into(), "bash".into()],
+            capabilities: Capabilities {
+                languages: vec!["python".into(), "bash".into()],
+            },
             in_flight,
             capacity,
             cpu_percent: cpu,
@@ -284,7 +336,7 @@ mod tests {
         draining.state = NodeState::Draining;
         let full = node("full", 2, 2, 0.0);
         let mut no_python = node("nopy", 0, 2, 0.0);
-        no_python.languages = vec!["bash".into()];
+        no_python.capabilities.languages = vec!["bash".into()];
         let busy_but_fit = node("fit", 1, 2, 99.0);
         let nodes = [suspect, draining, full, no_python, busy_but_fit];
         assert_eq!(place(&nodes, &python()).unwrap().name, "fit");
@@ -395,5 +447,37 @@ mod tests {
                 .to_string(),
             "no node with the runtime carries the labels gpu=yes (gpu-box has gpu=no; laptop has no labels)"
         );
+    }
+
+    #[test]
+    fn only_healthy_runtimes_are_capabilities() {
+        use kowalski_exo_common::proto::{Register, Runtime, RuntimeFingerprint};
+        let runtime = |language: &str, health: RuntimeHealth| Runtime {
+            language: language.into(),
+            health: health as i32,
+            ..Default::default()
+        };
+        let snapshot = NodeSnapshot {
+            id: "id-box".into(),
+            state: NodeState::Ready,
+            registration: Register {
+                name: "box".into(),
+                capacity: 2,
+                runtimes: Some(RuntimeFingerprint {
+                    runtimes: vec![
+                        runtime("python", RuntimeHealth::Healthy),
+                        runtime("perl", RuntimeHealth::Broken),
+                        runtime("go", RuntimeHealth::Missing),
+                    ],
+                    probed_at_unix_ms: 0,
+                }),
+                ..Default::default()
+            },
+            load: Default::default(),
+            in_flight: 1,
+        };
+        let candidate = Candidate::from(snapshot);
+        assert_eq!(candidate.capabilities.languages, ["python"]);
+        assert_eq!((candidate.name.as_str(), candidate.in_flight), ("box", 1));
     }
 }
