@@ -1,14 +1,10 @@
-//! Running one piece of code on the cluster, modelled on the Remote Execution API: queued, then
-//! placed (node, attempt), output tagged with its attempt, retrying when an attempt is lost to
-//! an infrastructure failure, and one finished event.
-//!
-//! Only infrastructure failures are retried (the node died, went silent past the deadline, or
-//! refused for lack of room), each time on a node not tried yet, with exponential backoff and
-//! jitter. A non-zero exit is a result.
+//! Code runs on the cluster, modelled on the Remote Execution API: queued, then placed (node,
+//! attempt), output tagged with its attempt, retrying when an attempt is lost to an
+//! infrastructure failure, and one finished event. A lost attempt runs again from the start on
+//! another node ([`failover`] does the moving); a non-zero exit is a result.
 
 use std::{sync::Arc, time::Duration};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use kowalski_exo_common::{
     Language,
     proto::{
@@ -22,17 +18,15 @@ use tonic::{Code, Status};
 
 use super::{
     agents::{AgentConnector, GrpcAgents},
+    failover::{self, Attempt, AttemptEnd, CallerGone, Departure, Work},
     placement::{Requirements, Unplaceable, candidates, place},
 };
 use crate::registry::{NodeRegistry, NodeState};
 
-/// Attempts per run unless the request says otherwise.
-pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
-/// Backoff between attempts.
-const RETRY_MIN_DELAY: Duration = Duration::from_millis(20);
-const RETRY_MAX_DELAY: Duration = Duration::from_secs(1);
-/// How long a run waits for a fitting node to become ready before giving up.
-const NONE_READY_WAIT: Duration = Duration::from_secs(10);
+pub use super::failover::DEFAULT_MAX_ATTEMPTS;
+
+/// What a code run came to.
+pub type Outcome = failover::Outcome<proto::ExecFinished>;
 
 /// Time kept between the run's timeout and the client's deadline, so the `finished` event (with
 /// its timeout status) reaches the client before its deadline cuts the stream.
@@ -82,30 +76,6 @@ impl RunSpec {
     }
 }
 
-/// What a run came to.
-#[derive(Debug)]
-pub enum Outcome {
-    /// It ran to an end on some node (any exit status).
-    Finished(proto::ExecFinished),
-    /// Every attempt was lost, or no node could take it.
-    Failed(String),
-    /// A node rejected the request itself (it would be rejected anywhere).
-    Rejected(Status),
-    /// The caller went away.
-    Cancelled,
-}
-
-/// How one attempt ended.
-enum AttemptEnd {
-    Finished(proto::ExecFinished),
-    /// The node failed; it is not tried again for this run.
-    Lost(String),
-    /// The node had no room; another is preferred.
-    Busy(String),
-    Rejected(Status),
-    Cancelled,
-}
-
 /// Places runs and moves them when nodes fail.
 #[derive(Clone)]
 pub struct Dispatcher {
@@ -151,230 +121,107 @@ impl Dispatcher {
         }
     }
 
-    /// Why no other node could take the run after the nodes in `failed`, if none can.
-    fn no_retry(&self, spec: &RunSpec, failed: &[String]) -> Option<Unplaceable> {
-        let candidates = candidates(&self.registry, Instant::now());
-        match place(&candidates, &spec.requirements(failed)) {
-            Err(reason) if !reason.is_transient() => Some(reason),
-            _ => None,
-        }
-    }
-
     /// Runs `spec` to its end, streaming events; the last is `finished`, except when a node
     /// rejected the request itself (`Outcome::Rejected`), which the caller reports.
     pub async fn run(&self, spec: &RunSpec, events: &ClusterSender) -> Outcome {
-        let mut last_placed = None;
-        let outcome = self.run_attempts(spec, events, &mut last_placed).await;
-        let (node_id, node_name, attempt) = last_placed
-            .map(|p: Placed| (p.node_id, p.node_name, p.attempt))
-            .unwrap_or_default();
+        let mut run = CodeRun {
+            spec,
+            events,
+            agents: self.agents.as_ref(),
+        };
+        let (outcome, last) = failover::run(&self.registry, &mut run).await;
+        let last = last.unwrap_or_default();
         let finished = |result, error| ClusterFinished {
             result,
-            node_id,
-            node_name,
-            attempt,
+            node_id: last.node_id,
+            node_name: last.node_name,
+            attempt: last.number,
             error,
         };
-        let last = match &outcome {
+        let finished = match &outcome {
             Outcome::Finished(result) => finished(Some(result.clone()), String::new()),
             Outcome::Failed(error) => finished(None, error.clone()),
             Outcome::Rejected(_) | Outcome::Cancelled => return outcome,
         };
-        let _ = send(events, spec.block, Event::Finished(last)).await;
+        let _ = send(events, spec.block, Event::Finished(finished)).await;
         outcome
     }
+}
 
-    async fn run_attempts(
-        &self,
-        spec: &RunSpec,
-        events: &ClusterSender,
-        last_placed: &mut Option<Placed>,
-    ) -> Outcome {
-        if send(
-            events,
-            spec.block,
-            Event::Queued(Queued { line: spec.line }),
-        )
+/// A code run as work for the failover loop.
+struct CodeRun<'a> {
+    spec: &'a RunSpec,
+    events: &'a ClusterSender,
+    agents: &'a dyn AgentConnector,
+}
+
+impl CodeRun<'_> {
+    async fn send(&self, event: Event) -> Result<(), CallerGone> {
+        send(self.events, self.spec.block, event)
+            .await
+            .map_err(|()| CallerGone)
+    }
+}
+
+#[tonic::async_trait]
+impl Work for CodeRun<'_> {
+    type Result = proto::ExecFinished;
+
+    fn requirements<'b>(&'b self, exclude: &'b [String]) -> Requirements<'b> {
+        self.spec.requirements(exclude)
+    }
+
+    fn max_attempts(&self) -> u32 {
+        self.spec.max_attempts
+    }
+
+    fn departure(&self) -> Departure {
+        let events = self.events.clone();
+        Box::pin(async move { events.closed().await })
+    }
+
+    async fn queued(&mut self) -> Result<(), CallerGone> {
+        self.send(Event::Queued(Queued {
+            line: self.spec.line,
+        }))
         .await
-        .is_err()
-        {
-            return Outcome::Cancelled;
-        }
-        let max_attempts = match spec.max_attempts {
-            0 => DEFAULT_MAX_ATTEMPTS,
-            n => n,
-        };
-        let mut delays = ExponentialBuilder::default()
-            .with_min_delay(RETRY_MIN_DELAY)
-            .with_max_delay(RETRY_MAX_DELAY)
-            .with_jitter()
-            .without_max_times()
-            .build();
-        // Nodes that failed this run are not tried again; nodes that were only full are
-        // avoided while another fits.
-        let mut failed: Vec<String> = Vec::new();
-        let mut busy: Vec<String> = Vec::new();
-        let mut losses: Vec<String> = Vec::new();
-        for attempt in 1..=max_attempts {
-            let node = match self.wait_for_node(spec, &failed, &busy, events).await {
-                Ok(node) => node,
-                Err(None) => return Outcome::Cancelled,
-                Err(Some(reason)) => {
-                    losses.push(reason);
-                    return Outcome::Failed(losses.join("; "));
-                }
-            };
-            let placed = Placed {
-                node_id: node.0.clone(),
-                node_name: node.1.clone(),
-                attempt,
-            };
-            *last_placed = Some(placed.clone());
-            if send(events, spec.block, Event::Placed(placed))
-                .await
-                .is_err()
-            {
-                return Outcome::Cancelled;
-            }
-            let end = self.attempt(spec, &node.0, attempt, events).await;
-            let reason = match end {
-                AttemptEnd::Finished(finished) => return Outcome::Finished(finished),
-                AttemptEnd::Rejected(status) => return Outcome::Rejected(status),
-                AttemptEnd::Cancelled => return Outcome::Cancelled,
-                AttemptEnd::Busy(reason) => {
-                    busy.push(node.0.clone());
-                    reason
-                }
-                AttemptEnd::Lost(reason) => {
-                    failed.push(node.0.clone());
-                    reason
-                }
-            };
-            tracing::warn!(node = %node.1, attempt, %reason, "attempt lost");
-            losses.push(format!("attempt {attempt} on {}: {reason}", node.1));
-            if attempt == max_attempts {
-                break;
-            }
-            if let Some(why) = self.no_retry(spec, &failed) {
-                return Outcome::Failed(format!("{}; {why}", losses.join("; ")));
-            }
-            let retrying = Retrying {
-                attempt,
-                node_id: node.0,
-                node_name: node.1,
-                reason,
-            };
-            if send(events, spec.block, Event::Retrying(retrying))
-                .await
-                .is_err()
-            {
-                return Outcome::Cancelled;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(delays.next().unwrap_or(RETRY_MAX_DELAY)) => {}
-                _ = events.closed() => return Outcome::Cancelled,
-            }
-        }
-        Outcome::Failed(format!(
-            "gave up after {max_attempts} attempts: {}",
-            losses.join("; ")
-        ))
     }
 
-    /// Waits until placement chooses a node: `Err(None)` when the caller left, `Err(Some)` when
-    /// no node can take the run.
-    async fn wait_for_node(
-        &self,
-        spec: &RunSpec,
-        failed: &[String],
-        busy: &[String],
-        events: &ClusterSender,
-    ) -> Result<(String, String), Option<String>> {
-        let mut changes = self.registry.subscribe();
-        let avoid: Vec<String> = failed.iter().chain(busy).cloned().collect();
-        let mut none_ready_since: Option<Instant> = None;
-        loop {
-            changes.borrow_and_update();
-            let candidates = candidates(&self.registry, Instant::now());
-            let choice = match place(&candidates, &spec.requirements(&avoid)) {
-                // Only full nodes remain: one of them, once it has room, beats failing.
-                Err(Unplaceable::Exhausted { .. }) if !busy.is_empty() => {
-                    place(&candidates, &spec.requirements(failed))
-                }
-                other => other,
-            };
-            match choice {
-                Ok(node) => return Ok((node.id.clone(), node.name.clone())),
-                Err(reason @ Unplaceable::NoneReady { .. }) => {
-                    let since = *none_ready_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= NONE_READY_WAIT {
-                        return Err(Some(reason.to_string()));
-                    }
-                }
-                Err(reason) if !reason.is_transient() => return Err(Some(reason.to_string())),
-                Err(_) => none_ready_since = None,
-            }
-            tokio::select! {
-                _ = changes.changed() => {}
-                _ = tokio::time::sleep(NONE_READY_WAIT) => {}
-                _ = events.closed() => return Err(None),
-            }
-        }
+    async fn placed(&mut self, attempt: &Attempt) -> Result<(), CallerGone> {
+        self.send(Event::Placed(Placed {
+            node_id: attempt.node_id.clone(),
+            node_name: attempt.node_name.clone(),
+            attempt: attempt.number,
+        }))
+        .await
     }
 
-    /// One attempt on one node.
-    async fn attempt(
-        &self,
-        spec: &RunSpec,
-        node_id: &str,
-        attempt: u32,
-        events: &ClusterSender,
-    ) -> AttemptEnd {
-        let _in_flight = self.registry.begin_run(node_id);
-        let Some(address) = self.registry.address(node_id) else {
-            return AttemptEnd::Lost("the node left the cluster".into());
-        };
-        let mut request = spec.execution.clone();
+    /// The code from the start, its output passed on tagged with the attempt.
+    async fn attempt(&mut self, attempt: &Attempt) -> AttemptEnd<proto::ExecFinished> {
+        let mut request = self.spec.execution.clone();
         if !request.run_id.is_empty() {
-            request.run_id = format!("{}-{attempt}", request.run_id);
+            request.run_id = format!("{}-{}", request.run_id, attempt.number);
         }
-        let mut changes = self.registry.subscribe();
-        let call = self.agents.execute(&address, request);
-        let mut stream = tokio::select! {
-            response = call => match response {
-                Ok(stream) => stream,
-                Err(status) => return classify(status, events),
-            },
-            _ = silent(&self.registry, node_id, &mut changes) => {
-                return AttemptEnd::Lost(silence_reason(&self.registry));
-            }
-            _ = events.closed() => return AttemptEnd::Cancelled,
+        let mut stream = match self.agents.execute(&attempt.address, request).await {
+            Ok(stream) => stream,
+            Err(status) => return classify(status, self.events),
         };
         loop {
-            let message = tokio::select! {
-                message = stream.next() => message.transpose(),
-                _ = silent(&self.registry, node_id, &mut changes) => {
-                    return AttemptEnd::Lost(silence_reason(&self.registry));
-                }
-                _ = events.closed() => return AttemptEnd::Cancelled,
-            };
-            match message {
+            match stream.next().await.transpose() {
                 Ok(Some(proto::ExecEvent { event: Some(event) })) => match event {
                     exec_event::Event::Started(_) => {}
                     exec_event::Event::Output(chunk) => {
                         let output = proto::AttemptOutput {
-                            attempt,
+                            attempt: attempt.number,
                             chunk: Some(chunk),
                         };
-                        if send(events, spec.block, Event::Output(output))
-                            .await
-                            .is_err()
-                        {
+                        if self.send(Event::Output(output)).await.is_err() {
                             return AttemptEnd::Cancelled;
                         }
                     }
                     exec_event::Event::Finished(finished)
-                        if finished.status() == ExecStatus::Cancelled && !events.is_closed() =>
+                        if finished.status() == ExecStatus::Cancelled
+                            && !self.events.is_closed() =>
                     {
                         return AttemptEnd::Lost(format!(
                             "the node stopped the run: {}",
@@ -387,44 +234,25 @@ impl Dispatcher {
                 Ok(None) => {
                     return AttemptEnd::Lost("the node ended the run without a result".into());
                 }
-                Err(status) => return classify(status, events),
+                Err(status) => return classify(status, self.events),
             }
         }
     }
-}
 
-/// Completes when the node has been silent past the deadline. Wakes on registry changes and
-/// at the deadline itself, which passes without any change when the node's stream is gone.
-async fn silent(
-    registry: &NodeRegistry,
-    node_id: &str,
-    changes: &mut tokio::sync::watch::Receiver<u64>,
-) {
-    loop {
-        if registry.in_flight_lost(node_id, Instant::now()) {
-            return;
-        }
-        let Some(deadline) = registry.silence_deadline(node_id) else {
-            return;
-        };
-        tokio::select! {
-            changed = changes.changed() => {
-                if changed.is_err() {
-                    tokio::time::sleep_until(deadline).await;
-                }
-            }
-            _ = tokio::time::sleep_until(deadline) => {}
-        }
+    async fn retrying(&mut self, lost: &Attempt, reason: &str) -> Result<(), CallerGone> {
+        self.send(Event::Retrying(Retrying {
+            attempt: lost.number,
+            node_id: lost.node_id.clone(),
+            node_name: lost.node_name.clone(),
+            reason: reason.to_string(),
+        }))
+        .await
     }
-}
-
-fn silence_reason(registry: &NodeRegistry) -> String {
-    format!("the node was silent for {:?}", registry.config().down_after)
 }
 
 /// Infrastructure failures are retried elsewhere; a bad request is not. A cancellation is the
 /// caller's only when the caller is in fact gone.
-fn classify(status: Status, events: &ClusterSender) -> AttemptEnd {
+fn classify(status: Status, events: &ClusterSender) -> AttemptEnd<proto::ExecFinished> {
     let reason = loss_reason(&status);
     match status.code() {
         Code::InvalidArgument => AttemptEnd::Rejected(status),
