@@ -19,6 +19,11 @@ pub fn default_coordinator_url() -> String {
 
 /// A coordinator URL: it needs its scheme, which is easy to forget.
 pub fn parse_coordinator_url(s: &str) -> Result<String, String> {
+    parse_http_url(s)
+}
+
+/// An `http://` or `https://` URL (a coordinator, an LLM backend).
+pub fn parse_http_url(s: &str) -> Result<String, String> {
     if s.starts_with("http://") || s.starts_with("https://") {
         Ok(s.to_string())
     } else {

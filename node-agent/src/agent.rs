@@ -21,6 +21,7 @@ use tonic::server::NamedService;
 
 use crate::{
     admission::Admission,
+    backends::{Backend, Catalog, DEFAULT_OLLAMA_URL, catalog::DEFAULT_POLL_INTERVAL},
     exec::{ExecDirs, ExecLimits, Executor},
     fingerprint::{self, SearchPath},
     registration::{self, Registration},
@@ -53,6 +54,10 @@ pub struct AgentConfig {
     pub fingerprint_interval: Duration,
     pub use_cgroups: bool,
     pub search_path: SearchPath,
+    /// Local LLM servers whose models this node offers.
+    pub backends: Vec<Backend>,
+    /// How often backends are asked for their models and probed.
+    pub model_poll_interval: Duration,
 }
 
 impl Default for AgentConfig {
@@ -75,6 +80,9 @@ impl Default for AgentConfig {
             fingerprint_interval: DEFAULT_FINGERPRINT_INTERVAL,
             use_cgroups: true,
             search_path: SearchPath::from_env(),
+            // Ollama on its default port, used when it answers.
+            backends: vec![Backend::ollama(DEFAULT_OLLAMA_URL)],
+            model_poll_interval: DEFAULT_POLL_INTERVAL,
         }
     }
 }
@@ -212,8 +220,13 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         name: config.name.clone(),
         labels: config.labels.clone(),
     };
+    let catalog = Catalog::new(config.backends.clone());
+    catalog
+        .spawn_refresh(config.model_poll_interval, shutdown.clone())
+        .await;
     let service = NodeAgentService::new(
         Arc::new(executor),
+        catalog,
         admission,
         identity,
         shutdown.clone(),

@@ -1,7 +1,9 @@
-//! Errors of the node agent, and their one mapping to gRPC status codes.
+//! Errors of the node agent (runs and generations), and their one mapping to gRPC status codes.
 
 use kowalski_exo_common::{Language, language::UnknownLanguage, request_size::OversizedRequest};
 use tonic::Status;
+
+use crate::backends::{BackendError, catalog::ModelUnavailable};
 
 /// Why an execution request was refused before it ran.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +36,35 @@ impl From<ExecError> for Status {
             ExecError::RuntimeUnavailable { .. } => Status::failed_precondition(message),
             ExecError::Busy { .. } => Status::resource_exhausted(message),
             ExecError::ShuttingDown => Status::unavailable(message),
+        }
+    }
+}
+
+/// Why a generation was refused or broke off.
+#[derive(Debug, thiserror::Error)]
+pub enum InferenceError {
+    #[error(transparent)]
+    Model(#[from] ModelUnavailable),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("the agent is shutting down; generations were stopped")]
+    ShuttingDown,
+}
+
+impl From<InferenceError> for Status {
+    fn from(err: InferenceError) -> Status {
+        let message = err.to_string();
+        match err {
+            InferenceError::Model(ModelUnavailable::Unknown { .. }) => Status::not_found(message),
+            InferenceError::Backend(BackendError::Refused { status, .. })
+                if (400..500).contains(&status) =>
+            {
+                Status::invalid_argument(message)
+            }
+            InferenceError::Backend(BackendError::Malformed { .. }) => Status::internal(message),
+            InferenceError::Model(ModelUnavailable::Down { .. })
+            | InferenceError::Backend(_)
+            | InferenceError::ShuttingDown => Status::unavailable(message),
         }
     }
 }

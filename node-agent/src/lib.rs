@@ -3,13 +3,16 @@
 //! - [`fingerprint`]: which runtimes this device has, resolved past shims, re-probed periodically.
 //! - [`sandbox`]: containment of executed code (process session, rlimits, cgroups).
 //! - [`exec`]: running one request: work directory, compile step, output streaming, limits.
+//! - [`backends`]: the device's local LLM servers (Ollama, OpenAI-compatible), the models they
+//!   serve and whether they generate.
 //! - [`admission`]: the concurrency limit and its bounded queue.
-//! - [`service`]: the NodeAgent gRPC service, a thin layer over the executor.
+//! - [`service`]: the NodeAgent gRPC service, a thin layer over the executor and the backends.
 //! - [`registration`]: the background stream that joins the coordinator, with heartbeats.
 //! - [`agent`]: everything assembled into a server that shuts down cleanly.
 
 pub mod admission;
 pub mod agent;
+pub mod backends;
 pub mod error;
 pub mod exec;
 pub mod fingerprint;

@@ -7,6 +7,7 @@ use kowalski_exo_common::{cli_args, defaults, exit, shutdown::ShutdownSignals, t
 use kowalski_exo_node_agent::{
     AgentConfig,
     agent::AgentError,
+    backends::Backend,
     fingerprint::{RuntimeHealth, SearchPath, probe_all},
 };
 
@@ -68,6 +69,17 @@ struct ServeArgs {
     /// Seconds between runtime re-probes.
     #[arg(long, default_value_t = 30)]
     fingerprint_interval: u64,
+    /// An Ollama server whose models this node offers, e.g. http://127.0.0.1:11434; repeatable
+    /// [default: Ollama on its default port, when it answers]
+    #[arg(long = "ollama", value_name = "URL", value_parser = cli_args::parse_http_url)]
+    ollama: Vec<String>,
+    /// An OpenAI-compatible server (llama.cpp, vLLM, LM Studio, exo), as the API base the
+    /// OpenAI SDK takes, e.g. http://127.0.0.1:8000/v1; repeatable
+    #[arg(long = "openai", value_name = "URL", value_parser = cli_args::parse_http_url)]
+    openai: Vec<String>,
+    /// Seconds between asking backends for their models and probing them.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    model_poll_interval: u64,
     /// Do not use cgroups even where the host offers them.
     #[arg(long, env = "KOWALSKI_NO_CGROUPS")]
     no_cgroups: bool,
@@ -126,8 +138,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         labels: args.labels.into_iter().collect::<HashMap<_, _>>(),
         fingerprint_interval: Duration::from_secs(args.fingerprint_interval.max(1)),
         use_cgroups: !args.no_cgroups,
+        model_poll_interval: Duration::from_secs(args.model_poll_interval.max(1)),
         ..AgentConfig::default()
     };
+    if !args.ollama.is_empty() || !args.openai.is_empty() {
+        config.backends = args.ollama.iter().map(|url| Backend::ollama(url)).collect();
+        config
+            .backends
+            .extend(args.openai.iter().map(|url| Backend::openai(url)));
+    }
     if let Some(name) = args.name {
         config.name = name;
     }

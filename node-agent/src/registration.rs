@@ -145,6 +145,8 @@ impl Registration {
         let (outbound, queue) = mpsc::channel(8);
         let mut runtimes = self.service.runtimes();
         runtimes.mark_unchanged();
+        let mut models = self.service.catalog().subscribe();
+        models.mark_unchanged();
         let description = self.service.description();
         let register = proto::Register {
             name: description.name,
@@ -155,6 +157,9 @@ impl Registration {
             version: description.version,
             isolation: description.isolation,
             node_id: self.node_id.clone(),
+            models: Some(proto::ModelCatalog {
+                models: description.models,
+            }),
         };
         send(&outbound, agent_message::Message::Register(register)).await?;
         let mut inbound = client
@@ -186,9 +191,17 @@ impl Registration {
                     }
                 },
             };
+            // Model changes (backend state, generations in flight) ride the next heartbeat.
+            let changed_models = models.has_changed().unwrap_or(false).then(|| {
+                models.mark_unchanged();
+                proto::ModelCatalog {
+                    models: self.service.catalog().offers(),
+                }
+            });
             let heartbeat = proto::Heartbeat {
                 load: Some(self.load()),
                 runtimes: changed_runtimes,
+                models: changed_models,
             };
             if send(&outbound, agent_message::Message::Heartbeat(heartbeat))
                 .await

@@ -3,16 +3,21 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use kowalski_exo_common::proto::{
-    self, DescribeRequest, ExecEvent, ExecStatus, NodeDescription, exec_event,
-    node_agent_server::NodeAgent,
+    self, DescribeRequest, ExecEvent, ExecStatus, GenerateEvent, GenerateRequest, NodeDescription,
+    exec_event, node_agent_server::NodeAgent,
 };
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    admission::Admission, error::ExecError, exec::Executor, fingerprint::FingerprintWatch,
+    admission::Admission,
+    backends::Catalog,
+    error::{ExecError, InferenceError},
+    exec::Executor,
+    fingerprint::FingerprintWatch,
 };
 
 /// Events buffered per run before a slow caller holds the program back.
@@ -31,6 +36,7 @@ pub struct Identity {
 #[derive(Clone)]
 pub struct NodeAgentService {
     executor: Arc<Executor>,
+    catalog: Catalog,
     admission: Admission,
     identity: Identity,
     shutdown: CancellationToken,
@@ -40,6 +46,7 @@ pub struct NodeAgentService {
 impl NodeAgentService {
     pub fn new(
         executor: Arc<Executor>,
+        catalog: Catalog,
         admission: Admission,
         identity: Identity,
         shutdown: CancellationToken,
@@ -47,11 +54,17 @@ impl NodeAgentService {
     ) -> Self {
         NodeAgentService {
             executor,
+            catalog,
             admission,
             identity,
             shutdown,
             runs,
         }
+    }
+
+    /// The models the device's backends serve.
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
     }
 
     /// The live runtime fingerprint.
@@ -79,6 +92,7 @@ impl NodeAgentService {
             queue_capacity: self.admission.queue_capacity() as u32,
             running: self.occupancy().0,
             queued: self.occupancy().1,
+            models: self.catalog.offers(),
         }
     }
 }
@@ -86,6 +100,7 @@ impl NodeAgentService {
 #[tonic::async_trait]
 impl NodeAgent for NodeAgentService {
     type ExecuteStream = ReceiverStream<Result<ExecEvent, Status>>;
+    type GenerateStream = ReceiverStream<Result<GenerateEvent, Status>>;
 
     async fn execute(
         &self,
@@ -135,5 +150,47 @@ impl NodeAgent for NodeAgentService {
         _request: Request<DescribeRequest>,
     ) -> Result<Response<NodeDescription>, Status> {
         Ok(Response::new(self.description()))
+    }
+
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        if self.shutdown.is_cancelled() {
+            return Err(InferenceError::ShuttingDown.into());
+        }
+        let request = request.into_inner();
+        let backend = self
+            .catalog
+            .backend_for(&request.model)
+            .map_err(InferenceError::from)?;
+        let generating = self.catalog.generating(&request.model);
+        let mut answer = backend
+            .generate(&request)
+            .await
+            .map_err(InferenceError::from)?;
+        let (events, stream) = mpsc::channel(EVENT_BUFFER);
+        let cancel = self.shutdown.child_token();
+        self.runs.spawn(async move {
+            let _generating = generating;
+            loop {
+                // Dropping `answer` (caller gone, shutdown) closes the backend request.
+                let event = tokio::select! {
+                    event = answer.next() => event,
+                    _ = events.closed() => return,
+                    _ = cancel.cancelled() => {
+                        let _ = events.send(Err(InferenceError::ShuttingDown.into())).await;
+                        return;
+                    }
+                };
+                let Some(event) = event else { return };
+                let event = event.map_err(|e| InferenceError::from(e).into());
+                let failed = event.is_err();
+                if events.send(event).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(stream)))
     }
 }

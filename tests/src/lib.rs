@@ -328,6 +328,92 @@ pub fn outcome(output: std::process::Output) -> (Option<i32>, String, String) {
     )
 }
 
+/// A real OpenAI-compatible LLM server: llama.cpp's, from the `llama-cpp-python` package,
+/// serving the tiny random-weight model `tests/fixtures/tiny_model.py` writes. Killed on drop.
+pub struct LlamaServer {
+    child: Child,
+    /// The API base the OpenAI SDK takes, `http://127.0.0.1:PORT/v1`.
+    pub api_base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl LlamaServer {
+    /// The model name it serves.
+    pub const MODEL: &'static str = "tiny";
+
+    /// Starts the server, or says why it cannot (`llama_cpp.server` not installed).
+    pub fn start() -> Result<LlamaServer, String> {
+        let installed = Command::new("python3")
+            .args(["-c", "import llama_cpp.server, gguf"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !installed {
+            return Err(
+                "llama-cpp-python[server] and gguf are not installed (.ci/run installs them)"
+                    .into(),
+            );
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let model = dir.path().join("tiny.gguf");
+        let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/tiny_model.py");
+        let written = Command::new("python3")
+            .arg(fixture)
+            .arg(&model)
+            .status()
+            .expect("run the model fixture");
+        assert!(written.success(), "tiny_model.py failed");
+        let port = free_port();
+        let child = Command::new("python3")
+            .args(["-m", "llama_cpp.server", "--model"])
+            .arg(&model)
+            .args([
+                "--model_alias",
+                Self::MODEL,
+                "--host",
+                "127.0.0.1",
+                "--n_ctx",
+                "512",
+            ])
+            .args(["--port", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start llama_cpp.server");
+        let server = LlamaServer {
+            child,
+            api_base: format!("http://127.0.0.1:{port}/v1"),
+            _dir: dir,
+        };
+        eventually("llama_cpp.server answers", || {
+            http_get(port, "/v1/models").is_some_and(|body| body.contains(Self::MODEL))
+        });
+        Ok(server)
+    }
+
+    /// Kills it, as a backend that dies.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The body of a plain HTTP GET on loopback, if it answers.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response.split_once("\r\n\r\n")?.1.to_string())
+}
+
 /// A port that was free a moment ago, for a server that must start after its clients.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

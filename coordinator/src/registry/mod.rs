@@ -175,6 +175,9 @@ impl NodeRegistry {
         if let Some(runtimes) = heartbeat.runtimes {
             node.registration.runtimes = Some(runtimes);
         }
+        if let Some(models) = heartbeat.models {
+            node.registration.models = Some(models);
+        }
         let fresh = assess(&node.observation, now, &self.config);
         let changed = fresh != node.state;
         node.state = fresh;
@@ -534,6 +537,7 @@ mod tests {
                 }],
                 probed_at_unix_ms: 1,
             }),
+            models: None,
         };
         registry.heartbeat(&id, stream, heartbeat, Instant::now());
         let node = &registry.snapshot(Instant::now())[0];

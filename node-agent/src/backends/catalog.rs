@@ -1,0 +1,217 @@
+//! What the device's backends serve, kept fresh: every backend is asked for its models at start
+//! and then every poll interval, and probed with a one-token generation, so a backend whose port
+//! answers but which cannot generate is reported down. Generations in flight are counted per
+//! model. Changes are published on a watch channel for heartbeats.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use kowalski_exo_common::proto::{
+    BackendState, ChatMessage, GenerateRequest, ModelOffer, SamplingOptions,
+};
+use tokio::sync::watch;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::{Backend, BackendError};
+
+/// Seconds between polls of every backend, unless configured.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The models the device serves, and the backends behind them.
+#[derive(Clone)]
+pub struct Catalog {
+    backends: Arc<Vec<Backend>>,
+    offers: watch::Sender<Vec<ModelOffer>>,
+    in_flight: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+/// A generation in flight; counted until dropped.
+pub struct Generating {
+    catalog: Catalog,
+    model: String,
+}
+
+impl Drop for Generating {
+    fn drop(&mut self) {
+        self.catalog.count(&self.model, false);
+    }
+}
+
+impl Catalog {
+    /// A catalog of `backends`, empty until the first poll.
+    pub fn new(backends: Vec<Backend>) -> Self {
+        Catalog {
+            backends: Arc::new(backends),
+            offers: watch::channel(Vec::new()).0,
+            in_flight: Arc::default(),
+        }
+    }
+
+    /// Polls now, then every `interval` until `shutdown`.
+    pub async fn spawn_refresh(&self, interval: Duration, shutdown: CancellationToken) {
+        self.poll().await;
+        let catalog = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(interval) => catalog.poll().await,
+                }
+            }
+        });
+    }
+
+    /// Every model served now, with its state and generations in flight.
+    pub fn offers(&self) -> Vec<ModelOffer> {
+        let in_flight = self.in_flight.lock().expect("catalog lock poisoned");
+        let mut offers = self.offers.borrow().clone();
+        for offer in &mut offers {
+            offer.in_flight = in_flight.get(&offer.name).copied().unwrap_or(0);
+        }
+        offers
+    }
+
+    /// Changes of the offers, including generations starting and ending.
+    pub fn subscribe(&self) -> watch::Receiver<Vec<ModelOffer>> {
+        self.offers.subscribe()
+    }
+
+    /// The backend that serves `model` and works, or why none does.
+    pub fn backend_for(&self, model: &str) -> Result<Backend, ModelUnavailable> {
+        let offers = self.offers.borrow();
+        let serving: Vec<&ModelOffer> = offers.iter().filter(|o| o.name == model).collect();
+        if serving.is_empty() {
+            let mut names: Vec<String> = offers.iter().map(|o| o.name.clone()).collect();
+            names.sort();
+            names.dedup();
+            return Err(ModelUnavailable::Unknown {
+                model: model.to_string(),
+                served: names,
+            });
+        }
+        let ready = serving
+            .iter()
+            .find(|o| o.state() == BackendState::Ready)
+            .and_then(|o| self.backends.iter().find(|b| b.url() == o.backend_url));
+        match ready {
+            Some(backend) => Ok(backend.clone()),
+            None => Err(ModelUnavailable::Down {
+                model: model.to_string(),
+                reason: serving[0].reason.clone(),
+            }),
+        }
+    }
+
+    /// Counts a generation of `model` until the guard is dropped.
+    pub fn generating(&self, model: &str) -> Generating {
+        self.count(model, true);
+        Generating {
+            catalog: self.clone(),
+            model: model.to_string(),
+        }
+    }
+
+    fn count(&self, model: &str, up: bool) {
+        {
+            let mut in_flight = self.in_flight.lock().expect("catalog lock poisoned");
+            let n = in_flight.entry(model.to_string()).or_default();
+            *n = if up { *n + 1 } else { n.saturating_sub(1) };
+        }
+        self.offers.send_modify(|_| {});
+    }
+
+    /// Asks every backend for its models and probes it.
+    async fn poll(&self) {
+        let previous = self.offers.borrow().clone();
+        let mut offers = Vec::new();
+        for backend in self.backends.iter() {
+            offers.extend(offers_of(backend, &previous).await);
+        }
+        self.offers.send_if_modified(|current| {
+            let changed = *current != offers;
+            *current = offers;
+            changed
+        });
+    }
+}
+
+/// Why a model cannot be generated with here.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelUnavailable {
+    #[error("no model '{model}' here; this node serves: {}", if served.is_empty() { "none".to_string() } else { served.join(", ") })]
+    Unknown { model: String, served: Vec<String> },
+    #[error("the backend serving '{model}' is down: {reason}")]
+    Down { model: String, reason: String },
+}
+
+/// A backend's models, each ready or down by the probe's verdict. A backend that stops
+/// answering keeps the models it last served, marked down, so they leave placement while the
+/// node stays.
+async fn offers_of(backend: &Backend, previous: &[ModelOffer]) -> Vec<ModelOffer> {
+    let offer = |name: String, context_window: Option<u32>| ModelOffer {
+        name,
+        backend: backend.kind() as i32,
+        backend_url: backend.url().to_string(),
+        context_window: context_window.unwrap_or(0),
+        ..Default::default()
+    };
+    let models = match backend.models().await {
+        Ok(models) => models,
+        Err(e) => {
+            tracing::debug!(backend = backend.url(), error = %e, "backend not answering");
+            return previous
+                .iter()
+                .filter(|o| o.backend_url == backend.url())
+                .map(|o| ModelOffer {
+                    state: BackendState::Down as i32,
+                    reason: e.to_string(),
+                    in_flight: 0,
+                    ..o.clone()
+                })
+                .collect();
+        }
+    };
+    let verdict = match models.first() {
+        Some(model) => probe(backend, &model.name).await,
+        None => Ok(()),
+    };
+    models
+        .into_iter()
+        .map(|m| {
+            let mut offer = offer(m.name, m.context_window);
+            match &verdict {
+                Ok(()) => offer.state = BackendState::Ready as i32,
+                Err(e) => {
+                    offer.state = BackendState::Down as i32;
+                    offer.reason = e.to_string();
+                }
+            }
+            offer
+        })
+        .collect()
+}
+
+/// Proves the backend generates: one token of `model`.
+async fn probe(backend: &Backend, model: &str) -> Result<(), BackendError> {
+    let request = GenerateRequest {
+        model: model.to_string(),
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: "Say OK.".into(),
+        }],
+        options: Some(SamplingOptions {
+            max_tokens: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut stream = backend.generate(&request).await?;
+    while let Some(event) = stream.next().await {
+        event?;
+    }
+    Ok(())
+}

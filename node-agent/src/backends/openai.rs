@@ -1,0 +1,266 @@
+//! An OpenAI-compatible server: `GET {base}/models` and `POST {base}/chat/completions` with
+//! server-sent events, parsed by `eventsource-stream`.
+
+use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
+use kowalski_exo_common::proto::{
+    GenerateDelta, GenerateEvent, GenerateFinished, GenerateRequest, generate_event,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{
+    BackendError, DiscoveredModel, GenerationStream, refused, stream::spawn_stream, unreachable,
+};
+
+#[derive(Clone, Debug)]
+pub struct OpenAi {
+    base: String,
+    client: reqwest::Client,
+}
+
+#[derive(Deserialize)]
+struct ModelList {
+    data: Vec<ModelEntry>,
+}
+
+#[derive(Deserialize)]
+struct ModelEntry {
+    id: String,
+    /// vLLM's name for the context window.
+    max_model_len: Option<u32>,
+    context_length: Option<u32>,
+    /// llama.cpp's server reports the training context here.
+    meta: Option<Value>,
+}
+
+/// One streamed chunk of a chat completion.
+#[derive(Deserialize, Debug, Default)]
+struct Chunk {
+    #[serde(default)]
+    choices: Vec<Choice>,
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+struct Choice {
+    #[serde(default)]
+    delta: Delta,
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+struct Delta {
+    content: Option<String>,
+}
+
+#[derive(Deserialize, Debug, Default, Clone, Copy)]
+struct Usage {
+    #[serde(default)]
+    prompt_tokens: u32,
+    #[serde(default)]
+    completion_tokens: u32,
+}
+
+impl OpenAi {
+    pub fn new(base: &str, client: reqwest::Client) -> Self {
+        OpenAi {
+            base: base.trim_end_matches('/').to_string(),
+            client,
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    pub async fn models(&self) -> Result<Vec<DiscoveredModel>, BackendError> {
+        let response = self
+            .client
+            .get(format!("{}/models", self.base))
+            .send()
+            .await
+            .map_err(|e| unreachable(&self.base, e))?;
+        if !response.status().is_success() {
+            return Err(refused(&self.base, response).await);
+        }
+        let list: ModelList = response.json().await.map_err(|e| BackendError::Malformed {
+            url: self.base.clone(),
+            reason: format!("the model list is not what the OpenAI API sends: {e}"),
+        })?;
+        Ok(list
+            .data
+            .into_iter()
+            .map(|m| DiscoveredModel {
+                context_window: m.max_model_len.or(m.context_length).or_else(|| {
+                    m.meta
+                        .as_ref()?
+                        .get("n_ctx_train")?
+                        .as_u64()
+                        .map(|n| n as u32)
+                }),
+                name: m.id,
+            })
+            .collect())
+    }
+
+    pub async fn generate(
+        &self,
+        request: &GenerateRequest,
+    ) -> Result<GenerationStream, BackendError> {
+        let response = self
+            .client
+            .post(format!("{}/chat/completions", self.base))
+            .json(&body(request))
+            .send()
+            .await
+            .map_err(|e| unreachable(&self.base, e))?;
+        if !response.status().is_success() {
+            return Err(refused(&self.base, response).await);
+        }
+        let url = self.base.clone();
+        let mut events = response.bytes_stream().eventsource();
+        Ok(spawn_stream(move |sink| async move {
+            let mut finish: Option<String> = None;
+            let mut usage: Option<Usage> = None;
+            // Servers that send no usage (llama-cpp-python) stream one token per chunk.
+            let mut chunks_with_text = 0;
+            loop {
+                let event = tokio::select! {
+                    event = events.next() => event,
+                    _ = sink.closed() => return Ok(()),
+                };
+                let Some(event) = event else { break };
+                let event = event.map_err(|e| BackendError::Malformed {
+                    url: url.clone(),
+                    reason: format!("the event stream broke: {e}"),
+                })?;
+                if event.data.trim() == "[DONE]" {
+                    break;
+                }
+                let chunk: Chunk =
+                    serde_json::from_str(&event.data).map_err(|e| BackendError::Malformed {
+                        url: url.clone(),
+                        reason: format!("a chunk is not JSON ({e}): {}", event.data),
+                    })?;
+                if chunk.usage.is_some() {
+                    usage = chunk.usage;
+                }
+                for choice in chunk.choices {
+                    if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
+                        chunks_with_text += 1;
+                        if !sink.send(delta(text)).await {
+                            return Ok(());
+                        }
+                    }
+                    if choice.finish_reason.is_some() {
+                        finish = choice.finish_reason;
+                    }
+                }
+            }
+            let reason = finish.ok_or_else(|| BackendError::Malformed {
+                url,
+                reason: "the stream ended before the answer finished".into(),
+            })?;
+            let usage = usage.unwrap_or(Usage {
+                prompt_tokens: 0,
+                completion_tokens: chunks_with_text,
+            });
+            sink.send(finished(
+                reason,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+            ))
+            .await;
+            Ok(())
+        }))
+    }
+}
+
+/// The request body: the conversation, streaming with usage, and the sampling options set.
+fn body(request: &GenerateRequest) -> Value {
+    let messages: Vec<Value> = request
+        .messages
+        .iter()
+        .map(|m| json!({"role": m.role, "content": m.content}))
+        .collect();
+    let mut body = json!({
+        "model": request.model,
+        "messages": messages,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    if let Some(options) = &request.options {
+        if let Some(t) = options.temperature {
+            body["temperature"] = json!(t);
+        }
+        if let Some(p) = options.top_p {
+            body["top_p"] = json!(p);
+        }
+        if options.max_tokens > 0 {
+            body["max_tokens"] = json!(options.max_tokens);
+        }
+        if !options.stop.is_empty() {
+            body["stop"] = json!(options.stop);
+        }
+        if let Some(seed) = options.seed {
+            body["seed"] = json!(seed);
+        }
+    }
+    body
+}
+
+pub(super) fn delta(text: String) -> GenerateEvent {
+    GenerateEvent {
+        event: Some(generate_event::Event::Delta(GenerateDelta { text })),
+    }
+}
+
+pub(super) fn finished(
+    reason: String,
+    prompt_tokens: u32,
+    completion_tokens: u32,
+) -> GenerateEvent {
+    GenerateEvent {
+        event: Some(generate_event::Event::Finished(GenerateFinished {
+            finish_reason: reason,
+            prompt_tokens,
+            completion_tokens,
+        })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kowalski_exo_common::proto::{ChatMessage, SamplingOptions};
+
+    use super::*;
+
+    #[test]
+    fn the_body_streams_with_usage_and_carries_only_the_options_set() {
+        let request = GenerateRequest {
+            model: "tiny".into(),
+            messages: vec![ChatMessage {
+                role: "user".into(),
+                content: "hi".into(),
+            }],
+            options: Some(SamplingOptions {
+                temperature: Some(0.5),
+                max_tokens: 8,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            body(&request),
+            json!({
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": true,
+                "stream_options": {"include_usage": true},
+                "temperature": 0.5,
+                "max_tokens": 8,
+            })
+        );
+    }
+}
