@@ -35,6 +35,9 @@ impl From<CoordinatorError> for Status {
             | CoordinatorError::NodeLookup(NodeLookupError::Ambiguous(_)) => {
                 Status::invalid_argument(message)
             }
+            CoordinatorError::Unplaceable(Unplaceable::NoModel { .. }) => {
+                Status::not_found(message)
+            }
             CoordinatorError::Unplaceable(_) => Status::failed_precondition(message),
             CoordinatorError::NodeLookup(NodeLookupError::Unknown(_)) => Status::not_found(message),
         }

@@ -4,6 +4,7 @@
 //!   the failure detector that says who is alive.
 //! - [`scheduling`]: placement (a pure choice of node), dispatch (running code there, with
 //!   failover to another node), and documents (a Markdown file's blocks in order).
+//! - [`inference`]: the cluster's models, and chat answers that survive a node dying mid-answer.
 //! - [`codeblocks`]: fenced code blocks out of LLM output.
 //! - [`service`]: what clients can ask of the cluster, whatever the transport.
 //! - [`api`]: the gRPC surfaces: AgentRegistry for agents, Coordinator for clients.
@@ -17,6 +18,7 @@ pub mod api;
 pub mod cli;
 pub mod codeblocks;
 pub mod error;
+pub mod inference;
 pub mod json_events;
 pub mod registry;
 pub mod scheduling;

@@ -15,6 +15,7 @@ use tonic::server::NamedService;
 
 use crate::{
     api::{client_service::ClientService, registry_service::RegistryService},
+    inference::Chats,
     registry::NodeRegistry,
     scheduling::dispatch::Dispatcher,
     service::ClusterService,
@@ -90,9 +91,10 @@ pub async fn start(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            CoordinatorServer::new(ClientService::new(ClusterService::new(Dispatcher::new(
-                registry.clone(),
-            ))))
+            CoordinatorServer::new(ClientService::new(ClusterService::new(
+                Dispatcher::new(registry.clone()),
+                Chats::new(registry.clone()),
+            )))
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
         );
     let health = server.health();

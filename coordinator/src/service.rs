@@ -1,5 +1,5 @@
 //! What clients can ask of the cluster, whatever the transport: list and drain nodes, run code,
-//! run a document's blocks, plan one. The gRPC `Coordinator` service is a thin layer over this,
+//! run a document's blocks, plan one, list models, chat. The gRPC `Coordinator` service is a thin layer over this,
 //! and the HTTP API will be another.
 
 use std::{collections::BTreeMap, time::Duration};
@@ -7,8 +7,8 @@ use std::{collections::BTreeMap, time::Duration};
 use kowalski_exo_common::{
     Language,
     proto::{
-        ClusterEvent, ClusterExecuteRequest, NodeInfo, PlacementConstraints, PlannedBlock,
-        RunBlocksRequest,
+        ChatEvent, ChatRequest, ClusterEvent, ClusterExecuteRequest, ClusterModel, NodeInfo,
+        PlacementConstraints, PlannedBlock, RunBlocksRequest,
     },
     request_size,
 };
@@ -18,10 +18,12 @@ use tonic::Status;
 use crate::{
     codeblocks,
     error::CoordinatorError,
+    inference::{Chats, models},
     registry::NodeRegistry,
     scheduling::{
         dispatch::{Dispatcher, Outcome, RunSpec, bounded_timeout},
         document::{self, BlockDefaults},
+        placement::{Requirements, candidates, place},
     },
 };
 
@@ -32,15 +34,48 @@ const EVENT_BUFFER: usize = 64;
 /// the request itself, passed on as it came.
 pub type EventReceiver = mpsc::Receiver<Result<ClusterEvent, Status>>;
 
+/// The events of one chat answer, ending with it; an `Err` is a node's refusal of the request
+/// itself.
+pub type ChatReceiver = mpsc::Receiver<Result<ChatEvent, Status>>;
+
 /// The cluster as clients see it.
 #[derive(Clone)]
 pub struct ClusterService {
     dispatcher: Dispatcher,
+    chats: Chats,
 }
 
 impl ClusterService {
-    pub fn new(dispatcher: Dispatcher) -> Self {
-        ClusterService { dispatcher }
+    pub fn new(dispatcher: Dispatcher, chats: Chats) -> Self {
+        ClusterService { dispatcher, chats }
+    }
+
+    /// Every model some node serves, with the nodes serving it.
+    pub fn list_models(&self) -> Vec<ClusterModel> {
+        models::list(self.registry(), Instant::now())
+    }
+
+    /// Checks a chat request and starts answering it, streaming its events.
+    pub fn chat(&self, request: ChatRequest) -> Result<ChatReceiver, CoordinatorError> {
+        if request.model.is_empty() {
+            return Err(CoordinatorError::MissingField("model"));
+        }
+        if request.messages.is_empty() {
+            return Err(CoordinatorError::MissingField("messages"));
+        }
+        let wanted = Requirements {
+            model: Some(&request.model),
+            ..Default::default()
+        };
+        if let Err(reason) = place(&candidates(self.registry(), Instant::now()), &wanted)
+            && !reason.is_transient()
+        {
+            return Err(reason.into());
+        }
+        let (events, receiver) = mpsc::channel(EVENT_BUFFER);
+        let chats = self.chats.clone();
+        tokio::spawn(async move { chats.answer(request, &events).await });
+        Ok(receiver)
     }
 
     fn registry(&self) -> &NodeRegistry {

@@ -4,9 +4,9 @@
 use std::{pin::Pin, time::Duration};
 
 use kowalski_exo_common::proto::{
-    ClusterEvent, ClusterExecuteRequest, DrainRequest, DrainResponse, ListNodesRequest,
-    ListNodesResponse, PlanRequest, PlanResponse, RunBlocksRequest,
-    coordinator_server::Coordinator,
+    ChatEvent, ChatRequest, ClusterEvent, ClusterExecuteRequest, DrainRequest, DrainResponse,
+    ListModelsRequest, ListModelsResponse, ListNodesRequest, ListNodesResponse, PlanRequest,
+    PlanResponse, RunBlocksRequest, coordinator_server::Coordinator,
 };
 use tokio::time::Instant;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status, metadata::MetadataMap};
 use crate::service::ClusterService;
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<ClusterEvent, Status>> + Send>>;
+type ChatStream = Pin<Box<dyn Stream<Item = Result<ChatEvent, Status>> + Send>>;
 
 #[derive(Clone)]
 pub struct ClientService {
@@ -52,6 +53,7 @@ fn deadline_at(metadata: &MetadataMap) -> Option<Instant> {
 impl Coordinator for ClientService {
     type ExecuteStream = EventStream;
     type RunBlocksStream = EventStream;
+    type ChatStream = ChatStream;
 
     async fn list_nodes(
         &self,
@@ -104,6 +106,23 @@ impl Coordinator for ClientService {
             .cluster
             .set_draining(&request.into_inner().node, false)?;
         Ok(Response::new(DrainResponse { node: Some(node) }))
+    }
+
+    async fn list_models(
+        &self,
+        _request: Request<ListModelsRequest>,
+    ) -> Result<Response<ListModelsResponse>, Status> {
+        Ok(Response::new(ListModelsResponse {
+            models: self.cluster.list_models(),
+        }))
+    }
+
+    async fn chat(
+        &self,
+        request: Request<ChatRequest>,
+    ) -> Result<Response<Self::ChatStream>, Status> {
+        let events = self.cluster.chat(request.into_inner())?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(events))))
     }
 }
 

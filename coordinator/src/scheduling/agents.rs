@@ -1,4 +1,4 @@
-//! How dispatch reaches node agents. The product speaks gRPC ([`GrpcAgents`]); the trait is the
+//! How dispatch and inference reach node agents. The product speaks gRPC ([`GrpcAgents`]); the trait is the
 //! boundary that lets dispatch be tested with agents that are just scripted streams.
 
 use std::{
@@ -8,18 +8,30 @@ use std::{
     time::Duration,
 };
 
-use kowalski_exo_common::proto::{ExecEvent, ExecuteRequest, node_agent_client::NodeAgentClient};
+use kowalski_exo_common::proto::{
+    ExecEvent, ExecuteRequest, GenerateEvent, GenerateRequest, node_agent_client::NodeAgentClient,
+};
 use tokio_stream::Stream;
 use tonic::{Status, transport::Channel};
 
 /// The events of one run on an agent.
 pub type ExecStream = Pin<Box<dyn Stream<Item = Result<ExecEvent, Status>> + Send>>;
 
-/// Starts runs on agents by address.
+/// The events of one generation on an agent.
+pub type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateEvent, Status>> + Send>>;
+
+/// Starts runs and generations on agents by address.
 #[tonic::async_trait]
 pub trait AgentConnector: Send + Sync + 'static {
     /// Calls `NodeAgent.Execute` on the agent at `address`.
     async fn execute(&self, address: &str, request: ExecuteRequest) -> Result<ExecStream, Status>;
+
+    /// Calls `NodeAgent.Generate` on the agent at `address`.
+    async fn generate(
+        &self,
+        address: &str,
+        request: GenerateRequest,
+    ) -> Result<GenerateStream, Status>;
 }
 
 /// Connecting to an agent that does not answer within this is a failed attempt.
@@ -60,6 +72,16 @@ impl AgentConnector for GrpcAgents {
     async fn execute(&self, address: &str, request: ExecuteRequest) -> Result<ExecStream, Status> {
         let mut client = self.client(address)?;
         let stream = client.execute(request).await?.into_inner();
+        Ok(Box::pin(stream))
+    }
+
+    async fn generate(
+        &self,
+        address: &str,
+        request: GenerateRequest,
+    ) -> Result<GenerateStream, Status> {
+        let mut client = self.client(address)?;
+        let stream = client.generate(request).await?.into_inner();
         Ok(Box::pin(stream))
     }
 }

@@ -69,6 +69,8 @@ impl RunSpec {
     pub fn requirements<'a>(&'a self, exclude: &'a [String]) -> Requirements<'a> {
         Requirements {
             language: Some(self.language),
+            model: None,
+            prefer: None,
             node: self.node.as_deref(),
             labels: self.labels.clone(),
             exclude,
@@ -413,6 +415,14 @@ mod tests {
                 ]))),
                 Script::Hang => Ok(Box::pin(tokio_stream::pending())),
             }
+        }
+
+        async fn generate(
+            &self,
+            _address: &str,
+            _request: kowalski_exo_common::proto::GenerateRequest,
+        ) -> Result<crate::scheduling::agents::GenerateStream, Status> {
+            Err(Status::unimplemented("these agents only run code"))
         }
     }
 

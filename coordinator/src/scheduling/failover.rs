@@ -80,6 +80,12 @@ pub trait Work: Send {
     /// Attempts before giving up; 0 takes [`DEFAULT_MAX_ATTEMPTS`].
     fn max_attempts(&self) -> u32;
 
+    /// Whether an attempt holds one of the node's run slots (code runs do; generations queue in
+    /// their backend instead).
+    fn takes_run_slot(&self) -> bool {
+        true
+    }
+
     /// Completes when the caller has gone away.
     fn departure(&self) -> Departure;
 
@@ -153,7 +159,9 @@ async fn attempts<W: Work>(
         let end = if attempt.address.is_empty() {
             AttemptEnd::Lost("the node left the cluster".into())
         } else {
-            let _in_flight = registry.begin_run(&attempt.node_id);
+            let _in_flight = work
+                .takes_run_slot()
+                .then(|| registry.begin_run(&attempt.node_id));
             watched_attempt(registry, work, &attempt).await
         };
         let reason = match end {

@@ -4,7 +4,10 @@
 
 use std::{cmp::Ordering, collections::BTreeMap, collections::HashMap, fmt};
 
-use kowalski_exo_common::{Language, proto::RuntimeHealth};
+use kowalski_exo_common::{
+    Language,
+    proto::{BackendState, RuntimeHealth},
+};
 use tokio::time::Instant;
 
 use crate::registry::{NodeRegistry, NodeSnapshot, NodeState};
@@ -14,6 +17,8 @@ use crate::registry::{NodeRegistry, NodeSnapshot, NodeState};
 pub struct Capabilities {
     /// Canonical names of the languages whose runtime is healthy on the node.
     pub languages: Vec<String>,
+    /// Models a working backend serves there, with the generations of each in flight.
+    pub models: Vec<(String, u32)>,
 }
 
 impl Capabilities {
@@ -27,11 +32,35 @@ impl Capabilities {
                 .filter(|r| r.health() == RuntimeHealth::Healthy)
                 .map(|r| r.language.clone())
                 .collect(),
+            models: node
+                .registration
+                .models
+                .iter()
+                .flat_map(|c| &c.models)
+                .filter(|m| m.state() == BackendState::Ready)
+                .map(|m| (m.name.clone(), m.in_flight))
+                .collect(),
         }
     }
 
     fn runs(&self, language: Language) -> bool {
         self.languages.iter().any(|l| l == language.name())
+    }
+
+    /// Generations of `model` in flight, if a working backend serves it here.
+    fn generations(&self, model: &str) -> Option<u32> {
+        self.models
+            .iter()
+            .filter(|(name, _)| name == model)
+            .map(|(_, in_flight)| *in_flight)
+            .min()
+    }
+
+    fn model_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.models.iter().map(|(name, _)| name.clone()).collect();
+        names.sort();
+        names.dedup();
+        names
     }
 }
 
@@ -73,10 +102,15 @@ pub fn candidates(registry: &NodeRegistry, now: Instant) -> Vec<Candidate> {
         .collect()
 }
 
-/// What a run needs of its node.
+/// What a piece of work needs of its node.
 #[derive(Clone, Debug, Default)]
 pub struct Requirements<'a> {
+    /// A code run's language.
     pub language: Option<Language>,
+    /// A generation's model.
+    pub model: Option<&'a str>,
+    /// A node to choose when it fits (a conversation's last node).
+    pub prefer: Option<&'a str>,
     /// Node name or id the run is pinned to.
     pub node: Option<&'a str>,
     pub labels: BTreeMap<String, String>,
@@ -97,6 +131,12 @@ pub enum Unplaceable {
     },
     /// The pinned node is not known.
     UnknownNode { node: String, known: Vec<String> },
+    /// No node serves the model with a working backend.
+    NoModel {
+        model: String,
+        /// Each node's name with the models it serves.
+        offered: Vec<(String, Vec<String>)>,
+    },
     /// No node with the runtime carries the labels.
     NoLabelMatch {
         labels: BTreeMap<String, String>,
@@ -149,6 +189,30 @@ impl fmt::Display for Unplaceable {
                     .map(|(name, languages)| format!("{name} offers {}", languages.join(", ")))
                     .collect();
                 write!(f, "no node can run {language}: {}", offers.join("; "))
+            }
+            Unplaceable::NoModel { model, offered } => {
+                let offers: Vec<String> = offered
+                    .iter()
+                    .map(|(name, models)| {
+                        if models.is_empty() {
+                            format!("{name} serves none")
+                        } else {
+                            format!("{name} serves {}", models.join(", "))
+                        }
+                    })
+                    .collect();
+                if offers.is_empty() {
+                    write!(
+                        f,
+                        "no node serves the model '{model}': the cluster has no nodes"
+                    )
+                } else {
+                    write!(
+                        f,
+                        "no node serves the model '{model}': {}",
+                        offers.join("; ")
+                    )
+                }
             }
             Unplaceable::UnknownNode { node, known } => write!(
                 f,
@@ -236,6 +300,19 @@ pub fn place<'c>(
             });
         }
     }
+    if let Some(model) = wanted.model {
+        let offered = fitting
+            .iter()
+            .map(|c| (c.name.clone(), c.capabilities.model_names()))
+            .collect();
+        fitting.retain(|c| c.capabilities.generations(model).is_some());
+        if fitting.is_empty() {
+            return Err(Unplaceable::NoModel {
+                model: model.to_string(),
+                offered,
+            });
+        }
+    }
     let carried = fitting
         .iter()
         .map(|c| (c.name.clone(), c.labels.clone().into_iter().collect()))
@@ -272,7 +349,31 @@ pub fn place<'c>(
         }
         return Err(Unplaceable::NoneReady { states });
     }
+    if let Some(model) = wanted.model {
+        // Backends queue generations themselves: no slot to wait for, fewest in flight first.
+        if let Some(preferred) = fitting
+            .iter()
+            .find(|c| Some(c.id.as_str()) == wanted.prefer)
+        {
+            return Ok(preferred);
+        }
+        let generations = |c: &Candidate| c.capabilities.generations(model).unwrap_or(0);
+        return fitting
+            .into_iter()
+            .min_by(|a, b| {
+                generations(a)
+                    .cmp(&generations(b))
+                    .then_with(|| load_order(a, b))
+            })
+            .ok_or(Unplaceable::AllBusy);
+    }
     fitting.retain(|c| c.in_flight < c.capacity.max(1));
+    if let Some(preferred) = fitting
+        .iter()
+        .find(|c| Some(c.id.as_str()) == wanted.prefer)
+    {
+        return Ok(preferred);
+    }
     fitting
         .into_iter()
         .min_by(|a, b| load_order(a, b))
@@ -301,6 +402,7 @@ mod tests {
             labels: HashMap::new(),
             capabilities: Capabilities {
                 languages: vec!["python".into(), "bash".into()],
+                models: Vec::new(),
             },
             in_flight,
             capacity,
