@@ -4,10 +4,13 @@
 use std::time::Duration;
 
 use kowalski_exo_common::proto::{
-    BackendKind, BackendState, ChatMessage, GenerateRequest, ModelOffer, SamplingOptions,
+    BackendKind, BackendState, ChatMessage, ChatRequest, GenerateRequest, ListModelsRequest,
+    ModelOffer, SamplingOptions, chat_event, coordinator_client::CoordinatorClient,
     generate_event::Event, node_agent_client::NodeAgentClient,
 };
 use kowalski_exo_tests::{CEILING, Daemon, LlamaServer, describe};
+use nix::sys::signal::Signal;
+use tonic::transport::Channel;
 
 /// A standalone agent fronting `api_base`, polling its backend every second.
 fn agent_for(api_base: &str, work: &std::path::Path) -> Daemon {
@@ -123,4 +126,147 @@ async fn an_agent_streams_a_real_backends_answer_and_reports_its_state() {
         .unwrap_err();
     assert_eq!(down.code(), tonic::Code::Unavailable, "{down:?}");
     assert!(down.message().contains("is down"), "{}", down.message());
+}
+
+/// Agents named `agent-0`, `agent-1`, ..., each fronting its own backend, joined to a fresh
+/// coordinator.
+fn cluster_for(api_bases: &[&str], work: &std::path::Path) -> (Daemon, Vec<Daemon>) {
+    let coordinator = Daemon::start(
+        "coordinator",
+        &["serve", "--listen", "127.0.0.1:0"],
+        &[],
+        "coordinator listening",
+    );
+    let url = coordinator.url();
+    let agents = api_bases
+        .iter()
+        .enumerate()
+        .map(|(i, api_base)| {
+            let name = format!("agent-{i}");
+            let dir = work.join(&name);
+            Daemon::start(
+                "node-agent",
+                &[
+                    "--coordinator",
+                    &url,
+                    "--name",
+                    &name,
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--work-dir",
+                    dir.to_str().unwrap(),
+                    "--openai",
+                    api_base,
+                    "--model-poll-interval",
+                    "1",
+                ],
+                &[],
+                "node agent listening",
+            )
+        })
+        .collect();
+    (coordinator, agents)
+}
+
+/// Waits until `count` nodes serve the model, as the coordinator lists it.
+async fn served_by(client: &mut CoordinatorClient<Channel>, count: usize) -> Vec<String> {
+    let start = std::time::Instant::now();
+    loop {
+        let models = client
+            .list_models(ListModelsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .models;
+        let nodes: Vec<String> = models
+            .iter()
+            .filter(|m| m.name == LlamaServer::MODEL)
+            .flat_map(|m| &m.served_by)
+            .filter(|p| p.offer.as_ref().unwrap().state() == BackendState::Ready)
+            .map(|p| p.node_name.clone())
+            .collect();
+        if nodes.len() == count {
+            return nodes;
+        }
+        assert!(start.elapsed() < CEILING, "served by {nodes:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn chat_request(max_tokens: u32) -> ChatRequest {
+    let generate = request(LlamaServer::MODEL, max_tokens);
+    ChatRequest {
+        model: generate.model,
+        messages: generate.messages,
+        options: generate.options,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_through_the_coordinator_survives_its_agent_being_killed_mid_answer() {
+    // Two devices, each with its own llama.cpp server.
+    let backends = match (LlamaServer::start(), LlamaServer::start()) {
+        (Ok(a), Ok(b)) => [a, b],
+        (Err(why), _) | (_, Err(why)) => {
+            println!("skipped: {why}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let api_bases: Vec<&str> = backends.iter().map(|b| b.api_base.as_str()).collect();
+    let (coordinator, agents) = cluster_for(&api_bases, dir.path());
+    let mut client = CoordinatorClient::connect(coordinator.url()).await.unwrap();
+    served_by(&mut client, 2).await;
+
+    // Streaming in order through coordinator, agent and backend.
+    let mut stream = client.chat(chat_request(8)).await.unwrap().into_inner();
+    let mut kinds = Vec::new();
+    while let Some(event) = stream.message().await.unwrap() {
+        kinds.push(match event.event.unwrap() {
+            chat_event::Event::Answering(_) => "answering",
+            chat_event::Event::Delta(_) => "delta",
+            chat_event::Event::Failover(_) => "failover",
+            chat_event::Event::Finished(f) => {
+                assert_eq!(
+                    (f.finish_reason.as_str(), f.completion_tokens),
+                    ("length", 8)
+                );
+                "finished"
+            }
+        });
+    }
+    assert_eq!(kinds.first(), Some(&"answering"));
+    assert_eq!(kinds.last(), Some(&"finished"));
+    assert_eq!(kinds.iter().filter(|k| **k == "delta").count(), 8);
+
+    // A long answer whose agent is SIGKILLed after its first text goes on elsewhere.
+    let mut stream = client.chat(chat_request(300)).await.unwrap().into_inner();
+    let (mut deltas, mut failovers, mut finished) = (0, Vec::new(), None);
+    while let Some(event) = tokio::time::timeout(CEILING, stream.message())
+        .await
+        .expect("the answer hung")
+        .unwrap()
+    {
+        match event.event.unwrap() {
+            chat_event::Event::Answering(a) if a.attempt == 1 => {
+                let index: usize = a.node_name.strip_prefix("agent-").unwrap().parse().unwrap();
+                // Killed once its first tokens are on their way.
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                agents[index].signal(Signal::SIGKILL);
+            }
+            chat_event::Event::Answering(_) => {}
+            chat_event::Event::Delta(_) => deltas += 1,
+            chat_event::Event::Failover(f) => failovers.push(f),
+            chat_event::Event::Finished(f) => finished = Some(f),
+        }
+    }
+    let finished = finished.expect("no finished event");
+    assert_eq!(finished.error, "", "{finished:?}");
+    assert_eq!(failovers.len(), 1, "{failovers:?}");
+    assert_eq!(finished.failovers, 1);
+    assert_ne!(failovers[0].from_node, failovers[0].to_node);
+    // Nothing repeated, nothing missing: every token the client saw is counted once.
+    assert_eq!(finished.completion_tokens, 300);
+    assert_eq!(deltas, 300);
 }

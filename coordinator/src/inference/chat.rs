@@ -24,7 +24,7 @@ use crate::{
     registry::NodeRegistry,
     scheduling::{
         agents::{AgentConnector, GrpcAgents},
-        failover::{self, Attempt, AttemptEnd, CallerGone, Departure, Outcome, Work},
+        failover::{self, Attempt, AttemptEnd, CallerGone, Departure, Outcome, Work, loss_reason},
         placement::Requirements,
     },
 };
@@ -293,8 +293,8 @@ fn classify(status: Status, events: &ChatSender) -> AttemptEnd<String> {
     match status.code() {
         Code::InvalidArgument => AttemptEnd::Rejected(status),
         Code::Cancelled if events.is_closed() => AttemptEnd::Cancelled,
-        Code::ResourceExhausted => AttemptEnd::Busy(status.message().to_string()),
-        _ => AttemptEnd::Lost(status.message().to_string()),
+        Code::ResourceExhausted => AttemptEnd::Busy(loss_reason(&status)),
+        _ => AttemptEnd::Lost(loss_reason(&status)),
     }
 }
 
@@ -494,7 +494,7 @@ mod tests {
                 "answering a #1",
                 "delta Hel",
                 "delta lo",
-                "failover a -> b after 2 tokens (the backend closed the stream)",
+                "failover a -> b after 2 tokens (unavailable: the backend closed the stream)",
                 "answering b #2",
                 "delta , world",
                 "finished stop 10+3 tokens 1 failovers",
@@ -547,7 +547,7 @@ mod tests {
         let last = events.last().unwrap();
         assert!(
             last.starts_with(
-                "finished attempt 1 on a: the backend closed the stream; no other node"
+                "finished attempt 1 on a: unavailable: the backend closed the stream; no other node"
             ),
             "{last}"
         );

@@ -18,7 +18,7 @@ use tonic::{Code, Status};
 
 use super::{
     agents::{AgentConnector, GrpcAgents},
-    failover::{self, Attempt, AttemptEnd, CallerGone, Departure, Work},
+    failover::{self, Attempt, AttemptEnd, CallerGone, Departure, Work, loss_reason},
     placement::{Requirements, Unplaceable, candidates, place},
 };
 use crate::registry::{NodeRegistry, NodeState};
@@ -261,40 +261,6 @@ fn classify(status: Status, events: &ClusterSender) -> AttemptEnd<proto::ExecFin
         Code::Cancelled if events.is_closed() => AttemptEnd::Cancelled,
         Code::ResourceExhausted => AttemptEnd::Busy(reason),
         _ => AttemptEnd::Lost(reason),
-    }
-}
-
-/// A sentence for a failed call; a broken transport says the node was lost instead of quoting
-/// HTTP/2 internals.
-fn loss_reason(status: &Status) -> String {
-    const TRANSPORT: [&str; 5] = [
-        "h2 protocol error",
-        "transport error",
-        "connection",
-        "broken pipe",
-        "error reading a body",
-    ];
-    let message = status.message().to_ascii_lowercase();
-    let transport = matches!(
-        status.code(),
-        Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
-    ) && TRANSPORT.iter().any(|words| message.contains(words));
-    if transport {
-        "the connection to the node was lost".into()
-    } else {
-        format!("{}: {}", code_name(status.code()), status.message())
-    }
-}
-
-fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Unavailable => "unavailable",
-        Code::ResourceExhausted => "no room",
-        Code::FailedPrecondition => "runtime unavailable there",
-        Code::DeadlineExceeded => "deadline exceeded",
-        Code::Internal => "internal error",
-        Code::Unknown => "connection lost",
-        _ => "failed",
     }
 }
 

@@ -10,7 +10,7 @@ use std::{future::Future, pin::Pin, time::Duration};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::{sync::watch, time::Instant};
-use tonic::Status;
+use tonic::{Code, Status};
 
 use super::placement::{Requirements, Unplaceable, candidates, place};
 use crate::registry::NodeRegistry;
@@ -289,5 +289,39 @@ async fn silent(registry: &NodeRegistry, node_id: &str, changes: &mut watch::Rec
             }
             _ = tokio::time::sleep_until(deadline) => {}
         }
+    }
+}
+
+/// A sentence for a failed call; a broken transport says the node was lost instead of quoting
+/// HTTP/2 internals.
+pub fn loss_reason(status: &Status) -> String {
+    const TRANSPORT: [&str; 5] = [
+        "h2 protocol error",
+        "transport error",
+        "connection",
+        "broken pipe",
+        "error reading a body",
+    ];
+    let message = status.message().to_ascii_lowercase();
+    let transport = matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
+    ) && TRANSPORT.iter().any(|words| message.contains(words));
+    if transport {
+        "the connection to the node was lost".into()
+    } else {
+        format!("{}: {}", code_name(status.code()), status.message())
+    }
+}
+
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Unavailable => "unavailable",
+        Code::ResourceExhausted => "no room",
+        Code::FailedPrecondition => "runtime unavailable there",
+        Code::DeadlineExceeded => "deadline exceeded",
+        Code::Internal => "internal error",
+        Code::Unknown => "connection lost",
+        _ => "failed",
     }
 }
