@@ -8,8 +8,9 @@ use kowalski_exo_common::{
     cli_args, defaults,
     error_text::error_chain,
     proto::{
-        ClusterEvent, ClusterExecuteRequest, ExecuteRequest, PlacementConstraints, PlanRequest,
-        RunBlocksRequest, coordinator_client::CoordinatorClient,
+        ChatMessage, ChatRequest, ClusterEvent, ClusterExecuteRequest, ExecuteRequest,
+        PlacementConstraints, PlanRequest, RunBlocksRequest, SamplingOptions,
+        coordinator_client::CoordinatorClient,
     },
     shutdown::ShutdownSignals,
     telemetry,
@@ -19,7 +20,7 @@ use kowalski_exo_coordinator::{
         Failure,
         connect::{local_agent_config, with_client},
         follow::{FollowOptions, follow},
-        nodes, plan,
+        inference, nodes, plan,
         request::{check_markdown, limits, parse_size, parse_timeout, program_stdin, read_text},
     },
     server,
@@ -87,6 +88,33 @@ enum Command {
         /// Run the remaining blocks after one fails.
         #[arg(long)]
         keep_going: bool,
+    },
+    /// List the models the cluster's nodes serve.
+    Models {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Ask a model served by the cluster; the answer streams to stdout.
+    Chat {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The model (see `coordinator models`).
+        #[arg(long)]
+        model: String,
+        /// A system prompt.
+        #[arg(long)]
+        system: Option<String>,
+        /// Most tokens to generate [default: the backend's]
+        #[arg(long)]
+        max_tokens: Option<u32>,
+        /// Sampling temperature [default: the backend's]
+        #[arg(long)]
+        temperature: Option<f32>,
+        /// Answers with the same id prefer the same node (its prompt cache stays warm).
+        #[arg(long)]
+        conversation: Option<String>,
+        /// The prompt ("-" or none: standard input).
+        prompt: Option<String>,
     },
     /// Give a node no new work; running work finishes.
     Drain {
@@ -208,6 +236,35 @@ async fn main() -> ExitCode {
             run_document(&client, run, file, plan, keep_going).await,
             client.json,
         ),
+        Command::Models { client } => (
+            with_client(&client.addr, client.local, |c, addr| async move {
+                inference::list(c, &addr, client.json).await
+            })
+            .await,
+            client.json,
+        ),
+        Command::Chat {
+            client,
+            model,
+            system,
+            max_tokens,
+            temperature,
+            conversation,
+            prompt,
+        } => {
+            let request =
+                chat_request(model, system, max_tokens, temperature, conversation, prompt);
+            let result = match request {
+                Ok(request) => {
+                    with_client(&client.addr, client.local, |c, addr| async move {
+                        inference::chat(c, &addr, request, client.json).await
+                    })
+                    .await
+                }
+                Err(failure) => Err(failure),
+            };
+            (result, client.json)
+        }
         Command::Drain { client, node } => (
             with_client(&client.addr, client.local, |c, addr| async move {
                 nodes::set_draining(c, &addr, node, true, client.json).await
@@ -230,6 +287,38 @@ async fn main() -> ExitCode {
             ExitCode::from(failure.status)
         }
     }
+}
+
+/// A chat request from the command line; the prompt from standard input when absent or "-".
+fn chat_request(
+    model: String,
+    system: Option<String>,
+    max_tokens: Option<u32>,
+    temperature: Option<f32>,
+    conversation: Option<String>,
+    prompt: Option<String>,
+) -> Result<ChatRequest, Failure> {
+    let prompt = match prompt.as_deref() {
+        None | Some("-") => read_text(std::path::Path::new("-"))?,
+        Some(text) => text.to_string(),
+    };
+    let message = |role: &str, content: String| ChatMessage {
+        role: role.into(),
+        content,
+    };
+    let mut messages: Vec<ChatMessage> = system.map(|s| message("system", s)).into_iter().collect();
+    messages.push(message("user", prompt));
+    Ok(ChatRequest {
+        model,
+        messages,
+        options: Some(SamplingOptions {
+            temperature,
+            max_tokens: max_tokens.unwrap_or(0),
+            ..Default::default()
+        }),
+        conversation_id: conversation.unwrap_or_default(),
+        max_attempts: 0,
+    })
 }
 
 async fn serve(listen: &str, local_agent: bool) -> Result<u8, Failure> {

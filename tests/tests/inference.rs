@@ -8,7 +8,7 @@ use kowalski_exo_common::proto::{
     ModelOffer, SamplingOptions, chat_event, coordinator_client::CoordinatorClient,
     generate_event::Event, node_agent_client::NodeAgentClient,
 };
-use kowalski_exo_tests::{CEILING, Daemon, LlamaServer, describe};
+use kowalski_exo_tests::{CEILING, Daemon, LlamaServer, binary, describe, outcome};
 use nix::sys::signal::Signal;
 use tonic::transport::Channel;
 
@@ -269,4 +269,68 @@ async fn a_chat_through_the_coordinator_survives_its_agent_being_killed_mid_answ
     // Nothing repeated, nothing missing: every token the client saw is counted once.
     assert_eq!(finished.completion_tokens, 300);
     assert_eq!(deltas, 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_lists_models_and_streams_a_chat() {
+    let backend = match LlamaServer::start() {
+        Ok(backend) => backend,
+        Err(why) => {
+            println!("skipped: {why}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, _agents) = cluster_for(&[&backend.api_base], dir.path());
+    let mut client = CoordinatorClient::connect(coordinator.url()).await.unwrap();
+    served_by(&mut client, 1).await;
+    let url = coordinator.url();
+
+    let (status, stdout, _) = cli(&["models", "--json", "--addr", &url]);
+    assert_eq!(status, Some(0));
+    let model: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(model["model"], "tiny");
+    assert_eq!(model["served_by"][0]["node"], "agent-0");
+    assert_eq!(model["served_by"][0]["state"], "ready");
+
+    let (status, stdout, stderr) = cli(&[
+        "chat",
+        "--json",
+        "--addr",
+        &url,
+        "--model",
+        "tiny",
+        "--max-tokens",
+        "5",
+        "hello",
+    ]);
+    assert_eq!(status, Some(0), "{stderr}");
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["event"], "answering");
+    assert_eq!(lines.iter().filter(|l| l["event"] == "delta").count(), 5);
+    let last = lines.last().unwrap();
+    assert_eq!(
+        (&last["event"], &last["completion_tokens"]),
+        (&"finished".into(), &5.into())
+    );
+
+    let (status, _, stderr) = cli(&["chat", "--addr", &url, "--model", "nope", "hi"]);
+    assert_eq!(status, Some(3));
+    assert!(
+        stderr.contains("no node serves the model 'nope': agent-0 serves tiny"),
+        "{stderr}"
+    );
+}
+
+/// Runs the coordinator CLI; returns (exit code, stdout, stderr).
+fn cli(args: &[&str]) -> (Option<i32>, String, String) {
+    outcome(
+        std::process::Command::new(binary("coordinator"))
+            .args(args)
+            .output()
+            .unwrap(),
+    )
 }

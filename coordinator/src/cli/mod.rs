@@ -4,6 +4,7 @@
 
 pub mod connect;
 pub mod follow;
+pub mod inference;
 pub mod nodes;
 pub mod plan;
 pub mod request;
