@@ -7,6 +7,7 @@
 //! - [`inference`]: the cluster's models, and chat answers that survive a node dying mid-answer.
 //! - [`codeblocks`]: fenced code blocks out of LLM output.
 //! - [`service`]: what clients can ask of the cluster, whatever the transport.
+//! - [`http`]: the HTTP API (health, OpenAI-compatible chat over the cluster's models).
 //! - [`api`]: the gRPC surfaces: AgentRegistry for agents, Coordinator for clients.
 //! - [`json_events`]: the JSON shape of cluster events, for the CLI and the HTTP API.
 //! - [`error`]: the coordinator's refusals, mapped to gRPC status in one place.
@@ -18,6 +19,7 @@ pub mod api;
 pub mod cli;
 pub mod codeblocks;
 pub mod error;
+pub mod http;
 pub mod inference;
 pub mod json_events;
 pub mod registry;

@@ -42,6 +42,10 @@ enum Command {
         /// gRPC listen address (Coordinator and AgentRegistry).
         #[arg(long, default_value_t = format!("0.0.0.0:{}", defaults::COORDINATOR_GRPC_PORT))]
         listen: String,
+        /// HTTP API address (health, OpenAI-compatible API), or `off` [default: port 8080 on the
+        /// listen host]
+        #[arg(long, value_name = "ADDR")]
+        http: Option<String>,
         /// Also run a node agent in this process: a whole single-device cluster.
         #[arg(long)]
         local_agent: bool,
@@ -202,10 +206,11 @@ async fn main() -> ExitCode {
     let (result, json) = match cli.command {
         Command::Serve {
             listen,
+            http,
             local_agent,
         } => {
             telemetry::init();
-            (serve(&listen, local_agent).await, false)
+            (serve(&listen, http, local_agent).await, false)
         }
         Command::Nodes { client } => (
             with_client(&client.addr, client.local, |c, addr| async move {
@@ -321,17 +326,32 @@ fn chat_request(
     })
 }
 
-async fn serve(listen: &str, local_agent: bool) -> Result<u8, Failure> {
+/// The HTTP API's address: as given, none for `off`, else port 8080 on the listen host.
+fn http_address(listen: &str, http: Option<String>) -> Option<String> {
+    match http.as_deref() {
+        Some("off") => None,
+        Some(addr) => Some(addr.to_string()),
+        None => {
+            let host = listen.rsplit_once(':').map_or(listen, |(host, _)| host);
+            Some(format!("{host}:{}", defaults::COORDINATOR_HTTP_PORT))
+        }
+    }
+}
+
+async fn serve(listen: &str, http: Option<String>, local_agent: bool) -> Result<u8, Failure> {
     let signals = ShutdownSignals::listen()
         .map_err(|e| Failure::infrastructure(format!("cannot catch SIGTERM and SIGINT: {e}")))?;
     let agent = local_agent.then(local_agent_config);
-    let running = server::start(listen, agent).await.map_err(|e| {
-        let status = match &e {
-            server::StartError::Serve(serve) => serve.exit_status(),
-            _ => kowalski_exo_common::exit::INFRASTRUCTURE,
-        };
-        Failure::new(status, error_chain(&e))
-    })?;
+    let http = http_address(listen, http);
+    let running = server::start(listen, http.as_deref(), agent)
+        .await
+        .map_err(|e| {
+            let status = match &e {
+                server::StartError::Serve(serve) => serve.exit_status(),
+                _ => kowalski_exo_common::exit::INFRASTRUCTURE,
+            };
+            Failure::new(status, error_chain(&e))
+        })?;
     let shutdown = running.shutdown_token();
     tokio::spawn(async move {
         signals.received().await;

@@ -15,6 +15,7 @@ use tonic::server::NamedService;
 
 use crate::{
     api::{client_service::ClientService, registry_service::RegistryService},
+    http,
     inference::Chats,
     registry::NodeRegistry,
     scheduling::dispatch::Dispatcher,
@@ -37,6 +38,8 @@ pub enum StartError {
 pub struct RunningCoordinator {
     /// The gRPC address it listens on (with the real port when 0 was asked).
     pub addr: SocketAddr,
+    /// The HTTP API's address, when it serves one.
+    pub http_addr: Option<SocketAddr>,
     pub registry: NodeRegistry,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), ServeError>>,
@@ -70,16 +73,25 @@ impl RunningCoordinator {
     }
 }
 
-/// Binds `listen` and serves until the returned handle is stopped. With `local_agent`, an
-/// in-process node agent joins it.
+/// Binds `listen` (and `http`, for the HTTP API) and serves until the returned handle is
+/// stopped. With `local_agent`, an in-process node agent joins it.
 pub async fn start(
     listen: &str,
+    http: Option<&str>,
     local_agent: Option<AgentConfig>,
 ) -> Result<RunningCoordinator, StartError> {
     let registry = NodeRegistry::default();
     registry.spawn_liveness_ticker();
     let shutdown = CancellationToken::new();
     let (listener, addr) = transport::bind(listen).await?;
+    let http_listener = match http {
+        Some(http) => Some(transport::bind(http).await?),
+        None => None,
+    };
+    let cluster = ClusterService::new(
+        Dispatcher::new(registry.clone()),
+        Chats::new(registry.clone()),
+    );
     let mut server = ServerBase::new(&[
         AgentRegistryServer::<RegistryService>::NAME,
         CoordinatorServer::<ClientService>::NAME,
@@ -91,11 +103,8 @@ pub async fn start(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            CoordinatorServer::new(ClientService::new(ClusterService::new(
-                Dispatcher::new(registry.clone()),
-                Chats::new(registry.clone()),
-            )))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            CoordinatorServer::new(ClientService::new(cluster.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
         );
     let health = server.health();
     health
@@ -107,6 +116,20 @@ pub async fn start(
     let stop = shutdown.clone();
     let task = tokio::spawn(async move { server.serve(listener, stop.cancelled_owned()).await });
     tracing::info!(%addr, "coordinator listening");
+    let http_addr = http_listener.map(|(listener, http_addr)| {
+        let router = http::router(cluster);
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::warn!(error = %e, "the HTTP API stopped");
+            }
+        });
+        tracing::info!(addr = %http_addr, "http api listening");
+        http_addr
+    });
     let local_agent = match local_agent {
         Some(config) => {
             let dial = if addr.ip().is_unspecified() {
@@ -130,6 +153,7 @@ pub async fn start(
     };
     Ok(RunningCoordinator {
         addr,
+        http_addr,
         registry,
         shutdown,
         task,

@@ -32,7 +32,14 @@ fn bad_usage_exits_2() {
 fn serve_with_local_agent_is_a_one_node_cluster() {
     let server = Daemon::start(
         "coordinator",
-        &["serve", "--listen", "127.0.0.1:0", "--local-agent"],
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--local-agent",
+        ],
         &[],
         "coordinator listening",
     );

@@ -91,6 +91,22 @@ impl Daemon {
         Daemon { child, log, addr }
     }
 
+    /// The address logged on a line containing `marker`, as `addr=HOST:PORT`.
+    pub fn logged_addr(&self, marker: &str) -> SocketAddr {
+        let mut found = None;
+        eventually(&format!("a line with '{marker}' and addr="), || {
+            found = self.log().iter().find_map(|line| {
+                if !line.contains(marker) {
+                    return None;
+                }
+                let rest = &line[line.find("addr=")? + 5..];
+                rest.split_whitespace().next()?.parse().ok()
+            });
+            found.is_some()
+        });
+        found.unwrap()
+    }
+
     /// `http://ADDR`, for gRPC clients.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
@@ -266,7 +282,7 @@ fn start_coordinator(port: u16) -> Daemon {
     let listen = format!("127.0.0.1:{port}");
     Daemon::start(
         "coordinator",
-        &["serve", "--listen", &listen],
+        &["serve", "--listen", &listen, "--http", "127.0.0.1:0"],
         &[],
         "coordinator listening",
     )
@@ -376,8 +392,8 @@ impl LlamaServer {
             ])
             .args(["--port", &port.to_string()])
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(std::fs::File::create(dir.path().join("access.log")).expect("log file"))
+            .stderr(std::fs::File::create(dir.path().join("server.log")).expect("log file"))
             .spawn()
             .expect("start llama_cpp.server");
         let server = LlamaServer {
@@ -389,6 +405,13 @@ impl LlamaServer {
             http_get(port, "/v1/models").is_some_and(|body| body.contains(Self::MODEL))
         });
         Ok(server)
+    }
+
+    /// What the server logged.
+    pub fn log(&self) -> String {
+        ["access.log", "server.log"]
+            .map(|f| std::fs::read_to_string(self._dir.path().join(f)).unwrap_or_default())
+            .join("\n")
     }
 
     /// Kills it, as a backend that dies.

@@ -143,7 +143,7 @@ async fn agent_joins_a_coordinator_that_starts_later() {
     let listen = format!("127.0.0.1:{port}");
     let _coordinator = Daemon::start(
         "coordinator",
-        &["serve", "--listen", &listen],
+        &["serve", "--listen", &listen, "--http", "127.0.0.1:0"],
         &[],
         "coordinator listening",
     );
@@ -213,7 +213,7 @@ async fn grpcurl_can_list_describe_and_execute() {
     );
     let coordinator = Daemon::start(
         "coordinator",
-        &["serve", "--listen", "127.0.0.1:0"],
+        &["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"],
         &[],
         "coordinator listening",
     );

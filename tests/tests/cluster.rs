@@ -612,7 +612,7 @@ async fn exec_waits_for_a_node_of_a_cluster_that_is_starting() {
     let listen = format!("127.0.0.1:{port}");
     let _coordinator = kowalski_exo_tests::Daemon::start(
         "coordinator",
-        &["serve", "--listen", &listen],
+        &["serve", "--listen", &listen, "--http", "127.0.0.1:0"],
         &[],
         "coordinator listening",
     );

@@ -133,7 +133,7 @@ async fn an_agent_streams_a_real_backends_answer_and_reports_its_state() {
 fn cluster_for(api_bases: &[&str], work: &std::path::Path) -> (Daemon, Vec<Daemon>) {
     let coordinator = Daemon::start(
         "coordinator",
-        &["serve", "--listen", "127.0.0.1:0"],
+        &["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"],
         &[],
         "coordinator listening",
     );
@@ -262,7 +262,13 @@ async fn a_chat_through_the_coordinator_survives_its_agent_being_killed_mid_answ
         }
     }
     let finished = finished.expect("no finished event");
-    assert_eq!(finished.error, "", "{finished:?}");
+    assert_eq!(
+        finished.error,
+        "",
+        "{finished:?}\nbackend 0: {}\nbackend 1: {}",
+        backends[0].log(),
+        backends[1].log()
+    );
     assert_eq!(failovers.len(), 1, "{failovers:?}");
     assert_eq!(finished.failovers, 1);
     assert_ne!(failovers[0].from_node, failovers[0].to_node);
@@ -333,4 +339,107 @@ fn cli(args: &[&str]) -> (Option<i32>, String, String) {
             .output()
             .unwrap(),
     )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_api_answers_streaming_and_not() {
+    let backend = match LlamaServer::start() {
+        Ok(backend) => backend,
+        Err(why) => {
+            println!("skipped: {why}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, _agents) = cluster_for(&[&backend.api_base], dir.path());
+    let mut client = CoordinatorClient::connect(coordinator.url()).await.unwrap();
+    served_by(&mut client, 1).await;
+    let base = format!("http://{}", coordinator.logged_addr("http api listening"));
+    let http = reqwest::Client::new();
+
+    let health = http.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let models: serde_json::Value = http
+        .get(format!("{base}/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], "tiny");
+
+    let ask = |stream: bool| {
+        serde_json::json!({
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 5,
+            "temperature": 0,
+            "stream": stream,
+            "stream_options": {"include_usage": true},
+        })
+    };
+    let whole: serde_json::Value = http
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&ask(false))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(whole["object"], "chat.completion");
+    assert_eq!(whole["choices"][0]["finish_reason"], "length");
+    assert_eq!(whole["usage"]["completion_tokens"], 5);
+    let text = whole["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!text.is_empty());
+
+    let streamed = http
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&ask(true))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let data: Vec<&str> = streamed
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{streamed}");
+    let chunks: Vec<serde_json::Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed_text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed_text, text, "temperature 0 answers alike");
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 5, "{usage}");
+    assert_eq!(
+        chunks[chunks.len() - 2]["choices"][0]["finish_reason"],
+        "length"
+    );
+
+    let unknown = http
+        .post(format!("{base}/v1/chat/completions"))
+        .json(
+            &serde_json::json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    let error: serde_json::Value = unknown.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "model_not_found");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("'nope'")
+    );
 }

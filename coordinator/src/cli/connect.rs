@@ -60,14 +60,18 @@ async fn start_local() -> Result<RunningCoordinator, Failure> {
     if std::env::var_os("RUST_LOG").is_some() {
         telemetry::init();
     }
-    let cluster = server::start("127.0.0.1:0", Some(local_agent_config()))
-        .await
-        .map_err(|e| {
-            Failure::infrastructure(format!(
-                "cannot start the local cluster: {}",
-                error_chain(&e)
-            ))
-        })?;
+    let cluster = server::start(
+        "127.0.0.1:0",
+        Some("127.0.0.1:0"),
+        Some(local_agent_config()),
+    )
+    .await
+    .map_err(|e| {
+        Failure::infrastructure(format!(
+            "cannot start the local cluster: {}",
+            error_chain(&e)
+        ))
+    })?;
     let started = tokio::time::Instant::now();
     while !cluster
         .registry

@@ -126,10 +126,13 @@ impl Catalog {
 
     /// Asks every backend for its models and probes it.
     async fn poll(&self) {
-        let previous = self.offers.borrow().clone();
+        let previous = self.offers();
         let mut offers = Vec::new();
         for backend in self.backends.iter() {
             offers.extend(offers_of(backend, &previous).await);
+        }
+        for offer in &mut offers {
+            offer.in_flight = 0;
         }
         self.offers.send_if_modified(|current| {
             let changed = *current != offers;
@@ -152,6 +155,17 @@ pub enum ModelUnavailable {
 /// answering keeps the models it last served, marked down, so they leave placement while the
 /// node stays.
 async fn offers_of(backend: &Backend, previous: &[ModelOffer]) -> Vec<ModelOffer> {
+    let before: Vec<ModelOffer> = previous
+        .iter()
+        .filter(|o| o.backend_url == backend.url())
+        .cloned()
+        .collect();
+    // A backend generating now proves itself, and any request could cut its answer short
+    // (llama-cpp-python's server interrupts a generation when another request, even a model
+    // list, arrives): leave it alone until it is idle.
+    if before.iter().any(|o| o.in_flight > 0) {
+        return before;
+    }
     let offer = |name: String, context_window: Option<u32>| ModelOffer {
         name,
         backend: backend.kind() as i32,
@@ -163,9 +177,8 @@ async fn offers_of(backend: &Backend, previous: &[ModelOffer]) -> Vec<ModelOffer
         Ok(models) => models,
         Err(e) => {
             tracing::debug!(backend = backend.url(), error = %e, "backend not answering");
-            return previous
+            return before
                 .iter()
-                .filter(|o| o.backend_url == backend.url())
                 .map(|o| ModelOffer {
                     state: BackendState::Down as i32,
                     reason: e.to_string(),

@@ -1,0 +1,29 @@
+//! `GET /healthz`: 200 when at least one node is ready, 503 otherwise, with the count by state.
+
+use std::collections::BTreeMap;
+
+use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
+use serde_json::{Value, json};
+
+use crate::service::ClusterService;
+
+pub fn routes() -> Router<ClusterService> {
+    Router::new().route("/healthz", get(healthz))
+}
+
+async fn healthz(State(cluster): State<ClusterService>) -> (StatusCode, Json<Value>) {
+    let mut states: BTreeMap<String, u32> = BTreeMap::new();
+    for node in cluster.list_nodes() {
+        *states.entry(node.state).or_default() += 1;
+    }
+    let ready = states.get("ready").copied().unwrap_or(0) > 0;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({"status": if ready { "ready" } else { "no ready node" }, "nodes": states})),
+    )
+}
