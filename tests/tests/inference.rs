@@ -443,3 +443,63 @@ async fn the_openai_api_answers_streaming_and_not() {
             .contains("'nope'")
     );
 }
+
+/// What the real Python clients do against the coordinator's HTTP API.
+const PYTHON_CLIENTS: &str = r#"
+import sys, openai, ollama
+base = sys.argv[1]
+client = openai.OpenAI(base_url=base + "/v1", api_key="unused")
+whole = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
+streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+    model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0, stream=True) if c.choices)
+assert streamed == whole.choices[0].message.content, (streamed, whole)
+assert whole.usage.completion_tokens == 4, whole.usage
+local = ollama.Client(host=base)
+assert [m.model for m in local.list().models] == ["tiny"]
+chunks = list(local.chat(model="tiny", messages=[{"role": "user", "content": "hi"}], stream=True, options={"num_predict": 4, "temperature": 0}))
+assert chunks[-1].done and chunks[-1].eval_count == 4, chunks[-1]
+said = "".join(c.message.content for c in chunks)
+assert said == streamed, (said, streamed)
+generated = local.generate(model="tiny", prompt="hi", options={"num_predict": 3})
+assert generated.done and len(generated.response) > 0, generated
+try:
+    local.chat(model="nope", messages=[{"role": "user", "content": "hi"}])
+    raise SystemExit("an unknown model was answered")
+except ollama.ResponseError as e:
+    assert e.status_code == 404 and "nope" in e.error, e
+print("clients ok")
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_and_ollama_python_clients_work_against_the_cluster() {
+    let clients = std::process::Command::new("python3")
+        .args(["-c", "import openai, ollama"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let backend = match (clients, LlamaServer::start()) {
+        (true, Ok(backend)) => backend,
+        (false, _) => {
+            println!(
+                "skipped: the openai and ollama Python packages are not installed (.ci/run installs them)"
+            );
+            return;
+        }
+        (_, Err(why)) => {
+            println!("skipped: {why}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, _agents) = cluster_for(&[&backend.api_base], dir.path());
+    let mut client = CoordinatorClient::connect(coordinator.url()).await.unwrap();
+    served_by(&mut client, 1).await;
+    let base = format!("http://{}", coordinator.logged_addr("http api listening"));
+    let (status, stdout, stderr) = outcome(
+        std::process::Command::new("python3")
+            .args(["-c", PYTHON_CLIENTS, &base])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(status, Some(0), "{stdout}{stderr}");
+    assert_eq!(stdout.trim(), "clients ok");
+}

@@ -1,8 +1,9 @@
-//! The coordinator's HTTP API (axum): health, and the OpenAI-compatible API over the cluster's
-//! models. Every route sits behind [`router`], so a layer added there (authentication, in the
+//! The coordinator's HTTP API (axum): health, and the OpenAI- and Ollama-compatible APIs over
+//! the cluster's models. Every route sits behind [`router`], so a layer added there (authentication, in the
 //! security issue) covers them all.
 
 mod health;
+mod ollama;
 mod openai;
 
 use axum::Router;
@@ -14,5 +15,6 @@ pub fn router(cluster: ClusterService) -> Router {
     Router::new()
         .merge(health::routes())
         .merge(openai::routes())
+        .merge(ollama::routes())
         .with_state(cluster)
 }

@@ -1,0 +1,265 @@
+//! The Ollama-compatible API: `GET /api/tags`, `POST /api/chat` and `POST /api/generate`,
+//! streaming one JSON object per line (Ollama's default) or answering whole with
+//! `"stream": false`. Kowalski's own client speaks this API, so it can use the whole cluster.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::{
+    Json, Router,
+    body::Body,
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use futures_util::StreamExt;
+use kowalski_exo_common::proto::{
+    ChatEvent, ChatMessage, ChatRequest, SamplingOptions, chat_event,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+use crate::{error::CoordinatorError, service::ClusterService};
+
+pub fn routes() -> Router<ClusterService> {
+    Router::new()
+        .route("/api/tags", get(tags))
+        .route("/api/chat", post(chat))
+        .route("/api/generate", post(generate))
+}
+
+/// An error as Ollama sends one: `{"error": "..."}` with the HTTP status.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"error": self.1}))).into_response()
+    }
+}
+
+impl From<CoordinatorError> for ApiError {
+    fn from(err: CoordinatorError) -> Self {
+        let message = err.to_string();
+        let status = match Status::from(err).code() {
+            tonic::Code::NotFound => StatusCode::NOT_FOUND,
+            tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError(status, message)
+    }
+}
+
+async fn tags(State(cluster): State<ClusterService>) -> Json<Value> {
+    let models: Vec<Value> = cluster
+        .list_models()
+        .into_iter()
+        .map(|m| {
+            json!({"name": m.name, "model": m.name, "modified_at": "1970-01-01T00:00:00Z",
+                   "size": 0, "digest": "", "details": {}})
+        })
+        .collect();
+    Json(json!({"models": models}))
+}
+
+#[derive(Deserialize, Default)]
+struct Options {
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    num_predict: Option<i64>,
+    stop: Option<Vec<String>>,
+    seed: Option<i64>,
+}
+
+impl Options {
+    fn sampling(self) -> SamplingOptions {
+        SamplingOptions {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            // Ollama's -1 (and -2) mean "no limit".
+            max_tokens: self.num_predict.filter(|n| *n > 0).map_or(0, |n| n as u32),
+            stop: self.stop.unwrap_or_default(),
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct OllamaMessage {
+    role: String,
+    #[serde(default)]
+    content: String,
+}
+
+#[derive(Deserialize)]
+struct ChatBody {
+    model: String,
+    messages: Vec<OllamaMessage>,
+    stream: Option<bool>,
+    options: Option<Options>,
+}
+
+#[derive(Deserialize)]
+struct GenerateBody {
+    model: String,
+    prompt: String,
+    system: Option<String>,
+    stream: Option<bool>,
+    options: Option<Options>,
+}
+
+/// What one line of an answer carries: a chat message or a generate response.
+#[derive(Clone, Copy)]
+enum Shape {
+    Chat,
+    Generate,
+}
+
+impl Shape {
+    fn line(self, model: &str, text: &str, done: Option<(&str, u32, u32)>) -> Value {
+        let mut line = json!({"model": model, "created_at": now(), "done": done.is_some()});
+        match self {
+            Shape::Chat => line["message"] = json!({"role": "assistant", "content": text}),
+            Shape::Generate => line["response"] = json!(text),
+        }
+        if let Some((reason, prompt, completion)) = done {
+            line["done_reason"] = json!(reason);
+            line["prompt_eval_count"] = json!(prompt);
+            line["eval_count"] = json!(completion);
+        }
+        line
+    }
+}
+
+fn now() -> String {
+    let seconds = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("{seconds}")
+}
+
+async fn chat(
+    State(cluster): State<ClusterService>,
+    body: Result<Json<ChatBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let request = ChatRequest {
+        model: body.model,
+        messages: body
+            .messages
+            .into_iter()
+            .map(|m| ChatMessage {
+                role: m.role,
+                content: m.content,
+            })
+            .collect(),
+        options: Some(body.options.unwrap_or_default().sampling()),
+        ..Default::default()
+    };
+    answer(cluster, request, body.stream.unwrap_or(true), Shape::Chat).await
+}
+
+async fn generate(
+    State(cluster): State<ClusterService>,
+    body: Result<Json<GenerateBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let mut messages: Vec<ChatMessage> = body
+        .system
+        .map(|content| ChatMessage {
+            role: "system".into(),
+            content,
+        })
+        .into_iter()
+        .collect();
+    messages.push(ChatMessage {
+        role: "user".into(),
+        content: body.prompt,
+    });
+    let request = ChatRequest {
+        model: body.model,
+        messages,
+        options: Some(body.options.unwrap_or_default().sampling()),
+        ..Default::default()
+    };
+    answer(
+        cluster,
+        request,
+        body.stream.unwrap_or(true),
+        Shape::Generate,
+    )
+    .await
+}
+
+async fn answer(
+    cluster: ClusterService,
+    request: ChatRequest,
+    stream: bool,
+    shape: Shape,
+) -> Result<Response, ApiError> {
+    let model = request.model.clone();
+    let events = ReceiverStream::new(cluster.chat(request)?);
+    if stream {
+        let lines = events.filter_map(move |event| {
+            let line = line_for(shape, &model, event);
+            async move { line.map(|l| Ok::<_, std::io::Error>(format!("{l}\n"))) }
+        });
+        return Ok((
+            [(header::CONTENT_TYPE, "application/x-ndjson")],
+            Body::from_stream(lines),
+        )
+            .into_response());
+    }
+    let mut events = events;
+    let mut text = String::new();
+    while let Some(event) = events.next().await {
+        match event
+            .map_err(|s| ApiError(StatusCode::BAD_REQUEST, s.message().to_string()))?
+            .event
+        {
+            Some(chat_event::Event::Delta(d)) => text.push_str(&d.text),
+            Some(chat_event::Event::Finished(f)) if !f.error.is_empty() => {
+                return Err(ApiError(StatusCode::BAD_GATEWAY, f.error));
+            }
+            Some(chat_event::Event::Finished(f)) => {
+                let done = (
+                    f.finish_reason.as_str(),
+                    f.prompt_tokens,
+                    f.completion_tokens,
+                );
+                return Ok(Json(shape.line(&model, &text, Some(done))).into_response());
+            }
+            _ => {}
+        }
+    }
+    Err(ApiError(
+        StatusCode::BAD_GATEWAY,
+        "the answer ended without finishing".into(),
+    ))
+}
+
+/// The line for one chat event, if it makes one.
+fn line_for(shape: Shape, model: &str, event: Result<ChatEvent, Status>) -> Option<Value> {
+    match event {
+        Ok(ChatEvent {
+            event: Some(chat_event::Event::Delta(d)),
+        }) => Some(shape.line(model, &d.text, None)),
+        Ok(ChatEvent {
+            event: Some(chat_event::Event::Finished(f)),
+        }) if f.error.is_empty() => Some(shape.line(
+            model,
+            "",
+            Some((
+                f.finish_reason.as_str(),
+                f.prompt_tokens,
+                f.completion_tokens,
+            )),
+        )),
+        Ok(ChatEvent {
+            event: Some(chat_event::Event::Finished(f)),
+        }) => Some(json!({"error": f.error})),
+        Ok(_) => None,
+        Err(status) => Some(json!({"error": status.message()})),
+    }
+}
