@@ -446,7 +446,7 @@ async fn the_openai_api_answers_streaming_and_not() {
 
 /// What the real Python clients do against the coordinator's HTTP API.
 const PYTHON_CLIENTS: &str = r#"
-import sys, openai, ollama
+import sys, openai, ollama, anthropic
 base = sys.argv[1]
 client = openai.OpenAI(base_url=base + "/v1", api_key="unused")
 whole = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
@@ -467,13 +467,26 @@ try:
     raise SystemExit("an unknown model was answered")
 except ollama.ResponseError as e:
     assert e.status_code == 404 and "nope" in e.error, e
+claude = anthropic.Anthropic(base_url=base, api_key="unused")
+reply = claude.messages.create(model="tiny", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+assert len(reply.content[0].text) > 0 and reply.stop_reason == "max_tokens", reply
+assert reply.usage.output_tokens == 4, reply.usage
+with claude.messages.stream(model="tiny", max_tokens=4, system="Be brief.", messages=[{"role": "user", "content": "hi"}]) as stream:
+    told = "".join(stream.text_stream)
+    final = stream.get_final_message()
+assert len(told) > 0 and final.stop_reason == "max_tokens" and final.usage.output_tokens == 4, final
+try:
+    claude.messages.create(model="nope", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    raise SystemExit("an unknown model was answered")
+except anthropic.NotFoundError:
+    pass
 print("clients ok")
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_openai_and_ollama_python_clients_work_against_the_cluster() {
+async fn the_openai_ollama_and_anthropic_python_clients_work_against_the_cluster() {
     let clients = std::process::Command::new("python3")
-        .args(["-c", "import openai, ollama"])
+        .args(["-c", "import openai, ollama, anthropic"])
         .output()
         .is_ok_and(|o| o.status.success());
     let backend = match (clients, LlamaServer::start()) {

@@ -1,7 +1,8 @@
-//! The coordinator's HTTP API (axum): health, and the OpenAI- and Ollama-compatible APIs over
-//! the cluster's models. Every route sits behind [`router`], so a layer added there (authentication, in the
+//! The coordinator's HTTP API (axum): health, and the OpenAI-, Ollama- and Anthropic-compatible
+//! APIs over the cluster's models. Every route sits behind [`router`], so a layer added there (authentication, in the
 //! security issue) covers them all.
 
+mod anthropic;
 mod health;
 mod ollama;
 mod openai;
@@ -16,5 +17,6 @@ pub fn router(cluster: ClusterService) -> Router {
         .merge(health::routes())
         .merge(openai::routes())
         .merge(ollama::routes())
+        .merge(anthropic::routes())
         .with_state(cluster)
 }
