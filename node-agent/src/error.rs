@@ -55,12 +55,18 @@ impl From<InferenceError> for Status {
     fn from(err: InferenceError) -> Status {
         let message = err.to_string();
         match err {
-            InferenceError::Model(ModelUnavailable::Unknown { .. }) => Status::not_found(message),
-            InferenceError::Backend(BackendError::Refused { status, .. })
-                if (400..500).contains(&status) =>
-            {
-                Status::invalid_argument(message)
+            InferenceError::Model(ModelUnavailable::Unknown { .. })
+            | InferenceError::Backend(BackendError::Refused { status: 404, .. }) => {
+                Status::not_found(message)
             }
+            InferenceError::Backend(BackendError::Refused { status: 429, .. }) => {
+                Status::resource_exhausted(message)
+            }
+            // The request itself is wrong; another backend would refuse it too.
+            InferenceError::Backend(BackendError::Refused {
+                status: 400 | 413 | 422,
+                ..
+            }) => Status::invalid_argument(message),
             InferenceError::Backend(BackendError::Malformed { .. }) => Status::internal(message),
             InferenceError::Model(ModelUnavailable::Down { .. })
             | InferenceError::Backend(_)

@@ -165,7 +165,7 @@ impl Answer<'_> {
                 content: self.text.clone(),
             });
             if options.max_tokens > 0 {
-                options.max_tokens = options.max_tokens.saturating_sub(self.usage.1).max(1);
+                options.max_tokens = options.max_tokens.saturating_sub(self.usage.1);
             }
         }
         GenerateRequest {
@@ -234,51 +234,63 @@ impl Work for Answer<'_> {
     }
 
     async fn attempt(&mut self, attempt: &Attempt) -> AttemptEnd<String> {
+        // Earlier attempts may already have said all the tokens the caller allowed.
+        let budget = self.request.options.as_ref().map_or(0, |o| o.max_tokens);
+        if budget > 0 && self.usage.1 >= budget {
+            return AttemptEnd::Finished("length".into());
+        }
         let request = self.generate_request();
-        let mut stream = match self.agents.generate(&attempt.address, request).await {
-            Ok(stream) => stream,
-            Err(status) => return classify(status, self.events),
+        let call = self.agents.generate(&attempt.address, request);
+        let mut stream = match tokio::time::timeout(self.stall_timeout, call).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(status)) => return classify(status, self.events),
+            Err(_) => {
+                return AttemptEnd::Lost(format!("no answer for {:?}", self.stall_timeout));
+            }
         };
-        // Tokens of this attempt, counted in case it is lost before it reports usage.
+        // Tokens of this attempt, counted as they come: the loop may drop this attempt at any
+        // await (silence), and what was said must still count.
         let mut produced = 0;
-        let end = loop {
+        loop {
             let next = match tokio::time::timeout(self.stall_timeout, stream.next()).await {
                 Ok(next) => next,
                 Err(_) => {
-                    break AttemptEnd::Lost(format!("no token for {:?}", self.stall_timeout));
+                    return AttemptEnd::Lost(format!("no token for {:?}", self.stall_timeout));
                 }
             };
             match next {
                 Some(Ok(event)) => match event.event {
                     Some(generate_event::Event::Delta(delta)) => {
-                        produced += 1;
-                        self.text.push_str(&delta.text);
                         let sent = send(
                             self.events,
-                            chat_event::Event::Delta(GenerateDelta { text: delta.text }),
+                            chat_event::Event::Delta(GenerateDelta {
+                                text: delta.text.clone(),
+                            }),
                         )
                         .await;
                         if sent.is_err() {
                             return AttemptEnd::Cancelled;
                         }
+                        // Only text the caller has is the answer so far.
+                        self.text.push_str(&delta.text);
+                        produced += 1;
+                        self.usage.1 += 1;
                     }
                     Some(generate_event::Event::Finished(finished)) => {
                         self.usage.0 += finished.prompt_tokens;
-                        self.usage.1 += finished.completion_tokens;
+                        self.usage.1 += finished.completion_tokens.saturating_sub(produced);
                         return AttemptEnd::Finished(finished.finish_reason);
                     }
                     None => {}
                 },
-                Some(Err(status)) => break classify(status, self.events),
+                Some(Err(status)) => return classify(status, self.events),
                 None => {
-                    break AttemptEnd::Lost(
+                    return AttemptEnd::Lost(
                         "the node ended the answer without finishing it".into(),
                     );
                 }
             }
-        };
-        self.usage.1 += produced;
-        end
+        }
     }
 
     async fn retrying(&mut self, lost: &Attempt, reason: &str) -> Result<(), CallerGone> {

@@ -20,6 +20,8 @@ use super::{Backend, BackendError};
 
 /// Seconds between polls of every backend, unless configured.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(30);
+/// A backend that has not listed its models and generated a probe token within this is down.
+const POLL_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The models the device serves, and the backends behind them.
 #[derive(Clone)]
@@ -129,7 +131,14 @@ impl Catalog {
         let previous = self.offers();
         let mut offers = Vec::new();
         for backend in self.backends.iter() {
-            offers.extend(offers_of(backend, &previous).await);
+            let polled = tokio::time::timeout(POLL_TIMEOUT, offers_of(backend, &previous)).await;
+            offers.extend(polled.unwrap_or_else(|_| {
+                down(
+                    backend,
+                    &previous,
+                    &format!("it did not answer within {POLL_TIMEOUT:?}"),
+                )
+            }));
         }
         for offer in &mut offers {
             offer.in_flight = 0;
@@ -177,15 +186,7 @@ async fn offers_of(backend: &Backend, previous: &[ModelOffer]) -> Vec<ModelOffer
         Ok(models) => models,
         Err(e) => {
             tracing::debug!(backend = backend.url(), error = %e, "backend not answering");
-            return before
-                .iter()
-                .map(|o| ModelOffer {
-                    state: BackendState::Down as i32,
-                    reason: e.to_string(),
-                    in_flight: 0,
-                    ..o.clone()
-                })
-                .collect();
+            return down(backend, previous, &e.to_string());
         }
     };
     let verdict = match models.first() {
@@ -204,6 +205,20 @@ async fn offers_of(backend: &Backend, previous: &[ModelOffer]) -> Vec<ModelOffer
                 }
             }
             offer
+        })
+        .collect()
+}
+
+/// The models `backend` last served, marked down with `reason`.
+fn down(backend: &Backend, previous: &[ModelOffer], reason: &str) -> Vec<ModelOffer> {
+    previous
+        .iter()
+        .filter(|o| o.backend_url == backend.url())
+        .map(|o| ModelOffer {
+            state: BackendState::Down as i32,
+            reason: reason.to_string(),
+            in_flight: 0,
+            ..o.clone()
         })
         .collect()
 }
