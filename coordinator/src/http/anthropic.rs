@@ -23,6 +23,7 @@ use serde_json::{Value, json};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
+use super::Content;
 use crate::{error::CoordinatorError, service::ClusterService};
 
 pub fn routes() -> Router<ClusterService> {
@@ -69,26 +70,6 @@ struct MessagesRequest {
 struct Message {
     role: String,
     content: Content,
-}
-
-/// Text, or content blocks of which the text ones are kept.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Blocks(Vec<Value>),
-}
-
-impl Content {
-    fn text(self) -> String {
-        match self {
-            Content::Text(text) => text,
-            Content::Blocks(blocks) => blocks
-                .iter()
-                .filter_map(|b| b.get("text").and_then(Value::as_str))
-                .collect(),
-        }
-    }
 }
 
 /// Anthropic's name for why an answer stopped.

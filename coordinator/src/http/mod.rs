@@ -8,6 +8,8 @@ mod ollama;
 mod openai;
 
 use axum::Router;
+use serde::Deserialize;
+use serde_json::Value;
 
 use crate::service::ClusterService;
 
@@ -19,4 +21,25 @@ pub fn router(cluster: ClusterService) -> Router {
         .merge(ollama::routes())
         .merge(anthropic::routes())
         .with_state(cluster)
+}
+
+/// A message's content as the OpenAI and Anthropic APIs send it: text, or parts (blocks) of
+/// which the text ones are kept.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Value>),
+}
+
+impl Content {
+    fn text(self) -> String {
+        match self {
+            Content::Text(text) => text,
+            Content::Parts(parts) => parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect(),
+        }
+    }
 }

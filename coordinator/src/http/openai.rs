@@ -26,6 +26,7 @@ use serde_json::{Value, json};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
+use super::Content;
 use crate::{error::CoordinatorError, service::ClusterService};
 
 pub fn routes() -> Router<ClusterService> {
@@ -129,26 +130,6 @@ enum Stop {
 struct Message {
     role: String,
     content: Content,
-}
-
-/// Text, or parts of which the text ones are kept.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Parts(Vec<Value>),
-}
-
-impl Content {
-    fn text(self) -> String {
-        match self {
-            Content::Text(text) => text,
-            Content::Parts(parts) => parts
-                .iter()
-                .filter_map(|p| p.get("text").and_then(Value::as_str))
-                .collect(),
-        }
-    }
 }
 
 impl CompletionRequest {

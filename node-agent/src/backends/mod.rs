@@ -108,6 +108,27 @@ fn client() -> reqwest::Client {
         .unwrap_or_default()
 }
 
+/// GETs `{url}{path}` and reads its JSON answer as `T`; `what` names it in the error.
+async fn get_json<T: serde::de::DeserializeOwned>(
+    client: &reqwest::Client,
+    url: &str,
+    path: &str,
+    what: &str,
+) -> Result<T, BackendError> {
+    let response = client
+        .get(format!("{url}{path}"))
+        .send()
+        .await
+        .map_err(|e| unreachable(url, e))?;
+    if !response.status().is_success() {
+        return Err(refused(url, response).await);
+    }
+    response.json().await.map_err(|e| BackendError::Malformed {
+        url: url.to_string(),
+        reason: format!("{what}: {e}"),
+    })
+}
+
 /// The error for a request that did not get an answer.
 fn unreachable(url: &str, error: reqwest::Error) -> BackendError {
     BackendError::Unreachable {

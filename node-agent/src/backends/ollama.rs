@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    BackendError, DiscoveredModel, GenerationStream,
+    BackendError, DiscoveredModel, GenerationStream, get_json,
     openai::{delta, finished},
     refused,
     stream::spawn_stream,
@@ -63,19 +63,13 @@ impl Ollama {
     }
 
     pub async fn models(&self) -> Result<Vec<DiscoveredModel>, BackendError> {
-        let response = self
-            .client
-            .get(format!("{}/api/tags", self.url))
-            .send()
-            .await
-            .map_err(|e| unreachable(&self.url, e))?;
-        if !response.status().is_success() {
-            return Err(refused(&self.url, response).await);
-        }
-        let tags: Tags = response.json().await.map_err(|e| BackendError::Malformed {
-            url: self.url.clone(),
-            reason: format!("the model list is not what Ollama sends: {e}"),
-        })?;
+        let tags: Tags = get_json(
+            &self.client,
+            &self.url,
+            "/api/tags",
+            "the model list is not what Ollama sends",
+        )
+        .await?;
         let mut models = Vec::new();
         for tag in tags.models {
             models.push(DiscoveredModel {

@@ -10,7 +10,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    BackendError, DiscoveredModel, GenerationStream, refused, stream::spawn_stream, unreachable,
+    BackendError, DiscoveredModel, GenerationStream, get_json, refused, stream::spawn_stream,
+    unreachable,
 };
 
 #[derive(Clone, Debug)]
@@ -75,19 +76,13 @@ impl OpenAi {
     }
 
     pub async fn models(&self) -> Result<Vec<DiscoveredModel>, BackendError> {
-        let response = self
-            .client
-            .get(format!("{}/models", self.base))
-            .send()
-            .await
-            .map_err(|e| unreachable(&self.base, e))?;
-        if !response.status().is_success() {
-            return Err(refused(&self.base, response).await);
-        }
-        let list: ModelList = response.json().await.map_err(|e| BackendError::Malformed {
-            url: self.base.clone(),
-            reason: format!("the model list is not what the OpenAI API sends: {e}"),
-        })?;
+        let list: ModelList = get_json(
+            &self.client,
+            &self.base,
+            "/models",
+            "the model list is not what the OpenAI API sends",
+        )
+        .await?;
         Ok(list
             .data
             .into_iter()
