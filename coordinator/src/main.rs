@@ -8,9 +8,8 @@ use kowalski_exo_common::{
     cli_args, defaults,
     error_text::error_chain,
     proto::{
-        ChatMessage, ChatRequest, ClusterEvent, ClusterExecuteRequest, ExecuteRequest,
-        PlacementConstraints, PlanRequest, RunBlocksRequest, SamplingOptions,
-        coordinator_client::CoordinatorClient,
+        ClusterEvent, ClusterExecuteRequest, ExecuteRequest, PlacementConstraints, PlanRequest,
+        RunBlocksRequest, coordinator_client::CoordinatorClient,
     },
     shutdown::ShutdownSignals,
     telemetry,
@@ -258,7 +257,7 @@ async fn main() -> ExitCode {
             prompt,
         } => {
             let request =
-                chat_request(model, system, max_tokens, temperature, conversation, prompt);
+                inference::request(model, system, max_tokens, temperature, conversation, prompt);
             let result = match request {
                 Ok(request) => {
                     with_client(&client.addr, client.local, |c, addr| async move {
@@ -294,55 +293,11 @@ async fn main() -> ExitCode {
     }
 }
 
-/// A chat request from the command line; the prompt from standard input when absent or "-".
-fn chat_request(
-    model: String,
-    system: Option<String>,
-    max_tokens: Option<u32>,
-    temperature: Option<f32>,
-    conversation: Option<String>,
-    prompt: Option<String>,
-) -> Result<ChatRequest, Failure> {
-    let prompt = match prompt.as_deref() {
-        None | Some("-") => read_text(std::path::Path::new("-"))?,
-        Some(text) => text.to_string(),
-    };
-    let message = |role: &str, content: String| ChatMessage {
-        role: role.into(),
-        content,
-    };
-    let mut messages: Vec<ChatMessage> = system.map(|s| message("system", s)).into_iter().collect();
-    messages.push(message("user", prompt));
-    Ok(ChatRequest {
-        model,
-        messages,
-        options: Some(SamplingOptions {
-            temperature,
-            max_tokens: max_tokens.unwrap_or(0),
-            ..Default::default()
-        }),
-        conversation_id: conversation.unwrap_or_default(),
-        max_attempts: 0,
-    })
-}
-
-/// The HTTP API's address: as given, none for `off`, else port 8080 on the listen host.
-fn http_address(listen: &str, http: Option<String>) -> Option<String> {
-    match http.as_deref() {
-        Some("off") => None,
-        Some(addr) => Some(addr.to_string()),
-        None => {
-            let host = listen.rsplit_once(':').map_or(listen, |(host, _)| host);
-            Some(format!("{host}:{}", defaults::COORDINATOR_HTTP_PORT))
-        }
-    }
-}
-
 async fn serve(listen: &str, http: Option<String>, local_agent: bool) -> Result<u8, Failure> {
     let signals = ShutdownSignals::listen()
         .map_err(|e| Failure::infrastructure(format!("cannot catch SIGTERM and SIGINT: {e}")))?;
     let agent = local_agent.then(local_agent_config);
-    let http = http_address(listen, http);
+    let http = server::http_address(listen, http.as_deref());
     let running = server::start(listen, http.as_deref(), agent)
         .await
         .map_err(|e| {

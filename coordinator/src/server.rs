@@ -4,6 +4,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use kowalski_exo_common::{
+    defaults,
     proto::{agent_registry_server::AgentRegistryServer, coordinator_server::CoordinatorServer},
     request_size::MAX_MESSAGE_BYTES,
     transport::{self, ServeError, ServerBase},
@@ -70,6 +71,18 @@ impl RunningCoordinator {
     pub async fn stop(self) -> Result<(), ServeError> {
         self.shutdown.cancel();
         self.wait().await
+    }
+}
+
+/// The HTTP API's address: as given, none for `off`, else port 8080 on the listen host.
+pub fn http_address(listen: &str, http: Option<&str>) -> Option<String> {
+    match http {
+        Some("off") => None,
+        Some(addr) => Some(addr.to_string()),
+        None => {
+            let host = listen.rsplit_once(':').map_or(listen, |(host, _)| host);
+            Some(format!("{host}:{}", defaults::COORDINATOR_HTTP_PORT))
+        }
     }
 }
 

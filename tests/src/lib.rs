@@ -72,13 +72,11 @@ impl Daemon {
         });
         let start = Instant::now();
         let addr = loop {
-            let found = log.lock().unwrap().iter().find_map(|line| {
-                if !line.contains(ready) {
-                    return None;
-                }
-                let rest = &line[line.find("addr=")? + 5..];
-                rest.split_whitespace().next()?.parse().ok()
-            });
+            let found = log
+                .lock()
+                .unwrap()
+                .iter()
+                .find_map(|line| logged_addr(line, ready));
             if let Some(addr) = found {
                 break addr;
             }
@@ -95,13 +93,7 @@ impl Daemon {
     pub fn logged_addr(&self, marker: &str) -> SocketAddr {
         let mut found = None;
         eventually(&format!("a line with '{marker}' and addr="), || {
-            found = self.log().iter().find_map(|line| {
-                if !line.contains(marker) {
-                    return None;
-                }
-                let rest = &line[line.find("addr=")? + 5..];
-                rest.split_whitespace().next()?.parse().ok()
-            });
+            found = self.log().iter().find_map(|line| logged_addr(line, marker));
             found.is_some()
         });
         found.unwrap()
@@ -147,6 +139,15 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The `addr=HOST:PORT` of a log line containing `marker`.
+fn logged_addr(line: &str, marker: &str) -> Option<SocketAddr> {
+    if !line.contains(marker) {
+        return None;
+    }
+    let rest = &line[line.find("addr=")? + 5..];
+    rest.split_whitespace().next()?.parse().ok()
 }
 
 /// An agent's `Describe` answer.

@@ -12,6 +12,13 @@ use kowalski_exo_tests::{CEILING, Daemon, LlamaServer, binary, describe, outcome
 use nix::sys::signal::Signal;
 use tonic::transport::Channel;
 
+/// A real llama.cpp server, or None after saying why the test skips.
+fn llama_server() -> Option<LlamaServer> {
+    LlamaServer::start()
+        .map_err(|why| println!("skipped: {why}"))
+        .ok()
+}
+
 /// A standalone agent fronting `api_base`, polling its backend every second.
 fn agent_for(api_base: &str, work: &std::path::Path) -> Daemon {
     Daemon::start(
@@ -66,12 +73,8 @@ fn request(model: &str, max_tokens: u32) -> GenerateRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_streams_a_real_backends_answer_and_reports_its_state() {
-    let mut backend = match LlamaServer::start() {
-        Ok(backend) => backend,
-        Err(why) => {
-            println!("skipped: {why}");
-            return;
-        }
+    let Some(mut backend) = llama_server() else {
+        return;
     };
     let dir = tempfile::tempdir().unwrap();
     let agent = agent_for(&backend.api_base, dir.path());
@@ -206,13 +209,10 @@ fn chat_request(max_tokens: u32) -> ChatRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chat_through_the_coordinator_survives_its_agent_being_killed_mid_answer() {
     // Two devices, each with its own llama.cpp server.
-    let backends = match (LlamaServer::start(), LlamaServer::start()) {
-        (Ok(a), Ok(b)) => [a, b],
-        (Err(why), _) | (_, Err(why)) => {
-            println!("skipped: {why}");
-            return;
-        }
+    let (Some(a), Some(b)) = (llama_server(), llama_server()) else {
+        return;
     };
+    let backends = [a, b];
     let dir = tempfile::tempdir().unwrap();
     let api_bases: Vec<&str> = backends.iter().map(|b| b.api_base.as_str()).collect();
     let (coordinator, agents) = cluster_for(&api_bases, dir.path());
@@ -279,12 +279,8 @@ async fn a_chat_through_the_coordinator_survives_its_agent_being_killed_mid_answ
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_lists_models_and_streams_a_chat() {
-    let backend = match LlamaServer::start() {
-        Ok(backend) => backend,
-        Err(why) => {
-            println!("skipped: {why}");
-            return;
-        }
+    let Some(backend) = llama_server() else {
+        return;
     };
     let dir = tempfile::tempdir().unwrap();
     let (coordinator, _agents) = cluster_for(&[&backend.api_base], dir.path());
@@ -343,12 +339,8 @@ fn cli(args: &[&str]) -> (Option<i32>, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_api_answers_streaming_and_not() {
-    let backend = match LlamaServer::start() {
-        Ok(backend) => backend,
-        Err(why) => {
-            println!("skipped: {why}");
-            return;
-        }
+    let Some(backend) = llama_server() else {
+        return;
     };
     let dir = tempfile::tempdir().unwrap();
     let (coordinator, _agents) = cluster_for(&[&backend.api_base], dir.path());
@@ -489,18 +481,14 @@ async fn the_openai_ollama_and_anthropic_python_clients_work_against_the_cluster
         .args(["-c", "import openai, ollama, anthropic"])
         .output()
         .is_ok_and(|o| o.status.success());
-    let backend = match (clients, LlamaServer::start()) {
-        (true, Ok(backend)) => backend,
-        (false, _) => {
-            println!(
-                "skipped: the openai and ollama Python packages are not installed (.ci/run installs them)"
-            );
-            return;
-        }
-        (_, Err(why)) => {
-            println!("skipped: {why}");
-            return;
-        }
+    if !clients {
+        println!(
+            "skipped: the openai, ollama and anthropic Python packages are not installed (.ci/run installs them)"
+        );
+        return;
+    }
+    let Some(backend) = llama_server() else {
+        return;
     };
     let dir = tempfile::tempdir().unwrap();
     let (coordinator, _agents) = cluster_for(&[&backend.api_base], dir.path());

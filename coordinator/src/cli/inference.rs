@@ -4,8 +4,8 @@
 use std::io::Write;
 
 use kowalski_exo_common::proto::{
-    BackendKind, BackendState, ChatRequest, ClusterModel, ListModelsRequest, chat_event,
-    coordinator_client::CoordinatorClient,
+    BackendKind, BackendState, ChatMessage, ChatRequest, ClusterModel, ListModelsRequest,
+    SamplingOptions, chat_event, coordinator_client::CoordinatorClient,
 };
 use serde::Serialize;
 use tonic::{Code, transport::Channel};
@@ -113,6 +113,38 @@ pub async fn list(
         print!("{}", models_table(&models));
     }
     Ok(0)
+}
+
+/// A chat request from the command line; the prompt from standard input when absent or "-".
+pub fn request(
+    model: String,
+    system: Option<String>,
+    max_tokens: Option<u32>,
+    temperature: Option<f32>,
+    conversation: Option<String>,
+    prompt: Option<String>,
+) -> Result<ChatRequest, Failure> {
+    let prompt = match prompt.as_deref() {
+        None | Some("-") => super::request::read_text(std::path::Path::new("-"))?,
+        Some(text) => text.to_string(),
+    };
+    let message = |role: &str, content: String| ChatMessage {
+        role: role.into(),
+        content,
+    };
+    let mut messages: Vec<ChatMessage> = system.map(|s| message("system", s)).into_iter().collect();
+    messages.push(message("user", prompt));
+    Ok(ChatRequest {
+        model,
+        messages,
+        options: Some(SamplingOptions {
+            temperature,
+            max_tokens: max_tokens.unwrap_or(0),
+            ..Default::default()
+        }),
+        conversation_id: conversation.unwrap_or_default(),
+        max_attempts: 0,
+    })
 }
 
 /// One chat event as `chat --json` prints it. Field names are stable.
