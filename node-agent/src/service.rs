@@ -164,6 +164,7 @@ impl NodeAgent for NodeAgentService {
             .catalog
             .backend_for(&request.model)
             .map_err(InferenceError::from)?;
+        let turn = self.catalog.turn(&backend).await;
         let generating = self.catalog.generating(&request.model);
         let mut answer = backend
             .generate(&request)
@@ -172,7 +173,7 @@ impl NodeAgent for NodeAgentService {
         let (events, stream) = mpsc::channel(EVENT_BUFFER);
         let cancel = self.shutdown.child_token();
         self.runs.spawn(async move {
-            let _generating = generating;
+            let _generating = (generating, turn);
             loop {
                 // Dropping `answer` (caller gone, shutdown) closes the backend request.
                 let event = tokio::select! {

@@ -12,7 +12,7 @@ use std::{
 use kowalski_exo_common::proto::{
     BackendState, ChatMessage, GenerateRequest, ModelOffer, SamplingOptions,
 };
-use tokio::sync::watch;
+use tokio::sync::{OwnedRwLockReadGuard, RwLock, watch};
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +27,10 @@ const POLL_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Clone)]
 pub struct Catalog {
     backends: Arc<Vec<Backend>>,
+    /// One per backend URL: generations share it, a poll takes it alone. Any request could cut
+    /// a running answer short (llama-cpp-python's server interrupts a generation when another
+    /// request, even a model list, arrives), so a backend is polled only while idle.
+    turns: Arc<HashMap<String, Arc<RwLock<()>>>>,
     offers: watch::Sender<Vec<ModelOffer>>,
     in_flight: Arc<Mutex<HashMap<String, u32>>>,
 }
@@ -47,6 +51,12 @@ impl Catalog {
     /// A catalog of `backends`, empty until the first poll.
     pub fn new(backends: Vec<Backend>) -> Self {
         Catalog {
+            turns: Arc::new(
+                backends
+                    .iter()
+                    .map(|b| (b.url().to_string(), Arc::default()))
+                    .collect(),
+            ),
             backends: Arc::new(backends),
             offers: watch::channel(Vec::new()).0,
             in_flight: Arc::default(),
@@ -108,6 +118,12 @@ impl Catalog {
         }
     }
 
+    /// A generation's turn on `backend`, shared with other generations; held, it keeps polls
+    /// away.
+    pub async fn turn(&self, backend: &Backend) -> Option<OwnedRwLockReadGuard<()>> {
+        Some(self.turns.get(backend.url())?.clone().read_owned().await)
+    }
+
     /// Counts a generation of `model` until the guard is dropped.
     pub fn generating(&self, model: &str) -> Generating {
         self.count(model, true);
@@ -131,6 +147,20 @@ impl Catalog {
         let previous = self.offers();
         let mut offers = Vec::new();
         for backend in self.backends.iter() {
+            let idle = self
+                .turns
+                .get(backend.url())
+                .and_then(|turn| turn.clone().try_write_owned().ok());
+            let Some(_alone) = idle else {
+                // Generating now: it proves itself; keep what it offered.
+                offers.extend(
+                    previous
+                        .iter()
+                        .filter(|o| o.backend_url == backend.url())
+                        .cloned(),
+                );
+                continue;
+            };
             let polled = tokio::time::timeout(POLL_TIMEOUT, offers_of(backend, &previous)).await;
             offers.extend(polled.unwrap_or_else(|_| {
                 down(
@@ -164,17 +194,6 @@ pub enum ModelUnavailable {
 /// answering keeps the models it last served, marked down, so they leave placement while the
 /// node stays.
 async fn offers_of(backend: &Backend, previous: &[ModelOffer]) -> Vec<ModelOffer> {
-    let before: Vec<ModelOffer> = previous
-        .iter()
-        .filter(|o| o.backend_url == backend.url())
-        .cloned()
-        .collect();
-    // A backend generating now proves itself, and any request could cut its answer short
-    // (llama-cpp-python's server interrupts a generation when another request, even a model
-    // list, arrives): leave it alone until it is idle.
-    if before.iter().any(|o| o.in_flight > 0) {
-        return before;
-    }
     let offer = |name: String, context_window: Option<u32>| ModelOffer {
         name,
         backend: backend.kind() as i32,
