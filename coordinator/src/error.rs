@@ -38,6 +38,9 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::Unplaceable(Unplaceable::NoModel { .. }) => {
                 Status::not_found(message)
             }
+            CoordinatorError::Unplaceable(Unplaceable::ModelDown { .. }) => {
+                Status::unavailable(message)
+            }
             CoordinatorError::Unplaceable(_) => Status::failed_precondition(message),
             CoordinatorError::NodeLookup(NodeLookupError::Unknown(_)) => Status::not_found(message),
         }
@@ -64,6 +67,20 @@ mod tests {
             (
                 CoordinatorError::Unplaceable(Unplaceable::AllBusy),
                 Code::FailedPrecondition,
+            ),
+            (
+                CoordinatorError::Unplaceable(Unplaceable::NoModel {
+                    model: "m".into(),
+                    offered: Vec::new(),
+                }),
+                Code::NotFound,
+            ),
+            (
+                CoordinatorError::Unplaceable(Unplaceable::ModelDown {
+                    model: "m".into(),
+                    down: vec![("a".into(), "connection refused".into())],
+                }),
+                Code::Unavailable,
             ),
         ];
         for (err, code) in cases {

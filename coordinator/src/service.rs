@@ -55,8 +55,13 @@ impl ClusterService {
         models::list(self.registry(), Instant::now())
     }
 
-    /// Checks a chat request and starts answering it, streaming its events.
-    pub fn chat(&self, request: ChatRequest) -> Result<ChatReceiver, CoordinatorError> {
+    /// Checks a chat request and starts answering it, streaming its events; `deadline` is when
+    /// the client stops listening.
+    pub fn chat(
+        &self,
+        request: ChatRequest,
+        deadline: Option<Instant>,
+    ) -> Result<ChatReceiver, CoordinatorError> {
         if request.model.is_empty() {
             return Err(CoordinatorError::MissingField("model"));
         }
@@ -74,7 +79,7 @@ impl ClusterService {
         }
         let (events, receiver) = mpsc::channel(EVENT_BUFFER);
         let chats = self.chats.clone();
-        tokio::spawn(async move { chats.answer(request, &events).await });
+        tokio::spawn(async move { chats.answer(request, deadline, &events).await });
         Ok(receiver)
     }
 

@@ -240,8 +240,13 @@ async fn a_chat_through_the_coordinator_survives_its_agent_being_killed_mid_answ
     assert_eq!(kinds.last(), Some(&"finished"));
     assert_eq!(kinds.iter().filter(|k| **k == "delta").count(), 8);
 
-    // A long answer whose agent is SIGKILLed after its first text goes on elsewhere.
-    let mut stream = client.chat(chat_request(300)).await.unwrap().into_inner();
+    // A long answer whose agent is SIGKILLed after its first text goes on elsewhere. It samples
+    // (no temperature 0, no seed of the caller's): llama-cpp-python answers a trailing assistant
+    // message as a new turn, so the other node generates the answer again, and only the seed the
+    // coordinator pinned makes it repeat the text already sent.
+    let mut sampled = chat_request(300);
+    sampled.options.as_mut().unwrap().temperature = Some(0.9);
+    let mut stream = client.chat(sampled).await.unwrap().into_inner();
     let (mut deltas, mut failovers, mut finished) = (0, Vec::new(), None);
     while let Some(event) = tokio::time::timeout(CEILING, stream.message())
         .await
@@ -272,6 +277,11 @@ async fn a_chat_through_the_coordinator_survives_its_agent_being_killed_mid_answ
     assert_eq!(failovers.len(), 1, "{failovers:?}");
     assert_eq!(finished.failovers, 1);
     assert_ne!(failovers[0].from_node, failovers[0].to_node);
+    assert!(failovers[0].regenerated, "{failovers:?}");
+    assert!(
+        !finished.prefix_diverged,
+        "the repeat differed from the text sent"
+    );
     // Nothing repeated, nothing missing: every token the client saw is counted once.
     assert_eq!(finished.completion_tokens, 300);
     assert_eq!(deltas, 300);

@@ -121,7 +121,8 @@ impl Coordinator for ClientService {
         &self,
         request: Request<ChatRequest>,
     ) -> Result<Response<Self::ChatStream>, Status> {
-        let events = self.cluster.chat(request.into_inner())?;
+        let deadline = deadline_at(request.metadata());
+        let events = self.cluster.chat(request.into_inner(), deadline)?;
         Ok(Response::new(Box::pin(ReceiverStream::new(events))))
     }
 }

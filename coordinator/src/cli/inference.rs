@@ -166,6 +166,9 @@ struct ChatLine {
     reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tokens_so_far: Option<u32>,
+    /// On a failover: the new node generates the answer again and its repeat is dropped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    regenerated: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     finish_reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -174,6 +177,8 @@ struct ChatLine {
     completion_tokens: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     failovers: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prefix_diverged: Option<bool>,
 }
 
 /// `coordinator chat`: the answer's text to stdout as it comes; moves between nodes noted on
@@ -214,8 +219,13 @@ pub async fn chat(
             }
             chat_event::Event::Failover(f) => {
                 if !json {
+                    let how = if f.regenerated {
+                        "it is generated again there, and what you already have is left out"
+                    } else {
+                        "it goes on where it stopped"
+                    };
                     eprintln!(
-                        "\n{PREFIX} the answer moved from {} to {} ({}); it goes on where it stopped",
+                        "\n{PREFIX} the answer moved from {} to {} ({}); {how}",
                         f.from_node, f.to_node, f.reason
                     );
                 }
@@ -225,12 +235,18 @@ pub async fn chat(
                     to_node: Some(f.to_node),
                     reason: Some(f.reason),
                     tokens_so_far: Some(f.tokens_so_far),
+                    regenerated: Some(f.regenerated),
                     ..Default::default()
                 }
             }
             chat_event::Event::Finished(f) => {
                 if !json && !ends_with_newline {
                     println!();
+                }
+                if f.prefix_diverged && !json {
+                    eprintln!(
+                        "{PREFIX} the node that took the answer over did not repeat the text already sent; the text after the move may not follow on from it"
+                    );
                 }
                 if !f.error.is_empty() {
                     return Err(Failure::new(
@@ -244,6 +260,7 @@ pub async fn chat(
                     prompt_tokens: Some(f.prompt_tokens),
                     completion_tokens: Some(f.completion_tokens),
                     failovers: Some(f.failovers),
+                    prefix_diverged: Some(f.prefix_diverged),
                     ..Default::default()
                 }
             }

@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use axum::{
     Json, Router,
     extract::State,
-    http::StatusCode,
+    http::{HeaderMap, StatusCode},
     response::{
         IntoResponse, Response,
         sse::{Event, Sse},
@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use super::Content;
+use super::{Content, conversation, mark_failovers, with_failovers};
 use crate::{error::CoordinatorError, service::ClusterService};
 
 pub fn routes() -> Router<ClusterService> {
@@ -82,6 +82,7 @@ fn stop_reason(finish_reason: &str) -> &'static str {
 
 async fn messages(
     State(cluster): State<ClusterService>,
+    headers: HeaderMap,
     body: Result<Json<MessagesRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body.map_err(|e| {
@@ -114,9 +115,10 @@ async fn messages(
             stop: body.stop_sequences.unwrap_or_default(),
             seed: None,
         }),
+        conversation_id: conversation(&headers),
         ..Default::default()
     };
-    let events = ReceiverStream::new(cluster.chat(request)?);
+    let events = ReceiverStream::new(cluster.chat(request, None)?);
     let id = format!(
         "msg_{:x}",
         std::hash::BuildHasher::hash_one(
@@ -164,16 +166,17 @@ fn stream(
             )],
             Ok(ChatEvent {
                 event: Some(chat_event::Event::Finished(f)),
-            }) if f.error.is_empty() => vec![
-                named("content_block_stop", json!({"type": "content_block_stop", "index": 0})),
-                named(
-                    "message_delta",
-                    json!({"type": "message_delta",
-                           "delta": {"stop_reason": stop_reason(&f.finish_reason), "stop_sequence": null},
-                           "usage": {"output_tokens": f.completion_tokens}}),
-                ),
-                named("message_stop", json!({"type": "message_stop"})),
-            ],
+            }) if f.error.is_empty() => {
+                let mut last = json!({"type": "message_delta",
+                       "delta": {"stop_reason": stop_reason(&f.finish_reason), "stop_sequence": null},
+                       "usage": {"output_tokens": f.completion_tokens}});
+                mark_failovers(&mut last, f.failovers);
+                vec![
+                    named("content_block_stop", json!({"type": "content_block_stop", "index": 0})),
+                    named("message_delta", last),
+                    named("message_stop", json!({"type": "message_stop"})),
+                ]
+            }
             Ok(ChatEvent {
                 event: Some(chat_event::Event::Finished(f)),
             }) => vec![named(
@@ -221,7 +224,7 @@ async fn whole(
                     f.prompt_tokens,
                     f.completion_tokens,
                 );
-                return Ok(Json(body).into_response());
+                return Ok(with_failovers(Json(body).into_response(), f.failovers));
             }
             _ => {}
         }

@@ -7,7 +7,7 @@ mod health;
 mod ollama;
 mod openai;
 
-use axum::Router;
+use axum::{Router, http::HeaderMap};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -42,4 +42,41 @@ impl Content {
                 .collect(),
         }
     }
+}
+
+/// The header that names the conversation a chat request belongs to, so its answers stay on one
+/// node (any of the APIs). Without it, a conversation is known by its opening messages.
+pub const CONVERSATION_HEADER: &str = "x-kowalski-conversation";
+/// How many times an answer moved to another node: a header on whole answers, a field of the
+/// last chunk or line of streamed ones (`x_kowalski_failovers`), present only when it moved.
+pub const FAILOVERS_HEADER: &str = "x-kowalski-failovers";
+const FAILOVERS_FIELD: &str = "x_kowalski_failovers";
+
+/// The conversation id a request's headers give, or empty.
+fn conversation(headers: &HeaderMap) -> String {
+    headers
+        .get(CONVERSATION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Adds the failover count to a streamed answer's last chunk when the answer moved.
+fn mark_failovers(last: &mut Value, failovers: u32) {
+    if failovers > 0 {
+        last[FAILOVERS_FIELD] = failovers.into();
+    }
+}
+
+/// Adds the failover header to a whole answer when it moved.
+fn with_failovers(
+    mut response: axum::response::Response,
+    failovers: u32,
+) -> axum::response::Response {
+    if failovers > 0 {
+        response
+            .headers_mut()
+            .insert(FAILOVERS_HEADER, failovers.into());
+    }
+    response
 }

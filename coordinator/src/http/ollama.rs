@@ -2,13 +2,13 @@
 //! streaming one JSON object per line (Ollama's default) or answering whole with
 //! `"stream": false`. Kowalski's own client speaks this API, so it can use the whole cluster.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use axum::{
     Json, Router,
     body::Body,
     extract::State,
-    http::{StatusCode, header},
+    http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
+use super::{conversation, mark_failovers, with_failovers};
 use crate::{error::CoordinatorError, service::ClusterService};
 
 pub fn routes() -> Router<ClusterService> {
@@ -132,15 +133,14 @@ impl Shape {
     }
 }
 
+/// The time now as Ollama writes it, RFC 3339 in UTC.
 fn now() -> String {
-    let seconds = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    format!("{seconds}")
+    humantime::format_rfc3339_micros(SystemTime::now()).to_string()
 }
 
 async fn chat(
     State(cluster): State<ClusterService>,
+    headers: HeaderMap,
     body: Result<Json<ChatBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
@@ -155,6 +155,7 @@ async fn chat(
             })
             .collect(),
         options: Some(body.options.unwrap_or_default().sampling()),
+        conversation_id: conversation(&headers),
         ..Default::default()
     };
     answer(cluster, request, body.stream.unwrap_or(true), Shape::Chat).await
@@ -162,6 +163,7 @@ async fn chat(
 
 async fn generate(
     State(cluster): State<ClusterService>,
+    headers: HeaderMap,
     body: Result<Json<GenerateBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
@@ -181,6 +183,7 @@ async fn generate(
         model: body.model,
         messages,
         options: Some(body.options.unwrap_or_default().sampling()),
+        conversation_id: conversation(&headers),
         ..Default::default()
     };
     answer(
@@ -199,7 +202,7 @@ async fn answer(
     shape: Shape,
 ) -> Result<Response, ApiError> {
     let model = request.model.clone();
-    let events = ReceiverStream::new(cluster.chat(request)?);
+    let events = ReceiverStream::new(cluster.chat(request, None)?);
     if stream {
         let lines = events.filter_map(move |event| {
             let line = line_for(shape, &model, event);
@@ -228,7 +231,8 @@ async fn answer(
                     f.prompt_tokens,
                     f.completion_tokens,
                 );
-                return Ok(Json(shape.line(&model, &text, Some(done))).into_response());
+                let body = Json(shape.line(&model, &text, Some(done)));
+                return Ok(with_failovers(body.into_response(), f.failovers));
             }
             _ => {}
         }
@@ -247,15 +251,16 @@ fn line_for(shape: Shape, model: &str, event: Result<ChatEvent, Status>) -> Opti
         }) => Some(shape.line(model, &d.text, None)),
         Ok(ChatEvent {
             event: Some(chat_event::Event::Finished(f)),
-        }) if f.error.is_empty() => Some(shape.line(
-            model,
-            "",
-            Some((
+        }) if f.error.is_empty() => {
+            let done = (
                 f.finish_reason.as_str(),
                 f.prompt_tokens,
                 f.completion_tokens,
-            )),
-        )),
+            );
+            let mut last = shape.line(model, "", Some(done));
+            mark_failovers(&mut last, f.failovers);
+            Some(last)
+        }
         Ok(ChatEvent {
             event: Some(chat_event::Event::Finished(f)),
         }) => Some(json!({"error": f.error})),

@@ -10,7 +10,7 @@ use std::{
 use axum::{
     Json, Router,
     extract::State,
-    http::StatusCode,
+    http::{HeaderMap, StatusCode},
     response::{
         IntoResponse, Response,
         sse::{Event, Sse},
@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use super::Content;
+use super::{Content, conversation, mark_failovers, with_failovers};
 use crate::{error::CoordinatorError, service::ClusterService};
 
 pub fn routes() -> Router<ClusterService> {
@@ -110,7 +110,6 @@ struct CompletionRequest {
     seed: Option<i64>,
     n: Option<u32>,
     tools: Option<Value>,
-    user: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -166,7 +165,7 @@ impl CompletionRequest {
                 },
                 seed: self.seed,
             }),
-            conversation_id: self.user.unwrap_or_default(),
+            conversation_id: String::new(),
             max_attempts: 0,
         };
         Ok((request, self.stream, include_usage))
@@ -175,12 +174,14 @@ impl CompletionRequest {
 
 async fn chat_completions(
     State(cluster): State<ClusterService>,
+    headers: HeaderMap,
     body: Result<Json<CompletionRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
-    let (request, stream, include_usage) = body.into_chat()?;
+    let (mut request, stream, include_usage) = body.into_chat()?;
+    request.conversation_id = conversation(&headers);
     let model = request.model.clone();
-    let events = cluster.chat(request)?;
+    let events = cluster.chat(request, None)?;
     let id = format!("chatcmpl-{:x}", rand_id());
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -223,7 +224,9 @@ fn chunks(
             Ok(ChatEvent {
                 event: Some(chat_event::Event::Finished(f)),
             }) if f.error.is_empty() => {
-                let mut lines = vec![chunk(json!({}), Some(f.finish_reason.clone()))];
+                let mut finish = chunk(json!({}), Some(f.finish_reason.clone()));
+                mark_failovers(&mut finish, f.failovers);
+                let mut lines = vec![finish];
                 if include_usage {
                     let mut usage = usage_chunk(json!({}), None);
                     usage["choices"] = json!([]);
@@ -288,7 +291,7 @@ async fn whole_answer(
                         "total_tokens": f.prompt_tokens + f.completion_tokens,
                     },
                 });
-                return Ok(Json(body).into_response());
+                return Ok(with_failovers(Json(body).into_response(), f.failovers));
             }
             _ => {}
         }

@@ -1,13 +1,15 @@
 //! Chat answers on the failover loop. An answer goes to a node serving the model (fewest
-//! generations in flight, the conversation's last node when it still fits). When that node or
-//! its backend fails mid-answer (stream broken, node down or silent, no token within the stall
-//! timeout), the answer continues on another node: the conversation is sent again with the
+//! generations in flight; the conversation's last node while no other is less busy). When that
+//! node or its backend fails mid-answer (stream broken, node down or silent, no token within the
+//! stall timeout), the answer continues on another node: the conversation is sent again with the
 //! text produced so far as a trailing assistant message, max tokens lowered by what was already
-//! produced, and the usage added up. The caller sees one stream of text with a failover event
-//! where it moved.
+//! produced, and the usage added up. A backend that cannot continue a prefix generates the
+//! answer again instead, with the same seed, and the text already sent is dropped from its
+//! stream. The caller sees one stream of text with a failover event where it moved.
 
 use std::{
-    collections::HashMap,
+    hash::{BuildHasher, Hash, Hasher},
+    num::NonZeroUsize,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -16,23 +18,24 @@ use kowalski_exo_common::proto::{
     Answering, ChatEvent, ChatFinished, ChatMessage, ChatRequest, Failover, GenerateDelta,
     GenerateRequest, chat_event, generate_event,
 };
-use tokio::sync::mpsc;
+use lru::LruCache;
+use tokio::{sync::mpsc, time::Instant};
 use tokio_stream::StreamExt;
 use tonic::{Code, Status};
 
 use crate::{
-    registry::NodeRegistry,
+    registry::{Load, NodeRegistry},
     scheduling::{
         agents::{AgentConnector, GrpcAgents},
         failover::{self, Attempt, AttemptEnd, CallerGone, Departure, Outcome, Work, loss_reason},
-        placement::Requirements,
+        placement::{Requirements, candidates},
     },
 };
 
 /// A backend that sends no token for this long has failed the answer.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Conversations remembered for stickiness; the oldest are forgotten past this.
-const CONVERSATIONS_KEPT: usize = 10_000;
+/// Conversations remembered for stickiness; the least recently answered are forgotten.
+const CONVERSATIONS_KEPT: NonZeroUsize = NonZeroUsize::new(10_000).expect("not zero");
 
 /// Where a chat's events go.
 pub type ChatSender = mpsc::Sender<Result<ChatEvent, Status>>;
@@ -44,7 +47,7 @@ pub struct Chats {
     agents: Arc<dyn AgentConnector>,
     stall_timeout: Duration,
     /// The node that last answered each conversation.
-    conversations: Arc<Mutex<HashMap<String, String>>>,
+    conversations: Arc<Mutex<LruCache<String, String>>>,
 }
 
 impl Chats {
@@ -66,7 +69,7 @@ impl Chats {
             registry,
             agents,
             stall_timeout,
-            conversations: Arc::default(),
+            conversations: Arc::new(Mutex::new(LruCache::new(CONVERSATIONS_KEPT))),
         }
     }
 
@@ -74,46 +77,63 @@ impl Chats {
         &self.registry
     }
 
-    /// Answers `request` to its end, streaming events; the last is `finished`.
-    pub async fn answer(&self, request: ChatRequest, events: &ChatSender) {
-        let prefer = (!request.conversation_id.is_empty())
-            .then(|| {
-                self.conversations
-                    .lock()
-                    .expect("conversations lock poisoned")
-                    .get(&request.conversation_id)
-                    .cloned()
-            })
-            .flatten();
+    /// Answers `request` to its end, streaming events; the last is `finished`, unless the
+    /// caller left. Past `deadline` the answer ends with an error after the text already sent.
+    pub async fn answer(
+        &self,
+        mut request: ChatRequest,
+        deadline: Option<Instant>,
+        events: &ChatSender,
+    ) {
+        let conversation = conversation_key(&request);
+        let prefer = self
+            .conversations
+            .lock()
+            .expect("conversations lock poisoned")
+            .get(&conversation)
+            .cloned();
+        // A seed makes the answer repeatable, so a node that must generate it again after a
+        // failover says the same words.
+        let options = request.options.get_or_insert_default();
+        options.seed = options.seed.or_else(|| Some(fresh_seed()));
         let mut answer = Answer {
             request,
             prefer,
             events,
             agents: self.agents.as_ref(),
+            registry: &self.registry,
             stall_timeout: self.stall_timeout,
             text: String::new(),
             usage: (0, 0),
             lost: None,
+            replay: None,
             failovers: 0,
+            diverged: false,
         };
-        let (outcome, last) = failover::run(&self.registry, &mut answer).await;
-        if let Some(last) = &last
-            && !answer.request.conversation_id.is_empty()
-        {
-            let mut conversations = self
-                .conversations
-                .lock()
-                .expect("conversations lock poisoned");
-            if conversations.len() >= CONVERSATIONS_KEPT {
-                conversations.clear();
-            }
-            conversations.insert(answer.request.conversation_id.clone(), last.node_id.clone());
-        }
-        let finished = match outcome {
-            Outcome::Finished(reason) => ChatFinished {
-                finish_reason: reason,
-                ..answer.totals()
+        let run = failover::run(&self.registry, &mut answer);
+        let (outcome, last) = match deadline {
+            None => run.await,
+            Some(deadline) => match tokio::time::timeout_at(deadline, run).await {
+                Ok(ended) => ended,
+                Err(_) => (
+                    Outcome::Failed("the caller's deadline passed before the answer ended".into()),
+                    None,
+                ),
             },
+        };
+        let finished = match outcome {
+            Outcome::Finished(reason) => {
+                if let Some(last) = last {
+                    self.conversations
+                        .lock()
+                        .expect("conversations lock poisoned")
+                        .put(conversation, last.node_id);
+                }
+                ChatFinished {
+                    finish_reason: reason,
+                    ..answer.totals()
+                }
+            }
             Outcome::Failed(error) => ChatFinished {
                 error,
                 ..answer.totals()
@@ -128,12 +148,46 @@ impl Chats {
     }
 }
 
+/// What makes answers one conversation: the id the caller gave, else the model and the
+/// messages up to the first user message (a system prompt and the opening question), which
+/// every later turn repeats.
+fn conversation_key(request: &ChatRequest) -> String {
+    if !request.conversation_id.is_empty() {
+        return format!("id:{}", request.conversation_id);
+    }
+    let opening = request
+        .messages
+        .iter()
+        .position(|m| m.role == "user")
+        .map_or(request.messages.len(), |i| i + 1);
+    let mut hasher = std::hash::DefaultHasher::new();
+    request.model.hash(&mut hasher);
+    for message in &request.messages[..opening] {
+        message.role.hash(&mut hasher);
+        message.content.hash(&mut hasher);
+    }
+    format!("opening:{:016x}", hasher.finish())
+}
+
+/// A seed no other answer is likely to share.
+fn fresh_seed() -> i64 {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    // Backends take seeds as non-negative 32-bit numbers.
+    i64::from(hasher.finish() as u32 >> 1)
+}
+
 /// One answer as work for the failover loop.
 struct Answer<'a> {
     request: ChatRequest,
     prefer: Option<String>,
     events: &'a ChatSender,
     agents: &'a dyn AgentConnector,
+    registry: &'a NodeRegistry,
     stall_timeout: Duration,
     /// Text sent to the caller so far, over every attempt.
     text: String,
@@ -141,7 +195,38 @@ struct Answer<'a> {
     usage: (u32, u32),
     /// The attempt lost last, with why, until the next one is placed.
     lost: Option<(Attempt, String)>,
+    /// Set while the current attempt generates the answer again from the start.
+    replay: Option<Replay>,
     failovers: u32,
+    /// A regenerated answer did not repeat the text already sent.
+    diverged: bool,
+}
+
+/// A regenerated answer's text, matched against what the caller already has and dropped up to
+/// its length.
+struct Replay {
+    sent: String,
+    /// Bytes of `sent` the new stream has covered.
+    covered: usize,
+}
+
+impl Replay {
+    /// The part of `text` past what was already sent, and whether the covered part differed.
+    fn pass<'t>(&mut self, text: &'t str) -> (&'t str, bool) {
+        let remaining = self.sent.len() - self.covered;
+        if remaining == 0 {
+            return (text, false);
+        }
+        let mut cut = remaining.min(text.len());
+        while !text.is_char_boundary(cut) {
+            cut += 1;
+        }
+        let expected =
+            &self.sent.as_bytes()[self.covered..(self.covered + cut).min(self.sent.len())];
+        let differs = !text.as_bytes().starts_with(expected);
+        self.covered = (self.covered + cut).min(self.sent.len());
+        (&text[cut..], differs)
+    }
 }
 
 impl Answer<'_> {
@@ -150,16 +235,27 @@ impl Answer<'_> {
             prompt_tokens: self.usage.0,
             completion_tokens: self.usage.1,
             failovers: self.failovers,
+            prefix_diverged: self.diverged,
             ..Default::default()
         }
     }
 
+    /// Whether `node` continues a trailing assistant message of this model.
+    fn continues_prefix(&self, node_id: &str) -> bool {
+        candidates(self.registry, Instant::now())
+            .iter()
+            .find(|c| c.id == node_id)
+            .and_then(|c| c.capabilities.serving(&self.request.model))
+            .is_some_and(|m| m.continues_prefix)
+    }
+
     /// The request for the next attempt: the conversation, then what was already said as the
-    /// start of the assistant's answer, with the token budget that is left.
+    /// start of the assistant's answer with the token budget that is left, unless the answer
+    /// is generated again from the start.
     fn generate_request(&self) -> GenerateRequest {
         let mut messages = self.request.messages.clone();
         let mut options = self.request.options.clone().unwrap_or_default();
-        if !self.text.is_empty() {
+        if !self.text.is_empty() && self.replay.is_none() {
             messages.push(ChatMessage {
                 role: "assistant".into(),
                 content: self.text.clone(),
@@ -195,8 +291,8 @@ impl Work for Answer<'_> {
         self.request.max_attempts
     }
 
-    fn takes_run_slot(&self) -> bool {
-        false
+    fn load(&self) -> Load<'_> {
+        Load::Generation(&self.request.model)
     }
 
     fn departure(&self) -> Departure {
@@ -209,6 +305,11 @@ impl Work for Answer<'_> {
     }
 
     async fn placed(&mut self, attempt: &Attempt) -> Result<(), CallerGone> {
+        self.replay =
+            (!self.text.is_empty() && !self.continues_prefix(&attempt.node_id)).then(|| Replay {
+                sent: self.text.clone(),
+                covered: 0,
+            });
         if let Some((lost, reason)) = self.lost.take() {
             self.failovers += 1;
             send(
@@ -218,6 +319,7 @@ impl Work for Answer<'_> {
                     to_node: attempt.node_name.clone(),
                     reason,
                     tokens_so_far: self.usage.1,
+                    regenerated: self.replay.is_some(),
                 }),
             )
             .await?;
@@ -248,7 +350,7 @@ impl Work for Answer<'_> {
                 return AttemptEnd::Lost(format!("no answer for {:?}", self.stall_timeout));
             }
         };
-        // Tokens of this attempt, counted as they come: the loop may drop this attempt at any
+        // Deltas of this attempt, counted as they come: the loop may drop this attempt at any
         // await (silence), and what was said must still count.
         let mut produced = 0;
         loop {
@@ -261,19 +363,31 @@ impl Work for Answer<'_> {
             match next {
                 Some(Ok(event)) => match event.event {
                     Some(generate_event::Event::Delta(delta)) => {
+                        produced += 1;
+                        let text = match &mut self.replay {
+                            None => delta.text.as_str(),
+                            Some(replay) => {
+                                let (new, differs) = replay.pass(&delta.text);
+                                if differs && !self.diverged {
+                                    tracing::warn!(node = %attempt.node_name, "the regenerated answer differs from the text already sent");
+                                    self.diverged = true;
+                                }
+                                new
+                            }
+                        };
+                        if text.is_empty() {
+                            continue;
+                        }
                         let sent = send(
                             self.events,
-                            chat_event::Event::Delta(GenerateDelta {
-                                text: delta.text.clone(),
-                            }),
+                            chat_event::Event::Delta(GenerateDelta { text: text.into() }),
                         )
                         .await;
                         if sent.is_err() {
                             return AttemptEnd::Cancelled;
                         }
                         // Only text the caller has is the answer so far.
-                        self.text.push_str(&delta.text);
-                        produced += 1;
+                        self.text.push_str(text);
                         self.usage.1 += 1;
                     }
                     Some(generate_event::Event::Finished(finished)) => {
@@ -319,7 +433,7 @@ async fn send(events: &ChatSender, event: chat_event::Event) -> Result<(), Calle
 
 #[cfg(test)]
 mod tests {
-    use std::collections::VecDeque;
+    use std::collections::{HashMap, VecDeque};
 
     use kowalski_exo_common::proto::{
         BackendState, GenerateEvent, GenerateFinished, ModelCatalog, ModelOffer, Register,
@@ -403,13 +517,22 @@ mod tests {
         }
     }
 
-    /// A registry whose nodes each serve model `m` with a working backend.
+    /// A registry whose nodes each serve model `m` with a working backend that continues a
+    /// prefix.
     fn cluster(nodes: &[&str]) -> NodeRegistry {
         let registry = NodeRegistry::default();
         for node in nodes {
+            add_node(&registry, node, true);
+        }
+        registry
+    }
+
+    fn add_node(registry: &NodeRegistry, node: &str, continues_prefix: bool) {
+        {
             let offer = ModelOffer {
                 name: "m".into(),
                 state: BackendState::Ready as i32,
+                continues_prefix,
                 ..Default::default()
             };
             let registration = Register {
@@ -423,7 +546,6 @@ mod tests {
             };
             registry.register(registration, Instant::now());
         }
-        registry
     }
 
     fn chats(
@@ -469,7 +591,7 @@ mod tests {
     /// Events as short strings, to compare whole sequences.
     async fn trace(chats: &Chats, request: ChatRequest) -> Vec<String> {
         let (events, mut received) = mpsc::channel(64);
-        chats.answer(request, &events).await;
+        chats.answer(request, None, &events).await;
         drop(events);
         let mut seen = Vec::new();
         while let Some(Ok(event)) = received.recv().await {
@@ -479,12 +601,21 @@ mod tests {
                 }
                 chat_event::Event::Delta(d) => format!("delta {}", d.text),
                 chat_event::Event::Failover(f) => format!(
-                    "failover {} -> {} after {} tokens ({})",
-                    f.from_node, f.to_node, f.tokens_so_far, f.reason
+                    "failover {} -> {} after {} tokens ({}){}",
+                    f.from_node,
+                    f.to_node,
+                    f.tokens_so_far,
+                    f.reason,
+                    if f.regenerated { " regenerated" } else { "" }
                 ),
                 chat_event::Event::Finished(f) => format!(
-                    "finished {}{} {}+{} tokens {} failovers",
-                    f.finish_reason, f.error, f.prompt_tokens, f.completion_tokens, f.failovers
+                    "finished {}{} {}+{} tokens {} failovers{}",
+                    f.finish_reason,
+                    f.error,
+                    f.prompt_tokens,
+                    f.completion_tokens,
+                    f.failovers,
+                    if f.prefix_diverged { " diverged" } else { "" }
                 ),
             });
         }
@@ -597,5 +728,154 @@ mod tests {
             requests[0].0, requests[1].0,
             "the conversation changed node"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backend_that_cannot_continue_a_prefix_regenerates_and_the_sent_text_is_dropped() {
+        let registry = cluster(&["a"]);
+        add_node(&registry, "b", false);
+        let (chats, backends) = chats(
+            registry,
+            vec![
+                ("a", vec![Script::DieAfter(&["Hel", "lo"])]),
+                ("b", vec![Script::Answer(&["He", "llo, w", "orld"], "stop")]),
+            ],
+        );
+        assert_eq!(
+            trace(&chats, question(10)).await,
+            [
+                "answering a #1",
+                "delta Hel",
+                "delta lo",
+                "failover a -> b after 2 tokens (unavailable: the backend closed the stream) regenerated",
+                "answering b #2",
+                "delta , w",
+                "delta orld",
+                "finished stop 10+4 tokens 1 failovers",
+            ]
+        );
+        let requests = backends.requests.lock().unwrap();
+        let (first, again) = (&requests[0].1, &requests[1].1);
+        assert_eq!(again.messages, first.messages, "sent again as it was");
+        let options = again.options.as_ref().unwrap();
+        assert_eq!(
+            options.max_tokens, 10,
+            "the whole budget, for the whole answer"
+        );
+        assert!(options.seed.is_some(), "a seed so the answer repeats");
+        assert_eq!(options.seed, first.options.as_ref().unwrap().seed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_regenerated_answer_that_differs_from_the_text_sent_is_reported() {
+        let registry = cluster(&["a"]);
+        add_node(&registry, "b", false);
+        let (chats, _) = chats(
+            registry,
+            vec![
+                ("a", vec![Script::DieAfter(&["Hello"])]),
+                ("b", vec![Script::Answer(&["Howdy", " there"], "stop")]),
+            ],
+        );
+        let events = trace(&chats, question(0)).await;
+        assert_eq!(events[3..5], ["answering b #2", "delta  there"]);
+        assert!(events.last().unwrap().ends_with("diverged"), "{events:?}");
+    }
+
+    #[test]
+    fn a_replay_drops_exactly_the_text_sent_even_across_characters_split_by_deltas() {
+        let mut replay = Replay {
+            sent: "naïve c".into(),
+            covered: 0,
+        };
+        assert_eq!(replay.pass("na"), ("", false));
+        assert_eq!(replay.pass("ïve"), ("", false));
+        assert_eq!(replay.pass(" cat"), ("at", false));
+        assert_eq!(replay.pass("s"), ("s", false));
+        let mut diverging = Replay {
+            sent: "ab".into(),
+            covered: 0,
+        };
+        assert_eq!(diverging.pass("xyz"), ("z", true));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn answers_with_the_same_opening_stay_together_and_a_failed_answer_moves_nothing() {
+        let (chats, backends) = chats(
+            cluster(&["a", "b"]),
+            vec![
+                (
+                    "a",
+                    vec![
+                        Script::Answer(&["one"], "stop"),
+                        Script::Answer(&["two"], "stop"),
+                    ],
+                ),
+                ("b", vec![Script::DieAfter(&[])]),
+            ],
+        );
+        // First turn: a (by name, as both are idle). Second turn, same opening: a again.
+        trace(&chats, question(0)).await;
+        let mut follow_up = question(0);
+        follow_up.messages.extend([
+            ChatMessage {
+                role: "assistant".into(),
+                content: "one".into(),
+            },
+            ChatMessage {
+                role: "user".into(),
+                content: "Again.".into(),
+            },
+        ]);
+        trace(&chats, follow_up).await;
+        // A conversation remembered on b whose answer fails there is still remembered on b.
+        let other = ChatRequest {
+            conversation_id: "other".into(),
+            max_attempts: 1,
+            ..question(0)
+        };
+        let b = chats.registry().list(Instant::now())[1].id.clone();
+        chats
+            .conversations
+            .lock()
+            .unwrap()
+            .put("id:other".into(), b.clone());
+        trace(&chats, other).await;
+        let requests = backends.requests.lock().unwrap();
+        let nodes: Vec<&str> = requests.iter().map(|(a, _)| a.as_str()).collect();
+        assert_eq!(
+            nodes,
+            ["http://a:50052", "http://a:50052", "http://b:50052",]
+        );
+        let remembered = chats
+            .conversations
+            .lock()
+            .unwrap()
+            .peek("id:other")
+            .cloned();
+        assert_eq!(remembered, Some(b), "a failed answer records nothing new");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_past_the_callers_deadline_ends_with_an_error_after_its_text() {
+        let (chats, _) = chats(
+            cluster(&["a"]),
+            vec![("a", vec![Script::StallAfter(&["Hel"])])],
+        );
+        let (events, mut received) = mpsc::channel(64);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        chats.answer(question(0), Some(deadline), &events).await;
+        drop(events);
+        let mut last = None;
+        while let Some(Ok(event)) = received.recv().await {
+            last = event.event;
+        }
+        match last {
+            Some(chat_event::Event::Finished(f)) => {
+                assert!(f.error.contains("deadline"), "{}", f.error);
+                assert_eq!(f.completion_tokens, 1);
+            }
+            other => panic!("no finished event: {other:?}"),
+        }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use kowalski_exo_common::proto::{ClusterModel, ModelPlacement};
+use kowalski_exo_common::proto::{ClusterModel, ModelOffer, ModelPlacement};
 use tokio::time::Instant;
 
 use crate::registry::NodeRegistry;
@@ -19,7 +19,13 @@ pub fn list(registry: &NodeRegistry, now: Instant) -> Vec<ClusterModel> {
                 .push(ModelPlacement {
                     node_id: node.id.clone(),
                     node_name: node.registration.name.clone(),
-                    offer: Some(offer.clone()),
+                    offer: Some(ModelOffer {
+                        // Generations this coordinator placed count before a heartbeat tells.
+                        in_flight: offer
+                            .in_flight
+                            .max(node.generations.get(&offer.name).copied().unwrap_or(0)),
+                        ..offer.clone()
+                    }),
                 });
         }
     }

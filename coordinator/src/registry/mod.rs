@@ -32,6 +32,9 @@ struct Node {
     state: NodeState,
     /// Runs placed here and not finished.
     in_flight: u32,
+    /// Generations placed here and not finished, by model. Heartbeats report the node's own
+    /// count, up to a beat late; this one knows a placement the moment it is made.
+    generations: HashMap<String, u32>,
     /// Which registry stream is the current one (a reconnect opens a new one).
     stream: u64,
 }
@@ -46,6 +49,17 @@ pub struct NodeSnapshot {
     pub load: proto::NodeLoad,
     /// Runs placed there and not finished.
     pub in_flight: u32,
+    /// Generations placed there and not finished, by model.
+    pub generations: HashMap<String, u32>,
+}
+
+/// What a piece of work counts against its node while it runs.
+#[derive(Clone, Copy, Debug)]
+pub enum Load<'a> {
+    /// A code run: one of the node's run slots.
+    Run,
+    /// A generation of this model.
+    Generation(&'a str),
 }
 
 /// Every known node, shared by the registry streams, dispatch and the client API.
@@ -154,7 +168,8 @@ impl NodeRegistry {
             load: proto::NodeLoad::default(),
             observation,
             state: assess(&observation, now, &self.config),
-            in_flight: previous.map_or(0, |p| p.in_flight),
+            in_flight: previous.as_ref().map_or(0, |p| p.in_flight),
+            generations: previous.map(|p| p.generations).unwrap_or_default(),
             stream,
         };
         inner.nodes.insert(id.clone(), node);
@@ -203,6 +218,7 @@ impl NodeRegistry {
         let before = inner.nodes.len();
         inner.nodes.retain(|_, n| {
             let gone = n.in_flight == 0
+                && n.generations.is_empty()
                 && !n.observation.stream_open
                 && now.saturating_duration_since(n.observation.last_seen) >= FORGET_AFTER;
             if gone {
@@ -281,6 +297,7 @@ impl NodeRegistry {
                 registration: n.registration.clone(),
                 load: n.load,
                 in_flight: n.in_flight,
+                generations: n.generations.clone(),
             })
             .collect()
     }
@@ -309,23 +326,30 @@ impl NodeRegistry {
             .is_none_or(|n| in_flight_lost(&n.observation, now, &self.config))
     }
 
-    /// Counts a run placed on a node until the returned guard is dropped.
-    pub fn begin_run(&self, id: &str) -> InFlight {
-        let mut inner = self.lock();
-        if let Some(node) = inner.nodes.get_mut(id) {
-            node.in_flight += 1;
-        }
-        self.publish(&mut inner);
+    /// Counts work placed on a node until the returned guard is dropped.
+    pub fn begin(&self, id: &str, load: Load<'_>) -> InFlight {
+        self.count(id, load, true);
         InFlight {
             registry: self.clone(),
             id: id.to_string(),
+            model: match load {
+                Load::Run => None,
+                Load::Generation(model) => Some(model.to_string()),
+            },
         }
     }
 
-    fn end_run(&self, id: &str) {
+    fn count(&self, id: &str, load: Load<'_>, up: bool) {
+        let step = |n: &mut u32| *n = if up { *n + 1 } else { n.saturating_sub(1) };
         let mut inner = self.lock();
         if let Some(node) = inner.nodes.get_mut(id) {
-            node.in_flight = node.in_flight.saturating_sub(1);
+            match load {
+                Load::Run => step(&mut node.in_flight),
+                Load::Generation(model) => {
+                    step(node.generations.entry(model.to_string()).or_default());
+                    node.generations.retain(|_, n| *n > 0);
+                }
+            }
         }
         self.publish(&mut inner);
     }
@@ -351,15 +375,21 @@ impl NodeRegistry {
     }
 }
 
-/// A run counted against a node's in-flight total; dropping it ends the count on every path.
+/// Work counted against a node's in-flight totals; dropping it ends the count on every path.
 pub struct InFlight {
     registry: NodeRegistry,
     id: String,
+    /// The model of a generation; none for a run.
+    model: Option<String>,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.registry.end_run(&self.id);
+        let load = match &self.model {
+            None => Load::Run,
+            Some(model) => Load::Generation(model),
+        };
+        self.registry.count(&self.id, load, false);
     }
 }
 
@@ -483,7 +513,7 @@ mod tests {
         let registry = NodeRegistry::default();
         let (gone, gone_stream) = registry.register(register("gone", ""), Instant::now());
         let (busy, busy_stream) = registry.register(register("busy", ""), Instant::now());
-        let held = registry.begin_run(&busy);
+        let held = registry.begin(&busy, Load::Run);
         registry.stream_closed(&gone, gone_stream, Instant::now());
         registry.stream_closed(&busy, busy_stream, Instant::now());
         tokio::time::advance(FORGET_AFTER - Duration::from_secs(1)).await;
@@ -504,7 +534,7 @@ mod tests {
     async fn drain_and_in_flight_counts_show_in_the_snapshot() {
         let registry = NodeRegistry::default();
         let (id, _) = registry.register(register("box", ""), Instant::now());
-        let run = registry.begin_run(&id);
+        let run = registry.begin(&id, Load::Run);
         assert_eq!(registry.snapshot(Instant::now())[0].in_flight, 1);
         drop(run);
         assert_eq!(registry.snapshot(Instant::now())[0].in_flight, 0);

@@ -13,7 +13,7 @@ use tokio::{sync::watch, time::Instant};
 use tonic::{Code, Status};
 
 use super::placement::{Requirements, Unplaceable, candidates, place};
-use crate::registry::NodeRegistry;
+use crate::registry::{Load, NodeRegistry};
 
 /// Attempts unless the work says otherwise.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
@@ -80,10 +80,10 @@ pub trait Work: Send {
     /// Attempts before giving up; 0 takes [`DEFAULT_MAX_ATTEMPTS`].
     fn max_attempts(&self) -> u32;
 
-    /// Whether an attempt holds one of the node's run slots (code runs do; generations queue in
-    /// their backend instead).
-    fn takes_run_slot(&self) -> bool {
-        true
+    /// What an attempt counts against its node: a run slot, or a generation of a model (which
+    /// queues in its backend instead of waiting for a slot).
+    fn load(&self) -> Load<'_> {
+        Load::Run
     }
 
     /// Completes when the caller has gone away.
@@ -159,9 +159,7 @@ async fn attempts<W: Work>(
         let end = if attempt.address.is_empty() {
             AttemptEnd::Lost("the node left the cluster".into())
         } else {
-            let _in_flight = work
-                .takes_run_slot()
-                .then(|| registry.begin_run(&attempt.node_id));
+            let _in_flight = registry.begin(&attempt.node_id, work.load());
             watched_attempt(registry, work, &attempt).await
         };
         let reason = match end {

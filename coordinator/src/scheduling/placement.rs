@@ -17,8 +17,21 @@ use crate::registry::{NodeRegistry, NodeSnapshot, NodeState};
 pub struct Capabilities {
     /// Canonical names of the languages whose runtime is healthy on the node.
     pub languages: Vec<String>,
-    /// Models a working backend serves there, with the generations of each in flight.
-    pub models: Vec<(String, u32)>,
+    /// Models its backends serve, working or not, in the node's order.
+    pub models: Vec<ServedModel>,
+}
+
+/// A model one of a node's backends serves.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServedModel {
+    pub name: String,
+    /// Generations in flight: the node's last count or the coordinator's own, whichever is
+    /// higher (a heartbeat is up to a beat late).
+    pub in_flight: u32,
+    /// Why its backend is down; none while it works.
+    pub down: Option<String>,
+    /// The backend continues a trailing assistant message.
+    pub continues_prefix: bool,
 }
 
 impl Capabilities {
@@ -37,8 +50,14 @@ impl Capabilities {
                 .models
                 .iter()
                 .flat_map(|c| &c.models)
-                .filter(|m| m.state() == BackendState::Ready)
-                .map(|m| (m.name.clone(), m.in_flight))
+                .map(|m| ServedModel {
+                    name: m.name.clone(),
+                    in_flight: m
+                        .in_flight
+                        .max(node.generations.get(&m.name).copied().unwrap_or(0)),
+                    down: (m.state() != BackendState::Ready).then(|| m.reason.clone()),
+                    continues_prefix: m.continues_prefix,
+                })
                 .collect(),
         }
     }
@@ -47,17 +66,32 @@ impl Capabilities {
         self.languages.iter().any(|l| l == language.name())
     }
 
-    /// Generations of `model` in flight, if a working backend serves it here.
-    fn generations(&self, model: &str) -> Option<u32> {
+    /// The working backend's offer of `model` that the node would generate with (its first).
+    pub fn serving(&self, model: &str) -> Option<&ServedModel> {
         self.models
             .iter()
-            .filter(|(name, _)| name == model)
-            .map(|(_, in_flight)| *in_flight)
-            .min()
+            .find(|m| m.name == model && m.down.is_none())
     }
 
+    /// Why `model` cannot be generated with here although a backend lists it.
+    fn down_reason(&self, model: &str) -> Option<String> {
+        if self.serving(model).is_some() {
+            return None;
+        }
+        self.models
+            .iter()
+            .find(|m| m.name == model)
+            .and_then(|m| m.down.clone())
+    }
+
+    /// Names of the models a working backend serves.
     fn model_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.models.iter().map(|(name, _)| name.clone()).collect();
+        let mut names: Vec<String> = self
+            .models
+            .iter()
+            .filter(|m| m.down.is_none())
+            .map(|m| m.name.clone())
+            .collect();
         names.sort();
         names.dedup();
         names
@@ -131,6 +165,12 @@ pub enum Unplaceable {
     },
     /// The pinned node is not known.
     UnknownNode { node: String, known: Vec<String> },
+    /// Nodes list the model, but the backend serving it is down on each.
+    ModelDown {
+        model: String,
+        /// Each such node's name with why its backend is down.
+        down: Vec<(String, String)>,
+    },
     /// No node serves the model with a working backend.
     NoModel {
         model: String,
@@ -213,6 +253,17 @@ impl fmt::Display for Unplaceable {
                         offers.join("; ")
                     )
                 }
+            }
+            Unplaceable::ModelDown { model, down } => {
+                let down: Vec<String> = down
+                    .iter()
+                    .map(|(name, reason)| format!("{name}: {reason}"))
+                    .collect();
+                write!(
+                    f,
+                    "every backend serving the model '{model}' is down ({})",
+                    down.join("; ")
+                )
             }
             Unplaceable::UnknownNode { node, known } => write!(
                 f,
@@ -305,7 +356,17 @@ pub fn place<'c>(
             .iter()
             .map(|c| (c.name.clone(), c.capabilities.model_names()))
             .collect();
-        fitting.retain(|c| c.capabilities.generations(model).is_some());
+        let down: Vec<(String, String)> = fitting
+            .iter()
+            .filter_map(|c| Some((c.name.clone(), c.capabilities.down_reason(model)?)))
+            .collect();
+        fitting.retain(|c| c.capabilities.serving(model).is_some());
+        if fitting.is_empty() && !down.is_empty() {
+            return Err(Unplaceable::ModelDown {
+                model: model.to_string(),
+                down,
+            });
+        }
         if fitting.is_empty() {
             return Err(Unplaceable::NoModel {
                 model: model.to_string(),
@@ -351,13 +412,16 @@ pub fn place<'c>(
     }
     if let Some(model) = wanted.model {
         // Backends queue generations themselves: no slot to wait for, fewest in flight first.
+        // A conversation's node keeps it while no other is less busy: a warm prompt cache is not
+        // worth waiting behind another answer.
+        let generations = |c: &Candidate| c.capabilities.serving(model).map_or(0, |m| m.in_flight);
+        let least = fitting.iter().map(|c| generations(c)).min();
         if let Some(preferred) = fitting
             .iter()
-            .find(|c| Some(c.id.as_str()) == wanted.prefer)
+            .find(|c| Some(c.id.as_str()) == wanted.prefer && Some(generations(c)) == least)
         {
             return Ok(preferred);
         }
-        let generations = |c: &Candidate| c.capabilities.generations(model).unwrap_or(0);
         return fitting
             .into_iter()
             .min_by(|a, b| {
@@ -577,9 +641,90 @@ mod tests {
             },
             load: Default::default(),
             in_flight: 1,
+            generations: HashMap::new(),
         };
         let candidate = Candidate::from(snapshot);
         assert_eq!(candidate.capabilities.languages, ["python"]);
         assert_eq!((candidate.name.as_str(), candidate.in_flight), ("box", 1));
+    }
+
+    /// A node serving model `m` with `in_flight` generations, its backend down with `down`.
+    fn serving(name: &str, in_flight: u32, down: Option<&str>) -> Candidate {
+        let mut node = node(name, 0, 2, 0.0);
+        node.capabilities.models = vec![ServedModel {
+            name: "m".into(),
+            in_flight,
+            down: down.map(str::to_string),
+            continues_prefix: true,
+        }];
+        node
+    }
+
+    fn model_m<'a>(prefer: Option<&'a str>) -> Requirements<'a> {
+        Requirements {
+            model: Some("m"),
+            prefer,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_generation_goes_to_the_node_with_fewest_in_flight() {
+        let nodes = [serving("a", 2, None), serving("b", 1, None)];
+        assert_eq!(place(&nodes, &model_m(None)).unwrap().name, "b");
+    }
+
+    #[test]
+    fn a_conversation_keeps_its_node_only_while_no_other_is_less_busy() {
+        let idle = [serving("a", 0, None), serving("b", 0, None)];
+        assert_eq!(place(&idle, &model_m(Some("id-b"))).unwrap().name, "b");
+        let busy = [serving("a", 0, None), serving("b", 1, None)];
+        assert_eq!(place(&busy, &model_m(Some("id-b"))).unwrap().name, "a");
+    }
+
+    #[test]
+    fn a_model_whose_backends_are_down_is_unavailable_not_unknown() {
+        let nodes = [serving("a", 0, Some("connection refused"))];
+        let down = place(&nodes, &model_m(None)).unwrap_err();
+        assert_eq!(
+            down.to_string(),
+            "every backend serving the model 'm' is down (a: connection refused)"
+        );
+        assert!(!down.is_transient());
+        let unknown = Requirements {
+            model: Some("other"),
+            ..Default::default()
+        };
+        assert_eq!(
+            place(&nodes, &unknown).unwrap_err().to_string(),
+            "no node serves the model 'other': a serves none"
+        );
+    }
+
+    #[test]
+    fn generations_the_coordinator_placed_count_before_a_heartbeat_reports_them() {
+        use kowalski_exo_common::proto::{ModelCatalog, ModelOffer, Register};
+        let snapshot = |generations: u32| NodeSnapshot {
+            id: "id-box".into(),
+            state: NodeState::Ready,
+            registration: Register {
+                name: "box".into(),
+                models: Some(ModelCatalog {
+                    models: vec![ModelOffer {
+                        name: "m".into(),
+                        state: BackendState::Ready as i32,
+                        in_flight: 1,
+                        ..Default::default()
+                    }],
+                }),
+                ..Default::default()
+            },
+            load: Default::default(),
+            in_flight: 0,
+            generations: [("m".to_string(), generations)].into(),
+        };
+        let in_flight = |c: Candidate| c.capabilities.serving("m").unwrap().in_flight;
+        assert_eq!(in_flight(Candidate::from(snapshot(3))), 3);
+        assert_eq!(in_flight(Candidate::from(snapshot(0))), 1);
     }
 }

@@ -16,7 +16,7 @@ use tokio::sync::{OwnedRwLockReadGuard, RwLock, watch};
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::{Backend, BackendError};
+use super::{Backend, BackendError, DiscoveredModel};
 
 /// Seconds between polls of every backend, unless configured.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(30);
@@ -194,11 +194,12 @@ pub enum ModelUnavailable {
 /// answering keeps the models it last served, marked down, so they leave placement while the
 /// node stays.
 async fn offers_of(backend: &Backend, previous: &[ModelOffer]) -> Vec<ModelOffer> {
-    let offer = |name: String, context_window: Option<u32>| ModelOffer {
-        name,
+    let offer = |model: DiscoveredModel| ModelOffer {
+        name: model.name,
         backend: backend.kind() as i32,
         backend_url: backend.url().to_string(),
-        context_window: context_window.unwrap_or(0),
+        context_window: model.context_window.unwrap_or(0),
+        continues_prefix: model.continues_prefix,
         ..Default::default()
     };
     let models = match backend.models().await {
@@ -215,7 +216,7 @@ async fn offers_of(backend: &Backend, previous: &[ModelOffer]) -> Vec<ModelOffer
     models
         .into_iter()
         .map(|m| {
-            let mut offer = offer(m.name, m.context_window);
+            let mut offer = offer(m);
             match &verdict {
                 Ok(()) => offer.state = BackendState::Ready as i32,
                 Err(e) => {

@@ -29,6 +29,8 @@ pub struct DiscoveredModel {
     pub name: String,
     /// Tokens, where the backend tells it.
     pub context_window: Option<u32>,
+    /// The backend continues a trailing assistant message instead of answering it anew.
+    pub continues_prefix: bool,
 }
 
 /// Why a backend could not answer.

@@ -75,6 +75,8 @@ impl Ollama {
             models.push(DiscoveredModel {
                 context_window: self.context_window(&tag.name).await,
                 name: tag.name,
+                // Ollama renders a trailing assistant message as the start of the answer.
+                continues_prefix: true,
             });
         }
         Ok(models)
@@ -283,6 +285,7 @@ mod tests {
             [DiscoveredModel {
                 name: "llama3:8b".into(),
                 context_window: Some(8192),
+                continues_prefix: true,
             }]
         );
     }

@@ -1,5 +1,9 @@
 //! An OpenAI-compatible server: `GET {base}/models` and `POST {base}/chat/completions` with
-//! server-sent events, parsed by `eventsource-stream`.
+//! server-sent events, parsed by `eventsource-stream`. Which server it is (from the models'
+//! `owned_by`) decides how a trailing assistant message is treated: llama.cpp's server continues
+//! it, vLLM does when asked to, others (llama-cpp-python, LM Studio) answer it as a new turn.
+
+use std::sync::{Arc, RwLock};
 
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
@@ -18,6 +22,34 @@ use super::{
 pub struct OpenAi {
     base: String,
     client: reqwest::Client,
+    /// The server behind the API, as its model list last said.
+    server: Arc<RwLock<Server>>,
+}
+
+/// The OpenAI-compatible servers whose handling of a trailing assistant message is known.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+enum Server {
+    /// llama.cpp's own server: continues a trailing assistant message.
+    LlamaCpp,
+    /// vLLM: continues it with `continue_final_message`.
+    Vllm,
+    /// Anything else: a trailing assistant message may be answered as a new turn.
+    #[default]
+    Other,
+}
+
+impl Server {
+    fn of(owned_by: Option<&str>) -> Self {
+        match owned_by {
+            Some("llamacpp") => Server::LlamaCpp,
+            Some("vllm") => Server::Vllm,
+            _ => Server::Other,
+        }
+    }
+
+    fn continues_prefix(self) -> bool {
+        self != Server::Other
+    }
 }
 
 #[derive(Deserialize)]
@@ -33,6 +65,7 @@ struct ModelEntry {
     context_length: Option<u32>,
     /// llama.cpp's server reports the training context here.
     meta: Option<Value>,
+    owned_by: Option<String>,
 }
 
 /// One streamed chunk of a chat completion.
@@ -68,6 +101,7 @@ impl OpenAi {
         OpenAi {
             base: base.trim_end_matches('/').to_string(),
             client,
+            server: Arc::default(),
         }
     }
 
@@ -83,6 +117,8 @@ impl OpenAi {
             "the model list is not what the OpenAI API sends",
         )
         .await?;
+        let server = Server::of(list.data.first().and_then(|m| m.owned_by.as_deref()));
+        *self.server.write().expect("server lock poisoned") = server;
         Ok(list
             .data
             .into_iter()
@@ -95,6 +131,7 @@ impl OpenAi {
                         .map(|n| n as u32)
                 }),
                 name: m.id,
+                continues_prefix: server.continues_prefix(),
             })
             .collect())
     }
@@ -103,10 +140,11 @@ impl OpenAi {
         &self,
         request: &GenerateRequest,
     ) -> Result<GenerationStream, BackendError> {
+        let server = *self.server.read().expect("server lock poisoned");
         let response = self
             .client
             .post(format!("{}/chat/completions", self.base))
-            .json(&body(request))
+            .json(&body(request, server))
             .send()
             .await
             .map_err(|e| unreachable(&self.base, e))?;
@@ -173,7 +211,7 @@ impl OpenAi {
 }
 
 /// The request body: the conversation, streaming with usage, and the sampling options set.
-fn body(request: &GenerateRequest) -> Value {
+fn body(request: &GenerateRequest, server: Server) -> Value {
     let messages: Vec<Value> = request
         .messages
         .iter()
@@ -185,6 +223,14 @@ fn body(request: &GenerateRequest) -> Value {
         "stream": true,
         "stream_options": {"include_usage": true},
     });
+    let ends_with_answer = request
+        .messages
+        .last()
+        .is_some_and(|m| m.role == "assistant");
+    if server == Server::Vllm && ends_with_answer {
+        body["continue_final_message"] = json!(true);
+        body["add_generation_prompt"] = json!(false);
+    }
     if let Some(options) = &request.options {
         if let Some(t) = options.temperature {
             body["temperature"] = json!(t);
@@ -247,7 +293,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            body(&request),
+            body(&request, Server::Other),
             json!({
                 "model": "tiny",
                 "messages": [{"role": "user", "content": "hi"}],
@@ -257,5 +303,37 @@ mod tests {
                 "max_tokens": 8,
             })
         );
+    }
+
+    #[test]
+    fn vllm_is_asked_to_continue_a_trailing_assistant_message_and_no_other_server_is() {
+        let request = GenerateRequest {
+            model: "m".into(),
+            messages: vec![
+                ChatMessage {
+                    role: "user".into(),
+                    content: "Count.".into(),
+                },
+                ChatMessage {
+                    role: "assistant".into(),
+                    content: "1, 2,".into(),
+                },
+            ],
+            ..Default::default()
+        };
+        let vllm = body(&request, Server::Vllm);
+        assert_eq!(vllm["continue_final_message"], json!(true));
+        assert_eq!(vllm["add_generation_prompt"], json!(false));
+        for server in [Server::LlamaCpp, Server::Other] {
+            assert!(
+                body(&request, server)
+                    .get("continue_final_message")
+                    .is_none()
+            );
+        }
+        assert!(Server::of(Some("llamacpp")).continues_prefix());
+        assert!(Server::of(Some("vllm")).continues_prefix());
+        assert!(!Server::of(Some("me")).continues_prefix());
+        assert!(!Server::of(None).continues_prefix());
     }
 }
