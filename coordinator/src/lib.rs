@@ -7,9 +7,11 @@
 //! - [`inference`]: the cluster's models, and chat answers that survive a node dying mid-answer.
 //! - [`codeblocks`]: fenced code blocks out of LLM output.
 //! - [`service`]: what clients can ask of the cluster, whatever the transport.
-//! - [`http`]: the HTTP API (health, OpenAI-compatible chat over the cluster's models).
+//! - [`http`]: the HTTP API (health, metrics, OpenAI-, Ollama- and Anthropic-compatible chat
+//!   over the cluster's models).
 //! - [`api`]: the gRPC surfaces: AgentRegistry for agents, Coordinator for clients.
 //! - [`json_events`]: the JSON shape of cluster events, for the CLI and the HTTP API.
+//! - [`cluster_metrics`]: Prometheus metrics of runs, answers and nodes, for `GET /metrics`.
 //! - [`error`]: the coordinator's refusals, mapped to gRPC status in one place.
 //! - [`server`]: everything assembled, optionally with an in-process node agent.
 //! - [`cli`]: the client subcommands: connecting (or a local cluster), requests from flags,
@@ -17,6 +19,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod cluster_metrics;
 pub mod codeblocks;
 pub mod error;
 pub mod http;

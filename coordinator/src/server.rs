@@ -16,7 +16,7 @@ use tonic::server::NamedService;
 
 use crate::{
     api::{client_service::ClientService, registry_service::RegistryService},
-    http,
+    cluster_metrics, http,
     inference::Chats,
     registry::NodeRegistry,
     scheduling::dispatch::Dispatcher,
@@ -93,6 +93,8 @@ pub async fn start(
     http: Option<&str>,
     local_agent: Option<AgentConfig>,
 ) -> Result<RunningCoordinator, StartError> {
+    // Counted from the start, whether or not anyone scrapes them.
+    cluster_metrics::install();
     let registry = NodeRegistry::default();
     registry.spawn_liveness_ticker();
     let shutdown = CancellationToken::new();

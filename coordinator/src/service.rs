@@ -87,6 +87,11 @@ impl ClusterService {
         self.dispatcher.registry()
     }
 
+    /// The cluster's metrics in Prometheus's text format.
+    pub fn metrics(&self) -> String {
+        crate::cluster_metrics::render(self.registry())
+    }
+
     /// Every node the coordinator knows, with its state and load.
     pub fn list_nodes(&self) -> Vec<NodeInfo> {
         self.registry().list(Instant::now())

@@ -210,6 +210,25 @@ impl Cluster {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// `http://ADDR` of the coordinator's HTTP API.
+    pub fn http_url(&self) -> String {
+        format!(
+            "http://{}",
+            self.coordinator.logged_addr("http api listening")
+        )
+    }
+
+    /// The coordinator's `/metrics`, as Prometheus would scrape it.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.http_url()))
+            .await
+            .and_then(|r| r.error_for_status())
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("the metrics body")
+    }
+
     pub async fn client(&self) -> CoordinatorClient<Channel> {
         CoordinatorClient::connect(self.url())
             .await

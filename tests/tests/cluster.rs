@@ -145,6 +145,21 @@ async fn a_killed_agents_task_finishes_on_another_with_the_first_attempt_marked(
     assert_eq!(finished.node_name, placed[1].0);
     assert_eq!(finished.result.as_ref().unwrap().status(), ExecStatus::Ok);
     cluster.wait_for_state(&first_node, "down").await;
+
+    let metrics = cluster.metrics().await;
+    for series in [
+        "kowalski_nodes{state=\"ready\"} 2",
+        "kowalski_nodes{state=\"down\"} 1",
+        "kowalski_run_retries_total 1",
+        "kowalski_runs_total{status=\"ok\"} 1",
+        "kowalski_exec_seconds_count 1",
+        "kowalski_runs_in_flight 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == series),
+            "no {series} in\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -444,6 +444,59 @@ async fn the_openai_api_answers_streaming_and_not() {
             .unwrap()
             .contains("'nope'")
     );
+
+    // curl, streaming, as the README shows it.
+    let curl = std::process::Command::new("curl")
+        .args(["-sS", "-N", &format!("{base}/v1/chat/completions")])
+        .args(["-H", "content-type: application/json", "-d"])
+        .arg(ask(true).to_string())
+        .output()
+        .expect("curl runs");
+    let (code, out, err) = outcome(curl);
+    assert_eq!(code, Some(0), "{err}");
+    let curled: String = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(curled, text, "{out}");
+    assert!(out.trim_end().ends_with("data: [DONE]"), "{out}");
+
+    // What the answers above left in the metrics.
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+    };
+    assert_eq!(value("kowalski_nodes{state=\"ready\"}"), 1.0);
+    assert_eq!(
+        value("kowalski_tokens_generated_total{model=\"tiny\"}"),
+        15.0
+    );
+    assert_eq!(
+        value("kowalski_chat_answers_total{model=\"tiny\",outcome=\"finished\"}"),
+        3.0
+    );
+    assert_eq!(
+        value("kowalski_time_to_first_token_seconds_count{model=\"tiny\"}"),
+        3.0
+    );
+    assert_eq!(value("kowalski_generations_in_flight{model=\"tiny\"}"), 0.0);
 }
 
 /// What the real Python clients do against the coordinator's HTTP API.

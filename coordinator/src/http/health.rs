@@ -1,14 +1,23 @@
-//! `GET /healthz`: 200 when at least one node is ready, 503 otherwise, with the count by state.
+//! `GET /healthz`: 200 when at least one node is ready, 503 otherwise, with the count by state;
+//! `GET /metrics`: the cluster's metrics for Prometheus to scrape.
 
 use std::collections::BTreeMap;
 
-use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
 use serde_json::{Value, json};
 
 use crate::service::ClusterService;
 
 pub fn routes() -> Router<ClusterService> {
-    Router::new().route("/healthz", get(healthz))
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
 }
 
 async fn healthz(State(cluster): State<ClusterService>) -> (StatusCode, Json<Value>) {
@@ -25,5 +34,12 @@ async fn healthz(State(cluster): State<ClusterService>) -> (StatusCode, Json<Val
     (
         status,
         Json(json!({"status": if ready { "ready" } else { "no ready node" }, "nodes": states})),
+    )
+}
+
+async fn metrics(State(cluster): State<ClusterService>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        cluster.metrics(),
     )
 }

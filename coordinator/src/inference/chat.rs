@@ -19,11 +19,13 @@ use kowalski_exo_common::proto::{
     GenerateRequest, chat_event, generate_event,
 };
 use lru::LruCache;
+use metrics::{counter, histogram};
 use tokio::{sync::mpsc, time::Instant};
 use tokio_stream::StreamExt;
 use tonic::{Code, Status};
 
 use crate::{
+    cluster_metrics::{ANSWERS, FAILOVERS, TIME_TO_FIRST_TOKEN, TOKENS},
     registry::{Load, NodeRegistry},
     scheduling::{
         agents::{AgentConnector, GrpcAgents},
@@ -109,6 +111,8 @@ impl Chats {
             replay: None,
             failovers: 0,
             diverged: false,
+            asked_at: Instant::now(),
+            first_token: false,
         };
         let run = failover::run(&self.registry, &mut answer);
         let (outcome, last) = match deadline {
@@ -121,6 +125,15 @@ impl Chats {
                 ),
             },
         };
+        let model = answer.request.model.clone();
+        counter!(TOKENS, "model" => model.clone()).increment(answer.usage.1.into());
+        let ended = match &outcome {
+            Outcome::Finished(_) => "finished",
+            Outcome::Failed(_) => "failed",
+            Outcome::Rejected(_) => "rejected",
+            Outcome::Cancelled => "cancelled",
+        };
+        counter!(ANSWERS, "model" => model, "outcome" => ended).increment(1);
         let finished = match outcome {
             Outcome::Finished(reason) => {
                 if let Some(last) = last {
@@ -200,6 +213,9 @@ struct Answer<'a> {
     failovers: u32,
     /// A regenerated answer did not repeat the text already sent.
     diverged: bool,
+    asked_at: Instant,
+    /// Whether the caller has had text yet.
+    first_token: bool,
 }
 
 /// A regenerated answer's text, matched against what the caller already has and dropped up to
@@ -312,6 +328,7 @@ impl Work for Answer<'_> {
             });
         if let Some((lost, reason)) = self.lost.take() {
             self.failovers += 1;
+            counter!(FAILOVERS, "model" => self.request.model.clone()).increment(1);
             send(
                 self.events,
                 chat_event::Event::Failover(Failover {
@@ -385,6 +402,11 @@ impl Work for Answer<'_> {
                         .await;
                         if sent.is_err() {
                             return AttemptEnd::Cancelled;
+                        }
+                        if !self.first_token {
+                            self.first_token = true;
+                            histogram!(TIME_TO_FIRST_TOKEN, "model" => self.request.model.clone())
+                                .record(self.asked_at.elapsed().as_secs_f64());
                         }
                         // Only text the caller has is the answer so far.
                         self.text.push_str(text);

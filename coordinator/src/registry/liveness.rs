@@ -55,6 +55,13 @@ pub enum NodeState {
 }
 
 impl NodeState {
+    pub const ALL: [NodeState; 4] = [
+        NodeState::Ready,
+        NodeState::Suspect,
+        NodeState::Draining,
+        NodeState::Down,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             NodeState::Ready => "ready",

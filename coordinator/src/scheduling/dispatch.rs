@@ -12,6 +12,7 @@ use kowalski_exo_common::{
         cluster_event::Event, exec_event,
     },
 };
+use metrics::{counter, histogram};
 use tokio::{sync::mpsc, time::Instant};
 use tokio_stream::StreamExt;
 use tonic::{Code, Status};
@@ -21,7 +22,10 @@ use super::{
     failover::{self, Attempt, AttemptEnd, CallerGone, Departure, Work, loss_reason},
     placement::{Requirements, Unplaceable, candidates, place},
 };
-use crate::registry::{NodeRegistry, NodeState};
+use crate::{
+    cluster_metrics,
+    registry::{NodeRegistry, NodeState},
+};
 
 pub use super::failover::DEFAULT_MAX_ATTEMPTS;
 
@@ -141,8 +145,19 @@ impl Dispatcher {
             error,
         };
         let finished = match &outcome {
-            Outcome::Finished(result) => finished(Some(result.clone()), String::new()),
-            Outcome::Failed(error) => finished(None, error.clone()),
+            Outcome::Finished(result) => {
+                let status = result.status().as_str_name();
+                let status = status
+                    .trim_start_matches("EXEC_STATUS_")
+                    .to_ascii_lowercase();
+                counter!(cluster_metrics::RUNS, "status" => status).increment(1);
+                histogram!(cluster_metrics::EXEC_SECONDS).record(result.wall_micros as f64 / 1e6);
+                finished(Some(result.clone()), String::new())
+            }
+            Outcome::Failed(error) => {
+                counter!(cluster_metrics::RUNS, "status" => "failed").increment(1);
+                finished(None, error.clone())
+            }
             Outcome::Rejected(_) | Outcome::Cancelled => return outcome,
         };
         let _ = send(events, spec.block, Event::Finished(finished)).await;
@@ -242,6 +257,7 @@ impl Work for CodeRun<'_> {
     }
 
     async fn retrying(&mut self, lost: &Attempt, reason: &str) -> Result<(), CallerGone> {
+        counter!(cluster_metrics::RUN_RETRIES).increment(1);
         self.send(Event::Retrying(Retrying {
             attempt: lost.number,
             node_id: lost.node_id.clone(),
