@@ -240,6 +240,22 @@ async fn a_chat_through_the_coordinator_survives_its_agent_being_killed_mid_answ
     assert_eq!(kinds.last(), Some(&"finished"));
     assert_eq!(kinds.iter().filter(|k| **k == "delta").count(), 8);
 
+    // Two answers at once go to different nodes: the coordinator counts the first before any
+    // heartbeat could.
+    let (mut first, mut second) = (client.clone(), client.clone());
+    let (first, second) = tokio::join!(first.chat(chat_request(40)), second.chat(chat_request(40)));
+    let mut answering = Vec::new();
+    for stream in [first, second] {
+        let mut stream = stream.unwrap().into_inner();
+        while let Some(event) = stream.message().await.unwrap() {
+            if let chat_event::Event::Answering(a) = event.event.unwrap() {
+                answering.push(a.node_name);
+            }
+        }
+    }
+    assert_eq!(answering.len(), 2);
+    assert_ne!(answering[0], answering[1], "both answers went to one node");
+
     // A long answer whose agent is SIGKILLed after its first text goes on elsewhere. It samples
     // (no temperature 0, no seed of the caller's): llama-cpp-python answers a trailing assistant
     // message as a new turn, so the other node generates the answer again, and only the seed the
