@@ -1,7 +1,7 @@
 //! The `coordinator` binary: argument parsing, and dispatch to the server (`serve`) or to the
 //! client subcommands in [`kowalski_exo_coordinator::cli`].
 
-use std::{io::IsTerminal, path::PathBuf, process::ExitCode};
+use std::{io::IsTerminal, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use kowalski_exo_common::{
@@ -22,7 +22,8 @@ use kowalski_exo_coordinator::{
         inference, nodes, plan,
         request::{check_markdown, limits, parse_size, parse_timeout, program_stdin, read_text},
     },
-    server,
+    inference::chat::DEFAULT_STALL_TIMEOUT,
+    server::{self, CoordinatorConfig},
 };
 use tonic::{Streaming, transport::Channel};
 
@@ -48,6 +49,10 @@ enum Command {
         /// Also run a node agent in this process: a whole single-device cluster.
         #[arg(long)]
         local_agent: bool,
+        /// Seconds without a token after which a chat answer moves to another node (0: the
+        /// default).
+        #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_timeout)]
+        stall_timeout: u32,
     },
     /// List the nodes of the cluster.
     Nodes {
@@ -207,9 +212,19 @@ async fn main() -> ExitCode {
             listen,
             http,
             local_agent,
+            stall_timeout,
         } => {
             telemetry::init();
-            (serve(&listen, http, local_agent).await, false)
+            let config = CoordinatorConfig {
+                http: server::http_address(&listen, http.as_deref()),
+                local_agent: local_agent.then(local_agent_config),
+                stall_timeout: match stall_timeout {
+                    0 => DEFAULT_STALL_TIMEOUT,
+                    ms => Duration::from_millis(ms.into()),
+                },
+                ..CoordinatorConfig::new(&listen)
+            };
+            (serve(config).await, false)
         }
         Command::Nodes { client } => (
             with_client(&client.addr, client.local, |c, addr| async move {
@@ -293,12 +308,10 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn serve(listen: &str, http: Option<String>, local_agent: bool) -> Result<u8, Failure> {
+async fn serve(config: CoordinatorConfig) -> Result<u8, Failure> {
     let signals = ShutdownSignals::listen()
         .map_err(|e| Failure::infrastructure(format!("cannot catch SIGTERM and SIGINT: {e}")))?;
-    let agent = local_agent.then(local_agent_config);
-    let http = server::http_address(listen, http.as_deref());
-    let running = server::start(listen, http.as_deref(), agent)
+    let running = server::start(config)
         .await
         .map_err(|e| {
             let status = match &e {

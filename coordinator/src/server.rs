@@ -17,7 +17,7 @@ use tonic::server::NamedService;
 use crate::{
     api::{client_service::ClientService, registry_service::RegistryService},
     cluster_metrics, http,
-    inference::Chats,
+    inference::{Chats, chat::DEFAULT_STALL_TIMEOUT},
     registry::NodeRegistry,
     scheduling::dispatch::Dispatcher,
     service::ClusterService,
@@ -86,26 +86,51 @@ pub fn http_address(listen: &str, http: Option<&str>) -> Option<String> {
     }
 }
 
-/// Binds `listen` (and `http`, for the HTTP API) and serves until the returned handle is
-/// stopped. With `local_agent`, an in-process node agent joins it.
-pub async fn start(
-    listen: &str,
-    http: Option<&str>,
-    local_agent: Option<AgentConfig>,
-) -> Result<RunningCoordinator, StartError> {
+/// What a coordinator serves, and how.
+pub struct CoordinatorConfig {
+    /// The gRPC address.
+    pub listen: String,
+    /// The HTTP API's address; none: no HTTP API.
+    pub http: Option<String>,
+    /// A node agent to run in this process.
+    pub local_agent: Option<AgentConfig>,
+    /// A chat answer whose node sends no token for this long moves to another node.
+    pub stall_timeout: Duration,
+}
+
+impl CoordinatorConfig {
+    /// A coordinator on `listen` with the defaults: no HTTP API, no local agent.
+    pub fn new(listen: &str) -> Self {
+        CoordinatorConfig {
+            listen: listen.to_string(),
+            http: None,
+            local_agent: None,
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
+        }
+    }
+}
+
+/// Binds its addresses and serves until the returned handle is stopped.
+pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, StartError> {
+    let CoordinatorConfig {
+        listen,
+        http,
+        local_agent,
+        stall_timeout,
+    } = config;
     // Counted from the start, whether or not anyone scrapes them.
     cluster_metrics::install();
     let registry = NodeRegistry::default();
     registry.spawn_liveness_ticker();
     let shutdown = CancellationToken::new();
-    let (listener, addr) = transport::bind(listen).await?;
-    let http_listener = match http {
+    let (listener, addr) = transport::bind(&listen).await?;
+    let http_listener = match &http {
         Some(http) => Some(transport::bind(http).await?),
         None => None,
     };
     let cluster = ClusterService::new(
         Dispatcher::new(registry.clone()),
-        Chats::new(registry.clone()),
+        Chats::new(registry.clone(), stall_timeout),
     );
     let mut server = ServerBase::new(&[
         AgentRegistryServer::<RegistryService>::NAME,

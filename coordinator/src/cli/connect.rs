@@ -12,7 +12,7 @@ use kowalski_exo_node_agent::AgentConfig;
 use tonic::transport::Channel;
 
 use super::Failure;
-use crate::server::{self, RunningCoordinator};
+use crate::server::{self, CoordinatorConfig, RunningCoordinator};
 
 /// How long `--local` waits for its agent to join.
 const LOCAL_JOIN_TIMEOUT: Duration = Duration::from_secs(20);
@@ -60,11 +60,11 @@ async fn start_local() -> Result<RunningCoordinator, Failure> {
     if std::env::var_os("RUST_LOG").is_some() {
         telemetry::init();
     }
-    let cluster = server::start(
-        "127.0.0.1:0",
-        Some("127.0.0.1:0"),
-        Some(local_agent_config()),
-    )
+    let cluster = server::start(CoordinatorConfig {
+        http: Some("127.0.0.1:0".into()),
+        local_agent: Some(local_agent_config()),
+        ..CoordinatorConfig::new("127.0.0.1:0")
+    })
     .await
     .map_err(|e| {
         Failure::infrastructure(format!(

@@ -53,13 +53,10 @@ pub struct Chats {
 }
 
 impl Chats {
-    /// Chats that reach agents over gRPC.
-    pub fn new(registry: NodeRegistry) -> Self {
-        Self::with_agents(
-            registry,
-            Arc::new(GrpcAgents::default()),
-            DEFAULT_STALL_TIMEOUT,
-        )
+    /// Chats that reach agents over gRPC; a node silent for `stall_timeout` mid-answer loses
+    /// the answer.
+    pub fn new(registry: NodeRegistry, stall_timeout: Duration) -> Self {
+        Self::with_agents(registry, Arc::new(GrpcAgents::default()), stall_timeout)
     }
 
     pub fn with_agents(
