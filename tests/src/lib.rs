@@ -4,6 +4,14 @@
 //! The binaries come from the same cargo target directory as the test. Cargo builds a package's
 //! binaries when its integration tests are selected, and both `node-agent` and `coordinator`
 //! have some, so `cargo test --workspace` builds both before any test runs.
+//!
+//! LLM backends for inference tests: [`LlamaServer`] runs llama.cpp's real server with a tiny
+//! model, and [`ScriptedBackend`] is an OpenAI-compatible server whose answers and failures a
+//! test chooses in advance.
+
+mod scripted_backend;
+
+pub use scripted_backend::{ScriptedBackend, Step};
 
 use std::{
     io::{BufRead, BufReader},
