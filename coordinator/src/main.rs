@@ -311,15 +311,13 @@ async fn main() -> ExitCode {
 async fn serve(config: CoordinatorConfig) -> Result<u8, Failure> {
     let signals = ShutdownSignals::listen()
         .map_err(|e| Failure::infrastructure(format!("cannot catch SIGTERM and SIGINT: {e}")))?;
-    let running = server::start(config)
-        .await
-        .map_err(|e| {
-            let status = match &e {
-                server::StartError::Serve(serve) => serve.exit_status(),
-                _ => kowalski_exo_common::exit::INFRASTRUCTURE,
-            };
-            Failure::new(status, error_chain(&e))
-        })?;
+    let running = server::start(config).await.map_err(|e| {
+        let status = match &e {
+            server::StartError::Serve(serve) => serve.exit_status(),
+            _ => kowalski_exo_common::exit::INFRASTRUCTURE,
+        };
+        Failure::new(status, error_chain(&e))
+    })?;
     let shutdown = running.shutdown_token();
     tokio::spawn(async move {
         signals.received().await;

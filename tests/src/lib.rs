@@ -7,10 +7,12 @@
 //!
 //! LLM backends for inference tests: [`LlamaServer`] runs llama.cpp's real server with a tiny
 //! model, and [`ScriptedBackend`] is an OpenAI-compatible server whose answers and failures a
-//! test chooses in advance.
+//! test chooses in advance; [`InferenceCluster`] puts a coordinator and agents in front of them.
 
+mod inference_cluster;
 mod scripted_backend;
 
+pub use inference_cluster::InferenceCluster;
 pub use scripted_backend::{ScriptedBackend, Step};
 
 use std::{

@@ -96,6 +96,8 @@ pub struct ScriptedBackend {
 struct Shared {
     /// The models `GET /v1/models` lists and chat requests may name.
     models: Vec<String>,
+    /// The server they are listed as owned by.
+    owned_by: String,
     /// Steps for the next chat requests, in order.
     queue: Mutex<VecDeque<Step>>,
     /// The step for a request when the queue is empty, and for every health probe.
@@ -108,13 +110,21 @@ struct Shared {
 
 impl ScriptedBackend {
     /// Starts a server on `127.0.0.1` with an OS-chosen port, serving `models`. It runs on a
-    /// thread of its own, so it neither needs nor disturbs the caller's runtime.
+    /// thread of its own, so it neither needs nor disturbs the caller's runtime. Its models are
+    /// `owned_by` "scripted": an agent takes it for a server that cannot continue a prefix.
     pub fn start(models: &[&str]) -> ScriptedBackend {
+        Self::start_as(models, "scripted")
+    }
+
+    /// The same, with the models `owned_by` this server name (e.g. "llamacpp": an agent then
+    /// takes it for llama.cpp's server, which continues a trailing assistant message).
+    pub fn start_as(models: &[&str], owned_by: &str) -> ScriptedBackend {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
         let addr = listener.local_addr().expect("bound address");
         listener.set_nonblocking(true).expect("non-blocking socket");
         let shared = Arc::new(Shared {
             models: models.iter().map(|m| m.to_string()).collect(),
+            owned_by: owned_by.to_string(),
             queue: Mutex::default(),
             default: Mutex::new(default_step()),
             requests: Mutex::default(),
@@ -196,7 +206,7 @@ async fn list_models(State(shared): State<Arc<Shared>>) -> Json<Value> {
     let data: Vec<Value> = shared
         .models
         .iter()
-        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "scripted"}))
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": shared.owned_by}))
         .collect();
     Json(json!({"object": "list", "data": data}))
 }

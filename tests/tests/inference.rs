@@ -4,13 +4,13 @@
 use std::time::Duration;
 
 use kowalski_exo_common::proto::{
-    BackendKind, BackendState, ChatMessage, ChatRequest, GenerateRequest, ListModelsRequest,
-    ModelOffer, SamplingOptions, chat_event, coordinator_client::CoordinatorClient,
-    generate_event::Event, node_agent_client::NodeAgentClient,
+    BackendKind, BackendState, ChatMessage, ChatRequest, GenerateRequest, ModelOffer,
+    SamplingOptions, chat_event, generate_event::Event, node_agent_client::NodeAgentClient,
 };
-use kowalski_exo_tests::{CEILING, Daemon, LlamaServer, binary, describe, outcome};
+use kowalski_exo_tests::{
+    CEILING, Daemon, InferenceCluster, LlamaServer, binary, describe, outcome,
+};
 use nix::sys::signal::Signal;
-use tonic::transport::Channel;
 
 /// A real llama.cpp server, or None after saying why the test skips.
 fn llama_server() -> Option<LlamaServer> {
@@ -131,71 +131,6 @@ async fn an_agent_streams_a_real_backends_answer_and_reports_its_state() {
     assert!(down.message().contains("is down"), "{}", down.message());
 }
 
-/// Agents named `agent-0`, `agent-1`, ..., each fronting its own backend, joined to a fresh
-/// coordinator.
-fn cluster_for(api_bases: &[&str], work: &std::path::Path) -> (Daemon, Vec<Daemon>) {
-    let coordinator = Daemon::start(
-        "coordinator",
-        &["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"],
-        &[],
-        "coordinator listening",
-    );
-    let url = coordinator.url();
-    let agents = api_bases
-        .iter()
-        .enumerate()
-        .map(|(i, api_base)| {
-            let name = format!("agent-{i}");
-            let dir = work.join(&name);
-            Daemon::start(
-                "node-agent",
-                &[
-                    "--coordinator",
-                    &url,
-                    "--name",
-                    &name,
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--work-dir",
-                    dir.to_str().unwrap(),
-                    "--openai",
-                    api_base,
-                    "--model-poll-interval",
-                    "1",
-                ],
-                &[],
-                "node agent listening",
-            )
-        })
-        .collect();
-    (coordinator, agents)
-}
-
-/// Waits until `count` nodes serve the model, as the coordinator lists it.
-async fn served_by(client: &mut CoordinatorClient<Channel>, count: usize) -> Vec<String> {
-    let start = std::time::Instant::now();
-    loop {
-        let models = client
-            .list_models(ListModelsRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .models;
-        let nodes: Vec<String> = models
-            .iter()
-            .filter(|m| m.name == LlamaServer::MODEL)
-            .flat_map(|m| &m.served_by)
-            .filter(|p| p.offer.as_ref().unwrap().state() == BackendState::Ready)
-            .map(|p| p.node_name.clone())
-            .collect();
-        if nodes.len() == count {
-            return nodes;
-        }
-        assert!(start.elapsed() < CEILING, "served by {nodes:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn chat_request(max_tokens: u32) -> ChatRequest {
     let generate = request(LlamaServer::MODEL, max_tokens);
     ChatRequest {
@@ -213,11 +148,10 @@ async fn a_chat_through_the_coordinator_survives_its_agent_being_killed_mid_answ
         return;
     };
     let backends = [a, b];
-    let dir = tempfile::tempdir().unwrap();
     let api_bases: Vec<&str> = backends.iter().map(|b| b.api_base.as_str()).collect();
-    let (coordinator, agents) = cluster_for(&api_bases, dir.path());
-    let mut client = CoordinatorClient::connect(coordinator.url()).await.unwrap();
-    served_by(&mut client, 2).await;
+    let cluster = InferenceCluster::start(&api_bases, &[], 1);
+    let mut client = cluster.client().await;
+    cluster.served_by(LlamaServer::MODEL, 2).await;
 
     // Streaming in order through coordinator, agent and backend.
     let mut stream = client.chat(chat_request(8)).await.unwrap().into_inner();
@@ -274,7 +208,7 @@ async fn a_chat_through_the_coordinator_survives_its_agent_being_killed_mid_answ
                 let index: usize = a.node_name.strip_prefix("agent-").unwrap().parse().unwrap();
                 // Killed once its first tokens are on their way.
                 tokio::time::sleep(Duration::from_millis(30)).await;
-                agents[index].signal(Signal::SIGKILL);
+                cluster.agents[index].signal(Signal::SIGKILL);
             }
             chat_event::Event::Answering(_) => {}
             chat_event::Event::Delta(_) => deltas += 1,
@@ -308,11 +242,9 @@ async fn the_cli_lists_models_and_streams_a_chat() {
     let Some(backend) = llama_server() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let (coordinator, _agents) = cluster_for(&[&backend.api_base], dir.path());
-    let mut client = CoordinatorClient::connect(coordinator.url()).await.unwrap();
-    served_by(&mut client, 1).await;
-    let url = coordinator.url();
+    let cluster = InferenceCluster::start(&[&backend.api_base], &[], 1);
+    cluster.served_by(LlamaServer::MODEL, 1).await;
+    let url = cluster.coordinator.url();
 
     let (status, stdout, _) = cli(&["models", "--json", "--addr", &url]);
     assert_eq!(status, Some(0));
@@ -368,11 +300,9 @@ async fn the_openai_api_answers_streaming_and_not() {
     let Some(backend) = llama_server() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let (coordinator, _agents) = cluster_for(&[&backend.api_base], dir.path());
-    let mut client = CoordinatorClient::connect(coordinator.url()).await.unwrap();
-    served_by(&mut client, 1).await;
-    let base = format!("http://{}", coordinator.logged_addr("http api listening"));
+    let cluster = InferenceCluster::start(&[&backend.api_base], &[], 1);
+    cluster.served_by(LlamaServer::MODEL, 1).await;
+    let base = cluster.http_url();
     let http = reqwest::Client::new();
 
     let health = http.get(format!("{base}/healthz")).send().await.unwrap();
@@ -569,11 +499,9 @@ async fn the_openai_ollama_and_anthropic_python_clients_work_against_the_cluster
     let Some(backend) = llama_server() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let (coordinator, _agents) = cluster_for(&[&backend.api_base], dir.path());
-    let mut client = CoordinatorClient::connect(coordinator.url()).await.unwrap();
-    served_by(&mut client, 1).await;
-    let base = format!("http://{}", coordinator.logged_addr("http api listening"));
+    let cluster = InferenceCluster::start(&[&backend.api_base], &[], 1);
+    cluster.served_by(LlamaServer::MODEL, 1).await;
+    let base = cluster.http_url();
     let (status, stdout, stderr) = outcome(
         std::process::Command::new("python3")
             .args(["-c", PYTHON_CLIENTS, &base])
