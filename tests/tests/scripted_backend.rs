@@ -1,10 +1,13 @@
-//! The scripted OpenAI-compatible backend, checked with a plain HTTP client: what it streams
-//! for each step, and that it notices a client going away mid-answer.
+//! The scripted OpenAI-compatible backend, checked with a plain HTTP client (what it streams
+//! for each step, and that it notices a client going away mid-answer) and behind a real agent.
 
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use kowalski_exo_tests::{CEILING, ScriptedBackend, Step};
+use kowalski_exo_common::proto::{
+    BackendState, ChatMessage, GenerateRequest, SamplingOptions, node_agent_client::NodeAgentClient,
+};
+use kowalski_exo_tests::{CEILING, Daemon, ScriptedBackend, Step, describe};
 use serde_json::{Value, json};
 
 fn chat(max_tokens: Option<u32>) -> Value {
@@ -159,4 +162,73 @@ async fn a_client_leaving_mid_answer_is_counted_as_abandoned() {
     let text = post(&backend, &chat(None)).await.text().await.unwrap();
     assert_eq!(contents(&payloads(&text)), ["queued"]);
     assert_eq!(backend.abandoned(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_caller_leaves_cancels_its_backend_request() {
+    let backend = ScriptedBackend::start(&["tiny"]);
+    let work = tempfile::tempdir().unwrap();
+    let api_base = backend.api_base();
+    let agent = Daemon::start(
+        "node-agent",
+        &[
+            "--standalone",
+            "--listen",
+            "127.0.0.1:0",
+            "--work-dir",
+            work.path().to_str().unwrap(),
+            "--openai",
+            &api_base,
+        ],
+        &[],
+        "node agent listening",
+    );
+    let ready = async {
+        while !describe(&agent.url())
+            .await
+            .models
+            .iter()
+            .any(|m| m.state() == BackendState::Ready)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(CEILING, ready)
+        .await
+        .expect("the agent never found its backend ready");
+
+    backend.push(Step::StallAfter(2));
+    let mut client = NodeAgentClient::connect(agent.url()).await.unwrap();
+    let request = GenerateRequest {
+        model: "tiny".into(),
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: "Say hello.".into(),
+        }],
+        options: Some(SamplingOptions {
+            max_tokens: 10,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut stream = client.generate(request).await.unwrap().into_inner();
+    for _ in 0..2 {
+        tokio::time::timeout(CEILING, stream.message())
+            .await
+            .expect("no token")
+            .unwrap()
+            .expect("the stream ended");
+    }
+    drop(stream);
+    let cancelled = async {
+        while backend.abandoned() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(CEILING, cancelled)
+        .await
+        .expect("the agent kept its backend request open");
+    let generation = backend.requests().pop().unwrap();
+    assert_eq!(generation["max_tokens"], 10);
+    assert_eq!(generation["stream"], true);
 }
