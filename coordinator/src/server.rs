@@ -3,6 +3,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
+use axum::serve::ListenerExt;
 use kowalski_exo_common::{
     defaults,
     proto::{agent_registry_server::AgentRegistryServer, coordinator_server::CoordinatorServer},
@@ -159,6 +160,13 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Star
     let http_addr = http_listener.map(|(listener, http_addr)| {
         let router = http::router(cluster);
         let stop = shutdown.clone();
+        // Each text chunk goes out at once: without TCP_NODELAY the first one waits for the
+        // client's delayed ACK of the response head (about 40 ms).
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY on an HTTP connection");
+            }
+        });
         tokio::spawn(async move {
             let served = axum::serve(listener, router)
                 .with_graceful_shutdown(stop.cancelled_owned())

@@ -1,6 +1,7 @@
 //! The failover loop every kind of work shares: wait for a node that fits, try it, and when the
 //! attempt is lost to the node (it died, went silent past the deadline, or had no room) try
-//! another not yet tried, with exponential backoff and jitter, up to a number of attempts.
+//! another not yet tried at once (after a node with no room, with exponential backoff and
+//! jitter), up to a number of attempts.
 //!
 //! What one attempt is, what the caller is told, and how work goes on after a lost attempt
 //! belong to each kind of work ([`Work`]): code runs again from the start elsewhere; a
@@ -17,7 +18,7 @@ use crate::registry::{Load, NodeRegistry};
 
 /// Attempts unless the work says otherwise.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
-/// Backoff between attempts.
+/// Backoff between attempts after a node had no room.
 const RETRY_MIN_DELAY: Duration = Duration::from_millis(20);
 const RETRY_MAX_DELAY: Duration = Duration::from_secs(1);
 /// How long work waits for a fitting node to become ready before giving up.
@@ -162,17 +163,17 @@ async fn attempts<W: Work>(
             let _in_flight = registry.begin(&attempt.node_id, work.load());
             watched_attempt(registry, work, &attempt).await
         };
-        let reason = match end {
+        let (reason, was_busy) = match end {
             AttemptEnd::Finished(result) => return Outcome::Finished(result),
             AttemptEnd::Rejected(status) => return Outcome::Rejected(status),
             AttemptEnd::Cancelled => return Outcome::Cancelled,
             AttemptEnd::Busy(reason) => {
                 busy.push(attempt.node_id.clone());
-                reason
+                (reason, true)
             }
             AttemptEnd::Lost(reason) => {
                 failed.push(attempt.node_id.clone());
-                reason
+                (reason, false)
             }
         };
         tracing::warn!(node = %attempt.node_name, attempt = number, %reason, "attempt lost");
@@ -189,9 +190,13 @@ async fn attempts<W: Work>(
         if work.retrying(&attempt, &reason).await.is_err() {
             return Outcome::Cancelled;
         }
-        tokio::select! {
-            _ = tokio::time::sleep(delays.next().unwrap_or(RETRY_MAX_DELAY)) => {}
-            _ = work.departure() => return Outcome::Cancelled,
+        // A lost node is not tried again, so the next attempt goes elsewhere at once; a full
+        // node may be the only one left, and its slots free up with time.
+        if was_busy {
+            tokio::select! {
+                _ = tokio::time::sleep(delays.next().unwrap_or(RETRY_MAX_DELAY)) => {}
+                _ = work.departure() => return Outcome::Cancelled,
+            }
         }
     }
     Outcome::Failed(format!(
