@@ -16,11 +16,8 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use kowalski_exo_common::proto::{
-    BackendState, ChatMessage, ChatRequest, ListModelsRequest, SamplingOptions, chat_event,
-    coordinator_client::CoordinatorClient,
-};
-use kowalski_exo_tests::{CEILING, Daemon, LlamaServer, ScriptedBackend, Step};
+use kowalski_exo_common::proto::{ChatMessage, ChatRequest, SamplingOptions, chat_event};
+use kowalski_exo_tests::{CEILING, InferenceCluster, LlamaServer, ScriptedBackend, Step};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
@@ -134,109 +131,19 @@ async fn stream_completion(http: &reqwest::Client, api_base: &str, tokens: usize
     }
 }
 
-/// A coordinator and agents (`agent-0`, ...) each fronting its own backend, real processes.
-struct InferenceCluster {
-    coordinator: Daemon,
-    agents: Vec<Daemon>,
-    _work: tempfile::TempDir,
-}
-
-impl InferenceCluster {
-    /// Starts them and waits until every agent serves the model, as the coordinator lists it.
-    /// Backends are polled only at start: no health probe lands in the measured rounds.
-    async fn start(api_bases: &[&str]) -> InferenceCluster {
-        let work = tempfile::tempdir().expect("temp dir");
-        let coordinator = Daemon::start(
-            "coordinator",
-            &["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"],
-            &[],
-            "coordinator listening",
-        );
-        let url = coordinator.url();
-        let agents = api_bases
-            .iter()
-            .enumerate()
-            .map(|(i, api_base)| {
-                let name = format!("agent-{i}");
-                let dir = work.path().join(&name);
-                Daemon::start(
-                    "node-agent",
-                    &[
-                        "--coordinator",
-                        &url,
-                        "--name",
-                        &name,
-                        "--listen",
-                        "127.0.0.1:0",
-                        "--work-dir",
-                        dir.to_str().expect("UTF-8 temp path"),
-                        "--openai",
-                        api_base,
-                        "--model-poll-interval",
-                        "3600",
-                    ],
-                    &[],
-                    "node agent listening",
-                )
-            })
-            .collect();
-        let cluster = InferenceCluster {
-            coordinator,
-            agents,
-            _work: work,
-        };
-        cluster.wait_until_served().await;
-        cluster
-    }
-
-    async fn client(&self) -> CoordinatorClient<tonic::transport::Channel> {
-        CoordinatorClient::connect(self.coordinator.url())
-            .await
-            .expect("connect to the coordinator")
-    }
-
-    async fn wait_until_served(&self) {
-        let mut client = self.client().await;
-        let start = Instant::now();
-        loop {
-            let models = client
-                .list_models(ListModelsRequest {})
-                .await
-                .expect("ListModels")
-                .into_inner()
-                .models;
-            let ready = models
-                .iter()
-                .filter(|m| m.name == MODEL)
-                .flat_map(|m| &m.served_by)
-                .filter(|p| {
-                    p.offer
-                        .as_ref()
-                        .is_some_and(|o| o.state() == BackendState::Ready)
-                })
-                .count();
-            if ready == self.agents.len() {
-                return;
-            }
-            assert!(start.elapsed() < CEILING, "{ready} agents serve {MODEL}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// The OpenAI API base of the coordinator's HTTP API.
-    fn api_base(&self) -> String {
-        format!(
-            "http://{}/v1",
-            self.coordinator.logged_addr("http api listening")
-        )
-    }
+/// A coordinator and agents fronting `api_bases`, every agent serving the model. Backends are
+/// polled only at start: no health probe lands in the measured rounds.
+async fn cluster(api_bases: &[&str]) -> InferenceCluster {
+    let cluster = InferenceCluster::start(api_bases, &[], 3600);
+    cluster.served_by(MODEL, api_bases.len()).await;
+    cluster
 }
 
 /// Streamed answers of `tokens` tokens, direct to `backend_api` and through a coordinator and
 /// one agent fronting it, interleaved (which goes first alternates); prints the table.
 async fn overhead(title: &str, backend_api: &str, rounds: usize, tokens: usize) {
-    let cluster = InferenceCluster::start(&[backend_api]).await;
-    let ours_api = cluster.api_base();
+    let cluster = cluster(&[backend_api]).await;
+    let ours_api = format!("{}/v1", cluster.http_url());
     let (direct_http, ours_http) = (reqwest::Client::new(), reqwest::Client::new());
     let (mut direct, mut ours) = (Vec::new(), Vec::new());
     for round in 0..WARMUP + rounds {
@@ -389,7 +296,7 @@ async fn failover_pause(title: &str, backends: [&str; 2], rounds: usize) {
     }
     let mut seen = Vec::new();
     for _ in 0..rounds {
-        let cluster = InferenceCluster::start(&backends).await;
+        let cluster = cluster(&backends).await;
         seen.push(kill_mid_answer(&cluster).await);
     }
     let pause = Samples(seen.iter().map(|f| f.longest_pause).collect());
