@@ -224,3 +224,51 @@ async fn a_client_that_goes_away_stops_the_generation_on_the_backend() {
         "not moved to another node"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_and_several_choices_are_refused_in_every_api_before_a_backend_sees_them() {
+    let backend = ScriptedBackend::start_as(&[MODEL], "llamacpp");
+    let cluster = cluster_of_two(&backend, &[]).await;
+    let base = cluster.http_url();
+    let hi = json!([{"role": "user", "content": "hi"}]);
+    let tool = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
+    let refused = [
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": hi, "tools": tool}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": hi, "n": 2}),
+        ),
+        (
+            "/api/chat",
+            json!({"model": MODEL, "messages": hi, "tools": tool}),
+        ),
+        (
+            "/v1/messages",
+            json!({"model": MODEL, "max_tokens": 4, "messages": hi, "tools": [{"name": "f", "input_schema": {}}]}),
+        ),
+    ];
+    let http = reqwest::Client::new();
+    for (path, body) in refused {
+        let response = http
+            .post(format!("{base}{path}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{path} {body}");
+        let text = response.text().await.unwrap();
+        assert!(text.contains("not supported"), "{path}: {text}");
+    }
+    // An empty tool list is no tools.
+    let empty = http
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&json!({"model": MODEL, "messages": hi, "tools": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(empty.status(), 200);
+    assert_eq!(answers_asked(&backend).len(), 1);
+}

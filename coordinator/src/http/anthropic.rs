@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use super::{Content, conversation, mark_failovers, with_failovers};
+use super::{Content, NO_TOOLS, conversation, mark_failovers, offers_tools, with_failovers};
 use crate::{error::CoordinatorError, service::ClusterService};
 
 pub fn routes() -> Router<ClusterService> {
@@ -64,6 +64,7 @@ struct MessagesRequest {
     stop_sequences: Option<Vec<String>>,
     #[serde(default)]
     stream: bool,
+    tools: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -92,6 +93,13 @@ async fn messages(
             e.body_text(),
         )
     })?;
+    if offers_tools(&body.tools) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            NO_TOOLS.into(),
+        ));
+    }
     let mut messages: Vec<ChatMessage> = body
         .system
         .map(|system| ChatMessage {

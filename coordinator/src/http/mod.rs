@@ -52,6 +52,19 @@ pub const CONVERSATION_HEADER: &str = "x-kowalski-conversation";
 pub const FAILOVERS_HEADER: &str = "x-kowalski-failovers";
 const FAILOVERS_FIELD: &str = "x_kowalski_failovers";
 
+/// Why a request that offers the model tools is refused: an answer that calls one could not be
+/// continued on another node mid-call.
+const NO_TOOLS: &str = "tools are not supported by this cluster yet: ask without them";
+
+/// True when a request offers tools (a `tools` field that is neither null nor empty).
+fn offers_tools(tools: &Option<Value>) -> bool {
+    match tools {
+        None | Some(Value::Null) => false,
+        Some(Value::Array(tools)) => !tools.is_empty(),
+        Some(_) => true,
+    }
+}
+
 /// The conversation id a request's headers give, or empty.
 fn conversation(headers: &HeaderMap) -> String {
     headers

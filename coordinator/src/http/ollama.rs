@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use super::{conversation, mark_failovers, with_failovers};
+use super::{NO_TOOLS, conversation, mark_failovers, offers_tools, with_failovers};
 use crate::{error::CoordinatorError, service::ClusterService};
 
 pub fn routes() -> Router<ClusterService> {
@@ -99,6 +99,7 @@ struct ChatBody {
     messages: Vec<OllamaMessage>,
     stream: Option<bool>,
     options: Option<Options>,
+    tools: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -144,6 +145,9 @@ async fn chat(
     body: Result<Json<ChatBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    if offers_tools(&body.tools) {
+        return Err(ApiError(StatusCode::BAD_REQUEST, NO_TOOLS.into()));
+    }
     let request = ChatRequest {
         model: body.model,
         messages: body

@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use super::{Content, conversation, mark_failovers, with_failovers};
+use super::{Content, NO_TOOLS, conversation, mark_failovers, offers_tools, with_failovers};
 use crate::{error::CoordinatorError, service::ClusterService};
 
 pub fn routes() -> Router<ClusterService> {
@@ -138,10 +138,8 @@ impl CompletionRequest {
                 "n > 1 is not supported: ask once per answer",
             ));
         }
-        if self.tools.is_some() {
-            return Err(ApiError::invalid(
-                "tools are not supported by this cluster yet",
-            ));
+        if offers_tools(&self.tools) {
+            return Err(ApiError::invalid(NO_TOOLS));
         }
         let include_usage = self.stream_options.is_some_and(|o| o.include_usage);
         let request = ChatRequest {
