@@ -7,7 +7,8 @@
 //! - [`cli_args`]: command-line values both binaries take (labels, the coordinator URL).
 //! - [`defaults`]: ports and addresses every binary agrees on.
 //! - [`request_size`]: how large a run request may be, checked by coordinator and agent alike.
-//! - [`transport`]: gRPC server set-up shared by all servers (health, reflection).
+//! - [`transport`]: gRPC server set-up shared by all servers (health, reflection), and the one
+//!   way clients dial them.
 //! - [`shutdown`]: the signals that stop a server, caught from before it starts.
 //! - [`telemetry`]: tracing set-up for the binaries.
 

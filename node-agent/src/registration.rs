@@ -11,6 +11,7 @@ use kowalski_exo_common::{
         self, AgentMessage, NodeLoad, agent_message, agent_registry_client::AgentRegistryClient,
         coordinator_message,
     },
+    transport,
 };
 use tokio::{sync::mpsc, time::Instant};
 use tokio_stream::wrappers::ReceiverStream;
@@ -20,11 +21,6 @@ use crate::{load::LoadSampler, service::NodeAgentService};
 
 /// Heartbeat interval used until the coordinator names its own.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(500);
-/// A coordinator that does not accept the connection within this is retried later.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// HTTP/2 pings, so a coordinator that vanished without closing the stream is noticed.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// While the coordinator stays unreachable, the log says so at most this often.
 const UNREACHABLE_LOG_EVERY: Duration = Duration::from_secs(60);
 /// Reconnect backoff bounds.
@@ -134,13 +130,7 @@ impl Registration {
     /// One stream: register, then heartbeat until it breaks. `Ok(true)` when it was registered
     /// before it ended (so the next attempt starts with a short delay), `Ok(false)` at shutdown.
     async fn attach(&mut self, shutdown: &CancellationToken) -> Result<bool, StreamError> {
-        let channel = tonic::transport::Endpoint::from_shared(self.coordinator.clone())?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .connect()
-            .await?;
+        let channel = transport::endpoint(&self.coordinator)?.connect().await?;
         let mut client = AgentRegistryClient::new(channel);
         let (outbound, queue) = mpsc::channel(8);
         let mut runtimes = self.service.runtimes();

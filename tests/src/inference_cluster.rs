@@ -63,9 +63,11 @@ impl InferenceCluster {
     }
 
     pub async fn client(&self) -> CoordinatorClient<Channel> {
-        CoordinatorClient::connect(self.coordinator.url())
-            .await
-            .expect("connect to the coordinator")
+        CoordinatorClient::new(
+            crate::channel(&self.coordinator.url())
+                .await
+                .expect("connect to the coordinator"),
+        )
     }
 
     /// Waits until `count` nodes serve `model` with a working backend, as the coordinator lists

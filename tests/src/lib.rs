@@ -160,11 +160,20 @@ fn logged_addr(line: &str, marker: &str) -> Option<SocketAddr> {
     rest.split_whitespace().next()?.parse().ok()
 }
 
+/// A connection to the gRPC server at `url`, dialled as the binaries dial each other.
+pub async fn channel(url: &str) -> Result<Channel, tonic::transport::Error> {
+    kowalski_exo_common::transport::endpoint(url)?
+        .connect()
+        .await
+}
+
 /// An agent's `Describe` answer.
 pub async fn describe(url: &str) -> NodeDescription {
-    let mut client = NodeAgentClient::connect(url.to_string())
-        .await
-        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
+    let mut client = NodeAgentClient::new(
+        channel(url)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}")),
+    );
     client
         .describe(DescribeRequest {})
         .await
@@ -240,15 +249,17 @@ impl Cluster {
     }
 
     pub async fn client(&self) -> CoordinatorClient<Channel> {
-        CoordinatorClient::connect(self.url())
-            .await
-            .expect("connect to the coordinator")
+        CoordinatorClient::new(
+            channel(&self.url())
+                .await
+                .expect("connect to the coordinator"),
+        )
     }
 
     /// Every node as the coordinator lists it (empty while the coordinator is unreachable).
     pub async fn nodes(&self) -> Vec<NodeInfo> {
-        match CoordinatorClient::connect(self.url()).await {
-            Ok(mut client) => client
+        match channel(&self.url()).await {
+            Ok(channel) => CoordinatorClient::new(channel)
                 .list_nodes(ListNodesRequest {})
                 .await
                 .map(|r| r.into_inner().nodes)

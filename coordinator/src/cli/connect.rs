@@ -6,7 +6,7 @@ use std::time::Duration;
 use kowalski_exo_common::{
     error_text::{error_chain, root_cause},
     proto::coordinator_client::CoordinatorClient,
-    telemetry,
+    telemetry, transport,
 };
 use kowalski_exo_node_agent::AgentConfig;
 use tonic::transport::Channel;
@@ -42,8 +42,12 @@ where
         Some(cluster) => format!("http://{}", cluster.addr),
         None => addr.to_string(),
     };
-    let result = match CoordinatorClient::connect(addr.clone()).await {
-        Ok(client) => command(client, addr).await,
+    let channel = match transport::endpoint(&addr) {
+        Ok(endpoint) => endpoint.connect().await,
+        Err(e) => Err(e),
+    };
+    let result = match channel {
+        Ok(channel) => command(CoordinatorClient::new(channel), addr).await,
         Err(e) => Err(Failure::infrastructure(format!(
             "cannot reach the coordinator at {addr} ({}); start one with `coordinator serve`, or pass --local",
             root_cause(&e)

@@ -5,11 +5,14 @@ use std::{
     collections::HashMap,
     pin::Pin,
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
-use kowalski_exo_common::proto::{
-    ExecEvent, ExecuteRequest, GenerateEvent, GenerateRequest, node_agent_client::NodeAgentClient,
+use kowalski_exo_common::{
+    proto::{
+        ExecEvent, ExecuteRequest, GenerateEvent, GenerateRequest,
+        node_agent_client::NodeAgentClient,
+    },
+    transport,
 };
 use tokio_stream::Stream;
 use tonic::{Status, transport::Channel};
@@ -34,12 +37,6 @@ pub trait AgentConnector: Send + Sync + 'static {
     ) -> Result<GenerateStream, Status>;
 }
 
-/// Connecting to an agent that does not answer within this is a failed attempt.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// HTTP/2 pings on agent connections, so a half-open one is noticed.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// gRPC channels to agents, one per address, connected lazily and reused.
 #[derive(Clone, Default)]
 pub struct GrpcAgents {
@@ -52,15 +49,10 @@ impl GrpcAgents {
         if let Some(channel) = channels.get(address) {
             return Ok(NodeAgentClient::new(channel.clone()));
         }
-        let channel = tonic::transport::Endpoint::from_shared(address.to_string())
+        let channel = transport::endpoint(address)
             .map_err(|e| {
                 Status::unavailable(format!("node address '{address}' is not a URL: {e}"))
             })?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
             .connect_lazy();
         channels.insert(address.to_string(), channel.clone());
         Ok(NodeAgentClient::new(channel))

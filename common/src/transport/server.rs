@@ -1,6 +1,6 @@
 //! gRPC server set-up shared by every server: the health service and server reflection (v1 and
-//! v1alpha, since grpcurl 1.8 and grpcio-reflection speak only v1alpha). Transport security will
-//! slot in here without touching the services.
+//! v1alpha, since grpcurl 1.8 and grpcio-reflection speak only v1alpha), keepalives, and binding
+//! the listener.
 
 use std::{future::Future, net::SocketAddr};
 
@@ -11,11 +11,8 @@ use tonic::{
 };
 use tonic_health::server::HealthReporter;
 
+use super::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 use crate::proto::FILE_DESCRIPTOR_SET;
-
-/// HTTP/2 pings on accepted connections, so a peer that vanished without closing is noticed.
-const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
-const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The services every server carries besides its own: health and reflection.
 pub struct ServerBase {
