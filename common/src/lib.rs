@@ -9,6 +9,7 @@
 //! - [`request_size`]: how large a run request may be, checked by coordinator and agent alike.
 //! - [`transport`]: gRPC server set-up shared by all servers (health, reflection), and the one
 //!   way clients dial them.
+//! - [`tls`]: cluster identity: the certificate authority, join tokens, peer certificates.
 //! - [`shutdown`]: the signals that stop a server, caught from before it starts.
 //! - [`telemetry`]: tracing set-up for the binaries.
 
@@ -20,6 +21,7 @@ pub mod language;
 pub mod request_size;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 pub mod transport;
 
 /// Generated code for protobuf package `kowalski.exo.v1`.

@@ -1,0 +1,117 @@
+//! Cluster identity over TLS: the cluster's certificate authority and what it issues
+//! ([`authority`]), join tokens ([`token`]), what a verified peer's certificate says ([`peer`]),
+//! first contact with a coordinator known only by its authority's hash ([`pinned`]), and the
+//! private files they are kept in ([`files`]). Built on rcgen and rustls with the ring provider.
+
+pub mod authority;
+pub mod files;
+pub mod peer;
+pub mod pinned;
+pub mod token;
+
+use sha2::{Digest, Sha256};
+
+pub use authority::Authority;
+pub use peer::Peer;
+pub use token::JoinToken;
+
+/// What a certificate's holder is in the cluster, carried as its subject's organizational unit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The coordinator: serves agents and clients, calls agents.
+    Coordinator,
+    /// A node agent: registers with the coordinator, serves it.
+    Node,
+    /// A person's tool (grpcurl, a script) allowed to call agents directly.
+    Client,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Coordinator => "coordinator",
+            Role::Node => "node",
+            Role::Client => "client",
+        }
+    }
+
+    fn parse(name: &str) -> Option<Role> {
+        [Role::Coordinator, Role::Node, Role::Client]
+            .into_iter()
+            .find(|r| r.name() == name)
+    }
+}
+
+/// A certificate (with the chain up to the cluster's authority) and its private key, as PEM.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// Why a certificate, token or TLS file could not be made or used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot make a certificate: {0}")]
+    Certificate(#[from] rcgen::Error),
+    #[error("{path}: {error}")]
+    File {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The SHA-256 of a certificate's DER, in hex: how a join token names the cluster's authority.
+pub fn fingerprint(der: &[u8]) -> String {
+    Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The DNS name a node's certificate carries, derived from its node name: the coordinator
+/// checks it when it calls the node, whatever address the node has today.
+pub fn node_dns_name(node: &str) -> String {
+    let label: String = node
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(50)
+        .collect();
+    let label = label.trim_matches('-');
+    let label = if label.is_empty() { "node" } else { label };
+    format!("{label}.node.kowalski-exo")
+}
+
+/// The ring crypto provider every TLS configuration uses.
+pub fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
+    std::sync::Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// `n` random bytes from the system's secure source, in hex.
+pub fn random_hex(n: usize) -> String {
+    let mut bytes = vec![0u8; n];
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut bytes)
+        .expect("the system's random source works");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names_become_valid_dns_names() {
+        assert_eq!(
+            node_dns_name("Kitchen Pi #2"),
+            "kitchen-pi--2.node.kowalski-exo"
+        );
+        assert_eq!(node_dns_name("!!!"), "node.node.kowalski-exo");
+        assert_eq!(random_hex(16).len(), 32);
+        assert_ne!(random_hex(16), random_hex(16));
+    }
+}
