@@ -26,6 +26,28 @@ pub fn root_cause(error: &dyn std::error::Error) -> String {
     innermost.to_string()
 }
 
+/// True when a gRPC status is the transport failing (the peer died, the connection broke or
+/// could not be made) rather than an answer the peer gave: tonic and hyper make these, in their
+/// own words. An agent's own "the backend at ... does not answer: connection refused" is not one.
+pub fn broken_transport(status: &tonic::Status) -> bool {
+    const TRANSPORT: [&str; 8] = [
+        "h2 protocol error",
+        "transport error",
+        "error trying to connect",
+        "tcp connect error",
+        "connection reset",
+        "connection closed",
+        "broken pipe",
+        "error reading a body",
+    ];
+    use tonic::Code;
+    let message = status.message().to_ascii_lowercase();
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
+    ) && TRANSPORT.iter().any(|words| message.contains(words))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,5 +79,20 @@ mod tests {
             "tcp connect error: Connection refused (os error 111)"
         );
         assert_eq!(root_cause(&outer), "Connection refused (os error 111)");
+    }
+
+    #[test]
+    fn a_broken_connection_is_told_from_an_answer_about_a_backend() {
+        let broken = tonic::Status::unavailable("error trying to connect: tcp connect error");
+        assert!(broken_transport(&broken));
+        let reset = tonic::Status::unknown("h2 protocol error: connection reset");
+        assert!(broken_transport(&reset));
+        let answer = tonic::Status::unavailable(
+            "the backend at http://127.0.0.1:8000/v1 does not answer: Connection refused (os error 111)",
+        );
+        assert!(!broken_transport(&answer));
+        assert!(!broken_transport(&tonic::Status::invalid_argument(
+            "transport error"
+        )));
     }
 }

@@ -22,7 +22,8 @@ pub const RUNS: &str = "kowalski_runs_total";
 pub const RUN_RETRIES: &str = "kowalski_run_retries_total";
 /// How long finished runs took on their node.
 pub const EXEC_SECONDS: &str = "kowalski_exec_seconds";
-/// Chat answers ended (`model`, `outcome`: finished, failed, rejected, cancelled).
+/// Chat answers ended (`model`, `outcome`: finished, failed, rejected, cancelled, or refused
+/// before any node was asked).
 pub const ANSWERS: &str = "kowalski_chat_answers_total";
 /// Completion tokens sent to callers (`model`).
 pub const TOKENS: &str = "kowalski_tokens_generated_total";
@@ -39,7 +40,8 @@ const BUCKETS: &[f64] = &[
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// The process's recorder, installed on first use. A program that embeds the coordinator and
-/// already installed a recorder of its own keeps it; this one then renders only the gauges.
+/// already installed a recorder of its own keeps it: the metrics go there, and this handle
+/// renders nothing.
 pub fn install() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         let builder = PrometheusBuilder::new()
@@ -74,7 +76,10 @@ fn describe() {
         Unit::Seconds,
         "How long finished runs took on their node."
     );
-    describe_counter!(ANSWERS, "Chat answers ended, by model and outcome.");
+    describe_counter!(
+        ANSWERS,
+        "Chat answers ended, by model and outcome (finished, failed, rejected, cancelled, refused)."
+    );
     describe_counter!(TOKENS, "Completion tokens sent to callers, by model.");
     describe_counter!(
         FAILOVERS,

@@ -16,7 +16,7 @@ use tokio::{sync::mpsc, time::Instant};
 use tonic::Status;
 
 use crate::{
-    codeblocks,
+    cluster_metrics, codeblocks,
     error::CoordinatorError,
     inference::{Chats, models},
     registry::NodeRegistry,
@@ -75,6 +75,8 @@ impl ClusterService {
         if let Err(reason) = place(&candidates(self.registry(), Instant::now()), &wanted)
             && !reason.is_transient()
         {
+            metrics::counter!(cluster_metrics::ANSWERS, "model" => request.model.clone(), "outcome" => "refused")
+                .increment(1);
             return Err(reason.into());
         }
         let (events, receiver) = mpsc::channel(EVENT_BUFFER);

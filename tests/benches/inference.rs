@@ -262,8 +262,7 @@ async fn kill_mid_answer(cluster: &InferenceCluster) -> Failover {
                 }
                 if texts.len() == KILL_AFTER {
                     let name = answering.as_deref().expect("no answering event");
-                    let index: usize = name["agent-".len()..].parse().expect("agent-N");
-                    cluster.agents[index].signal(Signal::SIGKILL);
+                    cluster.agent(name).signal(Signal::SIGKILL);
                     killed = Some(Instant::now());
                 }
             }

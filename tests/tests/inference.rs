@@ -198,20 +198,22 @@ async fn a_chat_through_the_coordinator_survives_its_agent_being_killed_mid_answ
     sampled.options.as_mut().unwrap().temperature = Some(0.9);
     let mut stream = client.chat(sampled).await.unwrap().into_inner();
     let (mut deltas, mut failovers, mut finished) = (0, Vec::new(), None);
+    let mut answering: Option<String> = None;
     while let Some(event) = tokio::time::timeout(CEILING, stream.message())
         .await
         .expect("the answer hung")
         .unwrap()
     {
         match event.event.unwrap() {
-            chat_event::Event::Answering(a) if a.attempt == 1 => {
-                let index: usize = a.node_name.strip_prefix("agent-").unwrap().parse().unwrap();
-                // Killed once its first tokens are on their way.
-                tokio::time::sleep(Duration::from_millis(30)).await;
-                cluster.agents[index].signal(Signal::SIGKILL);
-            }
+            chat_event::Event::Answering(a) if a.attempt == 1 => answering = Some(a.node_name),
             chat_event::Event::Answering(_) => {}
-            chat_event::Event::Delta(_) => deltas += 1,
+            chat_event::Event::Delta(_) => {
+                deltas += 1;
+                // Killed once its first text has reached the client.
+                if let Some(node) = answering.take() {
+                    cluster.agent(&node).signal(Signal::SIGKILL);
+                }
+            }
             chat_event::Event::Failover(f) => failovers.push(f),
             chat_event::Event::Finished(f) => finished = Some(f),
         }

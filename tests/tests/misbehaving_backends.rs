@@ -194,6 +194,45 @@ async fn a_backend_refusal_reaches_the_http_client_with_its_message_and_moves_no
         1,
         "a refusal is not tried elsewhere"
     );
+
+    // Streamed, the refusal still comes as an HTTP error, not as 200 and an error chunk.
+    backend.push(Step::Refuse {
+        status: 400,
+        message: "the prompt is longer than the context window".into(),
+    });
+    let streamed = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", cluster.http_url()))
+        .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(streamed.status(), 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_will_not_continue_an_answer_passes_it_on_instead_of_ending_it() {
+    let backend = ScriptedBackend::start_as(&[MODEL], "llamacpp");
+    let api = backend.api_base();
+    let cluster = InferenceCluster::start(&[&api, &api, &api], &[], 3600);
+    cluster.served_by(MODEL, 3).await;
+    backend.push(Step::CloseAfter(3));
+    backend.push(Step::Refuse {
+        status: 400,
+        message: "assistant prefill is not supported with thinking".into(),
+    });
+    backend.push(Step::answer((3..6).map(|i| format!("t{i} "))));
+
+    let seen = chat(&cluster, question(0)).await;
+    assert_eq!(seen.finished.error, "");
+    assert_eq!(seen.text, numbered(0..6));
+    assert_eq!(seen.failovers.len(), 2);
+    assert!(
+        seen.failovers[1]
+            .reason
+            .contains("would not continue the answer"),
+        "{:?}",
+        seen.failovers[1]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -210,6 +210,9 @@ mod tests {
             .await
             .unwrap_err()
             .to_string();
-        assert!(refused.contains("not the one the join token names"), "{refused}");
+        assert!(
+            refused.contains("not the one the join token names"),
+            "{refused}"
+        );
     }
 }

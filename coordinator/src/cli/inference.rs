@@ -3,9 +3,12 @@
 
 use std::io::Write;
 
-use kowalski_exo_common::proto::{
-    BackendKind, BackendState, ChatMessage, ChatRequest, ClusterModel, ListModelsRequest,
-    SamplingOptions, chat_event, coordinator_client::CoordinatorClient,
+use kowalski_exo_common::{
+    error_text::broken_transport,
+    proto::{
+        BackendKind, BackendState, ChatMessage, ChatRequest, ClusterModel, ListModelsRequest,
+        SamplingOptions, chat_event, coordinator_client::CoordinatorClient,
+    },
 };
 use serde::Serialize;
 use tonic::{Code, transport::Channel};
@@ -190,7 +193,11 @@ pub async fn chat(
     json: bool,
 ) -> Result<u8, Failure> {
     let failure = |status: tonic::Status| match status.code() {
+        // No node serves the model, or every backend serving it is down.
         Code::NotFound => Failure::new(EXIT_NO_NODE, status.message()),
+        Code::Unavailable if !broken_transport(&status) => {
+            Failure::new(EXIT_NO_NODE, status.message())
+        }
         _ => Failure::from_status(status, addr),
     };
     let mut stream = client.chat(request).await.map_err(failure)?.into_inner();

@@ -10,6 +10,7 @@ pub mod plan;
 pub mod request;
 
 use kowalski_exo_common::{
+    error_text::broken_transport,
     exit,
     proto::{ExecFinished, ExecStatus},
 };
@@ -96,18 +97,7 @@ impl Failure {
             Code::InvalidArgument | Code::NotFound => EXIT_USAGE,
             _ => EXIT_INFRASTRUCTURE,
         };
-        let transport = matches!(
-            status.code(),
-            Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
-        ) && [
-            "h2 protocol error",
-            "transport error",
-            "connection",
-            "broken pipe",
-        ]
-        .iter()
-        .any(|words| status.message().to_ascii_lowercase().contains(words));
-        if transport {
+        if broken_transport(&status) {
             return Failure::new(
                 exit,
                 format!("lost the connection to the coordinator at {addr}"),

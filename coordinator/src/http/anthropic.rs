@@ -10,7 +10,7 @@ use axum::{
     http::{HeaderMap, StatusCode},
     response::{
         IntoResponse, Response,
-        sse::{Event, Sse},
+        sse::{Event, KeepAlive, Sse},
     },
     routing::post,
 };
@@ -20,10 +20,11 @@ use kowalski_exo_common::proto::{
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use super::{Content, NO_TOOLS, conversation, mark_failovers, offers_tools, with_failovers};
+use super::{
+    Content, NO_TOOLS, Refusal, conversation, mark_failovers, offers_tools, opened, with_failovers,
+};
 use crate::{error::CoordinatorError, service::ClusterService};
 
 pub fn routes() -> Router<ClusterService> {
@@ -37,6 +38,19 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"type": "error", "error": {"type": self.1, "message": self.2}});
         (self.0, Json(body)).into_response()
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        let status = refusal.status();
+        let kind = match status {
+            StatusCode::NOT_FOUND => "not_found_error",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            s if s.is_client_error() => "invalid_request_error",
+            _ => "api_error",
+        };
+        ApiError(status, kind, refusal.message())
     }
 }
 
@@ -126,7 +140,7 @@ async fn messages(
         conversation_id: conversation(&headers),
         ..Default::default()
     };
-    let events = ReceiverStream::new(cluster.chat(request, None)?);
+    let events = opened(cluster.chat(request, None)?).await?;
     let id = format!(
         "msg_{:x}",
         std::hash::BuildHasher::hash_one(
@@ -135,7 +149,9 @@ async fn messages(
         )
     );
     if body.stream {
-        return Ok(Sse::new(stream(events, id, model)).into_response());
+        return Ok(Sse::new(stream(events, id, model))
+            .keep_alive(KeepAlive::default())
+            .into_response());
     }
     whole(events, id, model).await
 }
@@ -178,7 +194,7 @@ fn stream(
                 let mut last = json!({"type": "message_delta",
                        "delta": {"stop_reason": stop_reason(&f.finish_reason), "stop_sequence": null},
                        "usage": {"output_tokens": f.completion_tokens}});
-                mark_failovers(&mut last, f.failovers);
+                mark_failovers(&mut last, &f);
                 vec![
                     named("content_block_stop", json!({"type": "content_block_stop", "index": 0})),
                     named("message_delta", last),
@@ -232,7 +248,7 @@ async fn whole(
                     f.prompt_tokens,
                     f.completion_tokens,
                 );
-                return Ok(with_failovers(Json(body).into_response(), f.failovers));
+                return Ok(with_failovers(Json(body).into_response(), &f));
             }
             _ => {}
         }

@@ -7,11 +7,20 @@ mod health;
 mod ollama;
 mod openai;
 
-use axum::{Router, http::HeaderMap};
+use std::pin::Pin;
+
+use axum::{
+    Router,
+    http::{HeaderMap, StatusCode},
+};
+use futures_util::{Stream, StreamExt};
+use kowalski_exo_common::proto::{ChatEvent, ChatFinished, chat_event};
 use serde::Deserialize;
 use serde_json::Value;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Status};
 
-use crate::service::ClusterService;
+use crate::service::{ChatReceiver, ClusterService};
 
 /// Every route of the HTTP API.
 pub fn router(cluster: ClusterService) -> Router {
@@ -51,6 +60,10 @@ pub const CONVERSATION_HEADER: &str = "x-kowalski-conversation";
 /// last chunk or line of streamed ones (`x_kowalski_failovers`), present only when it moved.
 pub const FAILOVERS_HEADER: &str = "x-kowalski-failovers";
 const FAILOVERS_FIELD: &str = "x_kowalski_failovers";
+/// Set (header `true`, field `x_kowalski_prefix_diverged`) when a node that generated a moved
+/// answer again did not repeat the text already sent, so what follows may not read on from it.
+pub const DIVERGED_HEADER: &str = "x-kowalski-prefix-diverged";
+const DIVERGED_FIELD: &str = "x_kowalski_prefix_diverged";
 
 /// Why a request that offers the model tools is refused: an answer that calls one could not be
 /// continued on another node mid-call.
@@ -74,22 +87,86 @@ fn conversation(headers: &HeaderMap) -> String {
         .to_string()
 }
 
-/// Adds the failover count to a streamed answer's last chunk when the answer moved.
-fn mark_failovers(last: &mut Value, failovers: u32) {
-    if failovers > 0 {
-        last[FAILOVERS_FIELD] = failovers.into();
+/// Marks a streamed answer's last chunk when the answer moved: how often, and whether a node
+/// that generated it again did not repeat the text already sent.
+fn mark_failovers(last: &mut Value, finished: &ChatFinished) {
+    if finished.failovers > 0 {
+        last[FAILOVERS_FIELD] = finished.failovers.into();
+    }
+    if finished.prefix_diverged {
+        last[DIVERGED_FIELD] = true.into();
     }
 }
 
-/// Adds the failover header to a whole answer when it moved.
+/// Adds the failover headers to a whole answer when it moved.
 fn with_failovers(
     mut response: axum::response::Response,
-    failovers: u32,
+    finished: &ChatFinished,
 ) -> axum::response::Response {
-    if failovers > 0 {
+    if finished.failovers > 0 {
         response
             .headers_mut()
-            .insert(FAILOVERS_HEADER, failovers.into());
+            .insert(FAILOVERS_HEADER, finished.failovers.into());
+    }
+    if finished.prefix_diverged {
+        response.headers_mut().insert(
+            DIVERGED_HEADER,
+            "true".parse().expect("a valid header value"),
+        );
     }
     response
+}
+
+/// A chat's events, from the first one on.
+type ChatEvents = Pin<Box<dyn Stream<Item = Result<ChatEvent, Status>> + Send>>;
+
+/// Why an answer did not start: a node refused the request, or no node could answer it.
+enum Refusal {
+    Refused(Status),
+    Failed(String),
+}
+
+impl Refusal {
+    /// The HTTP status it is answered with.
+    fn status(&self) -> StatusCode {
+        match self {
+            Refusal::Refused(status) => match status.code() {
+                Code::InvalidArgument => StatusCode::BAD_REQUEST,
+                Code::NotFound => StatusCode::NOT_FOUND,
+                Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+                Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::BAD_GATEWAY,
+            },
+            Refusal::Failed(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            Refusal::Refused(status) => status.message().to_string(),
+            Refusal::Failed(error) => error.clone(),
+        }
+    }
+}
+
+/// The answer's events once its first text, its end, or a refusal has come, so a streamed
+/// answer that cannot start gets an HTTP error status rather than 200 and an error chunk. A
+/// refusal or a failure before any text is the `Err`; otherwise every event, none lost.
+async fn opened(events: ChatReceiver) -> Result<ChatEvents, Refusal> {
+    let mut events = ReceiverStream::new(events);
+    let mut seen = Vec::new();
+    while let Some(event) = events.next().await {
+        let event = event.map_err(Refusal::Refused)?;
+        match &event.event {
+            Some(chat_event::Event::Finished(f)) if !f.error.is_empty() => {
+                return Err(Refusal::Failed(f.error.clone()));
+            }
+            Some(chat_event::Event::Delta(_) | chat_event::Event::Finished(_)) => {
+                seen.push(Ok(event));
+                break;
+            }
+            _ => seen.push(Ok(event)),
+        }
+    }
+    Ok(Box::pin(futures_util::stream::iter(seen).chain(events)))
 }

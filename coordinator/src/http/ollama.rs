@@ -18,10 +18,11 @@ use kowalski_exo_common::proto::{
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use super::{NO_TOOLS, conversation, mark_failovers, offers_tools, with_failovers};
+use super::{
+    NO_TOOLS, Refusal, conversation, mark_failovers, offers_tools, opened, with_failovers,
+};
 use crate::{error::CoordinatorError, service::ClusterService};
 
 pub fn routes() -> Router<ClusterService> {
@@ -37,6 +38,12 @@ struct ApiError(StatusCode, String);
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.0, Json(json!({"error": self.1}))).into_response()
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        ApiError(refusal.status(), refusal.message())
     }
 }
 
@@ -206,7 +213,7 @@ async fn answer(
     shape: Shape,
 ) -> Result<Response, ApiError> {
     let model = request.model.clone();
-    let events = ReceiverStream::new(cluster.chat(request, None)?);
+    let events = opened(cluster.chat(request, None)?).await?;
     if stream {
         let lines = events.filter_map(move |event| {
             let line = line_for(shape, &model, event);
@@ -236,7 +243,7 @@ async fn answer(
                     f.completion_tokens,
                 );
                 let body = Json(shape.line(&model, &text, Some(done)));
-                return Ok(with_failovers(body.into_response(), f.failovers));
+                return Ok(with_failovers(body.into_response(), &f));
             }
             _ => {}
         }
@@ -262,7 +269,7 @@ fn line_for(shape: Shape, model: &str, event: Result<ChatEvent, Status>) -> Opti
                 f.completion_tokens,
             );
             let mut last = shape.line(model, "", Some(done));
-            mark_failovers(&mut last, f.failovers);
+            mark_failovers(&mut last, &f);
             Some(last)
         }
         Ok(ChatEvent {

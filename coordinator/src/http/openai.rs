@@ -13,7 +13,7 @@ use axum::{
     http::{HeaderMap, StatusCode},
     response::{
         IntoResponse, Response,
-        sse::{Event, Sse},
+        sse::{Event, KeepAlive, Sse},
     },
     routing::{get, post},
 };
@@ -23,10 +23,11 @@ use kowalski_exo_common::proto::{
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use super::{Content, NO_TOOLS, conversation, mark_failovers, offers_tools, with_failovers};
+use super::{
+    Content, NO_TOOLS, Refusal, conversation, mark_failovers, offers_tools, opened, with_failovers,
+};
 use crate::{error::CoordinatorError, service::ClusterService};
 
 pub fn routes() -> Router<ClusterService> {
@@ -61,6 +62,22 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, Json(self.body())).into_response()
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        let status = refusal.status();
+        ApiError {
+            status,
+            kind: if status.is_client_error() {
+                "invalid_request_error"
+            } else {
+                "server_error"
+            },
+            code: (status == StatusCode::NOT_FOUND).then_some("model_not_found"),
+            message: refusal.message(),
+        }
     }
 }
 
@@ -179,22 +196,18 @@ async fn chat_completions(
     let (mut request, stream, include_usage) = body.into_chat()?;
     request.conversation_id = conversation(&headers);
     let model = request.model.clone();
-    let events = cluster.chat(request, None)?;
+    let events = opened(cluster.chat(request, None)?).await?;
     let id = format!("chatcmpl-{:x}", rand_id());
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     if stream {
-        let chunks = chunks(
-            ReceiverStream::new(events),
-            id,
-            model,
-            created,
-            include_usage,
-        );
-        return Ok(Sse::new(chunks).into_response());
+        let chunks = chunks(events, id, model, created, include_usage);
+        return Ok(Sse::new(chunks)
+            .keep_alive(KeepAlive::default())
+            .into_response());
     }
-    whole_answer(ReceiverStream::new(events), id, model, created).await
+    whole_answer(events, id, model, created).await
 }
 
 /// The stream as OpenAI's chunks: the role first, then text, then the finish reason, usage
@@ -223,7 +236,7 @@ fn chunks(
                 event: Some(chat_event::Event::Finished(f)),
             }) if f.error.is_empty() => {
                 let mut finish = chunk(json!({}), Some(f.finish_reason.clone()));
-                mark_failovers(&mut finish, f.failovers);
+                mark_failovers(&mut finish, &f);
                 let mut lines = vec![finish];
                 if include_usage {
                     let mut usage = usage_chunk(json!({}), None);
@@ -289,7 +302,7 @@ async fn whole_answer(
                         "total_tokens": f.prompt_tokens + f.completion_tokens,
                     },
                 });
-                return Ok(with_failovers(Json(body).into_response(), f.failovers));
+                return Ok(with_failovers(Json(body).into_response(), &f));
             }
             _ => {}
         }

@@ -224,6 +224,11 @@ struct Replay {
 }
 
 impl Replay {
+    /// Whether the new stream has not yet covered all that was sent.
+    fn short(&self) -> bool {
+        self.covered < self.sent.len()
+    }
+
     /// The part of `text` past what was already sent, and whether the covered part differed.
     fn pass<'t>(&mut self, text: &'t str) -> (&'t str, bool) {
         let remaining = self.sent.len() - self.covered;
@@ -253,6 +258,11 @@ impl Answer<'_> {
         }
     }
 
+    /// Whether the next attempt asks a node to continue text already sent.
+    fn continuing(&self) -> bool {
+        !self.text.is_empty() && self.replay.is_none()
+    }
+
     /// Whether `node` continues a trailing assistant message of this model.
     fn continues_prefix(&self, node_id: &str) -> bool {
         candidates(self.registry, Instant::now())
@@ -268,11 +278,15 @@ impl Answer<'_> {
     fn generate_request(&self) -> GenerateRequest {
         let mut messages = self.request.messages.clone();
         let mut options = self.request.options.clone().unwrap_or_default();
-        if !self.text.is_empty() && self.replay.is_none() {
-            messages.push(ChatMessage {
-                role: "assistant".into(),
-                content: self.text.clone(),
-            });
+        if self.continuing() {
+            match messages.last_mut() {
+                // The caller began the answer itself (a prefill): the text goes on from there.
+                Some(last) if last.role == "assistant" => last.content.push_str(&self.text),
+                _ => messages.push(ChatMessage {
+                    role: "assistant".into(),
+                    content: self.text.clone(),
+                }),
+            }
             if options.max_tokens > 0 {
                 options.max_tokens = options.max_tokens.saturating_sub(self.usage.1);
             }
@@ -294,6 +308,7 @@ impl Work for Answer<'_> {
     fn requirements<'b>(&'b self, exclude: &'b [String]) -> Requirements<'b> {
         Requirements {
             model: Some(&self.request.model),
+            continuing: !self.text.is_empty(),
             prefer: self.prefer.as_deref(),
             exclude,
             ..Default::default()
@@ -325,7 +340,9 @@ impl Work for Answer<'_> {
             });
         if let Some((lost, reason)) = self.lost.take() {
             self.failovers += 1;
-            counter!(FAILOVERS, "model" => self.request.model.clone()).increment(1);
+            if !self.text.is_empty() {
+                counter!(FAILOVERS, "model" => self.request.model.clone()).increment(1);
+            }
             send(
                 self.events,
                 chat_event::Event::Failover(Failover {
@@ -359,7 +376,7 @@ impl Work for Answer<'_> {
         let call = self.agents.generate(&attempt.address, request);
         let mut stream = match tokio::time::timeout(self.stall_timeout, call).await {
             Ok(Ok(stream)) => stream,
-            Ok(Err(status)) => return classify(status, self.events),
+            Ok(Err(status)) => return classify(status, self.continuing(), self.events),
             Err(_) => {
                 return AttemptEnd::Lost(format!("no answer for {:?}", self.stall_timeout));
             }
@@ -410,13 +427,17 @@ impl Work for Answer<'_> {
                         self.usage.1 += 1;
                     }
                     Some(generate_event::Event::Finished(finished)) => {
+                        if self.replay.as_ref().is_some_and(Replay::short) {
+                            // Ended before it said again all that was already sent.
+                            self.diverged = true;
+                        }
                         self.usage.0 += finished.prompt_tokens;
                         self.usage.1 += finished.completion_tokens.saturating_sub(produced);
                         return AttemptEnd::Finished(finished.finish_reason);
                     }
                     None => {}
                 },
-                Some(Err(status)) => return classify(status, self.events),
+                Some(Err(status)) => return classify(status, self.continuing(), self.events),
                 None => {
                     return AttemptEnd::Lost(
                         "the node ended the answer without finishing it".into(),
@@ -433,9 +454,14 @@ impl Work for Answer<'_> {
 }
 
 /// A backend's or agent's failure is retried on another node; a refusal of the request itself
-/// (unknown model there, bad options) is not.
-fn classify(status: Status, events: &ChatSender) -> AttemptEnd<String> {
+/// (unknown model there, bad options) is not, unless the request was the coordinator's own
+/// continuation of an answer, which another node may take.
+fn classify(status: Status, continuing: bool, events: &ChatSender) -> AttemptEnd<String> {
     match status.code() {
+        Code::InvalidArgument if continuing => AttemptEnd::Lost(format!(
+            "it would not continue the answer: {}",
+            status.message()
+        )),
         Code::InvalidArgument => AttemptEnd::Rejected(status),
         Code::Cancelled if events.is_closed() => AttemptEnd::Cancelled,
         Code::ResourceExhausted => AttemptEnd::Busy(loss_reason(&status)),
@@ -715,18 +741,14 @@ mod tests {
         );
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_conversation_stays_on_its_node_while_it_fits() {
+    /// Two turns of one conversation: the first while node a is busy (so it goes to b), the
+    /// second with both idle (a would win on its name); returns the nodes asked.
+    async fn two_turns(first: ChatRequest, second: ChatRequest) -> Vec<String> {
+        let registry = cluster(&["a", "b"]);
         let (chats, backends) = chats(
-            cluster(&["a", "b"]),
+            registry.clone(),
             vec![
-                (
-                    "a",
-                    vec![
-                        Script::Answer(&["one"], "stop"),
-                        Script::Answer(&["two"], "stop"),
-                    ],
-                ),
+                ("a", vec![Script::Answer(&["one"], "stop")]),
                 (
                     "b",
                     vec![
@@ -736,17 +758,64 @@ mod tests {
                 ),
             ],
         );
-        let request = ChatRequest {
+        let a = registry.list(Instant::now())[0].id.clone();
+        let busy = registry.begin(&a, Load::Generation("m"));
+        trace(&chats, first).await;
+        drop(busy);
+        trace(&chats, second).await;
+        let requests = backends.requests.lock().unwrap();
+        requests.iter().map(|(node, _)| node.clone()).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_conversation_stays_on_its_node_while_no_other_is_less_busy() {
+        let turn = ChatRequest {
             conversation_id: "c1".into(),
             ..question(0)
         };
-        trace(&chats, request.clone()).await;
-        trace(&chats, request).await;
-        let requests = backends.requests.lock().unwrap();
         assert_eq!(
-            requests[0].0, requests[1].0,
-            "the conversation changed node"
+            two_turns(turn.clone(), turn).await,
+            ["http://b:50052", "http://b:50052"]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follow_up_repeating_the_opening_stays_with_its_conversation() {
+        let mut follow_up = question(0);
+        follow_up.messages.extend([
+            ChatMessage {
+                role: "assistant".into(),
+                content: "one".into(),
+            },
+            ChatMessage {
+                role: "user".into(),
+                content: "Again.".into(),
+            },
+        ]);
+        assert_eq!(
+            two_turns(question(0), follow_up).await,
+            ["http://b:50052", "http://b:50052"]
+        );
+    }
+
+    #[test]
+    fn a_conversation_is_its_id_or_else_its_model_and_opening() {
+        let key = |f: &dyn Fn(&mut ChatRequest)| {
+            let mut request = question(0);
+            f(&mut request);
+            conversation_key(&request)
+        };
+        let opening = key(&|_| {});
+        let later_turn = key(&|r| {
+            r.messages.push(ChatMessage {
+                role: "assistant".into(),
+                content: "Hello!".into(),
+            })
+        });
+        assert_eq!(opening, later_turn);
+        assert_ne!(opening, key(&|r| r.model = "other".into()));
+        assert_ne!(opening, key(&|r| r.messages[0].content = "Hi.".into()));
+        assert_eq!(key(&|r| r.conversation_id = "c".into()), "id:c");
     }
 
     #[tokio::test(start_paused = true)]
@@ -816,63 +885,47 @@ mod tests {
             covered: 0,
         };
         assert_eq!(diverging.pass("xyz"), ("z", true));
+        // A repeat that differs mid-character is cut after that character, never inside it.
+        let mut mid_character = Replay {
+            sent: "ab".into(),
+            covered: 0,
+        };
+        assert_eq!(mid_character.pass("aéz"), ("z", true));
+        assert!(!mid_character.short());
     }
 
     #[tokio::test(start_paused = true)]
-    async fn answers_with_the_same_opening_stay_together_and_a_failed_answer_moves_nothing() {
+    async fn a_failed_answer_leaves_its_conversation_where_it_was() {
         let (chats, backends) = chats(
             cluster(&["a", "b"]),
             vec![
-                (
-                    "a",
-                    vec![
-                        Script::Answer(&["one"], "stop"),
-                        Script::Answer(&["two"], "stop"),
-                    ],
-                ),
+                ("a", vec![Script::DieAfter(&[])]),
                 ("b", vec![Script::DieAfter(&[])]),
             ],
         );
-        // First turn: a (by name, as both are idle). Second turn, same opening: a again.
-        trace(&chats, question(0)).await;
-        let mut follow_up = question(0);
-        follow_up.messages.extend([
-            ChatMessage {
-                role: "assistant".into(),
-                content: "one".into(),
-            },
-            ChatMessage {
-                role: "user".into(),
-                content: "Again.".into(),
-            },
-        ]);
-        trace(&chats, follow_up).await;
-        // A conversation remembered on b whose answer fails there is still remembered on b.
-        let other = ChatRequest {
-            conversation_id: "other".into(),
-            max_attempts: 1,
-            ..question(0)
-        };
-        let b = chats.registry().list(Instant::now())[1].id.clone();
+        let a = chats.registry().list(Instant::now())[0].id.clone();
         chats
             .conversations
             .lock()
             .unwrap()
-            .put("id:other".into(), b.clone());
-        trace(&chats, other).await;
-        let requests = backends.requests.lock().unwrap();
-        let nodes: Vec<&str> = requests.iter().map(|(a, _)| a.as_str()).collect();
-        assert_eq!(
-            nodes,
-            ["http://a:50052", "http://a:50052", "http://b:50052",]
+            .put("id:c".into(), a.clone());
+        let request = ChatRequest {
+            conversation_id: "c".into(),
+            max_attempts: 2,
+            ..question(0)
+        };
+        let events = trace(&chats, request).await;
+        assert!(
+            events.last().unwrap().contains("attempt 2 on b"),
+            "{events:?}"
         );
-        let remembered = chats
-            .conversations
-            .lock()
-            .unwrap()
-            .peek("id:other")
-            .cloned();
-        assert_eq!(remembered, Some(b), "a failed answer records nothing new");
+        assert_eq!(backends.requests.lock().unwrap().len(), 2);
+        let remembered = chats.conversations.lock().unwrap().peek("id:c").cloned();
+        assert_eq!(
+            remembered,
+            Some(a),
+            "the failed answer's last node was recorded"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -20,10 +20,12 @@ pub fn list(registry: &NodeRegistry, now: Instant) -> Vec<ClusterModel> {
                     node_id: node.id.clone(),
                     node_name: node.registration.name.clone(),
                     offer: Some(ModelOffer {
-                        // Generations this coordinator placed count before a heartbeat tells.
-                        in_flight: offer
-                            .in_flight
-                            .max(node.generations.get(&offer.name).copied().unwrap_or(0)),
+                        // This coordinator's own count, where it has one, is the fresher.
+                        in_flight: node
+                            .generations
+                            .get(&offer.name)
+                            .copied()
+                            .unwrap_or(offer.in_flight),
                         ..offer.clone()
                     }),
                 });

@@ -32,8 +32,9 @@ struct Node {
     state: NodeState,
     /// Runs placed here and not finished.
     in_flight: u32,
-    /// Generations placed here and not finished, by model. Heartbeats report the node's own
-    /// count, up to a beat late; this one knows a placement the moment it is made.
+    /// Generations placed here and not finished, by every model this coordinator has placed
+    /// here (zero included). Heartbeats report the node's own count, up to a beat late either
+    /// way; this one is right the moment a generation starts or ends.
     generations: HashMap<String, u32>,
     /// Which registry stream is the current one (a reconnect opens a new one).
     stream: u64,
@@ -49,7 +50,7 @@ pub struct NodeSnapshot {
     pub load: proto::NodeLoad,
     /// Runs placed there and not finished.
     pub in_flight: u32,
-    /// Generations placed there and not finished, by model.
+    /// Generations placed there and not finished, by every model placed there (zero included).
     pub generations: HashMap<String, u32>,
 }
 
@@ -218,7 +219,7 @@ impl NodeRegistry {
         let before = inner.nodes.len();
         inner.nodes.retain(|_, n| {
             let gone = n.in_flight == 0
-                && n.generations.is_empty()
+                && n.generations.values().all(|g| *g == 0)
                 && !n.observation.stream_open
                 && now.saturating_duration_since(n.observation.last_seen) >= FORGET_AFTER;
             if gone {
@@ -347,7 +348,6 @@ impl NodeRegistry {
                 Load::Run => step(&mut node.in_flight),
                 Load::Generation(model) => {
                     step(node.generations.entry(model.to_string()).or_default());
-                    node.generations.retain(|_, n| *n > 0);
                 }
             }
         }

@@ -73,11 +73,10 @@ impl RunSpec {
     pub fn requirements<'a>(&'a self, exclude: &'a [String]) -> Requirements<'a> {
         Requirements {
             language: Some(self.language),
-            model: None,
-            prefer: None,
             node: self.node.as_deref(),
             labels: self.labels.clone(),
             exclude,
+            ..Default::default()
         }
     }
 }

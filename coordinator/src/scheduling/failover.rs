@@ -10,6 +10,7 @@
 use std::{future::Future, pin::Pin, time::Duration};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use kowalski_exo_common::error_text::broken_transport;
 use tokio::{sync::watch, time::Instant};
 use tonic::{Code, Status};
 
@@ -154,15 +155,17 @@ async fn attempts<W: Work>(
             number,
         };
         *last = Some(attempt.clone());
+        // Counted at once, so the next placement sees it even while this one is announced.
+        let in_flight = registry.begin(&attempt.node_id, work.load());
         if work.placed(&attempt).await.is_err() {
             return Outcome::Cancelled;
         }
         let end = if attempt.address.is_empty() {
             AttemptEnd::Lost("the node left the cluster".into())
         } else {
-            let _in_flight = registry.begin(&attempt.node_id, work.load());
             watched_attempt(registry, work, &attempt).await
         };
+        drop(in_flight);
         let (reason, was_busy) = match end {
             AttemptEnd::Finished(result) => return Outcome::Finished(result),
             AttemptEnd::Rejected(status) => return Outcome::Rejected(status),
@@ -298,19 +301,7 @@ async fn silent(registry: &NodeRegistry, node_id: &str, changes: &mut watch::Rec
 /// A sentence for a failed call; a broken transport says the node was lost instead of quoting
 /// HTTP/2 internals.
 pub fn loss_reason(status: &Status) -> String {
-    const TRANSPORT: [&str; 5] = [
-        "h2 protocol error",
-        "transport error",
-        "connection",
-        "broken pipe",
-        "error reading a body",
-    ];
-    let message = status.message().to_ascii_lowercase();
-    let transport = matches!(
-        status.code(),
-        Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
-    ) && TRANSPORT.iter().any(|words| message.contains(words));
-    if transport {
+    if broken_transport(status) {
         "the connection to the node was lost".into()
     } else {
         format!("{}: {}", code_name(status.code()), status.message())

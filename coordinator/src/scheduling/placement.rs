@@ -25,8 +25,9 @@ pub struct Capabilities {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ServedModel {
     pub name: String,
-    /// Generations in flight: the node's last count or the coordinator's own, whichever is
-    /// higher (a heartbeat is up to a beat late).
+    /// Generations in flight: the coordinator's own count once it has placed the model there
+    /// (a heartbeat is up to a beat late, both when one starts and when one ends), else the
+    /// node's last report (after a coordinator restart, say).
     pub in_flight: u32,
     /// Why its backend is down; none while it works.
     pub down: Option<String>,
@@ -52,9 +53,11 @@ impl Capabilities {
                 .flat_map(|c| &c.models)
                 .map(|m| ServedModel {
                     name: m.name.clone(),
-                    in_flight: m
-                        .in_flight
-                        .max(node.generations.get(&m.name).copied().unwrap_or(0)),
+                    in_flight: node
+                        .generations
+                        .get(&m.name)
+                        .copied()
+                        .unwrap_or(m.in_flight),
                     down: (m.state() != BackendState::Ready).then(|| m.reason.clone()),
                     continues_prefix: m.continues_prefix,
                 })
@@ -143,6 +146,9 @@ pub struct Requirements<'a> {
     pub language: Option<Language>,
     /// A generation's model.
     pub model: Option<&'a str>,
+    /// A generation goes on from text already sent: a node whose backend continues a prefix
+    /// beats one that must generate the answer again.
+    pub continuing: bool,
     /// A node to choose when it fits (a conversation's last node).
     pub prefer: Option<&'a str>,
     /// Node name or id the run is pinned to.
@@ -411,6 +417,14 @@ pub fn place<'c>(
         return Err(Unplaceable::NoneReady { states });
     }
     if let Some(model) = wanted.model {
+        let continues = |c: &&Candidate| {
+            c.capabilities
+                .serving(model)
+                .is_some_and(|m| m.continues_prefix)
+        };
+        if wanted.continuing && fitting.iter().any(continues) {
+            fitting.retain(continues);
+        }
         // Backends queue generations themselves: no slot to wait for, fewest in flight first.
         // A conversation's node keeps it while no other is less busy: a warm prompt cache is not
         // worth waiting behind another answer.
@@ -702,9 +716,9 @@ mod tests {
     }
 
     #[test]
-    fn generations_the_coordinator_placed_count_before_a_heartbeat_reports_them() {
+    fn generations_the_coordinator_placed_count_over_what_a_late_heartbeat_says() {
         use kowalski_exo_common::proto::{ModelCatalog, ModelOffer, Register};
-        let snapshot = |generations: u32| NodeSnapshot {
+        let snapshot = |generations: Option<u32>| NodeSnapshot {
             id: "id-box".into(),
             state: NodeState::Ready,
             registration: Register {
@@ -721,10 +735,15 @@ mod tests {
             },
             load: Default::default(),
             in_flight: 0,
-            generations: [("m".to_string(), generations)].into(),
+            generations: generations
+                .map(|g| ("m".to_string(), g))
+                .into_iter()
+                .collect(),
         };
         let in_flight = |c: Candidate| c.capabilities.serving("m").unwrap().in_flight;
-        assert_eq!(in_flight(Candidate::from(snapshot(3))), 3);
-        assert_eq!(in_flight(Candidate::from(snapshot(0))), 1);
+        // Placed just now, before a beat; ended just now, after one; never placed by us.
+        assert_eq!(in_flight(Candidate::from(snapshot(Some(3)))), 3);
+        assert_eq!(in_flight(Candidate::from(snapshot(Some(0)))), 0);
+        assert_eq!(in_flight(Candidate::from(snapshot(None))), 1);
     }
 }

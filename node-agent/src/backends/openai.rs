@@ -3,7 +3,10 @@
 //! `owned_by`) decides how a trailing assistant message is treated: llama.cpp's server continues
 //! it, vLLM does when asked to, others (llama-cpp-python, LM Studio) answer it as a new turn.
 
-use std::sync::{Arc, RwLock};
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+};
 
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
@@ -22,8 +25,9 @@ use super::{
 pub struct OpenAi {
     base: String,
     client: reqwest::Client,
-    /// The server behind the API, as its model list last said.
-    server: Arc<RwLock<Server>>,
+    /// The server behind each model, as the model list last said (a proxy such as LiteLLM
+    /// lists models of several servers).
+    servers: Arc<RwLock<HashMap<String, Server>>>,
 }
 
 /// The OpenAI-compatible servers whose handling of a trailing assistant message is known.
@@ -101,7 +105,7 @@ impl OpenAi {
         OpenAi {
             base: base.trim_end_matches('/').to_string(),
             client,
-            server: Arc::default(),
+            servers: Arc::default(),
         }
     }
 
@@ -117,8 +121,12 @@ impl OpenAi {
             "the model list is not what the OpenAI API sends",
         )
         .await?;
-        let server = Server::of(list.data.first().and_then(|m| m.owned_by.as_deref()));
-        *self.server.write().expect("server lock poisoned") = server;
+        let servers: HashMap<String, Server> = list
+            .data
+            .iter()
+            .map(|m| (m.id.clone(), Server::of(m.owned_by.as_deref())))
+            .collect();
+        *self.servers.write().expect("servers lock poisoned") = servers.clone();
         Ok(list
             .data
             .into_iter()
@@ -130,8 +138,8 @@ impl OpenAi {
                         .as_u64()
                         .map(|n| n as u32)
                 }),
+                continues_prefix: servers[&m.id].continues_prefix(),
                 name: m.id,
-                continues_prefix: server.continues_prefix(),
             })
             .collect())
     }
@@ -140,7 +148,13 @@ impl OpenAi {
         &self,
         request: &GenerateRequest,
     ) -> Result<GenerationStream, BackendError> {
-        let server = *self.server.read().expect("server lock poisoned");
+        let server = self
+            .servers
+            .read()
+            .expect("servers lock poisoned")
+            .get(&request.model)
+            .copied()
+            .unwrap_or_default();
         let response = self
             .client
             .post(format!("{}/chat/completions", self.base))
