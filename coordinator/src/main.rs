@@ -13,14 +13,16 @@ use kowalski_exo_common::{
     },
     shutdown::ShutdownSignals,
     telemetry,
+    tls::files,
 };
 use kowalski_exo_coordinator::{
     cli::{
         Failure,
-        connect::{local_agent_config, with_client},
+        connect::{Dial, local_agent_config, with_client},
         follow::{FollowOptions, follow},
         inference, nodes, plan,
         request::{check_markdown, limits, parse_size, parse_timeout, program_stdin, read_text},
+        trust,
     },
     inference::chat::DEFAULT_STALL_TIMEOUT,
     server::{self, CoordinatorConfig},
@@ -53,9 +55,21 @@ enum Command {
         /// default).
         #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_timeout)]
         stall_timeout: u32,
+        #[command(flatten)]
+        security: SecurityArgs,
     },
-    /// List the nodes of the cluster.
+    /// Print the token a device joins the cluster with (`node-agent --join TOKEN`).
+    Token {
+        /// Replace it: the old one lets no device join from now on.
+        #[arg(long)]
+        new: bool,
+        #[command(flatten)]
+        data: DataDirArg,
+    },
+    /// List the nodes of the cluster, or revoke one.
     Nodes {
+        #[command(subcommand)]
+        action: Option<NodesAction>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -140,6 +154,38 @@ enum Command {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum NodesAction {
+    /// Refuse a node's certificate from now on (it may join again with a new token).
+    Revoke {
+        name: String,
+        #[command(flatten)]
+        data: DataDirArg,
+    },
+}
+
+#[derive(Args, Debug)]
+struct DataDirArg {
+    /// The coordinator's data directory: the cluster's authority, join token, node records.
+    #[arg(long, value_name = "DIR", default_value_os_t = files::default_dir("coordinator"))]
+    data_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct SecurityArgs {
+    #[command(flatten)]
+    data: DataDirArg,
+    /// TLS and node certificates on loopback too (on any other address they are the default).
+    #[arg(long, conflicts_with = "insecure")]
+    tls: bool,
+    /// No TLS on a non-loopback address: any device that reaches it can run code on every node.
+    #[arg(long)]
+    insecure: bool,
+    /// Another name the coordinator's certificate carries, one clients dial it by (repeatable).
+    #[arg(long = "tls-name", value_name = "NAME")]
+    tls_names: Vec<String>,
+}
+
 #[derive(Args, Debug)]
 struct ClientArgs {
     /// Coordinator to talk to (also read from COORDINATOR_ADDR, the older name).
@@ -152,6 +198,20 @@ struct ClientArgs {
     /// Start an in-process coordinator and agent instead of dialing one.
     #[arg(long)]
     local: bool,
+    /// The cluster authority's certificate, for a coordinator that runs with TLS
+    /// (`authority.pem` in its data directory).
+    #[arg(long, value_name = "FILE", env = "KOWALSKI_CA")]
+    ca: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    fn dial(&self) -> Dial {
+        Dial {
+            addr: self.addr.clone(),
+            local: self.local,
+            ca: self.ca.clone(),
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -213,9 +273,17 @@ async fn main() -> ExitCode {
             http,
             local_agent,
             stall_timeout,
+            security,
         } => {
             telemetry::init();
             let config = CoordinatorConfig {
+                tls: trust::tls_setup(
+                    &listen,
+                    security.tls,
+                    security.insecure,
+                    &security.data.data_dir,
+                    &security.tls_names,
+                ),
                 http: server::http_address(&listen, http.as_deref()),
                 local_agent: local_agent.then(local_agent_config),
                 stall_timeout: match stall_timeout {
@@ -226,8 +294,16 @@ async fn main() -> ExitCode {
             };
             (serve(config).await, false)
         }
-        Command::Nodes { client } => (
-            with_client(&client.addr, client.local, |c, addr| async move {
+        Command::Token { new, data } => (trust::token(&data.data_dir, new), false),
+        Command::Nodes {
+            action: Some(NodesAction::Revoke { name, data }),
+            ..
+        } => (trust::revoke(&data.data_dir, &name), false),
+        Command::Nodes {
+            action: None,
+            client,
+        } => (
+            with_client(&client.dial(), |c, addr| async move {
                 nodes::list(c, &addr, client.json).await
             })
             .await,
@@ -256,7 +332,7 @@ async fn main() -> ExitCode {
             client.json,
         ),
         Command::Models { client } => (
-            with_client(&client.addr, client.local, |c, addr| async move {
+            with_client(&client.dial(), |c, addr| async move {
                 inference::list(c, &addr, client.json).await
             })
             .await,
@@ -275,7 +351,7 @@ async fn main() -> ExitCode {
                 inference::request(model, system, max_tokens, temperature, conversation, prompt);
             let result = match request {
                 Ok(request) => {
-                    with_client(&client.addr, client.local, |c, addr| async move {
+                    with_client(&client.dial(), |c, addr| async move {
                         inference::chat(c, &addr, request, client.json).await
                     })
                     .await
@@ -285,14 +361,14 @@ async fn main() -> ExitCode {
             (result, client.json)
         }
         Command::Drain { client, node } => (
-            with_client(&client.addr, client.local, |c, addr| async move {
+            with_client(&client.dial(), |c, addr| async move {
                 nodes::set_draining(c, &addr, node, true, client.json).await
             })
             .await,
             client.json,
         ),
         Command::Undrain { client, node } => (
-            with_client(&client.addr, client.local, |c, addr| async move {
+            with_client(&client.dial(), |c, addr| async move {
                 nodes::set_draining(c, &addr, node, false, client.json).await
             })
             .await,
@@ -382,7 +458,7 @@ async fn run_document(
             document,
             placement: Some(run.constraints()),
         };
-        return with_client(&client.addr, client.local, |c, addr| async move {
+        return with_client(&client.dial(), |c, addr| async move {
             plan::show(c, &addr, request, client.json).await
         })
         .await;
@@ -413,7 +489,7 @@ where
     F: FnOnce(CoordinatorClient<Channel>) -> Fut,
     Fut: Future<Output = Result<tonic::Response<Streaming<ClusterEvent>>, tonic::Status>>,
 {
-    with_client(&client.addr, client.local, |c, addr| async move {
+    with_client(&client.dial(), |c, addr| async move {
         let stream = call(c)
             .await
             .map_err(|s| Failure::from_status(s, &addr))?

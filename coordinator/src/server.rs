@@ -1,13 +1,14 @@
 //! The coordinator server assembled: registry, its two gRPC services, health and reflection,
 //! and optionally an in-process node agent so one process is a whole single-device cluster.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use axum::serve::ListenerExt;
 use kowalski_exo_common::{
     defaults,
     proto::{agent_registry_server::AgentRegistryServer, coordinator_server::CoordinatorServer},
     request_size::MAX_MESSAGE_BYTES,
+    tls::TlsError,
     transport::{self, ServeError, ServerBase},
 };
 use kowalski_exo_node_agent::{AgentConfig, RunningAgent};
@@ -20,8 +21,10 @@ use crate::{
     cluster_metrics, http,
     inference::{Chats, chat::DEFAULT_STALL_TIMEOUT},
     registry::NodeRegistry,
+    scheduling::agents::{AgentConnector, GrpcAgents},
     scheduling::dispatch::Dispatcher,
     service::ClusterService,
+    trust::ClusterTrust,
 };
 
 /// How long shutdown waits for open client streams.
@@ -34,6 +37,8 @@ pub enum StartError {
     Serve(#[from] ServeError),
     #[error("cannot start the local agent: {0}")]
     LocalAgent(#[from] kowalski_exo_node_agent::agent::AgentError),
+    #[error("cannot set up TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 /// A started coordinator.
@@ -97,6 +102,17 @@ pub struct CoordinatorConfig {
     pub local_agent: Option<AgentConfig>,
     /// A chat answer whose node sends no token for this long moves to another node.
     pub stall_timeout: Duration,
+    /// Cluster identity over TLS; none: plaintext, for a coordinator on loopback (or one told
+    /// `--insecure`).
+    pub tls: Option<TlsSetup>,
+}
+
+/// Where the cluster's authority is kept, and the names the coordinator's certificate carries
+/// besides its addresses and `localhost`.
+#[derive(Clone, Debug)]
+pub struct TlsSetup {
+    pub data_dir: PathBuf,
+    pub names: Vec<String>,
 }
 
 impl CoordinatorConfig {
@@ -107,8 +123,31 @@ impl CoordinatorConfig {
             http: None,
             local_agent: None,
             stall_timeout: DEFAULT_STALL_TIMEOUT,
+            tls: None,
         }
     }
+}
+
+/// What the coordinator's certificate is valid for: the address it listens on (every address
+/// of the machine when it listens on all), the machine's name, `localhost`, and `extra`.
+fn certificate_names(addr: SocketAddr, extra: &[String]) -> Vec<String> {
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+    if addr.ip().is_unspecified() {
+        if let Ok(interfaces) = nix::ifaddrs::getifaddrs() {
+            names.extend(interfaces.filter_map(|i| i.address).filter_map(|a| {
+                a.as_sockaddr_in()
+                    .map(|v4| v4.ip().to_string())
+                    .or_else(|| a.as_sockaddr_in6().map(|v6| v6.ip().to_string()))
+            }));
+        }
+        names.push(kowalski_exo_node_agent::agent::default_name());
+    } else {
+        names.push(addr.ip().to_string());
+    }
+    names.extend(extra.iter().cloned());
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// Binds its addresses and serves until the returned handle is stopped.
@@ -118,6 +157,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Star
         http,
         local_agent,
         stall_timeout,
+        tls,
     } = config;
     // Counted from the start, whether or not anyone scrapes them.
     cluster_metrics::install();
@@ -129,9 +169,21 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Star
         Some(http) => Some(transport::bind(http).await?),
         None => None,
     };
+    let trust = match &tls {
+        Some(setup) => {
+            let trust = ClusterTrust::open(&setup.data_dir)?;
+            let identity = trust.coordinator_identity(&certificate_names(addr, &setup.names))?;
+            Some((Arc::new(trust), identity))
+        }
+        None => None,
+    };
+    let agents: Arc<dyn AgentConnector> = match &trust {
+        Some((trust, identity)) => Arc::new(GrpcAgents::with_tls(trust.agent_tls(identity))),
+        None => Arc::new(GrpcAgents::default()),
+    };
     let cluster = ClusterService::new(
-        Dispatcher::new(registry.clone()),
-        Chats::new(registry.clone(), stall_timeout),
+        Dispatcher::new(registry.clone(), agents.clone()),
+        Chats::new(registry.clone(), agents, stall_timeout),
     );
     let mut server = ServerBase::new(&[
         AgentRegistryServer::<RegistryService>::NAME,
@@ -140,8 +192,12 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Star
     server
         .routes()
         .add_service(
-            AgentRegistryServer::new(RegistryService::new(registry.clone(), shutdown.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            AgentRegistryServer::new(RegistryService::new(
+                registry.clone(),
+                shutdown.clone(),
+                trust.as_ref().map(|(trust, _)| trust.clone()),
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
             CoordinatorServer::new(ClientService::new(cluster.clone()))
@@ -155,8 +211,15 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Star
         .set_serving::<CoordinatorServer<ClientService>>()
         .await;
     let stop = shutdown.clone();
-    let task = tokio::spawn(async move { server.serve(listener, stop.cancelled_owned()).await });
-    tracing::info!(%addr, "coordinator listening");
+    let server_tls = trust
+        .as_ref()
+        .map(|(trust, identity)| trust.server_tls(identity));
+    let task = tokio::spawn(async move {
+        server
+            .serve(listener, server_tls, stop.cancelled_owned())
+            .await
+    });
+    tracing::info!(%addr, tls = trust.is_some(), "coordinator listening");
     let http_addr = http_listener.map(|(listener, http_addr)| {
         let router = http::router(cluster);
         let stop = shutdown.clone();
@@ -185,10 +248,16 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Star
             } else {
                 addr
             };
-            let config = AgentConfig {
+            let mut config = AgentConfig {
                 coordinator: Some(format!("http://{dial}")),
                 ..config
             };
+            if let (Some((trust, _)), Some(setup)) = (&trust, &tls) {
+                // The in-process agent joins like any other, with the token, and keeps its
+                // certificate beside the coordinator's authority.
+                config.join = Some(trust.token()?.to_string());
+                config.data_dir = setup.data_dir.join("local-agent");
+            }
             match kowalski_exo_node_agent::start(config).await {
                 Ok(agent) => Some(agent),
                 Err(e) => {

@@ -13,17 +13,19 @@ use kowalski_exo_common::{
     defaults,
     proto::node_agent_server::NodeAgentServer,
     request_size::MAX_MESSAGE_BYTES,
+    tls::{Peer, Role, files},
     transport::{self, ServeError, ServerBase},
 };
 use tokio::task::JoinHandle;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tonic::server::NamedService;
+use tonic::{Request, Status, server::NamedService, service::interceptor::InterceptedService};
 
 use crate::{
     admission::Admission,
     backends::{Backend, Catalog, DEFAULT_OLLAMA_URL, catalog::DEFAULT_POLL_INTERVAL},
     exec::{ExecDirs, ExecLimits, Executor},
     fingerprint::{self, SearchPath},
+    membership::{Membership, MembershipError},
     registration::{self, Registration},
     sandbox::Sandbox,
     service::{Identity, NodeAgentService},
@@ -58,6 +60,10 @@ pub struct AgentConfig {
     pub backends: Vec<Backend>,
     /// How often backends are asked for their models and probed.
     pub model_poll_interval: Duration,
+    /// Where the node keeps its certificate once it has joined a cluster that runs with TLS.
+    pub data_dir: PathBuf,
+    /// A join token (`coordinator token`), to join such a cluster the first time.
+    pub join: Option<String>,
 }
 
 impl Default for AgentConfig {
@@ -83,7 +89,23 @@ impl Default for AgentConfig {
             // Ollama on its default port, used when it answers.
             backends: vec![Backend::ollama(DEFAULT_OLLAMA_URL)],
             model_poll_interval: DEFAULT_POLL_INTERVAL,
+            data_dir: files::default_dir("node-agent"),
+            join: None,
         }
+    }
+}
+
+/// Over TLS, every caller holds a certificate of the cluster's authority; a node's is not
+/// enough to call another node (a device taken over cannot run code on the others).
+fn no_node_callers(request: Request<()>) -> Result<Request<()>, Status> {
+    match Peer::of(&request) {
+        None => Ok(request),
+        Some(Ok(peer)) if peer.role != Role::Node => Ok(request),
+        Some(Ok(peer)) => Err(Status::permission_denied(format!(
+            "'{}' holds a node certificate: nodes do not call each other; use the coordinator, or a client certificate (`coordinator cert issue`)",
+            peer.name
+        ))),
+        Some(Err(e)) => Err(Status::permission_denied(e.to_string())),
     }
 }
 
@@ -121,6 +143,8 @@ pub enum AgentError {
         what: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
 }
 
 /// A started agent.
@@ -186,6 +210,13 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     let shutdown = CancellationToken::new();
     // Bound first, so a taken port or a bad address leaves nothing behind.
     let (listener, addr) = transport::bind(&config.listen).await?;
+    let membership = Membership::resolve(
+        &config.data_dir,
+        config.coordinator.as_deref(),
+        config.join.as_deref(),
+        &config.name,
+    )
+    .await?;
     if config.dirs.work_root == default_work_root() {
         remove_dead_agents_work_roots(&config.dirs.work_root);
     }
@@ -233,9 +264,10 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         runs.clone(),
     );
     let mut server = ServerBase::new(&[NodeAgentServer::<NodeAgentService>::NAME])?;
-    server.routes().add_service(
+    server.routes().add_service(InterceptedService::new(
         NodeAgentServer::new(service.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
-    );
+        no_node_callers,
+    ));
     server
         .health()
         .set_serving::<NodeAgentServer<NodeAgentService>>()
@@ -245,6 +277,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         name = %config.name,
         isolation = ?sandbox.level(),
         languages = ?service.runtimes().borrow().healthy_languages(),
+        tls = membership.is_some(),
         "node agent listening"
     );
     if let Some(coordinator) = config.coordinator.clone() {
@@ -252,13 +285,19 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
             .advertise
             .clone()
             .unwrap_or_else(|| registration::advertise_address(addr));
-        let registration = Registration::new(coordinator, advertise, service.clone());
+        let registration = Registration::new(
+            coordinator,
+            advertise,
+            service.clone(),
+            membership.as_ref().map(Membership::client_tls),
+        );
         tokio::spawn(registration.run(shutdown.clone()));
     }
     let stop = shutdown.clone();
     let work_root = config.dirs.work_root.clone();
     let task = tokio::spawn(async move {
-        let served = server.serve(listener, stop.cancelled_owned()).await;
+        let tls = membership.as_ref().map(Membership::server_tls);
+        let served = server.serve(listener, tls, stop.cancelled_owned()).await;
         runs.close();
         if tokio::time::timeout(SHUTDOWN_GRACE, runs.wait())
             .await

@@ -7,6 +7,7 @@
 //!   serve and whether they generate.
 //! - [`admission`]: the concurrency limit and its bounded queue.
 //! - [`service`]: the NodeAgent gRPC service, a thin layer over the executor and the backends.
+//! - [`membership`]: the node's certificate in a cluster that runs with TLS, got by joining.
 //! - [`registration`]: the background stream that joins the coordinator, with heartbeats.
 //! - [`agent`]: everything assembled into a server that shuts down cleanly.
 
@@ -17,6 +18,7 @@ pub mod error;
 pub mod exec;
 pub mod fingerprint;
 mod load;
+pub mod membership;
 pub mod registration;
 pub mod sandbox;
 pub mod service;

@@ -3,7 +3,9 @@
 use std::{collections::HashMap, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use kowalski_exo_common::{cli_args, defaults, exit, shutdown::ShutdownSignals, telemetry};
+use kowalski_exo_common::{
+    cli_args, defaults, exit, shutdown::ShutdownSignals, telemetry, tls::files,
+};
 use kowalski_exo_node_agent::{
     AgentConfig,
     agent::AgentError,
@@ -83,6 +85,18 @@ struct ServeArgs {
     /// Do not use cgroups even where the host offers them.
     #[arg(long, env = "KOWALSKI_NO_CGROUPS")]
     no_cgroups: bool,
+    /// Join a cluster that runs with TLS, once, with the token `coordinator token` prints;
+    /// the node's certificate is kept in --data-dir and used from then on.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "KOWALSKI_JOIN_TOKEN",
+        hide_env_values = true
+    )]
+    join: Option<String>,
+    /// Where this agent keeps its certificate (several agents on one machine need one each).
+    #[arg(long, value_name = "DIR", default_value_os_t = files::default_dir("node-agent"))]
+    data_dir: PathBuf,
 }
 
 #[tokio::main]
@@ -139,6 +153,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         fingerprint_interval: Duration::from_secs(args.fingerprint_interval.max(1)),
         use_cgroups: !args.no_cgroups,
         model_poll_interval: Duration::from_secs(args.model_poll_interval.max(1)),
+        join: args.join,
+        data_dir: args.data_dir,
         ..AgentConfig::default()
     };
     if !args.ollama.is_empty() || !args.openai.is_empty() {

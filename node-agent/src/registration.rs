@@ -11,7 +11,7 @@ use kowalski_exo_common::{
         self, AgentMessage, NodeLoad, agent_message, agent_registry_client::AgentRegistryClient,
         coordinator_message,
     },
-    transport,
+    transport::{self, ClientTls},
 };
 use tokio::{sync::mpsc, time::Instant};
 use tokio_stream::wrappers::ReceiverStream;
@@ -61,6 +61,8 @@ pub struct Registration {
     coordinator: String,
     advertise: String,
     service: NodeAgentService,
+    /// Mutual TLS with the node's certificate, in a cluster that runs with TLS.
+    tls: Option<ClientTls>,
     /// Kept across reconnects so the coordinator recognises this node.
     node_id: String,
     load: LoadSampler,
@@ -78,11 +80,17 @@ enum StreamError {
 }
 
 impl Registration {
-    pub fn new(coordinator: String, advertise: String, service: NodeAgentService) -> Self {
+    pub fn new(
+        coordinator: String,
+        advertise: String,
+        service: NodeAgentService,
+        tls: Option<ClientTls>,
+    ) -> Self {
         Registration {
             coordinator,
             advertise,
             service,
+            tls,
             node_id: String::new(),
             load: LoadSampler::default(),
         }
@@ -130,7 +138,9 @@ impl Registration {
     /// One stream: register, then heartbeat until it breaks. `Ok(true)` when it was registered
     /// before it ended (so the next attempt starts with a short delay), `Ok(false)` at shutdown.
     async fn attach(&mut self, shutdown: &CancellationToken) -> Result<bool, StreamError> {
-        let channel = transport::endpoint(&self.coordinator)?.connect().await?;
+        let channel = transport::endpoint(&self.coordinator, self.tls.as_ref())?
+            .connect()
+            .await?;
         let mut client = AgentRegistryClient::new(channel);
         let (outbound, queue) = mpsc::channel(8);
         let mut runtimes = self.service.runtimes();

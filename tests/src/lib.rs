@@ -162,7 +162,7 @@ fn logged_addr(line: &str, marker: &str) -> Option<SocketAddr> {
 
 /// A connection to the gRPC server at `url`, dialled as the binaries dial each other.
 pub async fn channel(url: &str) -> Result<Channel, tonic::transport::Error> {
-    kowalski_exo_common::transport::endpoint(url)?
+    kowalski_exo_common::transport::endpoint(url, None)?
         .connect()
         .await
 }

@@ -6,8 +6,8 @@ pub mod server;
 
 use std::time::Duration;
 
-pub use client::endpoint;
-pub use server::{ServeError, ServerBase, bind};
+pub use client::{ClientTls, endpoint};
+pub use server::{ServeError, ServerBase, ServerTls, bind};
 
 /// HTTP/2 pings on every connection, both ends, so a peer that vanished without closing (a
 /// device switched off, a cable pulled) is noticed within their sum.

@@ -7,12 +7,36 @@ use std::{future::Future, net::SocketAddr};
 use tokio::net::TcpListener;
 use tonic::{
     service::{Routes, RoutesBuilder},
-    transport::{Server, server::TcpIncoming},
+    transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming},
 };
 use tonic_health::server::HealthReporter;
 
 use super::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
-use crate::proto::FILE_DESCRIPTOR_SET;
+use crate::{proto::FILE_DESCRIPTOR_SET, tls};
+
+/// TLS on a cluster server.
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    /// The server's certificate (chained up to the cluster's authority) and key.
+    pub identity: tls::Identity,
+    /// The cluster authority's certificate (PEM), which client certificates must chain up to.
+    pub authority_pem: String,
+    /// Whether every client must show a certificate (a node agent's server), or only may (the
+    /// coordinator's, where people's tools come with API keys instead).
+    pub client_certificate_required: bool,
+}
+
+impl ServerTls {
+    fn config(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new()
+            .identity(Identity::from_pem(
+                &self.identity.cert_pem,
+                &self.identity.key_pem,
+            ))
+            .client_ca_root(Certificate::from_pem(&self.authority_pem))
+            .client_auth_optional(!self.client_certificate_required)
+    }
+}
 
 /// The services every server carries besides its own: health and reflection.
 pub struct ServerBase {
@@ -98,16 +122,22 @@ impl ServerBase {
         self.health.clone()
     }
 
-    /// Serves the routes on an already bound listener until `shutdown` completes.
+    /// Serves the routes on an already bound listener until `shutdown` completes; with `tls`,
+    /// over TLS only.
     pub async fn serve(
         self,
         listener: TcpListener,
+        tls: Option<ServerTls>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServeError> {
         let routes: Routes = self.routes.routes();
         // Output chunks are small and latency matters: no Nagle delay on accepted connections.
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        Server::builder()
+        let mut server = Server::builder();
+        if let Some(tls) = tls {
+            server = server.tls_config(tls.config())?;
+        }
+        server
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .add_routes(routes)

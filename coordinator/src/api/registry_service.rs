@@ -1,18 +1,29 @@
-//! AgentRegistry.Attach: the first message registers, then every message counts as a sign of
-//! life until the stream closes.
+//! AgentRegistry: Attach, whose first message registers, then every message counts as a sign
+//! of life until the stream closes; and Join, by which a device gets its node certificate in a
+//! cluster that runs with TLS. There, a node attaches only with its certificate, under the name
+//! the certificate carries, with an id derived from it.
 
 use std::pin::Pin;
 
-use kowalski_exo_common::proto::{
-    AgentMessage, CoordinatorMessage, Registered, agent_message,
-    agent_registry_server::AgentRegistry, coordinator_message,
+use std::sync::Arc;
+
+use kowalski_exo_common::{
+    proto::{
+        AgentMessage, CoordinatorMessage, JoinRequest, JoinResponse, Registered, agent_message,
+        agent_registry_server::AgentRegistry, coordinator_message,
+    },
+    tls::{Peer, Role},
 };
 use tokio::{sync::mpsc, time::Instant};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{error::CoordinatorError, registry::NodeRegistry};
+use crate::{
+    error::CoordinatorError,
+    registry::NodeRegistry,
+    trust::{ClusterTrust, Refused},
+};
 
 #[derive(Clone)]
 pub struct RegistryService {
@@ -20,11 +31,58 @@ pub struct RegistryService {
     /// Ends every agent stream when the coordinator shuts down (agents then reconnect to the
     /// next coordinator by themselves).
     shutdown: CancellationToken,
+    /// The cluster's authority, when the coordinator runs with TLS.
+    trust: Option<Arc<ClusterTrust>>,
 }
 
 impl RegistryService {
-    pub fn new(registry: NodeRegistry, shutdown: CancellationToken) -> Self {
-        RegistryService { registry, shutdown }
+    pub fn new(
+        registry: NodeRegistry,
+        shutdown: CancellationToken,
+        trust: Option<Arc<ClusterTrust>>,
+    ) -> Self {
+        RegistryService {
+            registry,
+            shutdown,
+            trust,
+        }
+    }
+
+    /// With TLS, the node the request's certificate names, if it may attach as `name`.
+    fn admit(
+        &self,
+        peer: Option<Result<Peer, kowalski_exo_common::tls::TlsError>>,
+        name: &str,
+    ) -> Result<Option<Peer>, Status> {
+        let Some(trust) = &self.trust else {
+            return Ok(None);
+        };
+        let peer = match peer {
+            Some(Ok(peer)) if peer.role == Role::Node => peer,
+            Some(Ok(peer)) => {
+                return Err(Status::permission_denied(format!(
+                    "'{}' holds a {} certificate, not a node's",
+                    peer.name,
+                    peer.role.name()
+                )));
+            }
+            Some(Err(e)) => return Err(Status::permission_denied(e.to_string())),
+            None => {
+                return Err(Status::unauthenticated(
+                    "this coordinator runs with TLS: a node attaches with its certificate; join once with `node-agent --join TOKEN` (`coordinator token` prints one)",
+                ));
+            }
+        };
+        if peer.name != name {
+            return Err(Status::permission_denied(format!(
+                "this node's certificate is for '{}', not '{name}'",
+                peer.name
+            )));
+        }
+        trust
+            .check_node(&peer)
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
+        Ok(Some(peer))
     }
 }
 
@@ -39,6 +97,7 @@ impl AgentRegistry for RegistryService {
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
         let peer = request.remote_addr();
+        let certificate = Peer::of(&request);
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.and_then(|m| m.message).ok_or(
             CoordinatorError::Registration("the stream closed before registering"),
@@ -53,6 +112,10 @@ impl AgentRegistry for RegistryService {
             return Err(
                 CoordinatorError::Registration("registration has an empty node name").into(),
             );
+        }
+        if let Some(node) = self.admit(certificate, &registration.name)? {
+            // The id is the certificate's, whatever the node says.
+            registration.node_id = format!("node-{}", &node.fingerprint[..12]);
         }
         registration.address = dial_address(&registration.address, peer);
         let name = registration.name.clone();
@@ -91,6 +154,30 @@ impl AgentRegistry for RegistryService {
             drop(commands);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(stream))))
+    }
+
+    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let Some(trust) = &self.trust else {
+            return Err(Status::failed_precondition(
+                "this coordinator runs without TLS: agents attach with no token",
+            ));
+        };
+        let request = request.into_inner();
+        if request.name.is_empty() {
+            return Err(Status::invalid_argument("a joining node needs a name"));
+        }
+        let chain = trust
+            .join(&request.token_secret, &request.name, &request.csr_pem)
+            .map_err(|e| match e {
+                Refused::WrongToken => Status::permission_denied(e.to_string()),
+                Refused::Tls(_) => Status::invalid_argument(e.to_string()),
+                Refused::Revoked(_) => Status::permission_denied(e.to_string()),
+            })?;
+        tracing::info!(node = %request.name, "node joined");
+        Ok(Response::new(JoinResponse {
+            certificate_chain_pem: chain,
+            authority_pem: trust.authority_pem().to_string(),
+        }))
     }
 }
 

@@ -1,12 +1,13 @@
 //! Reaching a coordinator for a client subcommand: the one at `--addr`, or with `--local` an
 //! in-process coordinator and agent on loopback ports the OS picks, stopped afterwards.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use kowalski_exo_common::{
     error_text::{error_chain, root_cause},
     proto::coordinator_client::CoordinatorClient,
-    telemetry, transport,
+    telemetry,
+    transport::{self, ClientTls},
 };
 use kowalski_exo_node_agent::AgentConfig;
 use tonic::transport::Channel;
@@ -26,23 +27,56 @@ pub fn local_agent_config() -> AgentConfig {
     }
 }
 
-/// Connects to `addr` (or a local cluster), runs `command` with the client and the address it
-/// dialled, and stops the local cluster.
-pub async fn with_client<F, Fut>(addr: &str, local: bool, command: F) -> Result<u8, Failure>
+/// Which coordinator a client command talks to, and how.
+#[derive(Clone, Debug, Default)]
+pub struct Dial {
+    /// `http://HOST:PORT` (or `https://`).
+    pub addr: String,
+    /// Start an in-process coordinator and agent instead.
+    pub local: bool,
+    /// The cluster authority's certificate, to reach a coordinator that runs with TLS.
+    pub ca: Option<PathBuf>,
+}
+
+impl Dial {
+    fn tls(&self) -> Result<Option<ClientTls>, Failure> {
+        let Some(ca) = &self.ca else {
+            if self.addr.starts_with("https://") {
+                return Err(Failure::usage(format!(
+                    "{} runs with TLS: pass --ca FILE (the cluster authority, `authority.pem` in the coordinator's data directory, or KOWALSKI_CA)",
+                    self.addr
+                )));
+            }
+            return Ok(None);
+        };
+        let authority_pem = std::fs::read_to_string(ca)
+            .map_err(|e| Failure::usage(format!("--ca {}: {e}", ca.display())))?;
+        Ok(Some(ClientTls {
+            authority_pem,
+            identity: None,
+            server_name: None,
+        }))
+    }
+}
+
+/// Connects to the coordinator `dial` names (or a local cluster), runs `command` with the
+/// client and the address it dialled, and stops the local cluster.
+pub async fn with_client<F, Fut>(dial: &Dial, command: F) -> Result<u8, Failure>
 where
     F: FnOnce(CoordinatorClient<Channel>, String) -> Fut,
     Fut: Future<Output = Result<u8, Failure>>,
 {
-    let local = if local {
+    let tls = if dial.local { None } else { dial.tls()? };
+    let local = if dial.local {
         Some(start_local().await?)
     } else {
         None
     };
     let addr = match &local {
         Some(cluster) => format!("http://{}", cluster.addr),
-        None => addr.to_string(),
+        None => dial.addr.clone(),
     };
-    let channel = match transport::endpoint(&addr) {
+    let channel = match transport::endpoint(&addr, tls.as_ref()) {
         Ok(endpoint) => endpoint.connect().await,
         Err(e) => Err(e),
     };

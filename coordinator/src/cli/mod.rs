@@ -8,6 +8,7 @@ pub mod inference;
 pub mod nodes;
 pub mod plan;
 pub mod request;
+pub mod trust;
 
 use kowalski_exo_common::{
     error_text::broken_transport,
@@ -98,9 +99,15 @@ impl Failure {
             _ => EXIT_INFRASTRUCTURE,
         };
         if broken_transport(&status) {
+            // A plaintext client talking to a TLS server sees only a broken connection.
+            let hint = if addr.starts_with("http://") {
+                " (a coordinator that runs with TLS needs --ca FILE, its authority.pem)"
+            } else {
+                ""
+            };
             return Failure::new(
                 exit,
-                format!("lost the connection to the coordinator at {addr}"),
+                format!("lost the connection to the coordinator at {addr}{hint}"),
             );
         }
         Failure::new(exit, status.message().to_string())
@@ -166,7 +173,7 @@ mod tests {
         let failure = Failure::from_status(status, "http://10.0.0.2:50051");
         assert_eq!(
             failure.message,
-            "lost the connection to the coordinator at http://10.0.0.2:50051"
+            "lost the connection to the coordinator at http://10.0.0.2:50051 (a coordinator that runs with TLS needs --ca FILE, its authority.pem)"
         );
         assert_eq!((failure.status, failure.code), (4, "infrastructure"));
         let refused =

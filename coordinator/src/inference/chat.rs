@@ -28,7 +28,7 @@ use crate::{
     cluster_metrics::{ANSWERS, FAILOVERS, TIME_TO_FIRST_TOKEN, TOKENS},
     registry::{Load, NodeRegistry},
     scheduling::{
-        agents::{AgentConnector, GrpcAgents},
+        agents::AgentConnector,
         failover::{self, Attempt, AttemptEnd, CallerGone, Departure, Outcome, Work, loss_reason},
         placement::{Requirements, candidates},
     },
@@ -53,13 +53,9 @@ pub struct Chats {
 }
 
 impl Chats {
-    /// Chats that reach agents over gRPC; a node silent for `stall_timeout` mid-answer loses
-    /// the answer.
-    pub fn new(registry: NodeRegistry, stall_timeout: Duration) -> Self {
-        Self::with_agents(registry, Arc::new(GrpcAgents::default()), stall_timeout)
-    }
-
-    pub fn with_agents(
+    /// Chats that reach agents through `agents` (gRPC in the product); a node silent for
+    /// `stall_timeout` mid-answer loses the answer.
+    pub fn new(
         registry: NodeRegistry,
         agents: Arc<dyn AgentConnector>,
         stall_timeout: Duration,
@@ -373,7 +369,7 @@ impl Work for Answer<'_> {
             return AttemptEnd::Finished("length".into());
         }
         let request = self.generate_request();
-        let call = self.agents.generate(&attempt.address, request);
+        let call = self.agents.generate(attempt, request);
         let mut stream = match tokio::time::timeout(self.stall_timeout, call).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(status)) => return classify(status, self.continuing(), self.events),
@@ -515,7 +511,7 @@ mod tests {
     impl AgentConnector for ScriptedBackends {
         async fn execute(
             &self,
-            _address: &str,
+            _agent: &Attempt,
             _request: kowalski_exo_common::proto::ExecuteRequest,
         ) -> Result<ExecStream, Status> {
             Err(Status::unimplemented("these agents only generate"))
@@ -523,9 +519,10 @@ mod tests {
 
         async fn generate(
             &self,
-            address: &str,
+            agent: &Attempt,
             request: GenerateRequest,
         ) -> Result<GenerateStream, Status> {
+            let address = agent.address.as_str();
             self.requests
                 .lock()
                 .unwrap()
@@ -614,7 +611,7 @@ mod tests {
                 .insert(format!("http://{node}:50052"), steps.into());
         }
         let backends = Arc::new(backends);
-        let chats = Chats::with_agents(registry, backends.clone(), stall_timeout);
+        let chats = Chats::new(registry, backends.clone(), stall_timeout);
         (chats, backends)
     }
 

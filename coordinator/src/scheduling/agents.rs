@@ -12,10 +12,13 @@ use kowalski_exo_common::{
         ExecEvent, ExecuteRequest, GenerateEvent, GenerateRequest,
         node_agent_client::NodeAgentClient,
     },
-    transport,
+    tls::node_dns_name,
+    transport::{self, ClientTls},
 };
 use tokio_stream::Stream;
 use tonic::{Status, transport::Channel};
+
+use super::failover::Attempt;
 
 /// The events of one run on an agent.
 pub type ExecStream = Pin<Box<dyn Stream<Item = Result<ExecEvent, Status>> + Send>>;
@@ -23,56 +26,77 @@ pub type ExecStream = Pin<Box<dyn Stream<Item = Result<ExecEvent, Status>> + Sen
 /// The events of one generation on an agent.
 pub type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateEvent, Status>> + Send>>;
 
-/// Starts runs and generations on agents by address.
+/// Starts runs and generations on the agent an attempt goes to.
 #[tonic::async_trait]
 pub trait AgentConnector: Send + Sync + 'static {
-    /// Calls `NodeAgent.Execute` on the agent at `address`.
-    async fn execute(&self, address: &str, request: ExecuteRequest) -> Result<ExecStream, Status>;
+    /// Calls `NodeAgent.Execute` on the attempt's agent.
+    async fn execute(&self, agent: &Attempt, request: ExecuteRequest)
+    -> Result<ExecStream, Status>;
 
-    /// Calls `NodeAgent.Generate` on the agent at `address`.
+    /// Calls `NodeAgent.Generate` on the attempt's agent.
     async fn generate(
         &self,
-        address: &str,
+        agent: &Attempt,
         request: GenerateRequest,
     ) -> Result<GenerateStream, Status>;
 }
 
-/// gRPC channels to agents, one per address, connected lazily and reused.
+/// gRPC channels to agents, one per address and node, connected lazily and reused. With TLS,
+/// each agent must prove it is the node placement chose, by its node certificate.
 #[derive(Clone, Default)]
 pub struct GrpcAgents {
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    channels: Arc<Mutex<HashMap<(String, String), Channel>>>,
+    tls: Option<ClientTls>,
 }
 
 impl GrpcAgents {
-    fn client(&self, address: &str) -> Result<NodeAgentClient<Channel>, Status> {
+    /// Agents reached over mutual TLS as `tls` says.
+    pub fn with_tls(tls: ClientTls) -> Self {
+        GrpcAgents {
+            channels: Arc::default(),
+            tls: Some(tls),
+        }
+    }
+
+    fn client(&self, agent: &Attempt) -> Result<NodeAgentClient<Channel>, Status> {
+        let key = (agent.address.clone(), agent.node_name.clone());
         let mut channels = self.channels.lock().expect("channel cache poisoned");
-        if let Some(channel) = channels.get(address) {
+        if let Some(channel) = channels.get(&key) {
             return Ok(NodeAgentClient::new(channel.clone()));
         }
-        let channel = transport::endpoint(address)
+        let tls = self.tls.as_ref().map(|tls| ClientTls {
+            server_name: Some(node_dns_name(&agent.node_name)),
+            ..tls.clone()
+        });
+        let address = &agent.address;
+        let channel = transport::endpoint(address, tls.as_ref())
             .map_err(|e| {
-                Status::unavailable(format!("node address '{address}' is not a URL: {e}"))
+                Status::unavailable(format!("node address '{address}' is not usable: {e}"))
             })?
             .connect_lazy();
-        channels.insert(address.to_string(), channel.clone());
+        channels.insert(key, channel.clone());
         Ok(NodeAgentClient::new(channel))
     }
 }
 
 #[tonic::async_trait]
 impl AgentConnector for GrpcAgents {
-    async fn execute(&self, address: &str, request: ExecuteRequest) -> Result<ExecStream, Status> {
-        let mut client = self.client(address)?;
+    async fn execute(
+        &self,
+        agent: &Attempt,
+        request: ExecuteRequest,
+    ) -> Result<ExecStream, Status> {
+        let mut client = self.client(agent)?;
         let stream = client.execute(request).await?.into_inner();
         Ok(Box::pin(stream))
     }
 
     async fn generate(
         &self,
-        address: &str,
+        agent: &Attempt,
         request: GenerateRequest,
     ) -> Result<GenerateStream, Status> {
-        let mut client = self.client(address)?;
+        let mut client = self.client(agent)?;
         let stream = client.generate(request).await?.into_inner();
         Ok(Box::pin(stream))
     }

@@ -18,7 +18,7 @@ use tokio_stream::StreamExt;
 use tonic::{Code, Status};
 
 use super::{
-    agents::{AgentConnector, GrpcAgents},
+    agents::AgentConnector,
     failover::{self, Attempt, AttemptEnd, CallerGone, Departure, Work, loss_reason},
     placement::{Requirements, Unplaceable, candidates, place},
 };
@@ -89,12 +89,8 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// A dispatcher that reaches agents over gRPC.
-    pub fn new(registry: NodeRegistry) -> Self {
-        Self::with_agents(registry, Arc::new(GrpcAgents::default()))
-    }
-
-    pub fn with_agents(registry: NodeRegistry, agents: Arc<dyn AgentConnector>) -> Self {
+    /// A dispatcher that reaches agents through `agents` (gRPC in the product).
+    pub fn new(registry: NodeRegistry, agents: Arc<dyn AgentConnector>) -> Self {
         Dispatcher { registry, agents }
     }
 
@@ -218,7 +214,7 @@ impl Work for CodeRun<'_> {
         if !request.run_id.is_empty() {
             request.run_id = format!("{}-{}", request.run_id, attempt.number);
         }
-        let mut stream = match self.agents.execute(&attempt.address, request).await {
+        let mut stream = match self.agents.execute(attempt, request).await {
             Ok(stream) => stream,
             Err(status) => return classify(status, self.events),
         };
@@ -375,9 +371,10 @@ mod tests {
     impl AgentConnector for ScriptedAgents {
         async fn execute(
             &self,
-            address: &str,
+            agent: &Attempt,
             _request: ExecuteRequest,
         ) -> Result<ExecStream, Status> {
+            let address = &agent.address;
             self.calls.lock().unwrap().push(address.to_string());
             let next = self
                 .scripts
@@ -400,7 +397,7 @@ mod tests {
 
         async fn generate(
             &self,
-            _address: &str,
+            _agent: &Attempt,
             _request: kowalski_exo_common::proto::GenerateRequest,
         ) -> Result<crate::scheduling::agents::GenerateStream, Status> {
             Err(Status::unimplemented("these agents only run code"))
@@ -497,7 +494,7 @@ mod tests {
             ("a", vec![Script::DieAfterOutput("partial")]),
             ("b", vec![Script::Finish("whole", 0)]),
         ]);
-        let dispatcher = Dispatcher::with_agents(registry, agents.clone());
+        let dispatcher = Dispatcher::new(registry, agents.clone());
         let (outcome, events) = run(&dispatcher).await;
         assert!(matches!(outcome, Outcome::Finished(_)), "{outcome:?}");
         assert_eq!(
@@ -518,7 +515,7 @@ mod tests {
     async fn a_nonzero_exit_is_a_result_and_not_retried() {
         let (registry, _) = cluster(&["a", "b"]);
         let agents = ScriptedAgents::with(vec![("a", vec![Script::Finish("", 3)])]);
-        let dispatcher = Dispatcher::with_agents(registry, agents.clone());
+        let dispatcher = Dispatcher::new(registry, agents.clone());
         let (outcome, _) = run(&dispatcher).await;
         match outcome {
             Outcome::Finished(result) => assert_eq!(result.exit_code, Some(3)),
@@ -532,7 +529,7 @@ mod tests {
         let (registry, _) = cluster(&["a", "b", "c", "d"]);
         let refuse = || vec![Script::Refuse(Status::unavailable("refused"))];
         let agents = ScriptedAgents::with(vec![("a", refuse()), ("b", refuse()), ("c", refuse())]);
-        let dispatcher = Dispatcher::with_agents(registry, agents.clone());
+        let dispatcher = Dispatcher::new(registry, agents.clone());
         let (outcome, _) = run(&dispatcher).await;
         let Outcome::Failed(reason) = outcome else {
             panic!("expected failure, got {outcome:?}")
@@ -557,7 +554,7 @@ mod tests {
                 Script::Finish("ok", 0),
             ],
         )]);
-        let dispatcher = Dispatcher::with_agents(registry, agents.clone());
+        let dispatcher = Dispatcher::new(registry, agents.clone());
         let (outcome, events) = run(&dispatcher).await;
         assert!(matches!(outcome, Outcome::Finished(_)), "{outcome:?}");
         assert_eq!(trace(&events).last().unwrap(), "finished a #2");
@@ -579,7 +576,7 @@ mod tests {
             ("a", vec![Script::Hang]),
             ("b", vec![Script::Finish("ok", 0)]),
         ]);
-        let dispatcher = Dispatcher::with_agents(registry, agents.clone());
+        let dispatcher = Dispatcher::new(registry, agents.clone());
         let started = Instant::now();
         let (outcome, events) = run(&dispatcher).await;
         assert!(matches!(outcome, Outcome::Finished(_)), "{outcome:?}");
@@ -602,7 +599,7 @@ mod tests {
             "a",
             vec![Script::Refuse(Status::invalid_argument("code too large"))],
         )]);
-        let dispatcher = Dispatcher::with_agents(registry, agents.clone());
+        let dispatcher = Dispatcher::new(registry, agents.clone());
         let (outcome, _) = run(&dispatcher).await;
         assert!(matches!(outcome, Outcome::Rejected(_)), "{outcome:?}");
         assert_eq!(agents.calls().len(), 1);
@@ -612,7 +609,7 @@ mod tests {
     async fn a_pinned_run_whose_node_is_lost_announces_no_retry() {
         let (registry, _) = cluster(&["a", "b"]);
         let agents = ScriptedAgents::with(vec![("a", vec![Script::DieAfterOutput("partial")])]);
-        let dispatcher = Dispatcher::with_agents(registry, agents.clone());
+        let dispatcher = Dispatcher::new(registry, agents.clone());
         let pinned = RunSpec {
             node: Some("a".into()),
             ..spec()
@@ -637,7 +634,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn admission_waits_for_the_first_node_to_join_and_no_longer() {
         let registry = NodeRegistry::default();
-        let dispatcher = Dispatcher::with_agents(registry.clone(), ScriptedAgents::with(vec![]));
+        let dispatcher = Dispatcher::new(registry.clone(), ScriptedAgents::with(vec![]));
         let refused = dispatcher
             .admit(&spec(), Instant::now() + Duration::from_secs(5))
             .await

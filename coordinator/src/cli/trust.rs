@@ -1,0 +1,99 @@
+//! The cluster-identity commands and choices: whether `serve` runs with TLS (always off
+//! loopback, unless told `--insecure`), `coordinator token`, and `coordinator nodes revoke`.
+//! They work on the data directory of a coordinator on this machine; a running one sees the
+//! change at once.
+
+use std::path::Path;
+
+use super::Failure;
+use crate::{server::TlsSetup, trust::ClusterTrust};
+
+/// True when `listen` (`HOST:PORT`) is reachable from this machine only.
+pub fn is_loopback(listen: &str) -> bool {
+    let host = listen.rsplit_once(':').map_or(listen, |(host, _)| host);
+    let host = host.trim_matches(|c| c == '[' || c == ']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// TLS for a coordinator on `listen`: asked for, or off loopback unless `insecure` (which then
+/// says what it exposes).
+pub fn tls_setup(
+    listen: &str,
+    tls: bool,
+    insecure: bool,
+    data_dir: &Path,
+    names: &[String],
+) -> Option<TlsSetup> {
+    let loopback = is_loopback(listen);
+    if tls || (!loopback && !insecure) {
+        return Some(TlsSetup {
+            data_dir: data_dir.to_path_buf(),
+            names: names.to_vec(),
+        });
+    }
+    if !loopback {
+        tracing::warn!(
+            %listen,
+            "running without TLS (--insecure): any device that reaches {listen} can register as a node, run any code on every node, and use every model"
+        );
+    }
+    None
+}
+
+fn open(data_dir: &Path) -> Result<ClusterTrust, Failure> {
+    ClusterTrust::open(data_dir).map_err(|e| Failure::infrastructure(e.to_string()))
+}
+
+/// `coordinator token [--new]`: prints the join token, made anew with `new`.
+pub fn token(data_dir: &Path, new: bool) -> Result<u8, Failure> {
+    let trust = open(data_dir)?;
+    let token = if new {
+        trust.new_token()
+    } else {
+        trust.token()
+    }
+    .map_err(|e| Failure::infrastructure(e.to_string()))?;
+    println!("{token}");
+    if new {
+        eprintln!("the previous token no longer lets a device join; joined devices stay");
+    }
+    Ok(0)
+}
+
+/// `coordinator nodes revoke NAME`: the node's certificates are refused from now on.
+pub fn revoke(data_dir: &Path, name: &str) -> Result<u8, Failure> {
+    let revoked = open(data_dir)?
+        .revoke(name)
+        .map_err(|e| Failure::infrastructure(e.to_string()))?;
+    if revoked == 0 {
+        return Err(Failure::new(
+            kowalski_exo_common::exit::USAGE,
+            format!(
+                "no certificate was issued to a node called '{name}' (or it is already revoked)"
+            ),
+        ));
+    }
+    eprintln!("revoked node '{name}': it can attach again only by joining with a new token");
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_runs_without_tls_unless_told() {
+        let dir = Path::new("/tmp/unused");
+        assert!(is_loopback("127.0.0.1:50051"));
+        assert!(is_loopback("[::1]:50051"));
+        assert!(is_loopback("localhost:1"));
+        assert!(!is_loopback("0.0.0.0:50051"));
+        assert!(tls_setup("127.0.0.1:1", false, false, dir, &[]).is_none());
+        assert!(tls_setup("127.0.0.1:1", true, false, dir, &[]).is_some());
+        assert!(tls_setup("0.0.0.0:1", false, false, dir, &[]).is_some());
+        assert!(tls_setup("0.0.0.0:1", false, true, dir, &[]).is_none());
+    }
+}

@@ -1,0 +1,210 @@
+//! The coordinator's side of cluster identity, kept in its data directory: the cluster's
+//! authority, the join token, the node certificates issued and those revoked. The commands that
+//! change them (`coordinator token --new`, `coordinator nodes revoke`) only write files; a running
+//! coordinator reads the token and the revocations each time it needs them, so a change takes
+//! effect at once, without a restart.
+
+use std::path::{Path, PathBuf};
+
+use kowalski_exo_common::{
+    tls::{Authority, Identity, JoinToken, Peer, Role, TlsError, files, node_dns_name},
+    transport::{ClientTls, ServerTls},
+};
+
+const AUTHORITY_CERT: &str = "authority.pem";
+const AUTHORITY_KEY: &str = "authority.key";
+const TOKEN: &str = "join-token";
+/// One line per node certificate issued: `NAME FINGERPRINT`.
+const ISSUED: &str = "issued-nodes";
+/// One fingerprint per line: node certificates no longer accepted.
+const REVOKED: &str = "revoked-nodes";
+
+/// Why a device may not join or attach.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error(
+        "the join token is not this cluster's (print the current one with `coordinator token`)"
+    )]
+    WrongToken,
+    #[error("node '{0}' was revoked (`coordinator nodes revoke`); join it again with a new token")]
+    Revoked(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// The cluster's authority and the files around it.
+pub struct ClusterTrust {
+    dir: PathBuf,
+    authority: Authority,
+}
+
+impl ClusterTrust {
+    /// Opens the data directory, making the authority and a join token on first use.
+    pub fn open(dir: &Path) -> Result<ClusterTrust, TlsError> {
+        files::ensure_dir(dir)?;
+        let cert = files::read(&dir.join(AUTHORITY_CERT))?;
+        let key = files::read(&dir.join(AUTHORITY_KEY))?;
+        let authority = match (cert, key) {
+            (Some(cert), Some(key)) => Authority::load(&cert, &key)?,
+            _ => {
+                let (authority, key) = Authority::create()?;
+                files::write_private(&dir.join(AUTHORITY_KEY), &key)?;
+                files::write_private(&dir.join(AUTHORITY_CERT), authority.cert_pem())?;
+                tracing::info!(dir = %dir.display(), "made the cluster's certificate authority");
+                authority
+            }
+        };
+        let trust = ClusterTrust {
+            dir: dir.to_path_buf(),
+            authority,
+        };
+        if files::read(&trust.path(TOKEN))?.is_none() {
+            trust.new_token()?;
+        }
+        Ok(trust)
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    pub fn authority_pem(&self) -> &str {
+        self.authority.cert_pem()
+    }
+
+    /// The join token now in force.
+    pub fn token(&self) -> Result<JoinToken, TlsError> {
+        let text = files::read(&self.path(TOKEN))?.unwrap_or_default();
+        JoinToken::parse(&text)
+            .map_err(|e| TlsError::Invalid(format!("{}: {e}", self.path(TOKEN).display())))
+    }
+
+    /// Replaces the join token: the old one admits no one from now on.
+    pub fn new_token(&self) -> Result<JoinToken, TlsError> {
+        let token = JoinToken::new(&self.authority.fingerprint());
+        files::write_private(&self.path(TOKEN), &format!("{token}\n"))?;
+        Ok(token)
+    }
+
+    /// The coordinator's own certificate, valid for `names` (its addresses, `localhost`, names
+    /// given with `--tls-name`); it also proves the coordinator to the agents it calls.
+    pub fn coordinator_identity(&self, names: &[String]) -> Result<Identity, TlsError> {
+        self.authority
+            .issue(Role::Coordinator, "coordinator", names)
+    }
+
+    /// TLS for the coordinator's gRPC server: agents show their node certificates, people's
+    /// tools need none (they come with API keys).
+    pub fn server_tls(&self, identity: &Identity) -> ServerTls {
+        ServerTls {
+            identity: identity.clone(),
+            authority_pem: self.authority_pem().to_string(),
+            client_certificate_required: false,
+        }
+    }
+
+    /// TLS for calling agents, as the coordinator, checking each by its node name.
+    pub fn agent_tls(&self, identity: &Identity) -> ClientTls {
+        ClientTls {
+            authority_pem: self.authority_pem().to_string(),
+            identity: Some(identity.clone()),
+            server_name: None,
+        }
+    }
+
+    /// Signs a joining node's key when `secret` is the token's; the certificate names `name`.
+    pub fn join(&self, secret: &str, name: &str, request_pem: &str) -> Result<String, Refused> {
+        if !self.token()?.admits(secret) {
+            return Err(Refused::WrongToken);
+        }
+        let chain =
+            self.authority
+                .sign_request(Role::Node, name, &[node_dns_name(name)], request_pem)?;
+        let leaf = kowalski_exo_common::tls::authority::certificates(&chain)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| TlsError::Invalid("signing gave no certificate".into()))?;
+        let fingerprint = kowalski_exo_common::tls::fingerprint(&leaf);
+        let mut issued = files::read(&self.path(ISSUED))?.unwrap_or_default();
+        issued.push_str(&format!("{name} {fingerprint}\n"));
+        files::write_private(&self.path(ISSUED), &issued)?;
+        Ok(chain)
+    }
+
+    /// Whether a node's certificate is still accepted.
+    pub fn check_node(&self, peer: &Peer) -> Result<(), Refused> {
+        let revoked = files::read(&self.path(REVOKED))?.unwrap_or_default();
+        if revoked.lines().any(|l| l.trim() == peer.fingerprint) {
+            return Err(Refused::Revoked(peer.name.clone()));
+        }
+        Ok(())
+    }
+
+    /// Revokes every certificate issued to node `name`; returns how many.
+    pub fn revoke(&self, name: &str) -> Result<usize, TlsError> {
+        let issued = files::read(&self.path(ISSUED))?.unwrap_or_default();
+        let mut revoked = files::read(&self.path(REVOKED))?.unwrap_or_default();
+        let mut count = 0;
+        for (node, fingerprint) in issued.lines().filter_map(|l| l.split_once(' ')) {
+            if node == name && !revoked.lines().any(|l| l == fingerprint) {
+                revoked.push_str(&format!("{fingerprint}\n"));
+                count += 1;
+            }
+        }
+        files::write_private(&self.path(REVOKED), &revoked)?;
+        Ok(count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{CertificateParams, KeyPair};
+
+    use super::*;
+
+    fn request() -> String {
+        let key = KeyPair::generate().unwrap();
+        CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_node_joins_with_the_token_until_it_is_replaced_and_a_revoked_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let trust = ClusterTrust::open(dir.path()).unwrap();
+        let token = trust.token().unwrap();
+        assert_eq!(
+            token.authority,
+            kowalski_exo_common::tls::Authority::load(
+                trust.authority_pem(),
+                &files::read(&dir.path().join(AUTHORITY_KEY))
+                    .unwrap()
+                    .unwrap(),
+            )
+            .unwrap()
+            .fingerprint()
+        );
+        let chain = trust.join(&token.secret, "kitchen", &request()).unwrap();
+        let leaf = kowalski_exo_common::tls::authority::certificates(&chain).unwrap();
+        let peer = Peer::from_der(&leaf[0]).unwrap();
+        assert!(trust.check_node(&peer).is_ok());
+
+        // Reopened (a restart): the same authority and token.
+        let reopened = ClusterTrust::open(dir.path()).unwrap();
+        assert_eq!(reopened.token().unwrap(), token);
+
+        let replaced = reopened.new_token().unwrap();
+        assert!(matches!(
+            trust.join(&token.secret, "garage", &request()),
+            Err(Refused::WrongToken)
+        ));
+        assert!(trust.join(&replaced.secret, "garage", &request()).is_ok());
+
+        assert_eq!(trust.revoke("kitchen").unwrap(), 1);
+        let refused = trust.check_node(&peer).unwrap_err().to_string();
+        assert!(refused.contains("'kitchen' was revoked"), "{refused}");
+    }
+}

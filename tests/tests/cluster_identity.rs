@@ -1,0 +1,299 @@
+//! Cluster identity with real processes on loopback, the coordinator run with `--tls`: a device
+//! joins with the token and from then on everything between coordinator and agent is mutual
+//! TLS; a wrong token, an impostor coordinator, a node posing under another name, a revoked
+//! node and a caller without a cluster certificate are all refused, each saying why.
+
+use std::path::Path;
+
+use futures_util::{StreamExt, stream};
+use kowalski_exo_common::{
+    proto::{
+        AgentMessage, DescribeRequest, ListNodesRequest, Register, agent_message,
+        agent_registry_client::AgentRegistryClient, coordinator_client::CoordinatorClient,
+        node_agent_client::NodeAgentClient,
+    },
+    tls::Identity,
+    transport::{self, ClientTls},
+};
+use kowalski_exo_tests::{CEILING, Daemon, binary, outcome};
+use tonic::{Code, transport::Channel};
+
+/// A coordinator with TLS on loopback, keeping its authority in `data`.
+fn coordinator(data: &Path) -> Daemon {
+    Daemon::start(
+        "coordinator",
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "off",
+            "--tls",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &[],
+        "coordinator listening",
+    )
+}
+
+/// `coordinator token` for the data directory.
+fn token(data: &Path) -> String {
+    let (code, out, err) = outcome(
+        std::process::Command::new(binary("coordinator"))
+            .args(["token", "--data-dir", data.to_str().unwrap()])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(code, Some(0), "{err}");
+    out.trim().to_string()
+}
+
+fn agent_args<'a>(coordinator: &'a str, name: &'a str, data: &'a str) -> Vec<&'a str> {
+    vec![
+        "--coordinator",
+        coordinator,
+        "--name",
+        name,
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data,
+    ]
+}
+
+/// A node agent that has joined (with `join`) or holds its certificate in `data`.
+fn agent(coordinator: &Daemon, name: &str, data: &Path, join: Option<&str>) -> Daemon {
+    let url = coordinator.url();
+    let data = data.to_str().unwrap();
+    let mut args = agent_args(&url, name, data);
+    if let Some(token) = join {
+        args.extend(["--join", token]);
+    }
+    Daemon::start("node-agent", &args, &[], "node agent listening")
+}
+
+/// A node agent expected to exit at start; its exit code and log.
+fn failed_agent(coordinator: &str, name: &str, data: &Path, token: &str) -> (Option<i32>, String) {
+    let mut args = agent_args(coordinator, name, data.to_str().unwrap());
+    args.extend(["--join", token]);
+    let (code, _, err) = outcome(
+        std::process::Command::new(binary("node-agent"))
+            .args(&args)
+            .output()
+            .unwrap(),
+    );
+    (code, err)
+}
+
+async fn channel(url: &str, tls: ClientTls) -> Result<Channel, tonic::transport::Error> {
+    transport::endpoint(url, Some(&tls))?.connect().await
+}
+
+fn authority(data: &Path) -> String {
+    std::fs::read_to_string(data.join("authority.pem")).unwrap()
+}
+
+/// TLS as a client trusting the cluster authority kept in `data`.
+fn client_tls(data: &Path, identity: Option<Identity>) -> ClientTls {
+    ClientTls {
+        authority_pem: authority(data),
+        identity,
+        server_name: None,
+    }
+}
+
+/// The node certificate an agent keeps in `data`.
+fn node_identity(data: &Path) -> Identity {
+    Identity {
+        cert_pem: std::fs::read_to_string(data.join("node.pem")).unwrap(),
+        key_pem: std::fs::read_to_string(data.join("node.key")).unwrap(),
+    }
+}
+
+/// Waits until the coordinator lists `name` as ready.
+async fn wait_ready(coordinator: &Daemon, data: &Path, name: &str) {
+    let channel = channel(&coordinator.url(), client_tls(data, None))
+        .await
+        .unwrap();
+    let mut client = CoordinatorClient::new(channel);
+    let start = std::time::Instant::now();
+    loop {
+        let nodes = client
+            .list_nodes(ListNodesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes;
+        if nodes.iter().any(|n| n.name == name && n.state == "ready") {
+            return;
+        }
+        assert!(start.elapsed() < CEILING, "{name} never ready: {nodes:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Attaches as `name` with `identity`, as a node would; the coordinator's answer.
+async fn attach_as(
+    coordinator: &Daemon,
+    data: &Path,
+    identity: Identity,
+    name: &str,
+) -> tonic::Status {
+    let channel = channel(&coordinator.url(), client_tls(data, Some(identity)))
+        .await
+        .unwrap();
+    let register = AgentMessage {
+        message: Some(agent_message::Message::Register(Register {
+            name: name.into(),
+            address: "http://127.0.0.1:1".into(),
+            capacity: 1,
+            ..Default::default()
+        })),
+    };
+    let outcome = AgentRegistryClient::new(channel)
+        .attach(stream::iter([register]).chain(stream::pending()))
+        .await;
+    match outcome {
+        Ok(response) => {
+            let mut stream = response.into_inner();
+            match stream.message().await {
+                Err(status) => status,
+                Ok(first) => panic!("attached as {name}: {first:?}"),
+            }
+        }
+        Err(status) => status,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_joins_with_the_token_then_runs_code_over_mutual_tls_and_needs_no_token_again() {
+    let dirs = tempfile::tempdir().unwrap();
+    let (data, node_data) = (dirs.path().join("coordinator"), dirs.path().join("node"));
+    let coordinator = coordinator(&data);
+    let token = token(&data);
+    let mut node = agent(&coordinator, "kitchen", &node_data, Some(&token));
+    wait_ready(&coordinator, &data, "kitchen").await;
+
+    let exec = |extra: &[&str]| {
+        let mut args = vec![
+            "exec",
+            "--addr",
+            &coordinator.url(),
+            "--lang",
+            "python",
+            "-c",
+            "print(6 * 7)",
+        ]
+        .into_iter()
+        .map(str::to_string)
+        .collect::<Vec<_>>();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        outcome(
+            std::process::Command::new(binary("coordinator"))
+                .args(&args)
+                .output()
+                .unwrap(),
+        )
+    };
+    let ca = data.join("authority.pem");
+    let (code, out, err) = exec(&["--ca", ca.to_str().unwrap()]);
+    assert_eq!((code, out.as_str()), (Some(0), "42\n"), "{err}");
+
+    // Restarted without a token: its certificate is enough.
+    node.signal(nix::sys::signal::Signal::SIGTERM);
+    node.wait_exit();
+    let _again = agent(&coordinator, "kitchen", &node_data, None);
+    wait_ready(&coordinator, &data, "kitchen").await;
+    let (code, out, err) = exec(&["--ca", ca.to_str().unwrap()]);
+    assert_eq!((code, out.as_str()), (Some(0), "42\n"), "{err}");
+
+    // A client that does not trust the cluster's authority gets no further than the handshake.
+    let (code, _, err) = exec(&[]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("needs --ca FILE"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_token_and_an_impostor_coordinator_are_refused() {
+    let dirs = tempfile::tempdir().unwrap();
+    let ours = dirs.path().join("ours");
+    let coordinator = coordinator(&ours);
+    let token = token(&ours);
+
+    let wrong = format!(
+        "kx1.{}.{}",
+        "0".repeat(32),
+        token.rsplit('.').next().unwrap()
+    );
+    let (code, err) = failed_agent(&coordinator.url(), "n", &dirs.path().join("n1"), &wrong);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("join token is not this cluster's"), "{err}");
+
+    // Another coordinator, with an authority of its own, cannot pass for ours.
+    let impostor = self::coordinator(&dirs.path().join("impostor"));
+    let (code, err) = failed_agent(&impostor.url(), "n", &dirs.path().join("n2"), &token);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("not the one the join token names"), "{err}");
+    assert!(
+        !dirs.path().join("n2/node.pem").exists(),
+        "nothing was kept"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cannot_pose_as_another_and_a_revoked_one_is_refused() {
+    let dirs = tempfile::tempdir().unwrap();
+    let (data, node_data) = (dirs.path().join("coordinator"), dirs.path().join("node"));
+    let coordinator = coordinator(&data);
+    let node = agent(&coordinator, "kitchen", &node_data, Some(&token(&data)));
+    wait_ready(&coordinator, &data, "kitchen").await;
+
+    let posing = attach_as(&coordinator, &data, node_identity(&node_data), "garage").await;
+    assert_eq!(posing.code(), Code::PermissionDenied, "{posing:?}");
+    assert!(
+        posing.message().contains("certificate is for 'kitchen'"),
+        "{posing:?}"
+    );
+
+    let (code, _, err) = outcome(
+        std::process::Command::new(binary("coordinator"))
+            .args([
+                "nodes",
+                "revoke",
+                "kitchen",
+                "--data-dir",
+                data.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let revoked = attach_as(&coordinator, &data, node_identity(&node_data), "kitchen").await;
+    assert_eq!(revoked.code(), Code::PermissionDenied, "{revoked:?}");
+    assert!(
+        revoked.message().contains("'kitchen' was revoked"),
+        "{revoked:?}"
+    );
+
+    // The node's own server takes callers with a cluster certificate only, and not nodes.
+    let node_url = node.url();
+    let bare = channel(&node_url, client_tls(&data, None)).await;
+    let refused = match bare {
+        Err(_) => true,
+        Ok(channel) => NodeAgentClient::new(channel)
+            .describe(DescribeRequest {})
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a caller without a certificate was served");
+    let as_node = ClientTls {
+        server_name: Some(kowalski_exo_common::tls::node_dns_name("kitchen")),
+        ..client_tls(&data, Some(node_identity(&node_data)))
+    };
+    let denied = NodeAgentClient::new(channel(&node_url, as_node).await.unwrap())
+        .describe(DescribeRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+}
