@@ -30,7 +30,7 @@ pub fn root_cause(error: &dyn std::error::Error) -> String {
 /// could not be made) rather than an answer the peer gave: tonic and hyper make these, in their
 /// own words. An agent's own "the backend at ... does not answer: connection refused" is not one.
 pub fn broken_transport(status: &tonic::Status) -> bool {
-    const TRANSPORT: [&str; 8] = [
+    const TRANSPORT: [&str; 9] = [
         "h2 protocol error",
         "transport error",
         "error trying to connect",
@@ -39,6 +39,8 @@ pub fn broken_transport(status: &tonic::Status) -> bool {
         "connection closed",
         "broken pipe",
         "error reading a body",
+        // hyper's word for a connection that died under a request
+        "operation was canceled",
     ];
     use tonic::Code;
     let message = status.message().to_ascii_lowercase();
@@ -87,6 +89,7 @@ mod tests {
         assert!(broken_transport(&broken));
         let reset = tonic::Status::unknown("h2 protocol error: connection reset");
         assert!(broken_transport(&reset));
+        assert!(broken_transport(&tonic::Status::cancelled("operation was canceled")));
         let answer = tonic::Status::unavailable(
             "the backend at http://127.0.0.1:8000/v1 does not answer: Connection refused (os error 111)",
         );
