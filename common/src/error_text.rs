@@ -89,7 +89,9 @@ mod tests {
         assert!(broken_transport(&broken));
         let reset = tonic::Status::unknown("h2 protocol error: connection reset");
         assert!(broken_transport(&reset));
-        assert!(broken_transport(&tonic::Status::cancelled("operation was canceled")));
+        assert!(broken_transport(&tonic::Status::cancelled(
+            "operation was canceled"
+        )));
         let answer = tonic::Status::unavailable(
             "the backend at http://127.0.0.1:8000/v1 does not answer: Connection refused (os error 111)",
         );

@@ -9,7 +9,7 @@ use kowalski_exo_common::{
     error_text::error_chain,
     proto::{
         ClusterEvent, ClusterExecuteRequest, ExecuteRequest, PlacementConstraints, PlanRequest,
-        RunBlocksRequest, coordinator_client::CoordinatorClient,
+        RunBlocksRequest,
     },
     shutdown::ShutdownSignals,
     telemetry,
@@ -18,7 +18,7 @@ use kowalski_exo_common::{
 use kowalski_exo_coordinator::{
     cli::{
         Failure,
-        connect::{Dial, local_agent_config, with_client},
+        connect::{Client, Dial, local_agent_config, with_client},
         follow::{FollowOptions, follow},
         inference, nodes, plan,
         request::{check_markdown, limits, parse_size, parse_timeout, program_stdin, read_text},
@@ -27,7 +27,7 @@ use kowalski_exo_coordinator::{
     inference::chat::DEFAULT_STALL_TIMEOUT,
     server::{self, CoordinatorConfig},
 };
-use tonic::{Streaming, transport::Channel};
+use tonic::Streaming;
 
 /// The Kowalski Exo coordinator and its client.
 #[derive(Parser, Debug)]
@@ -63,6 +63,13 @@ enum Command {
         /// Replace it: the old one lets no device join from now on.
         #[arg(long)]
         new: bool,
+        #[command(flatten)]
+        data: DataDirArg,
+    },
+    /// Make, list or revoke the API keys clients of a coordinator with TLS need.
+    Apikey {
+        #[command(subcommand)]
+        action: trust::ApiKeyAction,
         #[command(flatten)]
         data: DataDirArg,
     },
@@ -167,7 +174,7 @@ enum NodesAction {
 #[derive(Args, Debug)]
 struct DataDirArg {
     /// The coordinator's data directory: the cluster's authority, join token, node records.
-    #[arg(long, value_name = "DIR", default_value_os_t = files::default_dir("coordinator"))]
+    #[arg(long, value_name = "DIR", global = true, default_value_os_t = files::default_dir("coordinator"))]
     data_dir: PathBuf,
 }
 
@@ -202,6 +209,14 @@ struct ClientArgs {
     /// (`authority.pem` in its data directory).
     #[arg(long, value_name = "FILE", env = "KOWALSKI_CA")]
     ca: Option<PathBuf>,
+    /// The API key a coordinator that runs with TLS asks for (`coordinator apikey create`).
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "KOWALSKI_API_KEY",
+        hide_env_values = true
+    )]
+    api_key: Option<String>,
 }
 
 impl ClientArgs {
@@ -210,6 +225,7 @@ impl ClientArgs {
             addr: self.addr.clone(),
             local: self.local,
             ca: self.ca.clone(),
+            api_key: self.api_key.clone(),
         }
     }
 }
@@ -295,6 +311,7 @@ async fn main() -> ExitCode {
             (serve(config).await, false)
         }
         Command::Token { new, data } => (trust::token(&data.data_dir, new), false),
+        Command::Apikey { action, data } => (trust::api_key(&data.data_dir, &action), false),
         Command::Nodes {
             action: Some(NodesAction::Revoke { name, data }),
             ..
@@ -486,7 +503,7 @@ async fn follow_call<F, Fut>(
     call: F,
 ) -> Result<u8, Failure>
 where
-    F: FnOnce(CoordinatorClient<Channel>) -> Fut,
+    F: FnOnce(Client) -> Fut,
     Fut: Future<Output = Result<tonic::Response<Streaming<ClusterEvent>>, tonic::Status>>,
 {
     with_client(&client.dial(), |c, addr| async move {

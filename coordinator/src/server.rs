@@ -14,10 +14,10 @@ use kowalski_exo_common::{
 use kowalski_exo_node_agent::{AgentConfig, RunningAgent};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::server::NamedService;
+use tonic::{server::NamedService, service::interceptor::InterceptedService};
 
 use crate::{
-    api::{client_service::ClientService, registry_service::RegistryService},
+    api::{api_keys::KeyCheck, client_service::ClientService, registry_service::RegistryService},
     cluster_metrics, http,
     inference::{Chats, chat::DEFAULT_STALL_TIMEOUT},
     registry::NodeRegistry,
@@ -199,10 +199,11 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Star
             ))
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(
+        .add_service(InterceptedService::new(
             CoordinatorServer::new(ClientService::new(cluster.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
-        );
+            KeyCheck(trust.as_ref().map(|(trust, _)| trust.clone())),
+        ));
     let health = server.health();
     health
         .set_serving::<AgentRegistryServer<RegistryService>>()
@@ -221,7 +222,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Star
     });
     tracing::info!(%addr, tls = trust.is_some(), "coordinator listening");
     let http_addr = http_listener.map(|(listener, http_addr)| {
-        let router = http::router(cluster);
+        let router = http::router(cluster, trust.as_ref().map(|(trust, _)| trust.clone()));
         let stop = shutdown.clone();
         // Each text chunk goes out at once: without TCP_NODELAY the first one waits for the
         // client's delayed ACK of the response head (about 40 ms).

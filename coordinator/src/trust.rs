@@ -6,6 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
+use subtle::ConstantTimeEq;
+
 use kowalski_exo_common::{
     tls::{Authority, Identity, JoinToken, Peer, Role, TlsError, files, node_dns_name},
     transport::{ClientTls, ServerTls},
@@ -18,6 +20,10 @@ const TOKEN: &str = "join-token";
 const ISSUED: &str = "issued-nodes";
 /// One fingerprint per line: node certificates no longer accepted.
 const REVOKED: &str = "revoked-nodes";
+/// One line per client API key: `NAME SHA256-OF-THE-KEY`; the keys themselves are not kept.
+const API_KEYS: &str = "api-keys";
+/// How a key starts, so it is recognisable in a config file or a leak scanner.
+const KEY_PREFIX: &str = "kxk_";
 
 /// Why a device may not join or attach.
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +146,67 @@ impl ClusterTrust {
         Ok(())
     }
 
+    /// Makes an API key called `name`; returns the key, which is shown this once.
+    pub fn create_api_key(&self, name: &str) -> Result<String, TlsError> {
+        if name.is_empty() || name.contains(char::is_whitespace) {
+            return Err(TlsError::Invalid(format!(
+                "'{name}' cannot name a key: use a word without spaces"
+            )));
+        }
+        let mut keys = files::read(&self.path(API_KEYS))?.unwrap_or_default();
+        if self.api_key_names()?.iter().any(|n| n == name) {
+            return Err(TlsError::Invalid(format!(
+                "a key called '{name}' exists; revoke it first (`coordinator apikey revoke {name}`)"
+            )));
+        }
+        let key = format!("{KEY_PREFIX}{}", kowalski_exo_common::tls::random_hex(24));
+        keys.push_str(&format!(
+            "{name} {}
+",
+            key_hash(&key)
+        ));
+        files::write_private(&self.path(API_KEYS), &keys)?;
+        Ok(key)
+    }
+
+    /// The names of the keys in force.
+    pub fn api_key_names(&self) -> Result<Vec<String>, TlsError> {
+        let keys = files::read(&self.path(API_KEYS))?.unwrap_or_default();
+        Ok(keys
+            .lines()
+            .filter_map(|l| l.split_once(' ').map(|(name, _)| name.to_string()))
+            .collect())
+    }
+
+    /// Revokes the key called `name`; false when there is none.
+    pub fn revoke_api_key(&self, name: &str) -> Result<bool, TlsError> {
+        let keys = files::read(&self.path(API_KEYS))?.unwrap_or_default();
+        let kept: Vec<&str> = keys
+            .lines()
+            .filter(|l| l.split_once(' ').is_none_or(|(n, _)| n != name))
+            .collect();
+        let found = kept.len() != keys.lines().count();
+        let mut text = kept.join("\n");
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        files::write_private(&self.path(API_KEYS), &text)?;
+        Ok(found)
+    }
+
+    /// The name of the key `presented`, if it is one in force (compared in constant time).
+    pub fn api_key(&self, presented: &str) -> Result<Option<String>, TlsError> {
+        let presented = key_hash(presented);
+        let keys = files::read(&self.path(API_KEYS))?.unwrap_or_default();
+        let mut found = None;
+        for (name, hash) in keys.lines().filter_map(|l| l.split_once(' ')) {
+            if bool::from(hash.as_bytes().ct_eq(presented.as_bytes())) {
+                found = Some(name.to_string());
+            }
+        }
+        Ok(found)
+    }
+
     /// Revokes every certificate issued to node `name`; returns how many.
     pub fn revoke(&self, name: &str) -> Result<usize, TlsError> {
         let issued = files::read(&self.path(ISSUED))?.unwrap_or_default();
@@ -154,6 +221,37 @@ impl ClusterTrust {
         files::write_private(&self.path(REVOKED), &revoked)?;
         Ok(count)
     }
+}
+
+/// Why a client's call was refused for its key.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyRefused {
+    #[error(
+        "this coordinator needs an API key: make one on its machine with `coordinator apikey create NAME`, then pass --api-key KEY (or KOWALSKI_API_KEY; over HTTP, the header `Authorization: Bearer KEY`)"
+    )]
+    Missing,
+    #[error(
+        "the API key is not one this coordinator knows (revoked, or another cluster's); `coordinator apikey list` on its machine shows those in force"
+    )]
+    Unknown,
+    #[error("cannot read the API keys: {0}")]
+    Unreadable(#[from] TlsError),
+}
+
+impl ClusterTrust {
+    /// The name of the key a client presented, or why it may not call.
+    pub fn authorize(&self, presented: Option<&str>) -> Result<String, KeyRefused> {
+        let presented = presented
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or(KeyRefused::Missing)?;
+        self.api_key(presented)?.ok_or(KeyRefused::Unknown)
+    }
+}
+
+/// SHA-256 of a key, hex: all that is kept of it.
+fn key_hash(key: &str) -> String {
+    kowalski_exo_common::tls::fingerprint(key.as_bytes())
 }
 
 #[cfg(test)]
@@ -206,5 +304,27 @@ mod tests {
         assert_eq!(trust.revoke("kitchen").unwrap(), 1);
         let refused = trust.check_node(&peer).unwrap_err().to_string();
         assert!(refused.contains("'kitchen' was revoked"), "{refused}");
+    }
+
+    #[test]
+    fn an_api_key_works_until_revoked_and_only_its_hash_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let trust = ClusterTrust::open(dir.path()).unwrap();
+        let key = trust.create_api_key("laptop").unwrap();
+        assert!(key.starts_with("kxk_"));
+        assert_eq!(trust.api_key(&key).unwrap().as_deref(), Some("laptop"));
+        assert_eq!(trust.api_key("kxk_wrong").unwrap(), None);
+        let kept = std::fs::read_to_string(dir.path().join(API_KEYS)).unwrap();
+        assert!(!kept.contains(&key), "the key itself was written down");
+        assert!(
+            trust.create_api_key("laptop").is_err(),
+            "two keys of one name"
+        );
+        trust.create_api_key("phone").unwrap();
+        assert_eq!(trust.api_key_names().unwrap(), ["laptop", "phone"]);
+        assert!(trust.revoke_api_key("laptop").unwrap());
+        assert!(!trust.revoke_api_key("laptop").unwrap());
+        assert_eq!(trust.api_key(&key).unwrap(), None);
+        assert_eq!(trust.api_key_names().unwrap(), ["phone"]);
     }
 }

@@ -1,5 +1,7 @@
 //! The coordinator's gRPC surfaces: the AgentRegistry stream agents hold, and the Coordinator
-//! service clients call. Both only translate between the wire and the registry.
+//! service clients call, behind its API keys. Both only translate between the wire and the
+//! registry.
 
+pub mod api_keys;
 pub mod client_service;
 pub mod registry_service;

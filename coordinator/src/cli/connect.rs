@@ -10,7 +10,12 @@ use kowalski_exo_common::{
     transport::{self, ClientTls},
 };
 use kowalski_exo_node_agent::AgentConfig;
-use tonic::transport::Channel;
+use tonic::{
+    Status,
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
 
 use super::Failure;
 use crate::server::{self, CoordinatorConfig, RunningCoordinator};
@@ -36,6 +41,38 @@ pub struct Dial {
     pub local: bool,
     /// The cluster authority's certificate, to reach a coordinator that runs with TLS.
     pub ca: Option<PathBuf>,
+    /// The API key such a coordinator asks for.
+    pub api_key: Option<String>,
+}
+
+/// A client of the coordinator, each call carrying the API key when there is one.
+pub type Client = CoordinatorClient<InterceptedService<Channel, WithKey>>;
+
+/// Adds `authorization: Bearer KEY` to every call.
+#[derive(Clone)]
+pub struct WithKey(Option<MetadataValue<Ascii>>);
+
+impl WithKey {
+    fn new(key: Option<&str>) -> Result<Self, Failure> {
+        key.map(|key| {
+            format!("Bearer {}", key.trim())
+                .parse()
+                .map_err(|_| Failure::usage("--api-key holds characters no key has"))
+        })
+        .transpose()
+        .map(WithKey)
+    }
+}
+
+impl Interceptor for WithKey {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
 }
 
 impl Dial {
@@ -63,10 +100,11 @@ impl Dial {
 /// client and the address it dialled, and stops the local cluster.
 pub async fn with_client<F, Fut>(dial: &Dial, command: F) -> Result<u8, Failure>
 where
-    F: FnOnce(CoordinatorClient<Channel>, String) -> Fut,
+    F: FnOnce(Client, String) -> Fut,
     Fut: Future<Output = Result<u8, Failure>>,
 {
     let tls = if dial.local { None } else { dial.tls()? };
+    let key = WithKey::new(dial.api_key.as_deref())?;
     let local = if dial.local {
         Some(start_local().await?)
     } else {
@@ -81,7 +119,7 @@ where
         Err(e) => Err(e),
     };
     let result = match channel {
-        Ok(channel) => command(CoordinatorClient::new(channel), addr).await,
+        Ok(channel) => command(CoordinatorClient::with_interceptor(channel, key), addr).await,
         Err(e) => Err(Failure::infrastructure(format!(
             "cannot reach the coordinator at {addr} ({}); start one with `coordinator serve`, or pass --local",
             root_cause(&e)

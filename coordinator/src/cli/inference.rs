@@ -7,13 +7,13 @@ use kowalski_exo_common::{
     error_text::broken_transport,
     proto::{
         BackendKind, BackendState, ChatMessage, ChatRequest, ClusterModel, ListModelsRequest,
-        SamplingOptions, chat_event, coordinator_client::CoordinatorClient,
+        SamplingOptions, chat_event,
     },
 };
 use serde::Serialize;
-use tonic::{Code, transport::Channel};
+use tonic::Code;
 
-use super::{EXIT_INFRASTRUCTURE, EXIT_NO_NODE, Failure, PREFIX, print_json};
+use super::{EXIT_INFRASTRUCTURE, EXIT_NO_NODE, Failure, PREFIX, connect::Client, print_json};
 
 /// One node and backend serving a model, as `models --json` prints it.
 #[derive(Serialize, Debug, PartialEq)]
@@ -93,11 +93,7 @@ pub fn models_table(models: &[ClusterModel]) -> String {
 }
 
 /// `coordinator models`.
-pub async fn list(
-    mut client: CoordinatorClient<Channel>,
-    addr: &str,
-    json: bool,
-) -> Result<u8, Failure> {
+pub async fn list(mut client: Client, addr: &str, json: bool) -> Result<u8, Failure> {
     let models = client
         .list_models(ListModelsRequest {})
         .await
@@ -187,7 +183,7 @@ struct ChatLine {
 /// `coordinator chat`: the answer's text to stdout as it comes; moves between nodes noted on
 /// stderr.
 pub async fn chat(
-    mut client: CoordinatorClient<Channel>,
+    mut client: Client,
     addr: &str,
     request: ChatRequest,
     json: bool,

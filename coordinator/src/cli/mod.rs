@@ -26,6 +26,8 @@ pub const EXIT_USAGE: u8 = exit::USAGE;
 pub const EXIT_NO_NODE: u8 = 3;
 /// The cluster failed: coordinator unreachable, or every attempt lost.
 pub const EXIT_INFRASTRUCTURE: u8 = exit::INFRASTRUCTURE;
+/// The coordinator wants an API key, or not this one.
+pub const EXIT_UNAUTHENTICATED: u8 = 5;
 /// The code ran past its timeout.
 pub const EXIT_TIMEOUT: u8 = 124;
 /// The code went over its output, memory or CPU limit.
@@ -72,6 +74,7 @@ impl Failure {
         let code = match status {
             EXIT_USAGE => "invalid_request",
             EXIT_NO_NODE => "no_node",
+            EXIT_UNAUTHENTICATED => "unauthenticated",
             _ => "infrastructure",
         };
         Failure {
@@ -96,6 +99,7 @@ impl Failure {
         let exit = match status.code() {
             Code::FailedPrecondition => EXIT_NO_NODE,
             Code::InvalidArgument | Code::NotFound => EXIT_USAGE,
+            Code::Unauthenticated | Code::PermissionDenied => EXIT_UNAUTHENTICATED,
             _ => EXIT_INFRASTRUCTURE,
         };
         if broken_transport(&status) {

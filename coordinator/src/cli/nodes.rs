@@ -3,13 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use kowalski_exo_common::proto::{
-    DrainRequest, ListNodesRequest, NodeInfo, RuntimeHealth, coordinator_client::CoordinatorClient,
-};
+use kowalski_exo_common::proto::{DrainRequest, ListNodesRequest, NodeInfo, RuntimeHealth};
 use serde::Serialize;
-use tonic::transport::Channel;
 
-use super::{Failure, print_json};
+use super::{Failure, connect::Client, print_json};
 
 /// One node as `coordinator nodes --json` prints it. Field names are stable.
 #[derive(Serialize, Debug, PartialEq)]
@@ -117,11 +114,7 @@ pub fn nodes_table(nodes: &[NodeInfo]) -> String {
 }
 
 /// `coordinator nodes`.
-pub async fn list(
-    mut client: CoordinatorClient<Channel>,
-    addr: &str,
-    json: bool,
-) -> Result<u8, Failure> {
+pub async fn list(mut client: Client, addr: &str, json: bool) -> Result<u8, Failure> {
     let nodes = client
         .list_nodes(ListNodesRequest {})
         .await
@@ -142,7 +135,7 @@ pub async fn list(
 
 /// `coordinator drain` (`draining`) and `undrain`.
 pub async fn set_draining(
-    mut client: CoordinatorClient<Channel>,
+    mut client: Client,
     addr: &str,
     node: String,
     draining: bool,

@@ -1,12 +1,9 @@
 //! `run --plan`: what would run where.
 
-use kowalski_exo_common::proto::{
-    PlanRequest, PlannedBlock, SkipKind, coordinator_client::CoordinatorClient,
-};
+use kowalski_exo_common::proto::{PlanRequest, PlannedBlock, SkipKind};
 use serde::Serialize;
-use tonic::transport::Channel;
 
-use super::{Failure, print_json};
+use super::{Failure, connect::Client, print_json};
 use crate::json_events::skip_name;
 
 /// One fenced block as `run --plan --json` prints it. Field names are stable.
@@ -70,7 +67,7 @@ pub fn plan_table(blocks: &[PlannedBlock]) -> String {
 /// `coordinator run --plan`. Fails as `run` would before running anything: 3 when a block no
 /// node can run would stop the document, 2 when a block is invalid.
 pub async fn show(
-    mut client: CoordinatorClient<Channel>,
+    mut client: Client,
     addr: &str,
     request: PlanRequest,
     json: bool,

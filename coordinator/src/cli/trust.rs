@@ -1,5 +1,6 @@
 //! The cluster-identity commands and choices: whether `serve` runs with TLS (always off
-//! loopback, unless told `--insecure`), `coordinator token`, and `coordinator nodes revoke`.
+//! loopback, unless told `--insecure`), `coordinator token`, `coordinator apikey`, and
+//! `coordinator nodes revoke`.
 //! They work on the data directory of a coordinator on this machine; a running one sees the
 //! change at once.
 
@@ -77,6 +78,43 @@ pub fn revoke(data_dir: &Path, name: &str) -> Result<u8, Failure> {
         ));
     }
     eprintln!("revoked node '{name}': it can attach again only by joining with a new token");
+    Ok(0)
+}
+
+/// What `coordinator apikey` does.
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum ApiKeyAction {
+    /// Make a key for a client; it is printed this once and only its hash is kept.
+    Create { name: String },
+    /// The names of the keys in force.
+    List,
+    /// Refuse a key from now on.
+    Revoke { name: String },
+}
+
+/// `coordinator apikey create|list|revoke`.
+pub fn api_key(data_dir: &Path, action: &ApiKeyAction) -> Result<u8, Failure> {
+    let trust = open(data_dir)?;
+    let failed = |e: kowalski_exo_common::tls::TlsError| Failure::usage(e.to_string());
+    match action {
+        ApiKeyAction::Create { name } => {
+            println!("{}", trust.create_api_key(name).map_err(failed)?);
+            eprintln!(
+                "the key is shown this once: keep it (clients pass it with --api-key or KOWALSKI_API_KEY)"
+            );
+        }
+        ApiKeyAction::List => {
+            for name in trust.api_key_names().map_err(failed)? {
+                println!("{name}");
+            }
+        }
+        ApiKeyAction::Revoke { name } => {
+            if !trust.revoke_api_key(name).map_err(failed)? {
+                return Err(Failure::usage(format!("no API key is called '{name}'")));
+            }
+            eprintln!("revoked the API key '{name}'");
+        }
+    }
     Ok(0)
 }
 

@@ -14,10 +14,14 @@ use serde_json::{Value, json};
 
 use crate::service::ClusterService;
 
+/// `/healthz`, open to anyone.
 pub fn routes() -> Router<ClusterService> {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
+    Router::new().route("/healthz", get(healthz))
+}
+
+/// `/metrics`, behind the API keys like the APIs.
+pub fn metrics_routes() -> Router<ClusterService> {
+    Router::new().route("/metrics", get(metrics))
 }
 
 async fn healthz(State(cluster): State<ClusterService>) -> (StatusCode, Json<Value>) {

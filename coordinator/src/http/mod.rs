@@ -1,17 +1,21 @@
-//! The coordinator's HTTP API (axum): health, and the OpenAI-, Ollama- and Anthropic-compatible
-//! APIs over the cluster's models. Every route sits behind [`router`], so a layer added there (authentication, in the
-//! security issue) covers them all.
+//! The coordinator's HTTP API (axum): health, metrics, and the OpenAI-, Ollama- and
+//! Anthropic-compatible APIs over the cluster's models. With TLS, every route but `/healthz`
+//! sits behind the API keys (`Authorization: Bearer KEY`, or Anthropic's `x-api-key`), a
+//! refusal answered with 401 in the route's own API's error format.
 
 mod anthropic;
 mod health;
 mod ollama;
 mod openai;
 
-use std::pin::Pin;
+use std::{pin::Pin, sync::Arc};
 
 use axum::{
     Router,
-    http::{HeaderMap, StatusCode},
+    extract::Request,
+    http::{HeaderMap, StatusCode, header},
+    middleware::{self, Next},
+    response::IntoResponse,
 };
 use futures_util::{Stream, StreamExt};
 use kowalski_exo_common::proto::{ChatEvent, ChatFinished, chat_event};
@@ -20,16 +24,59 @@ use serde_json::Value;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
 
-use crate::service::{ChatReceiver, ClusterService};
+use crate::{
+    service::{ChatReceiver, ClusterService},
+    trust::ClusterTrust,
+};
 
-/// Every route of the HTTP API.
-pub fn router(cluster: ClusterService) -> Router {
+/// Every route of the HTTP API; with `keys`, all but `/healthz` need one.
+pub fn router(cluster: ClusterService, keys: Option<Arc<ClusterTrust>>) -> Router {
     Router::new()
-        .merge(health::routes())
+        .merge(health::metrics_routes())
         .merge(openai::routes())
         .merge(ollama::routes())
         .merge(anthropic::routes())
+        .route_layer(middleware::from_fn(move |request, next| {
+            require_key(keys.clone(), request, next)
+        }))
+        .merge(health::routes())
         .with_state(cluster)
+}
+
+/// Passes a request on when its key is one in force (or no keys are asked for); otherwise
+/// answers 401 as the route's API would.
+async fn require_key(
+    keys: Option<Arc<ClusterTrust>>,
+    request: Request,
+    next: Next,
+) -> axum::response::Response {
+    let Some(trust) = keys else {
+        return next.run(request).await;
+    };
+    let headers = request.headers();
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.strip_prefix("Bearer ").unwrap_or(v))
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
+    match trust.authorize(presented) {
+        Ok(_) => next.run(request).await,
+        Err(refused) => unauthorized(request.uri().path(), &refused.to_string()),
+    }
+}
+
+/// A 401 in the error format of the API `path` belongs to.
+fn unauthorized(path: &str, message: &str) -> axum::response::Response {
+    let body = if path.starts_with("/api/") {
+        serde_json::json!({"error": message})
+    } else if path.starts_with("/v1/messages") {
+        serde_json::json!({"type": "error", "error": {"type": "authentication_error", "message": message}})
+    } else if path.starts_with("/v1/") {
+        serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}})
+    } else {
+        return (StatusCode::UNAUTHORIZED, message.to_string()).into_response();
+    };
+    (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response()
 }
 
 /// A message's content as the OpenAI and Anthropic APIs send it: text, or parts (blocks) of
