@@ -8,7 +8,7 @@ use kowalski_exo_common::{
     defaults,
     proto::{agent_registry_server::AgentRegistryServer, coordinator_server::CoordinatorServer},
     request_size::MAX_MESSAGE_BYTES,
-    tls::TlsError,
+    tls::{Identity, TlsError},
     transport::{self, ServeError, ServerBase},
 };
 use kowalski_exo_node_agent::{AgentConfig, RunningAgent};
@@ -18,7 +18,8 @@ use tonic::{server::NamedService, service::interceptor::InterceptedService};
 
 use crate::{
     api::{api_keys::KeyCheck, client_service::ClientService, registry_service::RegistryService},
-    cluster_metrics, http,
+    cluster_metrics,
+    http::{self, https::HttpsListener},
     inference::{Chats, chat::DEFAULT_STALL_TIMEOUT},
     registry::NodeRegistry,
     scheduling::agents::{AgentConnector, GrpcAgents},
@@ -128,6 +129,50 @@ impl CoordinatorConfig {
     }
 }
 
+/// Serves the HTTP API on `listener` until `stop`: HTTPS as `identity` when the coordinator
+/// runs with TLS.
+fn serve_http(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    identity: Option<&Identity>,
+    stop: CancellationToken,
+) -> Result<(), TlsError> {
+    let report = |served: std::io::Result<()>| {
+        if let Err(e) = served {
+            tracing::warn!(error = %e, "the HTTP API stopped");
+        }
+    };
+    match identity {
+        Some(identity) => {
+            let listener = HttpsListener::new(listener, identity)?;
+            tokio::spawn(async move {
+                report(
+                    axum::serve(listener, router)
+                        .with_graceful_shutdown(stop.cancelled_owned())
+                        .await,
+                )
+            });
+        }
+        None => {
+            // Each text chunk goes out at once: without TCP_NODELAY the first one waits for
+            // the client's delayed ACK of the response head (about 40 ms).
+            let listener = listener.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "cannot set TCP_NODELAY on an HTTP connection");
+                }
+            });
+            tokio::spawn(async move {
+                report(
+                    axum::serve(listener, router)
+                        .with_graceful_shutdown(stop.cancelled_owned())
+                        .await,
+                )
+            });
+        }
+    }
+    Ok(())
+}
+
 /// What the coordinator's certificate is valid for: the address it listens on (every address
 /// of the machine when it listens on all), the machine's name, `localhost`, and `extra`.
 fn certificate_names(addr: SocketAddr, extra: &[String]) -> Vec<String> {
@@ -221,27 +266,16 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Star
             .await
     });
     tracing::info!(%addr, tls = trust.is_some(), "coordinator listening");
-    let http_addr = http_listener.map(|(listener, http_addr)| {
-        let router = http::router(cluster, trust.as_ref().map(|(trust, _)| trust.clone()));
-        let stop = shutdown.clone();
-        // Each text chunk goes out at once: without TCP_NODELAY the first one waits for the
-        // client's delayed ACK of the response head (about 40 ms).
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY on an HTTP connection");
-            }
-        });
-        tokio::spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-            if let Err(e) = served {
-                tracing::warn!(error = %e, "the HTTP API stopped");
-            }
-        });
-        tracing::info!(addr = %http_addr, "http api listening");
-        http_addr
-    });
+    let http_addr = match http_listener {
+        Some((listener, http_addr)) => {
+            let router = http::router(cluster, trust.as_ref().map(|(trust, _)| trust.clone()));
+            let identity = trust.as_ref().map(|(_, identity)| identity);
+            serve_http(listener, router, identity, shutdown.clone())?;
+            tracing::info!(addr = %http_addr, https = identity.is_some(), "http api listening");
+            Some(http_addr)
+        }
+        None => None,
+    };
     let local_agent = match local_agent {
         Some(config) => {
             let dial = if addr.ip().is_unspecified() {

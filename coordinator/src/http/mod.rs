@@ -5,6 +5,7 @@
 
 mod anthropic;
 mod health;
+pub mod https;
 mod ollama;
 mod openai;
 
