@@ -413,7 +413,10 @@ async fn clients_need_an_api_key_over_grpc_and_http_and_a_revoked_one_stops_at_o
     assert_eq!(curl("/metrics", &[], None).0, 401);
     assert_ne!(curl("/healthz", &[], None).0, 401);
     let bearer = format!("authorization: Bearer {key}");
-    assert_eq!(curl("/v1/models", &[bearer.clone()], None).0, 200);
+    assert_eq!(
+        curl("/v1/models", std::slice::from_ref(&bearer), None).0,
+        200
+    );
     assert_eq!(
         curl("/metrics", &[format!("x-api-key: {key}")], None).0,
         200
