@@ -15,23 +15,14 @@ use std::{
 };
 
 use kowalski_exo_common::proto::{ClusterEvent, ExecStatus, cluster_event::Event};
-use kowalski_exo_tests::{Cluster, python_request, real_executable};
+use kowalski_exo_tests::{
+    Cluster,
+    bench::{arg, ms},
+    python_request, real_executable,
+};
 use nix::sys::signal::Signal;
 use tokio::sync::Semaphore;
 use tonic::Streaming;
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(default)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 fn summary(samples: &mut [Duration]) -> String {
     samples.sort();

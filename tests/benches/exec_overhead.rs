@@ -12,7 +12,7 @@ use std::{
 use kowalski_exo_common::proto::{
     ExecStatus, ExecuteRequest, exec_event::Event, node_agent_client::NodeAgentClient,
 };
-use kowalski_exo_tests::{Daemon, describe};
+use kowalski_exo_tests::{Daemon, bench::ms, describe};
 
 const WARMUP: usize = 10;
 
@@ -28,10 +28,6 @@ impl Samples {
         let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
         sorted[index]
     }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 #[tokio::main]

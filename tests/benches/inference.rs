@@ -17,7 +17,10 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use kowalski_exo_common::proto::{ChatMessage, ChatRequest, SamplingOptions, chat_event};
-use kowalski_exo_tests::{CEILING, InferenceCluster, LlamaServer, ScriptedBackend, Step};
+use kowalski_exo_tests::{
+    CEILING, InferenceCluster, LlamaServer, ScriptedBackend, Step,
+    bench::{arg, ms},
+};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
@@ -35,19 +38,6 @@ const SCRIPTED_TOKEN_DELAY: Duration = Duration::from_millis(5);
 const GOAL_FIRST_TOKEN_MS: f64 = 5.0;
 const GOAL_PER_TOKEN_MS: f64 = 0.2;
 const GOAL_PAUSE_MS: f64 = 500.0;
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(default)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 /// Durations of one measure over the rounds.
 struct Samples(Vec<Duration>);

@@ -9,6 +9,7 @@
 //! model, and [`ScriptedBackend`] is an OpenAI-compatible server whose answers and failures a
 //! test chooses in advance; [`InferenceCluster`] puts a coordinator and agents in front of them.
 
+pub mod bench;
 mod inference_cluster;
 mod scripted_backend;
 
