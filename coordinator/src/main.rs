@@ -66,6 +66,13 @@ enum Command {
         #[command(flatten)]
         data: DataDirArg,
     },
+    /// Issue a client certificate, to call agents directly (grpcurl, scripts).
+    Cert {
+        #[command(subcommand)]
+        action: CertAction,
+        #[command(flatten)]
+        data: DataDirArg,
+    },
     /// Make, list or revoke the API keys clients of a coordinator with TLS need.
     Apikey {
         #[command(subcommand)]
@@ -158,6 +165,18 @@ enum Command {
         client: ClientArgs,
         /// Node name or id.
         node: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertAction {
+    /// Write NAME.pem, NAME.key and ca.pem to DIR.
+    Issue {
+        /// The client's name, as its certificate carries it.
+        #[arg(long = "client", value_name = "NAME")]
+        name: String,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
     },
 }
 
@@ -312,6 +331,10 @@ async fn main() -> ExitCode {
         }
         Command::Token { new, data } => (trust::token(&data.data_dir, new), false),
         Command::Apikey { action, data } => (trust::api_key(&data.data_dir, &action), false),
+        Command::Cert {
+            action: CertAction::Issue { name, out },
+            data,
+        } => (trust::issue_client(&data.data_dir, &name, &out), false),
         Command::Nodes {
             action: Some(NodesAction::Revoke { name, data }),
             ..

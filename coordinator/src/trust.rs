@@ -118,6 +118,11 @@ impl ClusterTrust {
         }
     }
 
+    /// A certificate and key for a person's tool (grpcurl, a script) to call agents directly.
+    pub fn issue_client(&self, name: &str) -> Result<Identity, TlsError> {
+        self.authority.issue(Role::Client, name, &[])
+    }
+
     /// Signs a joining node's key when `secret` is the token's; the certificate names `name`.
     pub fn join(&self, secret: &str, name: &str, request_pem: &str) -> Result<String, Refused> {
         if !self.token()?.admits(secret) {

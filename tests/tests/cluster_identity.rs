@@ -332,6 +332,57 @@ async fn a_node_cannot_pose_as_another_and_a_revoked_one_is_refused() {
         .await
         .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+
+    // A client certificate from `coordinator cert issue` is let in.
+    let out = dirs.path().join("client");
+    let (code, _, err) = admin(
+        &data,
+        &[
+            "cert",
+            "issue",
+            "--client",
+            "grpcurl",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let as_client = ClientTls {
+        authority_pem: std::fs::read_to_string(out.join("ca.pem")).unwrap(),
+        identity: Some(Identity {
+            cert_pem: std::fs::read_to_string(out.join("grpcurl.pem")).unwrap(),
+            key_pem: std::fs::read_to_string(out.join("grpcurl.key")).unwrap(),
+        }),
+        server_name: Some(kowalski_exo_common::tls::node_dns_name("kitchen")),
+    };
+    let described = NodeAgentClient::new(channel(&node_url, as_client).await.unwrap())
+        .describe(DescribeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(described.name, "kitchen");
+
+    // And grpcurl with those files, as the README shows it.
+    let file = |f: &str| out.join(f).to_str().unwrap().to_string();
+    let grpcurl = std::process::Command::new("grpcurl")
+        .args(["-cacert", &file("ca.pem"), "-cert", &file("grpcurl.pem")])
+        .args([
+            "-key",
+            &file("grpcurl.key"),
+            "-servername",
+            "kitchen.node.kowalski-exo",
+        ])
+        .arg(node_url.trim_start_matches("http://"))
+        .arg("kowalski.exo.v1.NodeAgent/Describe")
+        .output();
+    match grpcurl {
+        Err(e) => eprintln!("skipping the grpcurl check: {e} (.ci/run installs grpcurl)"),
+        Ok(output) => {
+            let (code, out, err) = outcome(output);
+            assert_eq!(code, Some(0), "{err}");
+            assert!(out.contains("\"kitchen\""), "{out}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,6 @@
 //! The cluster-identity commands and choices: whether `serve` runs with TLS (always off
-//! loopback, unless told `--insecure`), `coordinator token`, `coordinator apikey`, and
-//! `coordinator nodes revoke`.
+//! loopback, unless told `--insecure`), `coordinator token`, `coordinator apikey`,
+//! `coordinator cert issue` and `coordinator nodes revoke`.
 //! They work on the data directory of a coordinator on this machine; a running one sees the
 //! change at once.
 
@@ -115,6 +115,26 @@ pub fn api_key(data_dir: &Path, action: &ApiKeyAction) -> Result<u8, Failure> {
             eprintln!("revoked the API key '{name}'");
         }
     }
+    Ok(0)
+}
+
+/// `coordinator cert issue --client NAME --out DIR`: writes `NAME.pem` (the certificate with
+/// the authority's after it), `NAME.key` (mode 0600) and `ca.pem`.
+pub fn issue_client(data_dir: &Path, name: &str, out: &Path) -> Result<u8, Failure> {
+    let trust = open(data_dir)?;
+    let failed = |e: kowalski_exo_common::tls::TlsError| Failure::infrastructure(e.to_string());
+    let identity = trust.issue_client(name).map_err(failed)?;
+    kowalski_exo_common::tls::files::ensure_dir(out).map_err(failed)?;
+    let write = |file: String, text: &str| {
+        kowalski_exo_common::tls::files::write_private(&out.join(file), text).map_err(failed)
+    };
+    write(format!("{name}.pem"), &identity.cert_pem)?;
+    write(format!("{name}.key"), &identity.key_pem)?;
+    write("ca.pem".into(), trust.authority_pem())?;
+    eprintln!(
+        "wrote {name}.pem, {name}.key and ca.pem to {}: call an agent with `grpcurl -cacert ca.pem -cert {name}.pem -key {name}.key -servername NODE.node.kowalski-exo HOST:50052 ...`",
+        out.display()
+    );
     Ok(0)
 }
 
