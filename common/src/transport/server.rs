@@ -14,6 +14,11 @@ use tonic_health::server::HealthReporter;
 use super::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 use crate::{proto::FILE_DESCRIPTOR_SET, tls};
 
+/// Calls open at once on one connection: one client cannot hold more of the server. The
+/// coordinator's connection to an agent carries every run and generation placed there, far
+/// fewer than this.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
 /// TLS on a cluster server.
 #[derive(Clone, Debug)]
 pub struct ServerTls {
@@ -138,6 +143,7 @@ impl ServerBase {
             server = server.tls_config(tls.config())?;
         }
         server
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .add_routes(routes)
