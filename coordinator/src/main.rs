@@ -311,15 +311,17 @@ async fn main() -> ExitCode {
             security,
         } => {
             telemetry::init();
+            let http = server::http_address(&listen, http.as_deref());
             let config = CoordinatorConfig {
                 tls: trust::tls_setup(
                     &listen,
+                    http.as_deref(),
                     security.tls,
                     security.insecure,
                     &security.data.data_dir,
                     &security.tls_names,
                 ),
-                http: server::http_address(&listen, http.as_deref()),
+                http,
                 local_agent: local_agent.then(local_agent_config),
                 stall_timeout: match stall_timeout {
                     0 => DEFAULT_STALL_TIMEOUT,

@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::{Flock, FlockArg};
 use subtle::ConstantTimeEq;
 
 use kowalski_exo_common::{
@@ -32,8 +33,16 @@ pub enum Refused {
         "the join token is not this cluster's (print the current one with `coordinator token`)"
     )]
     WrongToken,
-    #[error("node '{0}' was revoked (`coordinator nodes revoke`); join it again with a new token")]
+    #[error(
+        "node '{0}' holds a certificate that was revoked (`coordinator nodes revoke`) or not issued by this coordinator; join it again with the new token"
+    )]
     Revoked(String),
+    #[error(
+        "a node called '{holder}' has joined, so '{name}' is taken; revoke it first (`coordinator nodes revoke {holder}`) if this device replaces it"
+    )]
+    Taken { name: String, holder: String },
+    #[error("'{0}' cannot name a node: use letters, digits, '.', '_' and '-', at most 63 of them")]
+    BadName(String),
     #[error(transparent)]
     Tls(#[from] TlsError),
 }
@@ -48,11 +57,18 @@ impl ClusterTrust {
     /// Opens the data directory, making the authority and a join token on first use.
     pub fn open(dir: &Path) -> Result<ClusterTrust, TlsError> {
         files::ensure_dir(dir)?;
+        let _locked = lock(dir)?;
         let cert = files::read(&dir.join(AUTHORITY_CERT))?;
         let key = files::read(&dir.join(AUTHORITY_KEY))?;
         let authority = match (cert, key) {
             (Some(cert), Some(key)) => Authority::load(&cert, &key)?,
-            _ => {
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(TlsError::Invalid(format!(
+                    "{} holds only half of the cluster's authority ({AUTHORITY_CERT} and {AUTHORITY_KEY} go together)",
+                    dir.display()
+                )));
+            }
+            (None, None) => {
                 let (authority, key) = Authority::create()?;
                 files::write_private(&dir.join(AUTHORITY_KEY), &key)?;
                 files::write_private(&dir.join(AUTHORITY_CERT), authority.cert_pem())?;
@@ -65,9 +81,15 @@ impl ClusterTrust {
             authority,
         };
         if files::read(&trust.path(TOKEN))?.is_none() {
-            trust.new_token()?;
+            trust.write_token()?;
         }
         Ok(trust)
+    }
+
+    /// Holds the data directory's lock: one reader-modifier-writer of its files at a time,
+    /// across processes (a running coordinator and an admin command).
+    fn lock(&self) -> Result<Flock<std::fs::File>, TlsError> {
+        lock(&self.dir)
     }
 
     fn path(&self, file: &str) -> PathBuf {
@@ -87,6 +109,11 @@ impl ClusterTrust {
 
     /// Replaces the join token: the old one admits no one from now on.
     pub fn new_token(&self) -> Result<JoinToken, TlsError> {
+        let _locked = self.lock()?;
+        self.write_token()
+    }
+
+    fn write_token(&self) -> Result<JoinToken, TlsError> {
         let token = JoinToken::new(&self.authority.fingerprint());
         files::write_private(&self.path(TOKEN), &format!("{token}\n"))?;
         Ok(token)
@@ -123,10 +150,24 @@ impl ClusterTrust {
         self.authority.issue(Role::Client, name, &[])
     }
 
-    /// Signs a joining node's key when `secret` is the token's; the certificate names `name`.
+    /// Signs a joining node's key when `secret` is the token's; the certificate names `name`,
+    /// which no node holding a certificate in force may have (nor one that reads the same as a
+    /// DNS name).
     pub fn join(&self, secret: &str, name: &str, request_pem: &str) -> Result<String, Refused> {
         if !self.token()?.admits(secret) {
             return Err(Refused::WrongToken);
+        }
+        check_node_name(name)?;
+        let _locked = self.lock()?;
+        if let Some((holder, _)) = self
+            .nodes_in_force()?
+            .into_iter()
+            .find(|(holder, _)| node_dns_name(holder) == node_dns_name(name))
+        {
+            return Err(Refused::Taken {
+                name: name.to_string(),
+                holder,
+            });
         }
         let chain =
             self.authority
@@ -142,10 +183,25 @@ impl ClusterTrust {
         Ok(chain)
     }
 
-    /// Whether a node's certificate is still accepted.
-    pub fn check_node(&self, peer: &Peer) -> Result<(), Refused> {
+    /// Node certificates issued and not revoked: (name, fingerprint).
+    fn nodes_in_force(&self) -> Result<Vec<(String, String)>, TlsError> {
+        let issued = files::read(&self.path(ISSUED))?.unwrap_or_default();
         let revoked = files::read(&self.path(REVOKED))?.unwrap_or_default();
-        if revoked.lines().any(|l| l.trim() == peer.fingerprint) {
+        Ok(issued
+            .lines()
+            .filter_map(|l| l.rsplit_once(' '))
+            .filter(|(_, fingerprint)| !revoked.lines().any(|r| r.trim() == *fingerprint))
+            .map(|(name, fingerprint)| (name.to_string(), fingerprint.to_string()))
+            .collect())
+    }
+
+    /// Whether a node's certificate is still accepted: issued here, and not revoked.
+    pub fn check_node(&self, peer: &Peer) -> Result<(), Refused> {
+        if !self
+            .nodes_in_force()?
+            .iter()
+            .any(|(_, fingerprint)| *fingerprint == peer.fingerprint)
+        {
             return Err(Refused::Revoked(peer.name.clone()));
         }
         Ok(())
@@ -158,6 +214,7 @@ impl ClusterTrust {
                 "'{name}' cannot name a key: use a word without spaces"
             )));
         }
+        let _locked = self.lock()?;
         let mut keys = files::read(&self.path(API_KEYS))?.unwrap_or_default();
         if self.api_key_names()?.iter().any(|n| n == name) {
             return Err(TlsError::Invalid(format!(
@@ -185,6 +242,7 @@ impl ClusterTrust {
 
     /// Revokes the key called `name`; false when there is none.
     pub fn revoke_api_key(&self, name: &str) -> Result<bool, TlsError> {
+        let _locked = self.lock()?;
         let keys = files::read(&self.path(API_KEYS))?.unwrap_or_default();
         let kept: Vec<&str> = keys
             .lines()
@@ -212,18 +270,23 @@ impl ClusterTrust {
         Ok(found)
     }
 
-    /// Revokes every certificate issued to node `name`; returns how many.
+    /// Revokes every certificate issued to node `name` and replaces the join token (whoever
+    /// held the old one could join again); returns how many certificates.
     pub fn revoke(&self, name: &str) -> Result<usize, TlsError> {
+        let _locked = self.lock()?;
         let issued = files::read(&self.path(ISSUED))?.unwrap_or_default();
         let mut revoked = files::read(&self.path(REVOKED))?.unwrap_or_default();
         let mut count = 0;
-        for (node, fingerprint) in issued.lines().filter_map(|l| l.split_once(' ')) {
+        for (node, fingerprint) in issued.lines().filter_map(|l| l.rsplit_once(' ')) {
             if node == name && !revoked.lines().any(|l| l == fingerprint) {
                 revoked.push_str(&format!("{fingerprint}\n"));
                 count += 1;
             }
         }
         files::write_private(&self.path(REVOKED), &revoked)?;
+        if count > 0 {
+            self.write_token()?;
+        }
         Ok(count)
     }
 }
@@ -252,6 +315,38 @@ impl ClusterTrust {
             .ok_or(KeyRefused::Missing)?;
         self.api_key(presented)?.ok_or(KeyRefused::Unknown)
     }
+}
+
+/// Node names fit certificates and the one-line records: `[A-Za-z0-9._-]{1,63}`.
+fn check_node_name(name: &str) -> Result<(), Refused> {
+    let fits = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if fits {
+        Ok(())
+    } else {
+        Err(Refused::BadName(name.to_string()))
+    }
+}
+
+/// Takes the lock of the data directory `dir`, held until the returned file is dropped.
+fn lock(dir: &Path) -> Result<Flock<std::fs::File>, TlsError> {
+    let path = dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|error| TlsError::File {
+            path: path.clone(),
+            error,
+        })?;
+    Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| TlsError::File {
+        path,
+        error: errno.into(),
+    })
 }
 
 /// SHA-256 of a key, hex: all that is kept of it.
@@ -306,9 +401,31 @@ mod tests {
         ));
         assert!(trust.join(&replaced.secret, "garage", &request()).is_ok());
 
+        // A name in force is taken, also as a DNS name; a name must fit a certificate.
+        for taken in ["kitchen", "Kitchen"] {
+            assert!(matches!(
+                trust.join(&replaced.secret, taken, &request()),
+                Err(Refused::Taken { .. })
+            ));
+        }
+        assert!(matches!(
+            trust.join(&replaced.secret, "Kitchen Pi", &request()),
+            Err(Refused::BadName(_))
+        ));
+
+        // Revoked: refused, the token replaced, and the name free for a new join.
         assert_eq!(trust.revoke("kitchen").unwrap(), 1);
         let refused = trust.check_node(&peer).unwrap_err().to_string();
-        assert!(refused.contains("'kitchen' was revoked"), "{refused}");
+        assert!(
+            refused.contains("'kitchen' holds a certificate that was revoked"),
+            "{refused}"
+        );
+        assert!(matches!(
+            trust.join(&replaced.secret, "kitchen", &request()),
+            Err(Refused::WrongToken)
+        ));
+        let rotated = trust.token().unwrap();
+        assert!(trust.join(&rotated.secret, "kitchen", &request()).is_ok());
     }
 
     #[test]

@@ -64,6 +64,9 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// A join token (`coordinator token`), to join such a cluster the first time.
     pub join: Option<String>,
+    /// Serve in plaintext on a non-loopback address without a cluster certificate: anyone who
+    /// reaches it can run code here.
+    pub insecure: bool,
 }
 
 impl Default for AgentConfig {
@@ -91,8 +94,22 @@ impl Default for AgentConfig {
             model_poll_interval: DEFAULT_POLL_INTERVAL,
             data_dir: files::default_dir("node-agent"),
             join: None,
+            insecure: false,
         }
     }
+}
+
+/// Without a cluster certificate the agent serves in plaintext: only on loopback, unless its
+/// owner says `--insecure` (then every start says what that exposes).
+fn check_exposure(addr: SocketAddr, member: bool, insecure: bool) -> Result<(), AgentError> {
+    if member || addr.ip().is_loopback() {
+        return Ok(());
+    }
+    if !insecure {
+        return Err(AgentError::Exposed(addr));
+    }
+    tracing::warn!(%addr, "serving without TLS (--insecure): anyone who reaches {addr} can run code on this device");
+    Ok(())
 }
 
 /// Over TLS, every caller holds a certificate of the cluster's authority; a node's is not
@@ -145,6 +162,10 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Membership(#[from] MembershipError),
+    #[error(
+        "without a cluster certificate this agent would run code for anyone who reaches {0}: join a cluster with --join TOKEN, listen on loopback (--listen 127.0.0.1:50052), or pass --insecure"
+    )]
+    Exposed(SocketAddr),
 }
 
 /// A started agent.
@@ -217,6 +238,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         &config.name,
     )
     .await?;
+    check_exposure(addr, membership.is_some(), config.insecure)?;
     if config.dirs.work_root == default_work_root() {
         remove_dead_agents_work_roots(&config.dirs.work_root);
     }
@@ -323,6 +345,17 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn without_a_certificate_only_loopback_is_served_unless_told() {
+        let lan: SocketAddr = "10.0.0.5:50052".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:50052".parse().unwrap();
+        let refused = check_exposure(lan, false, false).unwrap_err().to_string();
+        assert!(refused.contains("--join TOKEN"), "{refused}");
+        assert!(check_exposure(local, false, false).is_ok());
+        assert!(check_exposure(lan, true, false).is_ok());
+        assert!(check_exposure(lan, false, true).is_ok());
+    }
 
     #[test]
     fn work_roots_of_dead_agents_are_removed_and_live_ones_kept() {

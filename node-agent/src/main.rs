@@ -94,6 +94,10 @@ struct ServeArgs {
         hide_env_values = true
     )]
     join: Option<String>,
+    /// Serve in plaintext on a non-loopback address without having joined a cluster: anyone
+    /// who reaches it can run code on this device.
+    #[arg(long)]
+    insecure: bool,
     /// Where this agent keeps its certificate (several agents on one machine need one each).
     #[arg(long, value_name = "DIR", default_value_os_t = files::default_dir("node-agent"))]
     data_dir: PathBuf,
@@ -155,6 +159,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         model_poll_interval: Duration::from_secs(args.model_poll_interval.max(1)),
         join: args.join,
         data_dir: args.data_dir,
+        insecure: args.insecure,
         ..AgentConfig::default()
     };
     if !args.ollama.is_empty() || !args.openai.is_empty() {

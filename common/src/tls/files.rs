@@ -38,7 +38,12 @@ pub fn ensure_dir(dir: &Path) -> Result<(), TlsError> {
 
 /// Writes `contents` to `path`, readable by its owner only, replacing what was there at once.
 pub fn write_private(path: &Path, contents: &str) -> Result<(), TlsError> {
-    let partial = path.with_extension("partial");
+    // A name of its own, so writers in two processes never share a half-written file.
+    let partial = path.with_extension(format!(
+        "partial-{}-{}",
+        std::process::id(),
+        super::random_hex(4)
+    ));
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)

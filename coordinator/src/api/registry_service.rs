@@ -169,9 +169,11 @@ impl AgentRegistry for RegistryService {
         let chain = trust
             .join(&request.token_secret, &request.name, &request.csr_pem)
             .map_err(|e| match e {
-                Refused::WrongToken => Status::permission_denied(e.to_string()),
-                Refused::Tls(_) => Status::invalid_argument(e.to_string()),
-                Refused::Revoked(_) => Status::permission_denied(e.to_string()),
+                Refused::WrongToken | Refused::Revoked(_) => {
+                    Status::permission_denied(e.to_string())
+                }
+                Refused::Taken { .. } => Status::already_exists(e.to_string()),
+                Refused::Tls(_) | Refused::BadName(_) => Status::invalid_argument(e.to_string()),
             })?;
         tracing::info!(node = %request.name, "node joined");
         Ok(Response::new(JoinResponse {

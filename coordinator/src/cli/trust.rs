@@ -19,16 +19,17 @@ pub fn is_loopback(listen: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// TLS for a coordinator on `listen`: asked for, or off loopback unless `insecure` (which then
-/// says what it exposes).
+/// TLS for a coordinator on `listen` (and its HTTP API on `http`): asked for, or when either
+/// is off loopback unless `insecure` (which then says what it exposes).
 pub fn tls_setup(
     listen: &str,
+    http: Option<&str>,
     tls: bool,
     insecure: bool,
     data_dir: &Path,
     names: &[String],
 ) -> Option<TlsSetup> {
-    let loopback = is_loopback(listen);
+    let loopback = is_loopback(listen) && http.is_none_or(is_loopback);
     if tls || (!loopback && !insecure) {
         return Some(TlsSetup {
             data_dir: data_dir.to_path_buf(),
@@ -36,9 +37,12 @@ pub fn tls_setup(
         });
     }
     if !loopback {
+        let exposed = match http {
+            Some(http) => format!("{listen} or {http}"),
+            None => listen.to_string(),
+        };
         tracing::warn!(
-            %listen,
-            "running without TLS (--insecure): any device that reaches {listen} can register as a node, run any code on every node, and use every model"
+            "running without TLS (--insecure): any device that reaches {exposed} can register as a node, run any code on every node, and use every model"
         );
     }
     None
@@ -77,7 +81,9 @@ pub fn revoke(data_dir: &Path, name: &str) -> Result<u8, Failure> {
             ),
         ));
     }
-    eprintln!("revoked node '{name}': it can attach again only by joining with a new token");
+    eprintln!(
+        "revoked node '{name}' and replaced the join token (`coordinator token` prints the new one): the node can come back only by joining with it"
+    );
     Ok(0)
 }
 
@@ -149,9 +155,13 @@ mod tests {
         assert!(is_loopback("[::1]:50051"));
         assert!(is_loopback("localhost:1"));
         assert!(!is_loopback("0.0.0.0:50051"));
-        assert!(tls_setup("127.0.0.1:1", false, false, dir, &[]).is_none());
-        assert!(tls_setup("127.0.0.1:1", true, false, dir, &[]).is_some());
-        assert!(tls_setup("0.0.0.0:1", false, false, dir, &[]).is_some());
-        assert!(tls_setup("0.0.0.0:1", false, true, dir, &[]).is_none());
+        let local = Some("127.0.0.1:8080");
+        assert!(tls_setup("127.0.0.1:1", local, false, false, dir, &[]).is_none());
+        assert!(tls_setup("127.0.0.1:1", None, false, false, dir, &[]).is_none());
+        assert!(tls_setup("127.0.0.1:1", local, true, false, dir, &[]).is_some());
+        assert!(tls_setup("0.0.0.0:1", local, false, false, dir, &[]).is_some());
+        assert!(tls_setup("0.0.0.0:1", local, false, true, dir, &[]).is_none());
+        // The HTTP API on the LAN is as exposed as the gRPC port would be.
+        assert!(tls_setup("127.0.0.1:1", Some("0.0.0.0:8080"), false, false, dir, &[]).is_some());
     }
 }
