@@ -43,10 +43,30 @@ impl Role {
 }
 
 /// A certificate (with the chain up to the cluster's authority) and its private key, as PEM.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Identity {
     pub cert_pem: String,
     pub key_pem: String,
+}
+
+/// Never prints the key, so no log or panic message can carry it.
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("cert_pem", &format_args!("{} bytes", self.cert_pem.len()))
+            .field("key_pem", &format_args!("<private>"))
+            .finish()
+    }
+}
+
+/// The credential in an `Authorization` header's value: what follows the scheme `Bearer`
+/// (matched in any case, as RFC 7235 asks), or the whole value.
+pub fn bearer(value: &str) -> &str {
+    let value = value.trim();
+    match value.split_once(' ') {
+        Some((scheme, credential)) if scheme.eq_ignore_ascii_case("bearer") => credential.trim(),
+        _ => value,
+    }
 }
 
 /// Why a certificate, token or TLS file could not be made or used.
@@ -103,6 +123,18 @@ pub fn random_hex(n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_is_never_printed_and_bearer_is_read_in_any_case() {
+        let identity = Identity {
+            cert_pem: "CERT".into(),
+            key_pem: "SECRET KEY".into(),
+        };
+        assert!(!format!("{identity:?}").contains("SECRET"));
+        assert_eq!(bearer("Bearer kxk_1"), "kxk_1");
+        assert_eq!(bearer("bearer  kxk_1 "), "kxk_1");
+        assert_eq!(bearer("kxk_1"), "kxk_1");
+    }
 
     #[test]
     fn node_names_become_valid_dns_names() {

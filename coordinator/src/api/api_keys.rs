@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use kowalski_exo_common::tls::bearer;
 use tonic::{Request, Status, service::Interceptor};
 
 use crate::trust::ClusterTrust;
@@ -22,7 +23,7 @@ impl Interceptor for KeyCheck {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .map(|v| v.strip_prefix("Bearer ").unwrap_or(v));
+            .map(bearer);
         trust
             .authorize(presented)
             .map_err(|e| Status::unauthenticated(e.to_string()))?;

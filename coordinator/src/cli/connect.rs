@@ -96,6 +96,12 @@ impl Dial {
     }
 }
 
+/// True when `url` (`http://HOST:PORT`) names this machine.
+fn dials_loopback(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    super::trust::is_loopback(rest.split('/').next().unwrap_or(rest))
+}
+
 /// Connects to the coordinator `dial` names (or a local cluster), runs `command` with the
 /// client and the address it dialled, and stops the local cluster.
 pub async fn with_client<F, Fut>(dial: &Dial, command: F) -> Result<u8, Failure>
@@ -104,6 +110,12 @@ where
     Fut: Future<Output = Result<u8, Failure>>,
 {
     let tls = if dial.local { None } else { dial.tls()? };
+    if tls.is_none() && dial.api_key.is_some() && !dial.local && !dials_loopback(&dial.addr) {
+        return Err(Failure::usage(format!(
+            "not sending the API key in plaintext to {}: pass --ca FILE (the coordinator's authority.pem) so it goes over TLS",
+            dial.addr
+        )));
+    }
     let key = WithKey::new(dial.api_key.as_deref())?;
     let local = if dial.local {
         Some(start_local().await?)
@@ -164,4 +176,30 @@ async fn start_local() -> Result<RunningCoordinator, Failure> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(cluster)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_key_is_not_sent_in_plaintext_off_this_machine() {
+        let dial = Dial {
+            addr: "http://10.0.0.5:50051".into(),
+            api_key: Some("kxk_secret".into()),
+            ..Dial::default()
+        };
+        let refused = with_client(&dial, |_, _| async { Ok(0) })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.status, kowalski_exo_common::exit::USAGE);
+        assert!(
+            refused.message.contains("pass --ca FILE"),
+            "{}",
+            refused.message
+        );
+        assert!(dials_loopback("http://127.0.0.1:50051"));
+        assert!(dials_loopback("http://localhost:50051"));
+        assert!(!dials_loopback("http://10.0.0.5:50051"));
+    }
 }

@@ -58,7 +58,7 @@ async fn require_key(
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.strip_prefix("Bearer ").unwrap_or(v))
+        .map(kowalski_exo_common::tls::bearer)
         .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
     match trust.authorize(presented) {
         Ok(_) => next.run(request).await,
