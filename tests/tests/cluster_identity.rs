@@ -132,6 +132,11 @@ static WAITS: AtomicUsize = AtomicUsize::new(0);
 
 /// Waits until the coordinator lists `name` as ready.
 async fn wait_ready(coordinator: &Daemon, data: &Path, name: &str) {
+    wait_state(coordinator, data, name, "ready").await;
+}
+
+/// Waits until the coordinator lists `name` in `state`.
+async fn wait_state(coordinator: &Daemon, data: &Path, name: &str, state: &str) {
     let channel = channel(&coordinator.url(), client_tls(data, None))
         .await
         .unwrap();
@@ -159,10 +164,10 @@ async fn wait_ready(coordinator: &Daemon, data: &Path, name: &str) {
             .unwrap()
             .into_inner()
             .nodes;
-        if nodes.iter().any(|n| n.name == name && n.state == "ready") {
+        if nodes.iter().any(|n| n.name == name && n.state == state) {
             return;
         }
-        assert!(start.elapsed() < CEILING, "{name} never ready: {nodes:?}");
+        assert!(start.elapsed() < CEILING, "{name} never {state}: {nodes:?}");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
@@ -305,6 +310,8 @@ async fn a_node_cannot_pose_as_another_and_a_revoked_one_is_refused() {
             .unwrap(),
     );
     assert_eq!(code, Some(0), "{err}");
+    // The node attached now loses its stream, and cannot come back.
+    wait_state(&coordinator, &data, "kitchen", "down").await;
     let revoked = attach_as(&coordinator, &data, node_identity(&node_data), "kitchen").await;
     assert_eq!(revoked.code(), Code::PermissionDenied, "{revoked:?}");
     assert!(

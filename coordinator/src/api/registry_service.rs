@@ -5,7 +5,7 @@
 
 use std::pin::Pin;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use kowalski_exo_common::{
     proto::{
@@ -48,11 +48,11 @@ impl RegistryService {
         }
     }
 
-    /// With TLS, the node the request's certificate names, if it may attach as `name`.
+    /// With TLS, the node the request's certificate names, if it may attach: checked before
+    /// the stream says anything.
     fn admit(
         &self,
         peer: Option<Result<Peer, kowalski_exo_common::tls::TlsError>>,
-        name: &str,
     ) -> Result<Option<Peer>, Status> {
         let Some(trust) = &self.trust else {
             return Ok(None);
@@ -73,18 +73,27 @@ impl RegistryService {
                 ));
             }
         };
-        if peer.name != name {
-            return Err(Status::permission_denied(format!(
-                "this node's certificate is for '{}', not '{name}'",
-                peer.name
-            )));
-        }
         trust
             .check_node(&peer)
             .map_err(|e| Status::permission_denied(e.to_string()))?;
         Ok(Some(peer))
     }
+
+    /// Whether the certificate `peer` attached with is still in force (not revoked since).
+    fn still_admitted(&self, peer: &Option<Peer>) -> Result<(), Status> {
+        match (&self.trust, peer) {
+            (Some(trust), Some(peer)) => trust
+                .check_node(peer)
+                .map_err(|e| Status::permission_denied(e.to_string())),
+            _ => Ok(()),
+        }
+    }
 }
+
+/// A stream that has not registered within this is closed.
+const FIRST_MESSAGE: Duration = Duration::from_secs(10);
+/// How often an attached node's certificate is checked against revocations.
+const REVOCATION_CHECK: Duration = Duration::from_secs(2);
 
 type CommandStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
 
@@ -97,11 +106,15 @@ impl AgentRegistry for RegistryService {
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
         let peer = request.remote_addr();
-        let certificate = Peer::of(&request);
+        let node = self.admit(Peer::of(&request))?;
         let mut inbound = request.into_inner();
-        let first = inbound.message().await?.and_then(|m| m.message).ok_or(
-            CoordinatorError::Registration("the stream closed before registering"),
-        )?;
+        let first = tokio::time::timeout(FIRST_MESSAGE, inbound.message())
+            .await
+            .map_err(|_| CoordinatorError::Registration("no registration within the first 10 s"))??
+            .and_then(|m| m.message)
+            .ok_or(CoordinatorError::Registration(
+                "the stream closed before registering",
+            ))?;
         let agent_message::Message::Register(mut registration) = first else {
             return Err(CoordinatorError::Registration(
                 "the first message on an Attach stream must be `register`",
@@ -113,7 +126,13 @@ impl AgentRegistry for RegistryService {
                 CoordinatorError::Registration("registration has an empty node name").into(),
             );
         }
-        if let Some(node) = self.admit(certificate, &registration.name)? {
+        if let Some(node) = &node {
+            if node.name != registration.name {
+                return Err(Status::permission_denied(format!(
+                    "this node's certificate is for '{}', not '{}'",
+                    node.name, registration.name
+                )));
+            }
             // The id is the certificate's, whatever the node says.
             registration.node_id = format!("node-{}", &node.fingerprint[..12]);
         }
@@ -133,11 +152,21 @@ impl AgentRegistry for RegistryService {
             .await;
         let registry = self.registry.clone();
         let shutdown = self.shutdown.clone();
+        let service = self.clone();
         tokio::spawn(async move {
+            let mut recheck = tokio::time::interval(REVOCATION_CHECK);
             loop {
                 let message = tokio::select! {
                     message = inbound.message() => message,
                     _ = shutdown.cancelled() => break,
+                    _ = recheck.tick() => {
+                        if let Err(revoked) = service.still_admitted(&node) {
+                            tracing::warn!(%node_id, %name, "closing the stream of a revoked node");
+                            let _ = commands.send(Err(revoked)).await;
+                            break;
+                        }
+                        continue;
+                    }
                 };
                 match message {
                     Ok(Some(AgentMessage {
