@@ -31,6 +31,24 @@ pub fn parse_http_url(s: &str) -> Result<String, String> {
     }
 }
 
+/// The `HOST:PORT` of a URL such as `http://HOST:PORT/path`.
+pub fn url_host_port(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    rest.split('/').next().unwrap_or(rest)
+}
+
+/// True when `HOST:PORT` is reachable from this machine only.
+pub fn is_loopback(host_port: &str) -> bool {
+    let host = host_port
+        .rsplit_once(':')
+        .map_or(host_port, |(host, _)| host);
+    let host = host.trim_matches(|c| c == '[' || c == ']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// A `key=value` label.
 pub fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {

@@ -9,7 +9,8 @@
 //! - [`request_size`]: how large a run request may be, checked by coordinator and agent alike.
 //! - [`transport`]: gRPC server set-up shared by all servers (health, reflection), and the one
 //!   way clients dial them.
-//! - [`tls`]: cluster identity: the certificate authority, join tokens, peer certificates.
+//! - [`security`]: cluster identity and access: the certificate authority, join tokens, peer
+//!   certificates, the coordinator's data directory, API keys and the gRPC key check.
 //! - [`shutdown`]: the signals that stop a server, caught from before it starts.
 //! - [`telemetry`]: tracing set-up for the binaries.
 
@@ -19,9 +20,9 @@ pub mod error_text;
 pub mod exit;
 pub mod language;
 pub mod request_size;
+pub mod security;
 pub mod shutdown;
 pub mod telemetry;
-pub mod tls;
 pub mod transport;
 
 /// Generated code for protobuf package `kowalski.exo.v1`.

@@ -13,8 +13,6 @@
 //! - [`json_events`]: the JSON shape of cluster events, for the CLI and the HTTP API.
 //! - [`cluster_metrics`]: Prometheus metrics of runs, answers and nodes, for `GET /metrics`.
 //! - [`error`]: the coordinator's refusals, mapped to gRPC status in one place.
-//! - [`trust`]: cluster identity on the coordinator's side: the authority, join tokens,
-//!   revocations, in its data directory.
 //! - [`server`]: everything assembled, optionally with an in-process node agent.
 //! - [`cli`]: the client subcommands: connecting (or a local cluster), requests from flags,
 //!   following event streams, tables and JSON lines, exit statuses.
@@ -31,4 +29,3 @@ pub mod registry;
 pub mod scheduling;
 pub mod server;
 pub mod service;
-pub mod trust;

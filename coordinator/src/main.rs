@@ -11,9 +11,9 @@ use kowalski_exo_common::{
         ClusterEvent, ClusterExecuteRequest, ExecuteRequest, PlacementConstraints, PlanRequest,
         RunBlocksRequest,
     },
+    security::files,
     shutdown::ShutdownSignals,
     telemetry,
-    tls::files,
 };
 use kowalski_exo_coordinator::{
     cli::{

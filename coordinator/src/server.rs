@@ -8,7 +8,7 @@ use kowalski_exo_common::{
     defaults,
     proto::{agent_registry_server::AgentRegistryServer, coordinator_server::CoordinatorServer},
     request_size::MAX_MESSAGE_BYTES,
-    tls::{Identity, TlsError},
+    security::{Identity, TlsError},
     transport::{self, ServeError, ServerBase},
 };
 use kowalski_exo_node_agent::{AgentConfig, RunningAgent};
@@ -16,8 +16,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::{server::NamedService, service::interceptor::InterceptedService};
 
+use kowalski_exo_common::security::{api_keys::KeyCheck, trust::ClusterTrust};
+
 use crate::{
-    api::{api_keys::KeyCheck, client_service::ClientService, registry_service::RegistryService},
+    api::{client_service::ClientService, registry_service::RegistryService},
     cluster_metrics,
     http::{self, https::HttpsListener},
     inference::{Chats, chat::DEFAULT_STALL_TIMEOUT},
@@ -25,7 +27,6 @@ use crate::{
     scheduling::agents::{AgentConnector, GrpcAgents},
     scheduling::dispatch::Dispatcher,
     service::ClusterService,
-    trust::ClusterTrust,
 };
 
 /// How long shutdown waits for open client streams.

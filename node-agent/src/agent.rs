@@ -13,7 +13,7 @@ use kowalski_exo_common::{
     defaults,
     proto::node_agent_server::NodeAgentServer,
     request_size::MAX_MESSAGE_BYTES,
-    tls::{Peer, Role, files},
+    security::{Peer, Role, files},
     transport::{self, ServeError, ServerBase},
 };
 use tokio::task::JoinHandle;

@@ -4,7 +4,7 @@ use std::{collections::HashMap, path::PathBuf, process::ExitCode, time::Duration
 
 use clap::{Parser, Subcommand};
 use kowalski_exo_common::{
-    cli_args, defaults, exit, shutdown::ShutdownSignals, telemetry, tls::files,
+    cli_args, defaults, exit, security::files, shutdown::ShutdownSignals, telemetry,
 };
 use kowalski_exo_node_agent::{
     AgentConfig,

@@ -5,8 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use kowalski_exo_common::{
+    cli_args,
     proto::{JoinRequest, agent_registry_client::AgentRegistryClient},
-    tls::{self, Identity, JoinToken, TlsError, files},
+    security::{self, Identity, JoinToken, TlsError, files},
     transport::{self, ClientTls, ServerTls},
 };
 use rcgen::{CertificateParams, DnType, KeyPair};
@@ -56,11 +57,11 @@ impl Membership {
 
     /// The node name its certificate carries.
     pub fn name(&self) -> Result<String, TlsError> {
-        let certs = tls::authority::certificates(&self.identity.cert_pem)?;
+        let certs = security::authority::certificates(&self.identity.cert_pem)?;
         let leaf = certs
             .first()
             .ok_or_else(|| TlsError::Invalid("the node certificate file is empty".into()))?;
-        Ok(tls::Peer::from_der(leaf)?.name)
+        Ok(security::Peer::from_der(leaf)?.name)
     }
 
     /// Joins the cluster of the coordinator at `coordinator` (`http://HOST:PORT`) as `name`
@@ -74,7 +75,8 @@ impl Membership {
     ) -> Result<Membership, MembershipError> {
         let token = JoinToken::parse(token).map_err(MembershipError::Token)?;
         let (host, port) = host_and_port(coordinator)?;
-        let authority_pem = tls::pinned::fetch_authority(&host, port, &token.authority).await?;
+        let authority_pem =
+            security::pinned::fetch_authority(&host, port, &token.authority).await?;
         let key = KeyPair::generate().map_err(TlsError::from)?;
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, name);
@@ -178,9 +180,9 @@ fn host_and_port(url: &str) -> Result<(String, u16), MembershipError> {
             "'{url}' is not a coordinator URL like http://HOST:PORT"
         ))
     };
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let authority = rest.split('/').next().unwrap_or(rest);
-    let (host, port) = authority.rsplit_once(':').ok_or_else(bad)?;
+    let (host, port) = cli_args::url_host_port(url)
+        .rsplit_once(':')
+        .ok_or_else(bad)?;
     let port = port.parse().map_err(|_| bad())?;
     Ok((
         host.trim_matches(|c| c == '[' || c == ']').to_string(),

@@ -15,7 +15,7 @@ use kowalski_exo_common::{
         agent_registry_client::AgentRegistryClient, coordinator_client::CoordinatorClient,
         node_agent_client::NodeAgentClient,
     },
-    tls::Identity,
+    security::Identity,
     transport::{self, ClientTls},
 };
 use kowalski_exo_tests::{CEILING, Daemon, binary, outcome};
@@ -324,7 +324,7 @@ async fn a_node_cannot_pose_as_another_and_a_revoked_one_is_refused() {
     // The node's own server takes callers with a cluster certificate only, and not nodes.
     let node_url = node.url();
     let bare = ClientTls {
-        server_name: Some(kowalski_exo_common::tls::node_dns_name("kitchen")),
+        server_name: Some(kowalski_exo_common::security::node_dns_name("kitchen")),
         ..client_tls(&data, None)
     };
     let bare = channel(&node_url, bare).await;
@@ -337,7 +337,7 @@ async fn a_node_cannot_pose_as_another_and_a_revoked_one_is_refused() {
     };
     assert!(refused, "a caller without a certificate was served");
     let as_node = ClientTls {
-        server_name: Some(kowalski_exo_common::tls::node_dns_name("kitchen")),
+        server_name: Some(kowalski_exo_common::security::node_dns_name("kitchen")),
         ..client_tls(&data, Some(node_identity(&node_data)))
     };
     let denied = NodeAgentClient::new(channel(&node_url, as_node).await.unwrap())
@@ -366,7 +366,7 @@ async fn a_node_cannot_pose_as_another_and_a_revoked_one_is_refused() {
             cert_pem: std::fs::read_to_string(out.join("grpcurl.pem")).unwrap(),
             key_pem: std::fs::read_to_string(out.join("grpcurl.key")).unwrap(),
         }),
-        server_name: Some(kowalski_exo_common::tls::node_dns_name("kitchen")),
+        server_name: Some(kowalski_exo_common::security::node_dns_name("kitchen")),
     };
     let described = NodeAgentClient::new(channel(&node_url, as_client).await.unwrap())
         .describe(DescribeRequest {})

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use super::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
-use crate::tls;
+use crate::security;
 
 /// TLS towards a cluster server.
 #[derive(Clone, Debug)]
@@ -17,7 +17,7 @@ pub struct ClientTls {
     /// The cluster authority's certificate (PEM): the only one trusted.
     pub authority_pem: String,
     /// The client's own certificate and key, when it has them (nodes, the coordinator).
-    pub identity: Option<tls::Identity>,
+    pub identity: Option<security::Identity>,
     /// The name the server's certificate must carry, when not the host dialled (a node is
     /// checked by its node name, whatever its address today).
     pub server_name: Option<String>,

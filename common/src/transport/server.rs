@@ -12,7 +12,7 @@ use tonic::{
 use tonic_health::server::HealthReporter;
 
 use super::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
-use crate::{proto::FILE_DESCRIPTOR_SET, tls};
+use crate::{proto::FILE_DESCRIPTOR_SET, security};
 
 /// Calls open at once on one connection: one client cannot hold more of the server. The
 /// coordinator's connection to an agent carries every run and generation placed there, far
@@ -23,7 +23,7 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 #[derive(Clone, Debug)]
 pub struct ServerTls {
     /// The server's certificate (chained up to the cluster's authority) and key.
-    pub identity: tls::Identity,
+    pub identity: security::Identity,
     /// The cluster authority's certificate (PEM), which client certificates must chain up to.
     pub authority_pem: String,
     /// Whether every client must show a certificate (a node agent's server), or only may (the

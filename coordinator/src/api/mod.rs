@@ -2,6 +2,5 @@
 //! service clients call, behind its API keys. Both only translate between the wire and the
 //! registry.
 
-pub mod api_keys;
 pub mod client_service;
 pub mod registry_service;

@@ -12,18 +12,16 @@ use kowalski_exo_common::{
         AgentMessage, CoordinatorMessage, JoinRequest, JoinResponse, Registered, agent_message,
         agent_registry_server::AgentRegistry, coordinator_message,
     },
-    tls::{Peer, Role},
+    security::{Peer, Role},
 };
 use tokio::{sync::mpsc, time::Instant};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{
-    error::CoordinatorError,
-    registry::NodeRegistry,
-    trust::{ClusterTrust, Refused},
-};
+use kowalski_exo_common::security::trust::{ClusterTrust, Refused};
+
+use crate::{error::CoordinatorError, registry::NodeRegistry};
 
 #[derive(Clone)]
 pub struct RegistryService {
@@ -52,7 +50,7 @@ impl RegistryService {
     /// the stream says anything.
     fn admit(
         &self,
-        peer: Option<Result<Peer, kowalski_exo_common::tls::TlsError>>,
+        peer: Option<Result<Peer, kowalski_exo_common::security::TlsError>>,
     ) -> Result<Option<Peer>, Status> {
         let Some(trust) = &self.trust else {
             return Ok(None);

@@ -4,6 +4,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use kowalski_exo_common::{
+    cli_args,
     error_text::{error_chain, root_cause},
     proto::coordinator_client::CoordinatorClient,
     telemetry,
@@ -98,8 +99,7 @@ impl Dial {
 
 /// True when `url` (`http://HOST:PORT`) names this machine.
 fn dials_loopback(url: &str) -> bool {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    super::trust::is_loopback(rest.split('/').next().unwrap_or(rest))
+    cli_args::is_loopback(cli_args::url_host_port(url))
 }
 
 /// Connects to the coordinator `dial` names (or a local cluster), runs `command` with the

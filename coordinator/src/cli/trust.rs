@@ -7,17 +7,9 @@
 use std::path::Path;
 
 use super::Failure;
-use crate::{server::TlsSetup, trust::ClusterTrust};
+use kowalski_exo_common::{cli_args::is_loopback, security::trust::ClusterTrust};
 
-/// True when `listen` (`HOST:PORT`) is reachable from this machine only.
-pub fn is_loopback(listen: &str) -> bool {
-    let host = listen.rsplit_once(':').map_or(listen, |(host, _)| host);
-    let host = host.trim_matches(|c| c == '[' || c == ']');
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
+use crate::server::TlsSetup;
 
 /// TLS for a coordinator on `listen` (and its HTTP API on `http`): asked for, or when either
 /// is off loopback unless `insecure` (which then says what it exposes).
@@ -101,7 +93,7 @@ pub enum ApiKeyAction {
 /// `coordinator apikey create|list|revoke`.
 pub fn api_key(data_dir: &Path, action: &ApiKeyAction) -> Result<u8, Failure> {
     let trust = open(data_dir)?;
-    let failed = |e: kowalski_exo_common::tls::TlsError| Failure::usage(e.to_string());
+    let failed = |e: kowalski_exo_common::security::TlsError| Failure::usage(e.to_string());
     match action {
         ApiKeyAction::Create { name } => {
             println!("{}", trust.create_api_key(name).map_err(failed)?);
@@ -128,11 +120,12 @@ pub fn api_key(data_dir: &Path, action: &ApiKeyAction) -> Result<u8, Failure> {
 /// the authority's after it), `NAME.key` (mode 0600) and `ca.pem`.
 pub fn issue_client(data_dir: &Path, name: &str, out: &Path) -> Result<u8, Failure> {
     let trust = open(data_dir)?;
-    let failed = |e: kowalski_exo_common::tls::TlsError| Failure::infrastructure(e.to_string());
+    let failed =
+        |e: kowalski_exo_common::security::TlsError| Failure::infrastructure(e.to_string());
     let identity = trust.issue_client(name).map_err(failed)?;
-    kowalski_exo_common::tls::files::ensure_dir(out).map_err(failed)?;
+    kowalski_exo_common::security::files::ensure_dir(out).map_err(failed)?;
     let write = |file: String, text: &str| {
-        kowalski_exo_common::tls::files::write_private(&out.join(file), text).map_err(failed)
+        kowalski_exo_common::security::files::write_private(&out.join(file), text).map_err(failed)
     };
     write(format!("{name}.pem"), &identity.cert_pem)?;
     write(format!("{name}.key"), &identity.key_pem)?;

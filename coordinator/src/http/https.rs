@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::serve::Listener;
-use kowalski_exo_common::tls::{self, Identity, TlsError};
+use kowalski_exo_common::security::{self, Identity, TlsError};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -33,7 +33,7 @@ impl HttpsListener {
             .map_err(|e| TlsError::Invalid(format!("the coordinator's certificate: {e}")))?;
         let key = PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes())
             .map_err(|e| TlsError::Invalid(format!("the coordinator's key: {e}")))?;
-        let mut config = rustls::ServerConfig::builder_with_provider(tls::provider())
+        let mut config = rustls::ServerConfig::builder_with_provider(security::provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Invalid(e.to_string()))?
             .with_no_client_auth()

@@ -25,10 +25,9 @@ use serde_json::Value;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
 
-use crate::{
-    service::{ChatReceiver, ClusterService},
-    trust::ClusterTrust,
-};
+use kowalski_exo_common::security::trust::ClusterTrust;
+
+use crate::service::{ChatReceiver, ClusterService};
 
 /// Every route of the HTTP API; with `keys`, all but `/healthz` need one.
 pub fn router(cluster: ClusterService, keys: Option<Arc<ClusterTrust>>) -> Router {
@@ -58,7 +57,7 @@ async fn require_key(
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .map(kowalski_exo_common::tls::bearer)
+        .map(kowalski_exo_common::security::bearer)
         .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
     match trust.authorize(presented) {
         Ok(_) => next.run(request).await,

@@ -12,7 +12,7 @@ use kowalski_exo_common::{
         ExecEvent, ExecuteRequest, GenerateEvent, GenerateRequest,
         node_agent_client::NodeAgentClient,
     },
-    tls::node_dns_name,
+    security::node_dns_name,
     transport::{self, ClientTls},
 };
 use tokio_stream::Stream;

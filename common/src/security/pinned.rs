@@ -168,7 +168,7 @@ mod tests {
     use rustls::pki_types::{PrivateKeyDer, pem::PemObject};
 
     use super::*;
-    use crate::tls::{Authority, Role};
+    use crate::security::{Authority, Role};
 
     /// A TLS server on loopback presenting a certificate of `authority`; accepts one handshake.
     async fn server(authority: &Authority) -> u16 {

@@ -1,13 +1,17 @@
-//! Cluster identity over TLS: the cluster's certificate authority and what it issues
+//! Cluster identity and access: the cluster's certificate authority and what it issues
 //! ([`authority`]), join tokens ([`token`]), what a verified peer's certificate says ([`peer`]),
-//! first contact with a coordinator known only by its authority's hash ([`pinned`]), and the
-//! private files they are kept in ([`files`]). Built on rcgen and rustls with the ring provider.
+//! first contact with a coordinator known only by its authority's hash ([`pinned`]), the
+//! private files they are kept in ([`files`]), the coordinator's data directory of authority,
+//! token, node records and API keys ([`trust`]), and the check of API keys on gRPC calls
+//! ([`api_keys`]). Built on rcgen and rustls with the ring provider.
 
+pub mod api_keys;
 pub mod authority;
 pub mod files;
 pub mod peer;
 pub mod pinned;
 pub mod token;
+pub mod trust;
 
 use sha2::{Digest, Sha256};
 

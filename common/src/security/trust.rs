@@ -4,13 +4,17 @@
 //! coordinator reads the token and the revocations each time it needs them, so a change takes
 //! effect at once, without a restart.
 
-use std::path::{Path, PathBuf};
+use std::{
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
 
 use nix::fcntl::{Flock, FlockArg};
 use subtle::ConstantTimeEq;
 
-use kowalski_exo_common::{
-    tls::{Authority, Identity, JoinToken, Peer, Role, TlsError, files, node_dns_name},
+use crate::{
+    security::{Authority, Identity, JoinToken, Peer, Role, TlsError, files, node_dns_name},
     transport::{ClientTls, ServerTls},
 };
 
@@ -51,6 +55,16 @@ pub enum Refused {
 pub struct ClusterTrust {
     dir: PathBuf,
     authority: Authority,
+    /// The API keys file as last read, kept while the file is the same one: every call checks
+    /// a key, and reading the file each time would put disk I/O on every request.
+    keys: Mutex<Option<(FileVersion, String)>>,
+}
+
+/// Which write of a file this is: each atomic replacement is a new inode.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FileVersion {
+    inode: u64,
+    modified: Option<std::time::SystemTime>,
 }
 
 impl ClusterTrust {
@@ -79,6 +93,7 @@ impl ClusterTrust {
         let trust = ClusterTrust {
             dir: dir.to_path_buf(),
             authority,
+            keys: Mutex::default(),
         };
         if files::read(&trust.path(TOKEN))?.is_none() {
             trust.write_token()?;
@@ -172,11 +187,11 @@ impl ClusterTrust {
         let chain =
             self.authority
                 .sign_request(Role::Node, name, &[node_dns_name(name)], request_pem)?;
-        let leaf = kowalski_exo_common::tls::authority::certificates(&chain)?
+        let leaf = crate::security::authority::certificates(&chain)?
             .into_iter()
             .next()
             .ok_or_else(|| TlsError::Invalid("signing gave no certificate".into()))?;
-        let fingerprint = kowalski_exo_common::tls::fingerprint(&leaf);
+        let fingerprint = crate::security::fingerprint(&leaf);
         let mut issued = files::read(&self.path(ISSUED))?.unwrap_or_default();
         issued.push_str(&format!("{name} {fingerprint}\n"));
         files::write_private(&self.path(ISSUED), &issued)?;
@@ -221,7 +236,7 @@ impl ClusterTrust {
                 "a key called '{name}' exists; revoke it first (`coordinator apikey revoke {name}`)"
             )));
         }
-        let key = format!("{KEY_PREFIX}{}", kowalski_exo_common::tls::random_hex(24));
+        let key = format!("{KEY_PREFIX}{}", crate::security::random_hex(24));
         keys.push_str(&format!(
             "{name} {}
 ",
@@ -260,7 +275,7 @@ impl ClusterTrust {
     /// The name of the key `presented`, if it is one in force (compared in constant time).
     pub fn api_key(&self, presented: &str) -> Result<Option<String>, TlsError> {
         let presented = key_hash(presented);
-        let keys = files::read(&self.path(API_KEYS))?.unwrap_or_default();
+        let keys = self.current_keys()?;
         let mut found = None;
         for (name, hash) in keys.lines().filter_map(|l| l.split_once(' ')) {
             if bool::from(hash.as_bytes().ct_eq(presented.as_bytes())) {
@@ -268,6 +283,28 @@ impl ClusterTrust {
             }
         }
         Ok(found)
+    }
+
+    /// The API keys file's text, read again only when the file was replaced.
+    fn current_keys(&self) -> Result<String, TlsError> {
+        let path = self.path(API_KEYS);
+        let version = match std::fs::metadata(&path) {
+            Ok(meta) => FileVersion {
+                inode: meta.ino(),
+                modified: meta.modified().ok(),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
+            Err(error) => return Err(TlsError::File { path, error }),
+        };
+        let mut cached = self.keys.lock().expect("keys cache poisoned");
+        if let Some((seen, text)) = &*cached
+            && *seen == version
+        {
+            return Ok(text.clone());
+        }
+        let text = files::read(&path)?.unwrap_or_default();
+        *cached = Some((version, text.clone()));
+        Ok(text)
     }
 
     /// Revokes every certificate issued to node `name` and replaces the join token (whoever
@@ -351,7 +388,7 @@ fn lock(dir: &Path) -> Result<Flock<std::fs::File>, TlsError> {
 
 /// SHA-256 of a key, hex: all that is kept of it.
 fn key_hash(key: &str) -> String {
-    kowalski_exo_common::tls::fingerprint(key.as_bytes())
+    crate::security::fingerprint(key.as_bytes())
 }
 
 #[cfg(test)]
@@ -376,7 +413,7 @@ mod tests {
         let token = trust.token().unwrap();
         assert_eq!(
             token.authority,
-            kowalski_exo_common::tls::Authority::load(
+            crate::security::Authority::load(
                 trust.authority_pem(),
                 &files::read(&dir.path().join(AUTHORITY_KEY))
                     .unwrap()
@@ -386,7 +423,7 @@ mod tests {
             .fingerprint()
         );
         let chain = trust.join(&token.secret, "kitchen", &request()).unwrap();
-        let leaf = kowalski_exo_common::tls::authority::certificates(&chain).unwrap();
+        let leaf = crate::security::authority::certificates(&chain).unwrap();
         let peer = Peer::from_der(&leaf[0]).unwrap();
         assert!(trust.check_node(&peer).is_ok());
 

@@ -4,10 +4,9 @@
 
 use std::sync::Arc;
 
-use kowalski_exo_common::tls::bearer;
 use tonic::{Request, Status, service::Interceptor};
 
-use crate::trust::ClusterTrust;
+use super::{bearer, trust::ClusterTrust};
 
 /// Checks each call's key against the coordinator's data directory (so a key made or revoked
 /// there counts at once).

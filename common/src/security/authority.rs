@@ -142,7 +142,7 @@ pub fn certificates(pem: &str) -> Result<Vec<Vec<u8>>, TlsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tls::Peer;
+    use crate::security::Peer;
 
     #[test]
     fn a_node_certificate_names_the_node_not_what_its_request_asked_for() {
