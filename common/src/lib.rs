@@ -18,6 +18,7 @@ pub mod cli_args;
 pub mod defaults;
 pub mod error_text;
 pub mod exit;
+pub mod isolation;
 pub mod language;
 pub mod request_size;
 pub mod security;

@@ -7,9 +7,10 @@ use clap::{Args, Parser, Subcommand};
 use kowalski_exo_common::{
     cli_args, defaults,
     error_text::error_chain,
+    isolation,
     proto::{
-        ClusterEvent, ClusterExecuteRequest, ExecuteRequest, PlacementConstraints, PlanRequest,
-        RunBlocksRequest,
+        ClusterEvent, ClusterExecuteRequest, ExecLimits, ExecuteRequest, IsolationLayer,
+        PlacementConstraints, PlanRequest, RunBlocksRequest,
     },
     security::files,
     shutdown::ShutdownSignals,
@@ -21,7 +22,7 @@ use kowalski_exo_coordinator::{
         connect::{Client, Dial, local_agent_config, with_client},
         follow::{FollowOptions, follow},
         inference, nodes, plan,
-        request::{check_markdown, limits, parse_size, parse_timeout, program_stdin, read_text},
+        request::{check_markdown, limits, parse_timeout, program_stdin, read_text},
         trust,
     },
     inference::chat::DEFAULT_STALL_TIMEOUT,
@@ -262,14 +263,24 @@ struct RunArgs {
     #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_timeout)]
     timeout: u32,
     /// Memory for the whole process tree, e.g. 512M or 2G.
-    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = cli_args::parse_size)]
     memory: u64,
     /// CPU seconds [default: 30, or the timeout when longer]
     #[arg(long, value_name = "SECONDS")]
     cpu_seconds: Option<u32>,
     /// Output over stdout and stderr before the run is stopped, e.g. 1M.
-    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = cli_args::parse_size)]
     output_limit: u64,
+    /// Disk the run may fill (work dir, /tmp and /dev/shm together), e.g. 1G [default: 256M]
+    #[arg(long, value_name = "SIZE", value_parser = cli_args::parse_size)]
+    disk: Option<u64>,
+    /// Run only on nodes that give these isolation layers, comma-separated: cgroup, user,
+    /// network, mount, landlock (`coordinator nodes` shows what each gives).
+    #[arg(long, value_name = "LAYERS", value_delimiter = ',', value_parser = isolation::parse_name)]
+    require_isolation: Vec<IsolationLayer>,
+    /// Let the code use the network (only nodes whose owner allows it take the run).
+    #[arg(long)]
+    network: bool,
     /// Attempts before giving up when nodes fail.
     #[arg(long, default_value_t = 3)]
     attempts: u32,
@@ -287,7 +298,17 @@ impl RunArgs {
         PlacementConstraints {
             node: self.node.clone().unwrap_or_default(),
             labels: self.labels.iter().cloned().collect(),
+            require_isolation: self.require_isolation.iter().map(|l| *l as i32).collect(),
         }
+    }
+
+    fn limits(&self) -> Option<ExecLimits> {
+        limits(
+            Some(self.memory),
+            self.cpu_seconds,
+            Some(self.output_limit),
+            self.disk,
+        )
     }
 
     fn follow_options(&self, json: bool, blocks: bool) -> FollowOptions {
@@ -470,7 +491,8 @@ async fn exec(
             args,
             stdin: program_stdin(stdin.as_deref(), code_from_stdin)?,
             timeout_ms: run.timeout,
-            limits: limits(Some(run.memory), run.cpu_seconds, Some(run.output_limit)),
+            limits: run.limits(),
+            network: run.network,
             ..Default::default()
         }),
         placement: Some(run.constraints()),
@@ -510,9 +532,10 @@ async fn run_document(
         keep_going,
         placement: Some(run.constraints()),
         timeout_ms: run.timeout,
-        limits: limits(Some(run.memory), run.cpu_seconds, Some(run.output_limit)),
+        limits: run.limits(),
         max_attempts: run.attempts,
         wait_for_nodes_ms: run.wait_for_nodes,
+        network: run.network,
     };
     let options = run.follow_options(client.json, true);
     follow_call(client, options, |mut c| async move {

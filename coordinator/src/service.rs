@@ -7,8 +7,8 @@ use std::{collections::BTreeMap, time::Duration};
 use kowalski_exo_common::{
     Language,
     proto::{
-        ChatEvent, ChatRequest, ClusterEvent, ClusterExecuteRequest, ClusterModel, NodeInfo,
-        PlacementConstraints, PlannedBlock, RunBlocksRequest,
+        ChatEvent, ChatRequest, ClusterEvent, ClusterExecuteRequest, ClusterModel, IsolationLayer,
+        NodeInfo, PlacementConstraints, PlannedBlock, RunBlocksRequest,
     },
     request_size,
 };
@@ -118,12 +118,13 @@ impl ClusterService {
             .ok_or(CoordinatorError::MissingField("execution"))?;
         let language = Language::parse(&execution.language)?;
         request_size::check(&execution, request_size::MAX_CODE_BYTES)?;
-        let (node, labels) = constraints(request.placement);
+        let (node, labels, isolation) = constraints(request.placement);
         let mut spec = RunSpec {
             execution,
             language,
             node,
             labels,
+            isolation,
             max_attempts: request.max_attempts,
             block: 0,
             line: 0,
@@ -185,10 +186,16 @@ impl ClusterService {
     }
 }
 
+/// The pinned node, the labels and the isolation layers a request's placement asks for.
 fn constraints(
     placement: Option<PlacementConstraints>,
-) -> (Option<String>, BTreeMap<String, String>) {
+) -> (
+    Option<String>,
+    BTreeMap<String, String>,
+    Vec<IsolationLayer>,
+) {
     let placement = placement.unwrap_or_default();
+    let isolation = placement.required_layers();
     let node = (!placement.node.is_empty()).then_some(placement.node);
-    (node, placement.labels.into_iter().collect())
+    (node, placement.labels.into_iter().collect(), isolation)
 }

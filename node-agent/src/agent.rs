@@ -23,11 +23,11 @@ use tonic::{Request, Status, server::NamedService, service::interceptor::Interce
 use crate::{
     admission::Admission,
     backends::{Backend, Catalog, DEFAULT_OLLAMA_URL, catalog::DEFAULT_POLL_INTERVAL},
-    exec::{ExecDirs, ExecLimits, Executor},
+    exec::{ExecDirs, ExecPolicy, Executor},
     fingerprint::{self, SearchPath},
     membership::{Membership, MembershipError},
     registration::{self, Registration},
-    sandbox::Sandbox,
+    sandbox::{DEFAULT_RUN_UID_BASE, Sandbox, unmount_beneath},
     service::{Identity, NodeAgentService},
 };
 
@@ -50,7 +50,10 @@ pub struct AgentConfig {
     pub capacity: usize,
     /// Runs waiting for a slot before new ones are refused.
     pub queue: usize,
-    pub limits: ExecLimits,
+    /// What requests may have: default limits, the owner's ceilings, network access.
+    pub policy: ExecPolicy,
+    /// First uid of the users runs execute as, when the agent is root.
+    pub run_uid_base: u32,
     pub max_code_bytes: usize,
     pub dirs: ExecDirs,
     pub fingerprint_interval: Duration,
@@ -80,7 +83,8 @@ impl Default for AgentConfig {
             labels: HashMap::new(),
             capacity: cores,
             queue: cores * 4,
-            limits: ExecLimits::default(),
+            policy: ExecPolicy::default(),
+            run_uid_base: DEFAULT_RUN_UID_BASE,
             max_code_bytes: kowalski_exo_common::request_size::MAX_CODE_BYTES,
             dirs: ExecDirs {
                 work_root: default_work_root(),
@@ -220,7 +224,11 @@ fn remove_dead_agents_work_roots(work_root: &Path) {
         };
         let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
             == Err(nix::errno::Errno::ESRCH);
-        if gone && std::fs::remove_dir_all(entry.path()).is_ok() {
+        if !gone {
+            continue;
+        }
+        unmount_beneath(&entry.path());
+        if std::fs::remove_dir_all(entry.path()).is_ok() {
             tracing::warn!(dir = %entry.path().display(), "removed work left by an agent that is gone");
         }
     }
@@ -242,7 +250,11 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     if config.dirs.work_root == default_work_root() {
         remove_dead_agents_work_roots(&config.dirs.work_root);
     }
-    let sandbox = Sandbox::detect(config.use_cgroups, config.capacity.max(1));
+    let sandbox = Sandbox::detect(
+        config.use_cgroups,
+        config.capacity.max(1),
+        config.run_uid_base,
+    );
     let runtimes = fingerprint::spawn_refresh(
         config.search_path.clone(),
         config.fingerprint_interval,
@@ -252,7 +264,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     let executor = Executor::new(
         sandbox.clone(),
         runtimes,
-        config.limits,
+        config.policy,
         config.max_code_bytes,
         config.dirs.clone(),
     )
@@ -298,6 +310,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         %addr,
         name = %config.name,
         isolation = ?sandbox.level(),
+        layers = %sandbox.layers(),
         languages = ?service.runtimes().borrow().healthy_languages(),
         tls = membership.is_some(),
         "node agent listening"
@@ -329,6 +342,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         }
         let _ = tokio::task::spawn_blocking(move || {
             sandbox.tear_down();
+            unmount_beneath(&work_root);
             let _ = std::fs::remove_dir_all(&work_root);
         })
         .await;

@@ -24,6 +24,10 @@ pub enum ExecError {
     Busy { capacity: usize, queue: usize },
     #[error("the agent is shutting down; running work was stopped")]
     ShuttingDown,
+    #[error(
+        "this node does not let runs use the network (its owner can allow it with node-agent --allow-network); run without network access or on another node"
+    )]
+    NetworkRefused,
 }
 
 impl From<ExecError> for Status {
@@ -33,7 +37,9 @@ impl From<ExecError> for Status {
             ExecError::UnknownLanguage(_) | ExecError::Oversized(_) => {
                 Status::invalid_argument(message)
             }
-            ExecError::RuntimeUnavailable { .. } => Status::failed_precondition(message),
+            ExecError::RuntimeUnavailable { .. } | ExecError::NetworkRefused => {
+                Status::failed_precondition(message)
+            }
             ExecError::Busy { .. } => Status::resource_exhausted(message),
             ExecError::ShuttingDown => Status::unavailable(message),
         }

@@ -10,6 +10,7 @@ use kowalski_exo_node_agent::{
     AgentConfig,
     agent::AgentError,
     backends::Backend,
+    exec::{ExecLimits, ExecPolicy},
     fingerprint::{RuntimeHealth, SearchPath, probe_all},
 };
 
@@ -101,6 +102,47 @@ struct ServeArgs {
     /// Where this agent keeps its certificate (several agents on one machine need one each).
     #[arg(long, value_name = "DIR", default_value_os_t = files::default_dir("node-agent"))]
     data_dir: PathBuf,
+    /// Let runs that ask for it use the network; without it every run has only a loopback of
+    /// its own.
+    #[arg(long)]
+    allow_network: bool,
+    /// The most memory a run may ask for (e.g. 2G) [default: 64G]
+    #[arg(long, value_name = "SIZE", value_parser = cli_args::parse_size)]
+    max_memory: Option<u64>,
+    /// The most processes a run may ask for [default: 4096]
+    #[arg(long, value_name = "N")]
+    max_processes: Option<u32>,
+    /// The longest timeout a run may ask for, in seconds [default: 3600]
+    #[arg(long, value_name = "SECONDS")]
+    max_timeout: Option<u64>,
+    /// The most disk a run may ask for (e.g. 1G) [default: 64G]
+    #[arg(long, value_name = "SIZE", value_parser = cli_args::parse_size)]
+    max_disk: Option<u64>,
+    /// First uid of the unprivileged users runs execute as when the agent runs as root (one per
+    /// run at a time, 1024 in all)
+    #[arg(long, value_name = "UID", default_value_t = kowalski_exo_node_agent::sandbox::DEFAULT_RUN_UID_BASE)]
+    run_uid_base: u32,
+}
+
+impl ServeArgs {
+    /// The owner's ceilings over what requests may ask for.
+    fn policy(&self) -> ExecPolicy {
+        let most = ExecLimits::ceiling();
+        let ceiling = ExecLimits {
+            memory_bytes: self.max_memory.unwrap_or(most.memory_bytes),
+            max_processes: self.max_processes.unwrap_or(most.max_processes),
+            timeout: self
+                .max_timeout
+                .map_or(most.timeout, |s| Duration::from_secs(s.max(1))),
+            disk_bytes: self.max_disk.unwrap_or(most.disk_bytes),
+            ..most
+        };
+        ExecPolicy {
+            defaults: ExecLimits::default().capped(&ceiling),
+            ceiling,
+            allow_network: self.allow_network,
+        }
+    }
 }
 
 #[tokio::main]
@@ -150,6 +192,8 @@ async fn print_runtimes(json: bool) -> ExitCode {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = AgentConfig {
+        policy: args.policy(),
+        run_uid_base: args.run_uid_base,
         listen: args.listen,
         advertise: args.advertise,
         coordinator: (!args.standalone).then_some(args.coordinator),

@@ -156,6 +156,8 @@ impl Registration {
             capacity: description.capacity,
             version: description.version,
             isolation: description.isolation,
+            isolation_layers: description.isolation_layers,
+            allows_network: description.allows_network,
             node_id: self.node_id.clone(),
             models: Some(proto::ModelCatalog {
                 models: description.models,

@@ -93,6 +93,15 @@ impl NodeAgentService {
             running: self.occupancy().0,
             queued: self.occupancy().1,
             models: self.catalog.offers(),
+            isolation_layers: self
+                .executor
+                .sandbox()
+                .layers()
+                .achieved()
+                .into_iter()
+                .map(|layer| layer as i32)
+                .collect(),
+            allows_network: self.executor.allows_network(),
         }
     }
 }

@@ -5,8 +5,7 @@ use std::{process::Command, time::Duration};
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 
 use kowalski_exo_common::proto::{
-    ExecStatus, ExecuteRequest, IsolationLevel, exec_event::Event,
-    node_agent_client::NodeAgentClient,
+    ExecStatus, ExecuteRequest, exec_event::Event, node_agent_client::NodeAgentClient,
 };
 use kowalski_exo_tests::{CEILING, Daemon, binary, describe, eventually, free_port, process_alive};
 use nix::sys::signal::Signal;
@@ -256,69 +255,60 @@ async fn grpcurl_can_list_describe_and_execute() {
     assert!(health.contains("SERVING"), "{health}");
 }
 
-/// Starts `code` on a standalone agent, SIGKILLs the agent once the program printed, and gives
-/// the program time to reach its end had it survived. Returns the agent's isolation level.
-async fn kill_agent_mid_run(
-    code: String,
-    dir: &std::path::Path,
-    after: Duration,
-) -> IsolationLevel {
+/// Starts `code` on a standalone agent and SIGKILLs the agent once the program printed a line.
+/// Returns that line.
+async fn kill_agent_mid_run(code: &str, dir: &std::path::Path) -> String {
     let mut agent = standalone_agent(&dir.join("work"), &[]);
-    let isolation = describe(&agent.url()).await.isolation();
     let mut client = NodeAgentClient::connect(agent.url()).await.unwrap();
     let request = ExecuteRequest {
         language: "python".into(),
-        code,
+        code: code.into(),
         ..Default::default()
     };
     let mut stream = client.execute(request).await.unwrap().into_inner();
-    loop {
+    let mut printed = String::new();
+    while !printed.ends_with('\n') {
         let event = tokio::time::timeout(CEILING, stream.message())
             .await
             .expect("no output within the ceiling")
             .unwrap()
             .unwrap();
-        if let Some(Event::Output(_)) = event.event {
-            break;
+        if let Some(Event::Output(chunk)) = event.event {
+            printed.push_str(&String::from_utf8_lossy(&chunk.data));
         }
     }
     agent.signal(Signal::SIGKILL);
     agent.wait_exit();
-    tokio::time::sleep(after).await;
-    isolation
+    printed
 }
 
 #[tokio::test]
 async fn a_killed_agents_program_and_its_children_end_with_it() {
     let dir = tempfile::tempdir().unwrap();
-    let (own, child, detached) = (
-        dir.path().join("own"),
-        dir.path().join("child"),
-        dir.path().join("detached"),
-    );
-    // The program, an ordinary child and a child in a session of its own each write a file
-    // 3 s after the program printed, had they survived the agent.
-    let code = format!(
-        "import subprocess, time\n\
-         subprocess.Popen(['sh', '-c', 'sleep 3; touch {child}'])\n\
-         subprocess.Popen(['sh', '-c', 'sleep 3; touch {detached}'], start_new_session=True)\n\
-         print('started', flush=True)\n\
-         time.sleep(3)\n\
-         open('{own}', 'w').close()\n",
-        own = own.display(),
-        child = child.display(),
-        detached = detached.display(),
-    );
-    kill_agent_mid_run(code, dir.path(), Duration::from_secs(3)).await;
-    assert!(!own.exists(), "the program outlived its agent");
-    assert!(!child.exists(), "the program's child outlived the agent");
+    // The program, an ordinary child and a child in a session of its own print their pids.
+    let code = "import os, subprocess, time\n\
+         child = subprocess.Popen(['sleep', '30'])\n\
+         detached = subprocess.Popen(['sleep', '30'], start_new_session=True)\n\
+         print(os.getpid(), child.pid, detached.pid, flush=True)\n\
+         time.sleep(30)\n";
+    let printed = kill_agent_mid_run(code, dir.path()).await;
+    let pids: Vec<i32> = printed
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 3, "{printed}");
+    eventually("the program ends with its agent", || {
+        !process_alive(pids[0])
+    });
+    eventually("the program's child ends with the agent", || {
+        !process_alive(pids[1])
+    });
     let cgroups =
         std::fs::read_to_string("/proc/self/cgroup").is_ok() && nix::unistd::geteuid().is_root();
     if cgroups {
-        assert!(
-            !detached.exists(),
-            "a child in its own session outlived the agent"
-        );
+        eventually("a child in its own session ends with the agent", || {
+            !process_alive(pids[2])
+        });
     } else {
         println!(
             "not root: a child in its own session is only contained with cgroups; not checked"

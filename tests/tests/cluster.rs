@@ -363,7 +363,13 @@ async fn run_stops_at_the_first_failing_block_and_exits_with_its_status() {
         ])
         .output()
         .unwrap();
-    assert_eq!(output.status.code(), Some(5));
+    assert_eq!(
+        output.status.code(),
+        Some(5),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -529,13 +535,29 @@ async fn plan_and_run_refuse_a_block_pinned_to_a_draining_node_alike() {
     assert!(stderr.contains(expected), "{stderr}");
 }
 
-/// Starts `coordinator exec` (with `extra` flags) on code that writes `marker` and then
-/// sleeps; SIGKILLs the agent that runs it; returns the CLI's exit code, stdout and stderr.
+/// Whether a run's work directory (`AGENT/run-N` under the cluster's work root) holds `name`:
+/// the one place a run writes that the host sees.
+fn some_run_wrote(cluster: &Cluster, name: &str) -> bool {
+    let runs = std::fs::read_dir(cluster.work_root())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|agent| {
+            std::fs::read_dir(agent.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        });
+    runs.into_iter().any(|run| run.path().join(name).exists())
+}
+
+/// Starts `coordinator exec` (with `extra` flags) on code that writes the file `started` in its
+/// work directory and then sleeps; SIGKILLs the agent that runs it; returns the CLI's exit
+/// code, stdout and stderr.
 async fn kill_the_agent_under_cli_exec(
     cluster: &Cluster,
     extra: &[&str],
     code: &str,
-    marker: &std::path::Path,
 ) -> (Option<i32>, String, String) {
     let url = cluster.url();
     let mut args = vec![
@@ -555,7 +577,7 @@ async fn kill_the_agent_under_cli_exec(
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    eventually("the program started", || marker.exists());
+    eventually("the program started", || some_run_wrote(cluster, "started"));
     let busy = cluster
         .nodes()
         .await
@@ -574,14 +596,8 @@ async fn kill_the_agent_under_cli_exec(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_failover_a_script_reading_stdout_sees_the_output_once() {
     let cluster = Cluster::start(2, 2, &[]).await;
-    let dir = tempfile::tempdir().unwrap();
-    let marker = dir.path().join("started");
-    let code = format!(
-        "import time\nprint('started', flush=True)\nopen('{}', 'w').close()\ntime.sleep(2)\nprint('done')",
-        marker.display()
-    );
-    let (status, stdout, stderr) =
-        kill_the_agent_under_cli_exec(&cluster, &[], &code, &marker).await;
+    let code = "import time\nprint('started', flush=True)\nopen('started', 'w').close()\ntime.sleep(2)\nprint('done')";
+    let (status, stdout, stderr) = kill_the_agent_under_cli_exec(&cluster, &[], code).await;
     assert_eq!(status, Some(0), "{stderr}");
     assert_eq!(stdout, "started\ndone\n");
     assert!(
@@ -593,14 +609,9 @@ async fn after_a_failover_a_script_reading_stdout_sees_the_output_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pinned_run_whose_node_dies_announces_no_retry() {
     let cluster = Cluster::start(2, 2, &[]).await;
-    let dir = tempfile::tempdir().unwrap();
-    let marker = dir.path().join("started");
-    let code = format!(
-        "import time\nopen('{}', 'w').close()\ntime.sleep(30)",
-        marker.display()
-    );
+    let code = "import time\nopen('started', 'w').close()\ntime.sleep(30)";
     let extra = ["--json", "--node", "agent-1"];
-    let (status, stdout, _) = kill_the_agent_under_cli_exec(&cluster, &extra, &code, &marker).await;
+    let (status, stdout, _) = kill_the_agent_under_cli_exec(&cluster, &extra, code).await;
     assert_eq!(status, Some(4));
     let lines: Vec<serde_json::Value> = stdout
         .lines()
@@ -668,4 +679,85 @@ async fn exec_waits_for_a_node_of_a_cluster_that_is_starting() {
         .unwrap();
     assert_eq!(output.status.code(), Some(0));
     assert_eq!(String::from_utf8_lossy(&output.stdout), "joined\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_honours_required_isolation_and_the_owners_network_consent() {
+    let cluster = Cluster::start(1, 2, &[]).await;
+    let url = cluster.url();
+    let node = cluster.nodes().await.remove(0);
+    let layers: Vec<&str> = node
+        .isolation_layers()
+        .map(kowalski_exo_common::isolation::name)
+        .collect();
+    let (status, stdout, _) = cli(&["nodes", "--json", "--addr", &url]);
+    assert_eq!(status, Some(0));
+    let line: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(line["isolation"], serde_json::json!(layers));
+    assert_eq!(line["allows_network"], false);
+    if nix::unistd::geteuid().is_root() {
+        assert_eq!(layers, ["cgroup", "user", "network", "mount", "landlock"]);
+    }
+
+    // What the node gives may be required; a layer it lacks keeps the run off it.
+    let given = layers.join(",");
+    let mut args = vec!["exec", "--addr", &url, "--lang", "py", "-c", "print(7)"];
+    if !given.is_empty() {
+        args.extend(["--require-isolation", &given]);
+    }
+    let (status, stdout, stderr) = cli(&args);
+    assert_eq!((status, stdout.as_str()), (Some(0), "7\n"), "{stderr}");
+    let lacking = kowalski_exo_common::isolation::ALL
+        .into_iter()
+        .map(kowalski_exo_common::isolation::name)
+        .find(|name| !layers.contains(name));
+    if let Some(lacking) = lacking {
+        let (status, _, stderr) = cli(&[
+            "exec",
+            "--addr",
+            &url,
+            "--lang",
+            "py",
+            "-c",
+            "1",
+            "--require-isolation",
+            lacking,
+        ]);
+        assert_eq!(status, Some(3), "{stderr}");
+        assert!(
+            stderr.contains("no node gives the isolation asked for"),
+            "{stderr}"
+        );
+    }
+    let (status, _, stderr) = cli(&[
+        "exec",
+        "--addr",
+        &url,
+        "--lang",
+        "py",
+        "-c",
+        "1",
+        "--network",
+    ]);
+    assert_eq!(status, Some(3), "{stderr}");
+    assert!(
+        stderr.contains("no node lets runs use the network (agent-0 do not"),
+        "{stderr}"
+    );
+    let (status, _, stderr) = cli(&[
+        "exec",
+        "--addr",
+        &url,
+        "--lang",
+        "py",
+        "-c",
+        "1",
+        "--require-isolation",
+        "chroot",
+    ]);
+    assert_eq!(status, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("'chroot' is not an isolation layer"),
+        "{stderr}"
+    );
 }

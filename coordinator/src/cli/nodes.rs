@@ -3,7 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use kowalski_exo_common::proto::{DrainRequest, ListNodesRequest, NodeInfo, RuntimeHealth};
+use kowalski_exo_common::{
+    isolation,
+    proto::{DrainRequest, IsolationLayer, ListNodesRequest, NodeInfo, RuntimeHealth},
+};
 use serde::Serialize;
 
 use super::{Failure, connect::Client, print_json};
@@ -22,6 +25,10 @@ pub struct NodeLine {
     pub running: u32,
     pub capacity: u32,
     pub cpu_percent: f32,
+    /// Isolation layers runs get there (cgroup, user, network, mount, landlock).
+    pub isolation: Vec<String>,
+    /// Runs that ask for the network may have it there.
+    pub allows_network: bool,
 }
 
 impl From<&NodeInfo> for NodeLine {
@@ -50,6 +57,12 @@ impl From<&NodeInfo> for NodeLine {
             running,
             capacity: node.capacity,
             cpu_percent: load.cpu_percent,
+            isolation: node
+                .isolation_layers()
+                .filter(|l| *l != IsolationLayer::Unspecified)
+                .map(|l| isolation::name(l).to_string())
+                .collect(),
+            allows_network: node.allows_network,
         }
     }
 }
@@ -60,9 +73,17 @@ pub const NO_NODES: &str = "no nodes yet; on each device run `node-agent --coord
 /// The `coordinator nodes` table, columns as wide as their widest cell.
 pub fn nodes_table(nodes: &[NodeInfo]) -> String {
     let header = [
-        "ID", "NAME", "STATE", "ADDRESS", "RUNNING", "CPU%", "LABELS", "RUNTIMES",
+        "ID",
+        "NAME",
+        "STATE",
+        "ADDRESS",
+        "RUNNING",
+        "CPU%",
+        "LABELS",
+        "ISOLATION",
+        "RUNTIMES",
     ];
-    let rows: Vec<[String; 8]> = nodes
+    let rows: Vec<[String; 9]> = nodes
         .iter()
         .map(|node| {
             let line = NodeLine::from(node);
@@ -82,6 +103,11 @@ pub fn nodes_table(nodes: &[NodeInfo]) -> String {
                     "-".into()
                 } else {
                     labels.join(",")
+                },
+                match (line.isolation.is_empty(), line.allows_network) {
+                    (true, _) => "-".into(),
+                    (false, false) => line.isolation.join(","),
+                    (false, true) => format!("{}+net", line.isolation.join(",")),
                 },
                 line.runtimes.join(","),
             ]

@@ -16,47 +16,19 @@ pub fn parse_timeout(s: &str) -> Result<u32, String> {
     codeblocks::timeout_ms(s).ok_or_else(|| format!("'{s}' is not a number of seconds"))
 }
 
-/// A size such as `512M`, `2G`, `64k` or a number of bytes (binary multiples).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let text = s.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let shift = match unit
-        .trim()
-        .to_ascii_lowercase()
-        .trim_end_matches("ib")
-        .trim_end_matches('b')
-    {
-        "" => 0,
-        "k" => 10,
-        "m" => 20,
-        "g" => 30,
-        _ => {
-            return Err(format!(
-                "'{s}' is not a size: write bytes, or a number with k, M or G"
-            ));
-        }
-    };
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size: write bytes, or a number with k, M or G"))?;
-    number
-        .checked_mul(1 << shift)
-        .ok_or_else(|| format!("'{s}' is too large"))
-}
-
 /// The limits the flags ask for, or None when they ask for none (the agent's defaults hold).
 pub fn limits(
     memory: Option<u64>,
     cpu_seconds: Option<u32>,
     output: Option<u64>,
+    disk: Option<u64>,
 ) -> Option<ExecLimits> {
-    (memory.is_some() || cpu_seconds.is_some() || output.is_some()).then(|| ExecLimits {
+    let asked = memory.is_some() || cpu_seconds.is_some() || output.is_some() || disk.is_some();
+    asked.then(|| ExecLimits {
         memory_bytes: memory.unwrap_or(0),
         cpu_seconds: cpu_seconds.unwrap_or(0),
         output_bytes: output.unwrap_or(0),
+        disk_bytes: disk.unwrap_or(0),
         ..Default::default()
     })
 }
@@ -118,15 +90,6 @@ pub fn check_markdown(file: &Path, document: &str) -> Result<(), Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_take_binary_units() {
-        assert_eq!(parse_size("512M"), Ok(512 << 20));
-        assert_eq!(parse_size("2g"), Ok(2 << 30));
-        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
-        assert_eq!(parse_size("1000"), Ok(1000));
-        assert!(parse_size("lots").unwrap_err().contains("not a size"));
-    }
 
     #[test]
     fn zero_timeout_means_the_default_and_fractions_count() {

@@ -1,9 +1,13 @@
 //! The attribute list of a fence's info string: `{node=NAME timeout=SECONDS key=value ...}`.
 //! `node` pins the block to a node, `timeout` sets its wall-clock limit (seconds, fractions
-//! allowed), any other key is a label the chosen node must carry with that value. Words outside
-//! the braces (```` ```python title="x.py" ````) are meant for other tools and ignored.
+//! allowed), `isolation=network+user` names layers the node must give the run, `network=true`
+//! lets it use the network, any other key is a label the chosen node must carry with that value.
+//! Words outside the braces (```` ```python title="x.py" ````) are meant for other tools and
+//! ignored.
 
 use std::collections::BTreeMap;
+
+use kowalski_exo_common::{isolation, proto::IsolationLayer};
 
 /// What a block's attributes ask for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -12,6 +16,10 @@ pub struct BlockAttributes {
     /// Wall-clock timeout in milliseconds; 0 means the default.
     pub timeout_ms: Option<u32>,
     pub labels: BTreeMap<String, String>,
+    /// Isolation layers the node must give the run.
+    pub isolation: Vec<IsolationLayer>,
+    /// The run may use the network.
+    pub network: Option<bool>,
 }
 
 /// Parses the text after the language word: the part in braces, if any.
@@ -39,6 +47,16 @@ pub fn parse_attributes(text: &str) -> Result<BlockAttributes, String> {
                     timeout_ms(value.trim_end_matches('s'))
                         .ok_or_else(|| format!("timeout '{value}' is not a number of seconds"))?,
                 )
+            }
+            "isolation" => attributes
+                .isolation
+                .extend(isolation::parse_list(&value.replace('+', ","))?),
+            "network" => {
+                attributes.network = Some(match value {
+                    "true" | "yes" | "on" => true,
+                    "false" | "no" | "off" => false,
+                    _ => return Err(format!("network '{value}' is not true or false")),
+                })
             }
             _ if key.is_empty() => return Err(format!("attribute '{pair}' has no key")),
             _ => {
@@ -68,6 +86,27 @@ mod tests {
         let a = parse_attributes("{node=\"box\", timeout=5s}").unwrap();
         assert_eq!(a.node.as_deref(), Some("box"));
         assert_eq!(a.timeout_ms, Some(5000));
+    }
+
+    #[test]
+    fn isolation_and_network_are_read_and_checked() {
+        let a = parse_attributes("{isolation=network+user network=true}").unwrap();
+        assert_eq!(
+            a.isolation,
+            vec![IsolationLayer::Network, IsolationLayer::User]
+        );
+        assert_eq!(a.network, Some(true));
+        assert!(a.labels.is_empty());
+        assert!(
+            parse_attributes("{isolation=jail}")
+                .unwrap_err()
+                .contains("'jail' is not an isolation layer")
+        );
+        assert!(
+            parse_attributes("{network=maybe}")
+                .unwrap_err()
+                .contains("'maybe'")
+        );
     }
 
     #[test]

@@ -418,6 +418,8 @@ fn info(n: &Node, now: Instant) -> NodeInfo {
         capacity: n.registration.capacity,
         load: Some(n.load),
         isolation: n.registration.isolation,
+        isolation_layers: n.registration.isolation_layers.clone(),
+        allows_network: n.registration.allows_network,
         version: n.registration.version.clone(),
         last_seen_ms_ago: now
             .saturating_duration_since(n.observation.last_seen)

@@ -8,8 +8,8 @@ use std::{sync::Arc, time::Duration};
 use kowalski_exo_common::{
     Language,
     proto::{
-        self, ClusterEvent, ClusterFinished, ExecStatus, ExecuteRequest, Placed, Queued, Retrying,
-        cluster_event::Event, exec_event,
+        self, ClusterEvent, ClusterFinished, ExecStatus, ExecuteRequest, IsolationLayer, Placed,
+        Queued, Retrying, cluster_event::Event, exec_event,
     },
 };
 use metrics::{counter, histogram};
@@ -62,6 +62,8 @@ pub struct RunSpec {
     pub language: Language,
     pub node: Option<String>,
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Isolation layers the node must give the run.
+    pub isolation: Vec<IsolationLayer>,
     pub max_attempts: u32,
     /// Block index, for RunBlocks; 0 for Execute.
     pub block: u32,
@@ -75,6 +77,8 @@ impl RunSpec {
             language: Some(self.language),
             node: self.node.as_deref(),
             labels: self.labels.clone(),
+            isolation: &self.isolation,
+            network: self.execution.network,
             exclude,
             ..Default::default()
         }
@@ -447,6 +451,7 @@ mod tests {
             language: Language::Python,
             node: None,
             labels: Default::default(),
+            isolation: Vec::new(),
             max_attempts: 0,
             block: 0,
             line: 0,

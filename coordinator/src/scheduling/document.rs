@@ -6,8 +6,8 @@ use std::{collections::BTreeMap, time::Duration};
 
 use kowalski_exo_common::{
     proto::{
-        BlockSkipped, ClusterEvent, ExecStatus, ExecuteRequest, PlannedBlock, RunBlocksRequest,
-        SkipKind, cluster_event::Event,
+        BlockSkipped, ClusterEvent, ExecStatus, ExecuteRequest, IsolationLayer, PlannedBlock,
+        RunBlocksRequest, SkipKind, cluster_event::Event,
     },
     request_size,
 };
@@ -50,6 +50,8 @@ impl Skip {
 pub struct BlockDefaults {
     pub node: Option<String>,
     pub labels: BTreeMap<String, String>,
+    pub isolation: Vec<IsolationLayer>,
+    pub network: bool,
     pub timeout_ms: u32,
     pub limits: Option<kowalski_exo_common::proto::ExecLimits>,
     pub max_attempts: u32,
@@ -61,8 +63,10 @@ impl BlockDefaults {
     pub fn of(request: &RunBlocksRequest) -> Self {
         let placement = request.placement.clone().unwrap_or_default();
         BlockDefaults {
+            isolation: placement.required_layers(),
             node: (!placement.node.is_empty()).then_some(placement.node),
             labels: placement.labels.into_iter().collect(),
+            network: request.network,
             timeout_ms: request.timeout_ms,
             limits: request.limits,
             max_attempts: request.max_attempts,
@@ -95,8 +99,11 @@ impl BlockDefaults {
             code: block.code.clone(),
             timeout_ms: block.attributes.timeout_ms.unwrap_or(self.timeout_ms),
             limits: self.limits,
+            network: block.attributes.network.unwrap_or(self.network),
             ..Default::default()
         };
+        let mut isolation = self.isolation.clone();
+        isolation.extend(&block.attributes.isolation);
         request_size::check(&execution, request_size::MAX_CODE_BYTES).map_err(|e| Skip {
             kind: SkipKind::Invalid,
             reason: e.to_string(),
@@ -106,6 +113,7 @@ impl BlockDefaults {
             language,
             node: block.attributes.node.clone().or(self.node.clone()),
             labels,
+            isolation,
             max_attempts: self.max_attempts,
             block: block.index as u32,
             line: block.line as u32,

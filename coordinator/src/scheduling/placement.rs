@@ -5,8 +5,8 @@
 use std::{cmp::Ordering, collections::BTreeMap, collections::HashMap, fmt};
 
 use kowalski_exo_common::{
-    Language,
-    proto::{BackendState, RuntimeHealth},
+    Language, isolation,
+    proto::{BackendState, IsolationLayer, RuntimeHealth},
 };
 use tokio::time::Instant;
 
@@ -113,12 +113,21 @@ pub struct Candidate {
     pub in_flight: u32,
     pub capacity: u32,
     pub cpu_percent: f32,
+    /// Isolation layers its runs get.
+    pub layers: Vec<IsolationLayer>,
+    pub allows_network: bool,
 }
 
 impl From<NodeSnapshot> for Candidate {
     fn from(node: NodeSnapshot) -> Self {
         Candidate {
             capabilities: Capabilities::of(&node),
+            layers: node
+                .registration
+                .isolation_layers()
+                .filter(|l| *l != IsolationLayer::Unspecified)
+                .collect(),
+            allows_network: node.registration.allows_network,
             id: node.id,
             name: node.registration.name,
             state: node.state,
@@ -154,6 +163,10 @@ pub struct Requirements<'a> {
     /// Node name or id the run is pinned to.
     pub node: Option<&'a str>,
     pub labels: BTreeMap<String, String>,
+    /// Isolation layers the node must give the run.
+    pub isolation: &'a [IsolationLayer],
+    /// The run uses the network: only a node whose owner allows it.
+    pub network: bool,
     /// Node ids already tried for this run.
     pub exclude: &'a [String],
 }
@@ -189,6 +202,14 @@ pub enum Unplaceable {
         /// Each node with the runtime, with the labels it carries.
         carried: Vec<(String, BTreeMap<String, String>)>,
     },
+    /// No fitting node gives every isolation layer asked for.
+    NoIsolation {
+        required: Vec<IsolationLayer>,
+        /// Each fitting node's name with the layers it gives.
+        offered: Vec<(String, Vec<IsolationLayer>)>,
+    },
+    /// No fitting node lets runs use the network.
+    NoNetwork { nodes: Vec<String> },
     /// Every fitting node was already tried.
     Exhausted { tried: usize },
     /// Fitting nodes exist but none is ready (suspect or down; some may be draining).
@@ -301,6 +322,27 @@ impl fmt::Display for Unplaceable {
                     carried.join("; ")
                 )
             }
+            Unplaceable::NoIsolation { required, offered } => {
+                let names = |layers: &[IsolationLayer]| {
+                    let numbers: Vec<i32> = layers.iter().map(|l| *l as i32).collect();
+                    isolation::names(&numbers)
+                };
+                let offered: Vec<String> = offered
+                    .iter()
+                    .map(|(name, layers)| format!("{name} gives {}", names(layers)))
+                    .collect();
+                write!(
+                    f,
+                    "no node gives the isolation asked for ({}): {}",
+                    names(required),
+                    offered.join("; ")
+                )
+            }
+            Unplaceable::NoNetwork { nodes } => write!(
+                f,
+                "no node lets runs use the network ({} do not; their owners can allow it with node-agent --allow-network)",
+                nodes.join(", ")
+            ),
             Unplaceable::Exhausted { tried } => {
                 write!(f, "no other node can take it after {tried} tried")
             }
@@ -396,6 +438,24 @@ pub fn place<'c>(
             carried,
         });
     }
+    let offered = fitting
+        .iter()
+        .map(|c| (c.name.clone(), c.layers.clone()))
+        .collect();
+    fitting.retain(|c| wanted.isolation.iter().all(|l| c.layers.contains(l)));
+    if fitting.is_empty() {
+        return Err(Unplaceable::NoIsolation {
+            required: wanted.isolation.to_vec(),
+            offered,
+        });
+    }
+    if wanted.network {
+        let nodes = fitting.iter().map(|c| c.name.clone()).collect();
+        fitting.retain(|c| c.allows_network);
+        if fitting.is_empty() {
+            return Err(Unplaceable::NoNetwork { nodes });
+        }
+    }
     fitting.retain(|c| !wanted.exclude.contains(&c.id));
     if fitting.is_empty() {
         return Err(Unplaceable::Exhausted {
@@ -485,7 +545,41 @@ mod tests {
             in_flight,
             capacity,
             cpu_percent: cpu,
+            layers: vec![IsolationLayer::Cgroup],
+            allows_network: false,
         }
+    }
+
+    #[test]
+    fn required_layers_and_network_keep_work_off_weaker_nodes() {
+        let mut strong = node("strong", 3, 4, 0.0);
+        strong.layers = isolation::ALL.to_vec();
+        let nodes = [node("weak", 0, 4, 0.0), strong];
+        let layers = [IsolationLayer::Network, IsolationLayer::User];
+        let contained = Requirements {
+            isolation: &layers,
+            ..python()
+        };
+        assert_eq!(place(&nodes, &contained).unwrap().name, "strong");
+        let err = place(&nodes[..1], &contained).unwrap_err();
+        assert!(!err.is_transient());
+        assert_eq!(
+            err.to_string(),
+            "no node gives the isolation asked for (network,user): weak gives cgroup"
+        );
+        let online = Requirements {
+            network: true,
+            ..python()
+        };
+        assert!(
+            place(&nodes, &online)
+                .unwrap_err()
+                .to_string()
+                .contains("no node lets runs use the network (weak, strong do not")
+        );
+        let mut open = nodes.clone();
+        open[1].allows_network = true;
+        assert_eq!(place(&open, &online).unwrap().name, "strong");
     }
 
     fn python() -> Requirements<'static> {

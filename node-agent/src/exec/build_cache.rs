@@ -3,6 +3,7 @@
 
 use std::{
     fs, io,
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
 };
 
@@ -16,8 +17,11 @@ pub struct BuildCache {
 }
 
 impl BuildCache {
+    /// Opens (or makes) the cache at `dir`, closed to everyone but the agent: a run gets a copy
+    /// of its program, so no run can read another's or replace one.
     pub fn new(dir: PathBuf) -> io::Result<Self> {
         fs::create_dir_all(&dir)?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
         Ok(BuildCache { dir })
     }
 
@@ -72,7 +76,6 @@ mod tests {
 
     #[test]
     fn stored_program_is_found_and_keeps_its_mode() {
-        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let cache = BuildCache::new(dir.path().join("builds")).unwrap();
         let built = dir.path().join("program");

@@ -1,5 +1,5 @@
 //! Limits of one run: the agent's defaults, what a request may ask for, and the ceilings it
-//! cannot go past.
+//! cannot go past (the owner may lower them: `node-agent --max-memory` and the like).
 
 use std::time::Duration;
 
@@ -20,6 +20,8 @@ pub struct ExecLimits {
     pub max_processes: u32,
     pub file_size_bytes: u64,
     pub open_files: u32,
+    /// Work dir, /tmp and /dev/shm together (with the mount layer).
+    pub disk_bytes: u64,
 }
 
 impl Default for ExecLimits {
@@ -32,12 +34,13 @@ impl Default for ExecLimits {
             max_processes: 128,
             file_size_bytes: 64 * 1024 * 1024,
             open_files: 1024,
+            disk_bytes: 256 * 1024 * 1024,
         }
     }
 }
 
 impl ExecLimits {
-    /// The most any request may ask for.
+    /// The most any request may ask for, unless the owner says less.
     pub fn ceiling() -> Self {
         ExecLimits {
             timeout: MAX_TIMEOUT,
@@ -47,12 +50,31 @@ impl ExecLimits {
             max_processes: 4096,
             file_size_bytes: 16 * 1024 * 1024 * 1024,
             open_files: 65536,
+            disk_bytes: 64 * 1024 * 1024 * 1024,
         }
     }
 
-    /// These defaults overridden by the request's non-zero fields, each capped at the ceiling.
-    pub fn with_request(self, timeout_ms: u32, requested: Option<&proto::ExecLimits>) -> Self {
-        let ceiling = Self::ceiling();
+    /// Each limit at most the one of `ceiling`.
+    pub fn capped(self, ceiling: &ExecLimits) -> Self {
+        ExecLimits {
+            timeout: self.timeout.min(ceiling.timeout),
+            cpu_seconds: self.cpu_seconds.min(ceiling.cpu_seconds),
+            memory_bytes: self.memory_bytes.min(ceiling.memory_bytes),
+            output_bytes: self.output_bytes.min(ceiling.output_bytes),
+            max_processes: self.max_processes.min(ceiling.max_processes),
+            file_size_bytes: self.file_size_bytes.min(ceiling.file_size_bytes),
+            open_files: self.open_files.min(ceiling.open_files),
+            disk_bytes: self.disk_bytes.min(ceiling.disk_bytes),
+        }
+    }
+
+    /// These defaults overridden by the request's non-zero fields, each capped at `ceiling`.
+    pub fn with_request(
+        self,
+        timeout_ms: u32,
+        requested: Option<&proto::ExecLimits>,
+        ceiling: &ExecLimits,
+    ) -> Self {
         let pick = |asked: u64, default: u64, max: u64| {
             if asked == 0 { default } else { asked.min(max) }
         };
@@ -88,7 +110,9 @@ impl ExecLimits {
                 self.open_files.into(),
                 ceiling.open_files.into(),
             ) as u32,
+            disk_bytes: pick(r.disk_bytes, self.disk_bytes, ceiling.disk_bytes),
         }
+        .capped(ceiling)
     }
 }
 
@@ -103,7 +127,7 @@ mod tests {
             output_bytes: u64::MAX,
             ..Default::default()
         };
-        let limits = ExecLimits::default().with_request(0, Some(&asked));
+        let limits = ExecLimits::default().with_request(0, Some(&asked), &ExecLimits::ceiling());
         assert_eq!(limits.timeout, DEFAULT_TIMEOUT);
         assert_eq!(limits.memory_bytes, 64 * 1024 * 1024);
         assert_eq!(limits.output_bytes, ExecLimits::ceiling().output_bytes);
@@ -112,7 +136,7 @@ mod tests {
 
     #[test]
     fn a_timeout_past_the_cpu_default_raises_the_cpu_limit_unless_one_is_asked() {
-        let limits = ExecLimits::default().with_request(40_500, None);
+        let limits = ExecLimits::default().with_request(40_500, None, &ExecLimits::ceiling());
         assert_eq!(limits.cpu_seconds, 41);
         let asked = proto::ExecLimits {
             cpu_seconds: 5,
@@ -120,19 +144,43 @@ mod tests {
         };
         assert_eq!(
             ExecLimits::default()
-                .with_request(40_000, Some(&asked))
+                .with_request(40_000, Some(&asked), &ExecLimits::ceiling())
                 .cpu_seconds,
             5
         );
         assert_eq!(
-            ExecLimits::default().with_request(2_000, None).cpu_seconds,
+            ExecLimits::default()
+                .with_request(2_000, None, &ExecLimits::ceiling())
+                .cpu_seconds,
             30
         );
     }
 
     #[test]
+    fn the_owners_ceiling_caps_requests_and_defaults() {
+        let ceiling = ExecLimits {
+            memory_bytes: 128 * 1024 * 1024,
+            max_processes: 16,
+            timeout: Duration::from_secs(5),
+            ..ExecLimits::ceiling()
+        };
+        let asked = proto::ExecLimits {
+            memory_bytes: 64 * 1024 * 1024 * 1024,
+            max_processes: 4096,
+            ..Default::default()
+        };
+        let limits = ExecLimits::default().with_request(600_000, Some(&asked), &ceiling);
+        assert_eq!(limits.memory_bytes, 128 * 1024 * 1024);
+        assert_eq!(limits.max_processes, 16);
+        assert_eq!(limits.timeout, Duration::from_secs(5));
+        let defaults = ExecLimits::default().with_request(0, None, &ceiling);
+        assert_eq!(defaults.memory_bytes, 128 * 1024 * 1024);
+        assert_eq!(defaults.timeout, Duration::from_secs(5));
+    }
+
+    #[test]
     fn request_timeout_overrides_default() {
-        let limits = ExecLimits::default().with_request(1500, None);
+        let limits = ExecLimits::default().with_request(1500, None, &ExecLimits::ceiling());
         assert_eq!(limits.timeout, Duration::from_millis(1500));
     }
 }

@@ -9,6 +9,7 @@ mod process;
 
 use std::{
     ffi::OsString,
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
@@ -28,7 +29,7 @@ pub use output::EventSender;
 use crate::{
     error::ExecError,
     fingerprint::{FingerprintWatch, RuntimeHealth},
-    sandbox::{Sandbox, TreeLimits},
+    sandbox::{Confinement, Sandbox, TreeLimits, Workspace, runtime_tree},
 };
 use output::{Interruption, RunOutput};
 use process::{ProcessExit, ProcessResult, ProcessSpec};
@@ -38,8 +39,31 @@ const COMPILE_MEMORY_FLOOR: u64 = 2 * 1024 * 1024 * 1024;
 const COMPILE_PROCESSES_FLOOR: u32 = 256;
 /// Locale given to every run.
 const RUN_LANG: &str = "C.UTF-8";
+/// Go's build cache inside the work directory.
+const GO_CACHE_DIR: &str = ".cache/go-build";
 /// Directories searched after the runtimes' own, inside runs.
 const RUN_BASE_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// What the agent's owner lets requests have.
+#[derive(Clone, Copy, Debug)]
+pub struct ExecPolicy {
+    /// Limits of a request that names none.
+    pub defaults: ExecLimits,
+    /// The most a request may ask for.
+    pub ceiling: ExecLimits,
+    /// Runs that ask for the network get it (node-agent --allow-network).
+    pub allow_network: bool,
+}
+
+impl Default for ExecPolicy {
+    fn default() -> Self {
+        ExecPolicy {
+            defaults: ExecLimits::default(),
+            ceiling: ExecLimits::ceiling(),
+            allow_network: false,
+        }
+    }
+}
 
 /// Where runs live on disk.
 #[derive(Clone, Debug)]
@@ -60,6 +84,7 @@ pub struct PreparedRun {
     stdin: Vec<u8>,
     args: Vec<String>,
     limits: ExecLimits,
+    network: bool,
     run_id: String,
     /// Unique within the agent process; names the run's directory and cgroups.
     serial: u64,
@@ -72,7 +97,7 @@ static RUN_SERIAL: AtomicU64 = AtomicU64::new(1);
 pub struct Executor {
     sandbox: Sandbox,
     runtimes: FingerprintWatch,
-    defaults: ExecLimits,
+    policy: ExecPolicy,
     max_code_bytes: usize,
     dirs: ExecDirs,
     builds: BuildCache,
@@ -82,16 +107,18 @@ impl Executor {
     pub fn new(
         sandbox: Sandbox,
         runtimes: FingerprintWatch,
-        defaults: ExecLimits,
+        policy: ExecPolicy,
         max_code_bytes: usize,
         dirs: ExecDirs,
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dirs.work_root)?;
+        // Runs may enter their own directory here, not list the others.
+        std::fs::set_permissions(&dirs.work_root, std::fs::Permissions::from_mode(0o711))?;
         let builds = BuildCache::new(dirs.cache_dir.join("builds"))?;
         Ok(Executor {
             sandbox,
             runtimes,
-            defaults,
+            policy,
             max_code_bytes,
             dirs,
             builds,
@@ -102,6 +129,14 @@ impl Executor {
         self.sandbox.level()
     }
 
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.sandbox
+    }
+
+    pub fn allows_network(&self) -> bool {
+        self.policy.allow_network
+    }
+
     pub fn runtimes(&self) -> &FingerprintWatch {
         &self.runtimes
     }
@@ -110,6 +145,9 @@ impl Executor {
     pub fn prepare(&self, request: proto::ExecuteRequest) -> Result<PreparedRun, ExecError> {
         let language = Language::parse(&request.language)?;
         request_size::check(&request, self.max_code_bytes)?;
+        if request.network && !self.policy.allow_network {
+            return Err(ExecError::NetworkRefused);
+        }
         let runtime = self.runtimes.borrow().get(language);
         let Some(executable) = runtime.healthy_executable().cloned() else {
             let reason = match runtime.health {
@@ -132,9 +170,12 @@ impl Executor {
             language,
             runtime: executable,
             runtime_version: runtime.version,
-            limits: self
-                .defaults
-                .with_request(request.timeout_ms, request.limits.as_ref()),
+            limits: self.policy.defaults.with_request(
+                request.timeout_ms,
+                request.limits.as_ref(),
+                &self.policy.ceiling,
+            ),
+            network: request.network,
             code: request.code,
             stdin: request.stdin,
             args: request.args,
@@ -184,15 +225,18 @@ impl Executor {
         run: &PreparedRun,
         out: &mut RunOutput,
     ) -> Result<proto::ExecFinished, String> {
-        let workdir = tempfile::Builder::new()
-            .prefix(&format!("run-{}-", run.serial))
-            .tempdir_in(&self.dirs.work_root)
+        let sandbox = self.sandbox.clone();
+        let dir = self.dirs.work_root.join(format!("run-{}", run.serial));
+        let disk_bytes = run.limits.disk_bytes;
+        let workspace = tokio::task::spawn_blocking(move || sandbox.workspace(dir, disk_bytes))
+            .await
+            .map_err(|e| e.to_string())?
             .map_err(|e| format!("cannot create a work directory: {e}"))?;
-        let result = self.run_stages(run, workdir.path(), out).await;
+        let result = self.run_stages(run, &workspace, out).await;
         // Removing a large tree can take a while: keep it off the async threads.
-        let path = workdir.path().to_path_buf();
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = workdir.close() {
+            let path = workspace.path().to_path_buf();
+            if let Err(e) = workspace.close() {
                 tracing::warn!(dir = %path.display(), error = %e, "cannot remove work directory");
             }
         });
@@ -202,15 +246,21 @@ impl Executor {
     async fn run_stages(
         &self,
         run: &PreparedRun,
-        workdir: &Path,
+        workspace: &Workspace,
         out: &mut RunOutput,
     ) -> Result<proto::ExecFinished, String> {
-        let tmp = workdir.join("tmp");
-        std::fs::create_dir(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+        let workdir = workspace.path();
         let source = workdir.join(launch::source_file_name(run.language));
         std::fs::write(&source, &run.code)
             .map_err(|e| format!("cannot write {}: {e}", source.display()))?;
-        let base_env = self.base_env(workdir, &tmp);
+        let base_env = self.base_env(workdir, &workspace.tmp());
+        let runtime = self.sandbox.program_path(&run.runtime);
+        let runtime_tree = runtime_tree(&runtime);
+        let confinement = Confinement {
+            workspace,
+            network: run.network,
+            runtime: runtime_tree.as_deref(),
+        };
         let limits = TreeLimits {
             cpu_seconds: run.limits.cpu_seconds,
             memory_bytes: run.limits.memory_bytes,
@@ -226,10 +276,11 @@ impl Executor {
             run_id: run.run_id.clone(),
             runtime_version: run.runtime_version.clone(),
         };
-        let go_cache = self.dirs.cache_dir.join("go-build");
+        // Go's build cache is the run's own: a shared one could be poisoned for later runs.
+        let go_cache = workdir.join(GO_CACHE_DIR);
         let (invocation, cached_build) = match launch::interpret(
             run.language,
-            &run.runtime,
+            &runtime,
             &source,
             &run.limits,
             &run.args,
@@ -239,12 +290,15 @@ impl Executor {
             None => {
                 let key =
                     BuildCache::key(run.language, &run.runtime, &run.runtime_version, &run.code);
+                let binary = workdir.join(launch::BINARY_NAME);
                 match self.builds.lookup(&key) {
-                    Some(binary) => (launch::run_binary(&binary, &run.args), true),
+                    Some(cached) => {
+                        std::fs::copy(&cached, &binary)
+                            .map_err(|e| format!("cannot copy the cached program: {e}"))?;
+                        (launch::run_binary(&binary, &run.args), true)
+                    }
                     None => {
-                        let binary = workdir.join(launch::BINARY_NAME);
-                        let compiler =
-                            launch::compile(run.language, &run.runtime, &source, &binary);
+                        let compiler = launch::compile(run.language, &runtime, &source, &binary);
                         let compile_limits = TreeLimits {
                             memory_bytes: limits.memory_bytes.max(COMPILE_MEMORY_FLOOR),
                             max_processes: limits.max_processes.max(COMPILE_PROCESSES_FLOOR),
@@ -255,6 +309,7 @@ impl Executor {
                             invocation: compiler,
                             workdir,
                             base_env: &base_env,
+                            confinement,
                             stdin: &[],
                             limits: compile_limits,
                             started: started(proto::ExecStage::Compile),
@@ -273,11 +328,10 @@ impl Executor {
                             }
                             return Ok(finished);
                         }
-                        let cached = self
-                            .builds
+                        self.builds
                             .store(&key, &binary)
                             .map_err(|e| format!("cannot cache the compiled program: {e}"))?;
-                        (launch::run_binary(&cached, &run.args), false)
+                        (launch::run_binary(&binary, &run.args), false)
                     }
                 }
             }
@@ -290,6 +344,7 @@ impl Executor {
             invocation,
             workdir,
             base_env: &base_env,
+            confinement,
             stdin: &run.stdin,
             started: started(proto::ExecStage::Run),
         };

@@ -14,7 +14,7 @@ use super::{
     launch::Invocation,
     output::{Interruption, RunOutput},
 };
-use crate::sandbox::{Command, Containment, ContainmentReport, Sandbox, TreeLimits};
+use crate::sandbox::{Command, Confinement, Containment, ContainmentReport, Sandbox, TreeLimits};
 
 /// How long output is still read after the program exited, for children that keep its pipes
 /// open and escaped the kill.
@@ -27,6 +27,7 @@ pub struct ProcessSpec<'a> {
     pub invocation: Invocation,
     pub workdir: &'a Path,
     pub base_env: &'a [(&'static str, OsString)],
+    pub confinement: Confinement<'a>,
     pub stdin: &'a [u8],
     pub limits: TreeLimits,
     pub started: proto::ExecStarted,
@@ -66,6 +67,7 @@ pub async fn supervise(
         args: &spec.invocation.args,
         env: &env,
         cwd: spec.workdir,
+        confinement: spec.confinement,
     };
     let (launched, containment) = sandbox.spawn(command, spec.limits).await?;
     let containment = Arc::new(containment);

@@ -1,5 +1,5 @@
-//! Launchers: processes forked ahead of time that wait, already inside their run's cgroup, for
-//! the command they will become.
+//! Launchers: processes forked ahead of time that wait, already inside their run's cgroup (and
+//! network namespace), for the command they will become, and its confinement [`steps`].
 //!
 //! Joining a cgroup v1 hierarchy costs a kernel RCU grace period (~10 ms here) the first time
 //! after a quiet spell, which would dominate a 25 ms Python start. A launcher pays it before the
@@ -17,7 +17,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{cgroup::RunCgroup, forked};
+use super::{
+    cgroup::RunCgroup,
+    forked,
+    steps::{self, STAGE_CWD, STAGE_EXEC, STAGE_LAUNCHER, STAGE_RLIMIT},
+};
 
 /// Largest encoded job (program, arguments, environment, limits).
 pub const MAX_JOB_BYTES: usize = 1024 * 1024;
@@ -43,6 +47,8 @@ pub struct Job<'a> {
     pub env: &'a [(&'static str, OsString)],
     pub cwd: &'a Path,
     pub rlimits: &'a [Rlimit],
+    /// Confinement steps, run after the limits are set and before exec.
+    pub steps: &'a [u8],
 }
 
 /// A job in the form the launcher reads.
@@ -53,11 +59,16 @@ pub struct EncodedJob {
 }
 
 impl Job<'_> {
-    /// Header (three u32 counts, then the limits), then NUL-terminated program, cwd, arguments
-    /// and KEY=VALUE environment entries.
+    /// Header (four u32 counts: arguments, environment, limits, step bytes), then the limits,
+    /// the steps, and NUL-terminated program, cwd, arguments and KEY=VALUE environment entries.
     pub fn encode(&self) -> io::Result<EncodedJob> {
         let mut out = Vec::new();
-        for count in [self.args.len(), self.env.len(), self.rlimits.len()] {
+        for count in [
+            self.args.len(),
+            self.env.len(),
+            self.rlimits.len(),
+            self.steps.len(),
+        ] {
             out.extend_from_slice(&(count as u32).to_ne_bytes());
         }
         for limit in self.rlimits {
@@ -65,6 +76,7 @@ impl Job<'_> {
             out.extend_from_slice(&limit.soft.to_ne_bytes());
             out.extend_from_slice(&limit.hard.to_ne_bytes());
         }
+        out.extend_from_slice(self.steps);
         let mut push = |s: &OsStr| -> io::Result<()> {
             let c = CString::new(s.as_bytes()).map_err(|_| {
                 io::Error::new(io::ErrorKind::InvalidInput, "an argument holds a NUL byte")
@@ -128,9 +140,10 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 impl Launcher {
-    /// Forks a launcher that joins `cgroup` (if any) and waits. Blocks until it is ready, which
+    /// Forks a launcher that joins `cgroup` (if any), with `isolate_network` enters a network
+    /// namespace of its own with only loopback, and waits. Blocks until it is ready, which
     /// includes the cgroup migration: call off the async runtime.
-    pub fn fork(cgroup: Option<RunCgroup>) -> io::Result<Launcher> {
+    pub fn fork(cgroup: Option<RunCgroup>, isolate_network: bool) -> io::Result<Launcher> {
         let (stdin_r, stdin_w) = pipe()?;
         let (stdout_r, stdout_w) = pipe()?;
         let (stderr_r, stderr_w) = pipe()?;
@@ -139,6 +152,7 @@ impl Launcher {
         let cgroup_fds: Vec<RawFd> = cgroup.as_ref().map(RunCgroup::join_fds).unwrap_or_default();
         let mut job = vec![0u8; MAX_JOB_BYTES];
         let mut strings: Vec<*const c_char> = vec![std::ptr::null(); MAX_JOB_STRINGS + 1];
+        let mut scratch = vec![0u8; libc::PATH_MAX as usize];
         let fds = ChildFds {
             stdin: stdin_r.as_raw_fd(),
             stdout: stdout_w.as_raw_fd(),
@@ -154,7 +168,16 @@ impl Launcher {
         }
         if pid == 0 {
             // SAFETY: we are the freshly forked child.
-            unsafe { child_main(&fds, &cgroup_fds, &mut job, &mut strings) }
+            unsafe {
+                child_main(
+                    &fds,
+                    &cgroup_fds,
+                    isolate_network,
+                    &mut job,
+                    &mut strings,
+                    &mut scratch,
+                )
+            }
         }
         drop((stdin_r, stdout_w, stderr_w, control_r, status_w));
         let mut launcher = Launcher {
@@ -164,15 +187,18 @@ impl Launcher {
             status: File::from(status_r),
             streams: Some([stdin_w, stdout_r, stderr_r]),
         };
-        // The first byte is READY, or the first byte of an errno.
-        let mut first = [0u8; 4];
+        // The first byte is READY, or the first byte of a failure report.
+        let mut first = [0u8; FAILURE_BYTES];
         match launcher.status.read(&mut first[..1]) {
             Ok(1) if first[0] == READY => Ok(launcher),
             Ok(1) if launcher.status.read_exact(&mut first[1..]).is_ok() => {
-                let errno = io::Error::from_raw_os_error(i32::from_ne_bytes(first));
+                let (errno, stage) = decode_failure(first);
                 Err(io::Error::new(
                     errno.kind(),
-                    format!("the launcher could not get ready: {errno}"),
+                    format!(
+                        "the launcher could not get ready ({}): {errno}",
+                        steps::describe_stage(stage)
+                    ),
                 ))
             }
             _ => Err(io::Error::other("the launcher exited before it was ready")),
@@ -194,11 +220,16 @@ impl Launcher {
         let mut control = self.control.take().expect("a launcher launches once");
         control.write_all(&job.bytes)?;
         drop(control);
-        if let Some(errno) = self.child_error() {
-            return Err(io::Error::new(
-                errno.kind(),
-                format!("cannot start {}: {errno}", job.program.display()),
-            ));
+        if let Some((errno, stage)) = self.child_error() {
+            let message = match stage {
+                STAGE_EXEC => format!("cannot start {}: {errno}", job.program.display()),
+                stage => format!(
+                    "cannot start {} ({}): {errno}",
+                    job.program.display(),
+                    steps::describe_stage(stage)
+                ),
+            };
+            return Err(io::Error::new(errno.kind(), message));
         }
         // The caller reaps the program from now on.
         let pid = std::mem::take(&mut self.pid) as u32;
@@ -212,11 +243,12 @@ impl Launcher {
         })
     }
 
-    /// Reads the status pipe to its end: an errno if the child failed, None at exec.
-    fn child_error(&mut self) -> Option<io::Error> {
-        let mut errno = [0u8; 4];
-        match self.status.read_exact(&mut errno) {
-            Ok(()) => Some(io::Error::from_raw_os_error(i32::from_ne_bytes(errno))),
+    /// Reads the status pipe to its end: an errno and the stage if the child failed, None at
+    /// exec.
+    fn child_error(&mut self) -> Option<(io::Error, u32)> {
+        let mut report = [0u8; FAILURE_BYTES];
+        match self.status.read_exact(&mut report) {
+            Ok(()) => Some(decode_failure(report)),
             Err(_) => None,
         }
     }
@@ -235,6 +267,80 @@ impl Drop for Launcher {
     }
 }
 
+/// A child's failure report: its errno, then the stage that failed.
+const FAILURE_BYTES: usize = 8;
+
+fn decode_failure(report: [u8; FAILURE_BYTES]) -> (io::Error, u32) {
+    let errno = i32::from_ne_bytes([report[0], report[1], report[2], report[3]]);
+    let stage = u32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
+    (io::Error::from_raw_os_error(errno), stage)
+}
+
+/// Sends a failure report on the status pipe and exits.
+///
+/// # Safety
+/// Child-only.
+unsafe fn fail(status_fd: RawFd, errno: i32, stage: u32) -> ! {
+    let mut report = [0u8; FAILURE_BYTES];
+    report[..4].copy_from_slice(&errno.to_ne_bytes());
+    report[4..].copy_from_slice(&stage.to_ne_bytes());
+    // SAFETY: writing a local buffer to our own pipe, then exiting without unwinding.
+    unsafe {
+        libc::write(status_fd, report.as_ptr().cast(), report.len());
+        libc::_exit(127)
+    }
+}
+
+fn last_errno() -> i32 {
+    // SAFETY: reading this thread's errno.
+    unsafe { *libc::__errno_location() }
+}
+
+/// Enters a network namespace of its own and brings its loopback interface up.
+///
+/// # Safety
+/// Child-only.
+unsafe fn isolate_network() -> Result<(), i32> {
+    // SAFETY: namespace and socket syscalls on this process, with a local request buffer.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNET) != 0 {
+            return Err(last_errno());
+        }
+        let socket = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if socket < 0 {
+            return Err(last_errno());
+        }
+        let mut request = InterfaceFlags {
+            name: *b"lo\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
+            flags: 0,
+            padding: [0; 22],
+        };
+        let result = if libc::ioctl(socket, SIOCGIFFLAGS, &mut request) != 0 {
+            Err(last_errno())
+        } else {
+            request.flags |= (libc::IFF_UP | libc::IFF_RUNNING) as i16;
+            if libc::ioctl(socket, SIOCSIFFLAGS, &request) != 0 {
+                Err(last_errno())
+            } else {
+                Ok(())
+            }
+        };
+        libc::close(socket);
+        result
+    }
+}
+
+const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
+const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
+
+/// `struct ifreq` as SIOCGIFFLAGS and SIOCSIFFLAGS use it.
+#[repr(C)]
+struct InterfaceFlags {
+    name: [u8; 16],
+    flags: i16,
+    padding: [u8; 22],
+}
+
 /// The parent's descriptors the child moves to 0..=4.
 struct ChildFds {
     stdin: RawFd,
@@ -244,35 +350,35 @@ struct ChildFds {
     status: RawFd,
 }
 
-/// The forked child: join the cgroup, settle descriptors and signals, report ready, read the
-/// job, apply it and exec. Any failure is sent as an errno on the status pipe.
+/// The forked child: join the cgroup (and a network namespace), settle descriptors and
+/// signals, report ready, read the job, apply it and exec. Any failure is reported on the status
+/// pipe.
 ///
 /// # Safety
 /// Only to be called in a freshly forked child; never returns.
 unsafe fn child_main(
     fds: &ChildFds,
     cgroup_fds: &[RawFd],
+    network: bool,
     job: &mut [u8],
     strings: &mut [*const c_char],
+    scratch: &mut [u8],
 ) -> ! {
     // SAFETY (whole body): raw syscalls on descriptors and buffers this process owns; no
     // allocation, no locks, no unwinding.
     unsafe {
         let status = fds.status;
-        let fail = |status_fd: RawFd| -> ! {
-            let errno = *libc::__errno_location();
-            let bytes = errno.to_ne_bytes();
-            libc::write(status_fd, bytes.as_ptr().cast(), bytes.len());
-            libc::_exit(127)
-        };
         forked::reset_signals();
         for &fd in cgroup_fds {
             if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                fail(status);
+                fail(status, last_errno(), STAGE_LAUNCHER);
             }
         }
         if libc::setsid() < 0 {
-            fail(status);
+            fail(status, last_errno(), STAGE_LAUNCHER);
+        }
+        if network && let Err(errno) = isolate_network() {
+            fail(status, errno, STAGE_LAUNCHER);
         }
         // Move every descriptor out of 0..=4 first, so the dup2s below cannot clobber one.
         let mut high = [0; 5];
@@ -282,12 +388,12 @@ unsafe fn child_main(
         {
             *slot = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
             if *slot < 0 {
-                fail(status);
+                fail(status, last_errno(), STAGE_LAUNCHER);
             }
         }
         for (target, &fd) in high.iter().enumerate() {
             if libc::dup2(fd, target as RawFd) < 0 {
-                fail(high[4]);
+                fail(high[4], last_errno(), STAGE_LAUNCHER);
             }
         }
         let status = 4;
@@ -300,18 +406,17 @@ unsafe fn child_main(
         let mut len = 0;
         loop {
             let Some(rest) = job.get_mut(len..) else {
-                fail(status)
+                fail(status, libc::E2BIG, STAGE_LAUNCHER)
             };
             if rest.is_empty() {
-                *libc::__errno_location() = libc::E2BIG;
-                fail(status);
+                fail(status, libc::E2BIG, STAGE_LAUNCHER);
             }
             let n = libc::read(3, rest.as_mut_ptr().cast(), rest.len());
             if n < 0 {
-                if *libc::__errno_location() == libc::EINTR {
+                if last_errno() == libc::EINTR {
                     continue;
                 }
-                fail(status);
+                fail(status, last_errno(), STAGE_LAUNCHER);
             }
             if n == 0 {
                 break;
@@ -322,25 +427,28 @@ unsafe fn child_main(
             // Dropped unused: the agent closed the control pipe without a job.
             libc::_exit(0);
         }
-        apply_job(&job[..len], strings).unwrap_or_else(|errno| {
-            *libc::__errno_location() = errno;
-            fail(status)
-        });
-        fail(status)
+        let (errno, stage) = apply_job(&job[..len], strings, scratch).unwrap_err();
+        fail(status, errno, stage)
     }
 }
 
-/// Parses the job in place, applies cwd and limits, and execs. Returns an errno on failure.
+/// Parses the job in place, applies limits, steps and cwd, and execs. Returns only on failure,
+/// with the errno and the stage that failed.
 ///
 /// # Safety
 /// Child-only, like [`child_main`].
-unsafe fn apply_job(job: &[u8], strings: &mut [*const c_char]) -> Result<(), i32> {
-    let read_u32 = |at: usize| -> Result<u32, i32> {
-        let bytes = job.get(at..at + 4).ok_or(libc::EINVAL)?;
+unsafe fn apply_job(
+    job: &[u8],
+    strings: &mut [*const c_char],
+    scratch: &mut [u8],
+) -> Result<(), (i32, u32)> {
+    let invalid = (libc::EINVAL, STAGE_LAUNCHER);
+    let read_u32 = |at: usize| -> Result<u32, (i32, u32)> {
+        let bytes = job.get(at..at + 4).ok_or(invalid)?;
         Ok(u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
     };
-    let read_u64 = |at: usize| -> Result<u64, i32> {
-        let bytes = job.get(at..at + 8).ok_or(libc::EINVAL)?;
+    let read_u64 = |at: usize| -> Result<u64, (i32, u32)> {
+        let bytes = job.get(at..at + 8).ok_or(invalid)?;
         let mut buf = [0u8; 8];
         buf.copy_from_slice(bytes);
         Ok(u64::from_ne_bytes(buf))
@@ -348,7 +456,8 @@ unsafe fn apply_job(job: &[u8], strings: &mut [*const c_char]) -> Result<(), i32
     let argc = read_u32(0)? as usize;
     let envc = read_u32(4)? as usize;
     let limits = read_u32(8)? as usize;
-    let mut at = 12;
+    let steps_len = read_u32(12)? as usize;
+    let mut at = 16;
     for _ in 0..limits {
         let rlimit = libc::rlimit {
             rlim_cur: read_u64(at + 4)?,
@@ -356,16 +465,18 @@ unsafe fn apply_job(job: &[u8], strings: &mut [*const c_char]) -> Result<(), i32
         };
         // SAFETY: setrlimit on this process.
         if unsafe { libc::setrlimit(read_u32(at)? as libc::__rlimit_resource_t, &rlimit) } != 0 {
-            return Err(unsafe { *libc::__errno_location() });
+            return Err((last_errno(), STAGE_RLIMIT));
         }
         at += 20;
     }
+    let steps = job.get(at..at + steps_len).ok_or(invalid)?;
+    at += steps_len;
     // The rest is NUL-terminated strings: program, cwd, args..., env... They are laid out as
     // argv = [program, args..., NULL] followed by envp = [env..., NULL], so string number k
     // (k >= 2) lands at slot k - 1 for an argument and at slot k for an environment entry.
     let total = 2 + argc + envc;
     if total + 1 > strings.len() {
-        return Err(libc::E2BIG);
+        return Err((libc::E2BIG, STAGE_LAUNCHER));
     }
     let (mut program, mut cwd) = (std::ptr::null(), std::ptr::null());
     let mut ordinal = 0;
@@ -388,20 +499,21 @@ unsafe fn apply_job(job: &[u8], strings: &mut [*const c_char]) -> Result<(), i32
         }
     }
     if ordinal != total {
-        return Err(libc::EINVAL);
+        return Err(invalid);
     }
     strings[0] = program;
     strings[argc + 1] = std::ptr::null();
     strings[total] = std::ptr::null();
     let envp_start = argc + 2;
-    // SAFETY: every pointer points at a NUL-terminated string inside `job`.
+    // SAFETY: the steps and every pointer live inside `job`, which outlives the exec.
     unsafe {
+        steps::run(steps, scratch)?;
         if libc::chdir(cwd) != 0 {
-            return Err(*libc::__errno_location());
+            return Err((last_errno(), STAGE_CWD));
         }
         libc::execve(program, strings.as_ptr(), strings[envp_start..].as_ptr());
-        Err(*libc::__errno_location())
     }
+    Err((last_errno(), STAGE_EXEC))
 }
 
 #[cfg(test)]
@@ -445,10 +557,11 @@ mod tests {
             env: &env,
             cwd: dir.path(),
             rlimits: &rlimits,
+            steps: &[],
         }
         .encode()
         .unwrap();
-        let launched = Launcher::fork(None).unwrap().launch(&job).unwrap();
+        let launched = Launcher::fork(None, false).unwrap().launch(&job).unwrap();
         drop(launched.stdin);
         let stdout = read_all(launched.stdout);
         assert_eq!(reap(launched.pid), 0);
@@ -471,10 +584,14 @@ mod tests {
             env: &[],
             cwd: Path::new("/"),
             rlimits: &[],
+            steps: &[],
         }
         .encode()
         .unwrap();
-        let err = Launcher::fork(None).unwrap().launch(&job).unwrap_err();
+        let err = Launcher::fork(None, false)
+            .unwrap()
+            .launch(&job)
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
         assert!(
             err.to_string().contains("/nonexistent/interpreter"),
@@ -484,7 +601,7 @@ mod tests {
 
     #[test]
     fn an_unused_launcher_exits_when_dropped() {
-        let launcher = Launcher::fork(None).unwrap();
+        let launcher = Launcher::fork(None, false).unwrap();
         let pid = launcher.pid;
         drop(launcher);
         // SAFETY: probing a pid with signal 0.

@@ -1,23 +1,39 @@
-//! Containment of executed code: a fresh process session, rlimits, and (where the host offers
-//! them) a cgroup per run for the process-count limit, the memory limit and the whole-tree kill.
+//! Containment of executed code: a fresh process session, rlimits, and the [`layers`] the host
+//! offers: a cgroup per run (process count, memory, whole-tree kill), a user of its own, a
+//! network namespace, a mount namespace with a size-capped work dir, and Landlock.
 //! Programs start through [`launcher`]s; with cgroups a [`pool`] keeps some ready. A
 //! [`sentinel`] process ends every run when the agent dies without shutting down.
 
 mod cgroup;
+mod confine;
 mod forked;
 mod launcher;
+pub mod layers;
 mod pool;
 mod process_tree;
+mod run_users;
 mod sentinel;
+mod steps;
+mod workspace;
 
-use std::{ffi::OsString, io, path::Path, sync::Arc};
+use std::{
+    ffi::OsString,
+    io,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
-use kowalski_exo_common::proto::IsolationLevel;
+use kowalski_exo_common::proto::{IsolationLayer, IsolationLevel};
 
 pub use cgroup::{CgroupLimits, CgroupRoot, RunCgroup};
+pub use confine::{Confinement, runtime_tree};
 pub use launcher::{Job, Launched, Launcher, MAX_JOB_BYTES, Rlimit};
+pub use layers::Layers;
 use pool::LauncherPool;
+pub use run_users::DEFAULT_BASE as DEFAULT_RUN_UID_BASE;
+use run_users::RunUsers;
 use sentinel::Sentinel;
+pub use workspace::{Workspace, unmount_beneath};
 
 /// How this agent contains runs, found once at start.
 #[derive(Clone, Debug)]
@@ -25,6 +41,8 @@ pub struct Sandbox {
     cgroups: Option<CgroupRoot>,
     pool: Option<Arc<LauncherPool>>,
     sentinel: Option<Arc<Sentinel>>,
+    layers: Arc<Layers>,
+    users: Option<Arc<RunUsers>>,
 }
 
 /// Limits the sandbox applies to one process tree.
@@ -55,19 +73,51 @@ pub struct Command<'a> {
     pub args: &'a [OsString],
     pub env: &'a [(&'static str, OsString)],
     pub cwd: &'a Path,
+    pub confinement: Confinement<'a>,
 }
 
 impl Sandbox {
     /// Uses cgroups when `use_cgroups` and the host lets this process create them, keeping
-    /// `warm` launchers ready. Call within a tokio runtime.
-    pub fn detect(use_cgroups: bool, warm: usize) -> Sandbox {
+    /// `warm` launchers ready, and every other layer the host has; runs get users from
+    /// `run_uid_base` on. Says at start which layers are missing and why. Call within a tokio
+    /// runtime.
+    pub fn detect(use_cgroups: bool, warm: usize, run_uid_base: u32) -> Sandbox {
         let cgroups = if use_cgroups {
             CgroupRoot::detect()
         } else {
             None
         };
+        let cgroup = match (&cgroups, use_cgroups) {
+            (Some(_), _) => Ok(()),
+            (None, false) => Err("turned off (--no-cgroups)".to_string()),
+            (None, true) => Err("no cgroup hierarchy this process may write".to_string()),
+        };
+        let mut layers = Layers::detect(cgroup);
+        let users = if layers.user {
+            match RunUsers::claim(run_uid_base, !layers.cgroup) {
+                Ok(users) => Some(users),
+                Err(e) => {
+                    layers.user = false;
+                    layers
+                        .missing
+                        .push((IsolationLayer::User, format!("no run users: {e}")));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let layers = Arc::new(layers);
+        tracing::info!(layers = %layers, "isolation layers for runs");
+        for (layer, reason) in &layers.missing {
+            tracing::warn!(
+                layer = kowalski_exo_common::isolation::name(*layer),
+                reason = %reason,
+                "an isolation layer is missing"
+            );
+        }
         let pool = cgroups.clone().map(|root| {
-            let pool = LauncherPool::new(root, warm);
+            let pool = LauncherPool::new(root, warm, layers.network);
             pool.refill();
             pool
         });
@@ -82,7 +132,29 @@ impl Sandbox {
             cgroups,
             pool,
             sentinel,
+            layers,
+            users,
         }
+    }
+
+    pub fn layers(&self) -> &Layers {
+        &self.layers
+    }
+
+    /// The path runs start `program` by: with users of their own, one they can reach.
+    pub fn program_path(&self, program: &Path) -> PathBuf {
+        if self.layers.user {
+            confine::reachable_program(program, self.layers.mount)
+        } else {
+            program.to_path_buf()
+        }
+    }
+
+    /// A work directory for one run at `dir`, with a user of its own where there are, and a
+    /// tmpfs of `disk_bytes` with the mount layer. Blocking.
+    pub fn workspace(&self, dir: PathBuf, disk_bytes: u64) -> io::Result<Workspace> {
+        let user = self.users.as_ref().map(|users| users.take()).transpose()?;
+        Workspace::create(dir, user, self.layers.mount.then_some(disk_bytes))
     }
 
     pub fn level(&self) -> IsolationLevel {
@@ -133,17 +205,20 @@ impl Sandbox {
                 limits.memory_bytes,
             ));
         }
+        let steps = confine::steps(&self.layers, &command.confinement)?;
         let job = Job {
             program: command.program,
             args: command.args,
             env: command.env,
             cwd: command.cwd,
             rlimits: &rlimits,
+            steps: steps.as_bytes(),
         }
         .encode()?;
+        let isolate_network = self.layers.network && !command.confinement.network;
         let launcher = match &self.pool {
-            Some(pool) => pool.take().await?,
-            None => tokio::task::spawn_blocking(|| Launcher::fork(None))
+            Some(pool) => pool.take(isolate_network).await?,
+            None => tokio::task::spawn_blocking(move || Launcher::fork(None, isolate_network))
                 .await
                 .map_err(io::Error::other)??,
         };

@@ -25,10 +25,12 @@ pub struct LauncherPool {
     serial: AtomicU64,
     /// Set at shutdown: launchers forked after it are dropped at once.
     closed: AtomicBool,
+    /// Launchers kept ready sit in a network namespace of their own.
+    isolate_network: bool,
 }
 
 impl LauncherPool {
-    pub fn new(root: CgroupRoot, target: usize) -> Arc<Self> {
+    pub fn new(root: CgroupRoot, target: usize, isolate_network: bool) -> Arc<Self> {
         Arc::new(LauncherPool {
             root,
             ready: Mutex::new(Vec::new()),
@@ -36,27 +38,33 @@ impl LauncherPool {
             forking: AtomicUsize::new(0),
             serial: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            isolate_network,
         })
     }
 
     /// Forks one launcher in a new cgroup. Blocking.
-    fn fork_one(&self) -> io::Result<Launcher> {
+    fn fork_one(&self, isolate_network: bool) -> io::Result<Launcher> {
         if self.closed.load(Ordering::Acquire) {
             return Err(io::Error::other("the agent is shutting down"));
         }
         let name = format!("run-{}", self.serial.fetch_add(1, Ordering::Relaxed));
         let cgroup = self.root.create_run(&name)?;
-        Launcher::fork(Some(cgroup))
+        Launcher::fork(Some(cgroup), isolate_network)
     }
 
-    /// A ready launcher, or a fresh one when none is waiting.
-    pub async fn take(self: &Arc<Self>) -> io::Result<Launcher> {
-        let ready = self.ready.lock().expect("pool lock poisoned").pop();
+    /// A ready launcher, or a fresh one when none is waiting or the ready ones differ in
+    /// `isolate_network`.
+    pub async fn take(self: &Arc<Self>, isolate_network: bool) -> io::Result<Launcher> {
+        let ready = if isolate_network == self.isolate_network {
+            self.ready.lock().expect("pool lock poisoned").pop()
+        } else {
+            None
+        };
         match ready {
             Some(launcher) => Ok(launcher),
             None => {
                 let pool = self.clone();
-                tokio::task::spawn_blocking(move || pool.fork_one())
+                tokio::task::spawn_blocking(move || pool.fork_one(isolate_network))
                     .await
                     .map_err(io::Error::other)?
             }
@@ -80,7 +88,7 @@ impl LauncherPool {
             }
             let pool = self.clone();
             tokio::task::spawn_blocking(move || {
-                match pool.fork_one() {
+                match pool.fork_one(pool.isolate_network) {
                     Ok(launcher) => pool
                         .ready
                         .lock()

@@ -1,0 +1,182 @@
+//! A run's work directory: private to the run's user, and with the mount layer a tmpfs of the
+//! run's disk size, so a run that fills it gets ENOSPC instead of filling the device.
+
+use std::{
+    ffi::CString,
+    fs,
+    io::{self, BufRead},
+    os::unix::{
+        ffi::{OsStrExt, OsStringExt},
+        fs::PermissionsExt,
+    },
+    path::{Path, PathBuf},
+};
+
+use super::run_users::RunUser;
+
+/// Name of the private temp directory inside the work directory; the mount layer binds it over
+/// /tmp, /var/tmp and /dev/shm.
+pub const TMP_DIR: &str = "tmp";
+
+/// One run's work directory, removed by [`Workspace::close`].
+#[derive(Debug)]
+pub struct Workspace {
+    dir: PathBuf,
+    mounted: bool,
+    user: Option<RunUser>,
+}
+
+impl Workspace {
+    /// Creates `dir` (which must not exist) for a run of `user`, as a tmpfs of `disk_bytes` when
+    /// `mount`. Blocking.
+    pub fn create(
+        dir: PathBuf,
+        user: Option<RunUser>,
+        mount: Option<u64>,
+    ) -> io::Result<Workspace> {
+        fs::create_dir(&dir)?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
+        let mut workspace = Workspace {
+            dir,
+            mounted: false,
+            user,
+        };
+        let owner = workspace.user.as_ref().map(RunUser::uid);
+        if let Some(disk_bytes) = mount {
+            let mut options = format!("size={disk_bytes},mode=0700");
+            if let Some(uid) = owner {
+                options.push_str(&format!(",uid={uid},gid={uid}"));
+            }
+            mount_tmpfs(&workspace.dir, &options)?;
+            workspace.mounted = true;
+        } else if let Some(uid) = owner {
+            std::os::unix::fs::chown(&workspace.dir, Some(uid), Some(uid))?;
+        }
+        workspace.make_dir(TMP_DIR)?;
+        Ok(workspace)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn tmp(&self) -> PathBuf {
+        self.dir.join(TMP_DIR)
+    }
+
+    /// The run's user, if it has one of its own.
+    pub fn uid(&self) -> Option<u32> {
+        self.user.as_ref().map(RunUser::uid)
+    }
+
+    /// A directory inside, owned by the run's user.
+    pub fn make_dir(&self, name: &str) -> io::Result<PathBuf> {
+        let path = self.dir.join(name);
+        fs::create_dir_all(&path)?;
+        if let Some(uid) = self.uid() {
+            std::os::unix::fs::chown(&path, Some(uid), Some(uid))?;
+        }
+        Ok(path)
+    }
+
+    /// Unmounts and removes the directory, then gives the user back. Blocking.
+    pub fn close(mut self) -> io::Result<()> {
+        if self.mounted {
+            unmount(&self.dir)?;
+            self.mounted = false;
+        }
+        fs::remove_dir_all(&self.dir)
+    }
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path holds a NUL byte"))
+}
+
+fn mount_tmpfs(target: &Path, options: &str) -> io::Result<()> {
+    let target = c_path(target)?;
+    let options = CString::new(options).map_err(io::Error::other)?;
+    // SAFETY: mount with NUL-terminated strings that outlive the call.
+    let mounted = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            target.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            options.as_ptr().cast(),
+        )
+    };
+    if mounted != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Detaches the mount at `target` (lazily: a process that escaped the run may still hold it).
+fn unmount(target: &Path) -> io::Result<()> {
+    let target = c_path(target)?;
+    // SAFETY: umount2 with a NUL-terminated path.
+    if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Detaches every mount beneath `root` (work directories left by an agent that died), deepest
+/// first, so the tree can be removed.
+pub fn unmount_beneath(root: &Path) {
+    let Ok(mountinfo) = fs::File::open("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut targets: Vec<PathBuf> = io::BufReader::new(mountinfo)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|line| line.split(' ').nth(4).map(unescape_mount_path))
+        .filter(|target| target.starts_with(root) && target != root)
+        .collect();
+    targets.sort_by_key(|t| std::cmp::Reverse(t.components().count()));
+    for target in targets {
+        if let Err(e) = unmount(&target) {
+            tracing::warn!(dir = %target.display(), error = %e, "cannot unmount a work directory");
+        }
+    }
+}
+
+/// mountinfo writes space, tab, newline and backslash as octal escapes (`\040`).
+fn unescape_mount_path(field: &str) -> PathBuf {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|digits| {
+            let text = std::str::from_utf8(digits).ok()?;
+            u8::from_str_radix(text, 8).ok()
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_paths_are_unescaped() {
+        assert_eq!(
+            unescape_mount_path(r"/tmp/a\040b\134c"),
+            PathBuf::from(r"/tmp/a b\c")
+        );
+        assert_eq!(unescape_mount_path("/plain"), PathBuf::from("/plain"));
+    }
+}
