@@ -139,12 +139,20 @@ pub fn default_name() -> String {
         .unwrap_or_else(|| "node".to_string())
 }
 
-/// `$TMPDIR/kowalski-exo/agent-PID`: this agent's own, so dead agents' roots can be found.
+/// `/run/kowalski-exo/work/agent-PID` for root (a directory only root may write: root follows
+/// paths there), else `$TMPDIR/kowalski-exo/agent-PID`: this agent's own, so dead agents' roots
+/// can be found.
 fn default_work_root() -> PathBuf {
-    std::env::temp_dir()
-        .join("kowalski-exo")
-        .join(format!("{WORK_ROOT_PREFIX}{}", std::process::id()))
+    let parent = if nix::unistd::geteuid().is_root() {
+        PathBuf::from(ROOT_WORK_PARENT)
+    } else {
+        std::env::temp_dir().join("kowalski-exo")
+    };
+    parent.join(format!("{WORK_ROOT_PREFIX}{}", std::process::id()))
 }
+
+/// Parent of the work roots of agents run as root.
+const ROOT_WORK_PARENT: &str = "/run/kowalski-exo/work";
 
 fn default_cache_dir() -> PathBuf {
     std::env::var_os("XDG_CACHE_HOME")
@@ -254,7 +262,11 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         config.use_cgroups,
         config.capacity.max(1),
         config.run_uid_base,
-    );
+    )
+    .map_err(|source| AgentError::Io {
+        what: "the sandbox".to_string(),
+        source,
+    })?;
     let runtimes = fingerprint::spawn_refresh(
         config.search_path.clone(),
         config.fingerprint_interval,

@@ -12,6 +12,7 @@
 pub mod bench;
 mod inference_cluster;
 mod scripted_backend;
+pub mod tls_cluster;
 
 pub use inference_cluster::InferenceCluster;
 pub use scripted_backend::{ScriptedBackend, Step};

@@ -248,6 +248,37 @@ attempt("root-home", lambda: os.listdir("/root/.ssh"))
     t.survived().await;
 }
 
+/// Python that gets (`create`) or looks up a System V shared memory segment by a fixed key.
+fn sysv_segment(create: bool) -> String {
+    let flags = if create { "0o1000 | 0o666" } else { "0" };
+    format!(
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nid = libc.shmget(0x4b584c, 4096, {flags})\nprint('segment', 'found' if id >= 0 else 'absent')\n"
+    )
+}
+
+#[tokio::test]
+async fn shared_memory_and_host_sockets_stay_out_of_reach() {
+    let Some(t) = Target::start(&[]).await else {
+        return;
+    };
+    let ran = t.python(&sysv_segment(true), &[]).await;
+    assert_eq!(ran.stdout, "segment found\n", "{}", ran.stderr);
+    let ran = t.python(&sysv_segment(false), &[]).await;
+    assert_eq!(
+        ran.stdout, "segment absent\n",
+        "a later run met the segment"
+    );
+    // The host's service sockets (/run/dbus/...) are not there for a run without network.
+    let ran = t
+        .python(
+            "import os\nprint(sorted(p for p, _, files in os.walk('/run') for f in files if f.endswith('.sock') or 'bus' in f))",
+            &[],
+        )
+        .await;
+    assert_eq!(ran.stdout, "[]\n", "{}", ran.stderr);
+    t.survived().await;
+}
+
 #[tokio::test]
 async fn temp_files_stay_inside_the_run_that_wrote_them() {
     let Some(t) = Target::start(&[]).await else {

@@ -12,57 +12,25 @@ use futures_util::{StreamExt, stream};
 use kowalski_exo_common::{
     proto::{
         AgentMessage, DescribeRequest, ListNodesRequest, Register, agent_message,
-        agent_registry_client::AgentRegistryClient, coordinator_client::CoordinatorClient,
-        node_agent_client::NodeAgentClient,
+        agent_registry_client::AgentRegistryClient, node_agent_client::NodeAgentClient,
     },
     security::Identity,
-    transport::{self, ClientTls},
+    transport::ClientTls,
 };
-use kowalski_exo_tests::{CEILING, Daemon, binary, outcome};
+use kowalski_exo_tests::{
+    CEILING, Daemon, binary, outcome,
+    tls_cluster::{
+        admin, api_key, client_tls, joined_agent, keyed_client, tls_channel, tls_coordinator, token,
+    },
+};
 use tonic::{Code, transport::Channel};
 
-/// A coordinator with TLS on loopback (and its HTTP API), keeping its authority in `data`.
 fn coordinator(data: &Path) -> Daemon {
-    Daemon::start(
-        "coordinator",
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--tls",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-        &[],
-        "coordinator listening",
-    )
+    tls_coordinator(data)
 }
 
-/// `coordinator ARGS... --data-dir DATA`: exit code, stdout, stderr.
-fn admin(data: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    outcome(
-        std::process::Command::new(binary("coordinator"))
-            .args(args)
-            .args(["--data-dir", data.to_str().unwrap()])
-            .output()
-            .unwrap(),
-    )
-}
-
-/// `coordinator token` for the data directory.
-fn token(data: &Path) -> String {
-    let (code, out, err) = admin(data, &["token"]);
-    assert_eq!(code, Some(0), "{err}");
-    out.trim().to_string()
-}
-
-/// A fresh API key called `name`.
-fn api_key(data: &Path, name: &str) -> String {
-    let (code, out, err) = admin(data, &["apikey", "create", name]);
-    assert_eq!(code, Some(0), "{err}");
-    out.trim().to_string()
+fn agent(coordinator: &Daemon, name: &str, data: &Path, join: Option<&str>) -> Daemon {
+    joined_agent(coordinator, name, data, join)
 }
 
 fn agent_args<'a>(coordinator: &'a str, name: &'a str, data: &'a str) -> Vec<&'a str> {
@@ -76,17 +44,6 @@ fn agent_args<'a>(coordinator: &'a str, name: &'a str, data: &'a str) -> Vec<&'a
         "--data-dir",
         data,
     ]
-}
-
-/// A node agent that has joined (with `join`) or holds its certificate in `data`.
-fn agent(coordinator: &Daemon, name: &str, data: &Path, join: Option<&str>) -> Daemon {
-    let url = coordinator.url();
-    let data = data.to_str().unwrap();
-    let mut args = agent_args(&url, name, data);
-    if let Some(token) = join {
-        args.extend(["--join", token]);
-    }
-    Daemon::start("node-agent", &args, &[], "node agent listening")
 }
 
 /// A node agent expected to exit at start; its exit code and log.
@@ -103,20 +60,7 @@ fn failed_agent(coordinator: &str, name: &str, data: &Path, token: &str) -> (Opt
 }
 
 async fn channel(url: &str, tls: ClientTls) -> Result<Channel, tonic::transport::Error> {
-    transport::endpoint(url, Some(&tls))?.connect().await
-}
-
-fn authority(data: &Path) -> String {
-    std::fs::read_to_string(data.join("authority.pem")).unwrap()
-}
-
-/// TLS as a client trusting the cluster authority kept in `data`.
-fn client_tls(data: &Path, identity: Option<Identity>) -> ClientTls {
-    ClientTls {
-        authority_pem: authority(data),
-        identity,
-        server_name: None,
-    }
+    tls_channel(url, tls).await
 }
 
 /// The node certificate an agent keeps in `data`.
@@ -137,25 +81,11 @@ async fn wait_ready(coordinator: &Daemon, data: &Path, name: &str) {
 
 /// Waits until the coordinator lists `name` in `state`.
 async fn wait_state(coordinator: &Daemon, data: &Path, name: &str, state: &str) {
-    let channel = channel(&coordinator.url(), client_tls(data, None))
-        .await
-        .unwrap();
-    let bearer: tonic::metadata::MetadataValue<_> = format!(
-        "Bearer {}",
-        api_key(
-            data,
-            &format!("wait-{}", WAITS.fetch_add(1, Ordering::Relaxed))
-        )
-    )
-    .parse()
-    .unwrap();
-    let mut client =
-        CoordinatorClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
-            request
-                .metadata_mut()
-                .insert("authorization", bearer.clone());
-            Ok(request)
-        });
+    let key = api_key(
+        data,
+        &format!("wait-{}", WAITS.fetch_add(1, Ordering::Relaxed)),
+    );
+    let mut client = keyed_client(&coordinator.url(), data, &key).await;
     let start = std::time::Instant::now();
     loop {
         let nodes = client

@@ -3,7 +3,7 @@
 
 use std::{
     fs, io,
-    os::unix::fs::PermissionsExt,
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
@@ -49,9 +49,23 @@ impl BuildCache {
     }
 
     /// Copies a freshly built program into the cache; concurrent stores of one key are safe.
+    /// `built` sits where a run may write: only a regular file is taken, never what a symlink
+    /// or a FIFO put there leads to.
     pub fn store(&self, key: &str, built: &Path) -> io::Result<PathBuf> {
-        let staging = tempfile::NamedTempFile::new_in(&self.dir)?;
-        fs::copy(built, staging.path())?;
+        let mut program = fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(built)?;
+        let metadata = program.metadata()?;
+        if !metadata.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is not a regular file", built.display()),
+            ));
+        }
+        let mut staging = tempfile::NamedTempFile::new_in(&self.dir)?;
+        io::copy(&mut program, &mut staging)?;
+        fs::set_permissions(staging.path(), fs::Permissions::from_mode(0o755))?;
         let path = self.dir.join(key);
         staging.persist(&path).map_err(|e| e.error)?;
         Ok(path)

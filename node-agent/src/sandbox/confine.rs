@@ -26,6 +26,9 @@ pub struct Confinement<'a> {
 const WRITABLE_DEVICES: [&str; 4] = ["/dev/null", "/dev/zero", "/dev/full", "/dev/tty"];
 /// Shared temp directories each run gets a private one of.
 const TEMP_DIRS: [&str; 3] = ["/tmp", "/var/tmp", "/dev/shm"];
+/// Runtime state of the host's services, with their unix sockets (D-Bus and the like), which a
+/// network namespace does not cut off: covered by an empty directory for runs without network.
+const HOST_RUNTIME_DIR: &str = "/run";
 
 /// The installation an executable belongs to: the directory above its `bin`.
 pub fn runtime_tree(executable: &Path) -> Option<PathBuf> {
@@ -90,10 +93,13 @@ pub fn steps(layers: &Layers, confinement: &Confinement<'_>) -> io::Result<Steps
             .map(Path::new)
             .filter(|dir| dir.is_dir())
             .collect();
+        let host_runtime =
+            Some(Path::new(HOST_RUNTIME_DIR)).filter(|dir| !confinement.network && dir.is_dir());
         let covers: Vec<&Path> = temp_dirs
             .iter()
             .copied()
             .chain(closed.as_ref().map(|(closed, _)| closed.as_path()))
+            .chain(host_runtime)
             .collect();
         let hidden = |path: &Path| covers.iter().any(|cover| path.starts_with(cover));
         // Trees placed again at their own path once covered: the runtime (read-only), then the
@@ -115,8 +121,12 @@ pub fn steps(layers: &Layers, confinement: &Confinement<'_>) -> io::Result<Steps
             .iter()
             .map(|(tree, read_only)| steps.hold_tree(tree, *read_only))
             .collect::<io::Result<Vec<_>>>()?;
-        if let Some((closed, _)) = &closed {
-            steps.tmpfs(closed, "mode=0755,size=65536")?;
+        for empty in closed
+            .iter()
+            .map(|(closed, _)| closed.as_path())
+            .chain(host_runtime)
+        {
+            steps.tmpfs(empty, "mode=0755,size=65536")?;
         }
         for (dir, slot) in temp_dirs.iter().zip(temps) {
             steps.place_tree(slot, dir)?;
@@ -127,6 +137,8 @@ pub fn steps(layers: &Layers, confinement: &Confinement<'_>) -> io::Result<Steps
         }
         steps.private_proc();
     }
+    // Before Landlock, which an unprivileged process may only apply under no_new_privs.
+    steps.no_new_privs();
     let abi = layers.landlock_abi;
     if abi > 0 {
         let write = landlock::write_rights(abi);
@@ -145,7 +157,6 @@ pub fn steps(layers: &Layers, confinement: &Confinement<'_>) -> io::Result<Steps
         rules.extend(WRITABLE_DEVICES.iter().map(|d| (file_write, Path::new(d))));
         steps.landlock(abi, write, tcp, scoped, &rules)?;
     }
-    steps.no_new_privs();
     if let Some(uid) = workspace.uid() {
         steps.user(uid, uid);
     }

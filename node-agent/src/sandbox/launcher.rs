@@ -432,7 +432,7 @@ unsafe fn child_main(
     }
 }
 
-/// Parses the job in place, applies limits, steps and cwd, and execs. Returns only on failure,
+/// Parses the job in place, applies the steps, cwd and limits, and execs. Returns only on failure,
 /// with the errno and the stage that failed.
 ///
 /// # Safety
@@ -457,18 +457,10 @@ unsafe fn apply_job(
     let envc = read_u32(4)? as usize;
     let limits = read_u32(8)? as usize;
     let steps_len = read_u32(12)? as usize;
-    let mut at = 16;
-    for _ in 0..limits {
-        let rlimit = libc::rlimit {
-            rlim_cur: read_u64(at + 4)?,
-            rlim_max: read_u64(at + 12)?,
-        };
-        // SAFETY: setrlimit on this process.
-        if unsafe { libc::setrlimit(read_u32(at)? as libc::__rlimit_resource_t, &rlimit) } != 0 {
-            return Err((last_errno(), STAGE_RLIMIT));
-        }
-        at += 20;
-    }
+    // The limits are applied last, after the steps, which a low open-files or CPU limit
+    // could otherwise break.
+    let limits_at = 16;
+    let mut at = limits_at + 20 * limits;
     let steps = job.get(at..at + steps_len).ok_or(invalid)?;
     at += steps_len;
     // The rest is NUL-terminated strings: program, cwd, args..., env... They are laid out as
@@ -510,6 +502,16 @@ unsafe fn apply_job(
         steps::run(steps, scratch)?;
         if libc::chdir(cwd) != 0 {
             return Err((last_errno(), STAGE_CWD));
+        }
+        for limit in 0..limits {
+            let at = limits_at + 20 * limit;
+            let rlimit = libc::rlimit {
+                rlim_cur: read_u64(at + 4)?,
+                rlim_max: read_u64(at + 12)?,
+            };
+            if libc::setrlimit(read_u32(at)? as libc::__rlimit_resource_t, &rlimit) != 0 {
+                return Err((last_errno(), STAGE_RLIMIT));
+            }
         }
         libc::execve(program, strings.as_ptr(), strings[envp_start..].as_ptr());
     }

@@ -8,7 +8,7 @@ use kowalski_exo_common::{
     proto::IsolationLayer,
 };
 
-use super::steps::landlock;
+use super::steps::{self, landlock};
 
 /// What this host offers.
 #[derive(Clone, Debug, Default)]
@@ -40,7 +40,7 @@ impl Layers {
             layers.missing.push((IsolationLayer::User, not_root()));
         }
         let network = if root {
-            probe(libc::CLONE_NEWNET, false)
+            probe(libc::CLONE_NEWNET, None)
         } else {
             Err(not_root())
         };
@@ -49,7 +49,7 @@ impl Layers {
             Err(reason) => layers.missing.push((IsolationLayer::Network, reason)),
         }
         let mount = if root {
-            probe(libc::CLONE_NEWNS, true)
+            probe(0, Some(steps::mount_probe()))
         } else {
             Err(not_root())
         };
@@ -92,9 +92,11 @@ impl fmt::Display for Layers {
     }
 }
 
-/// Starts `true` in the namespace kind `flag` to see whether this host allows it; with
-/// `detach_tree` also checks the kernel can clone a mount tree (open_tree, Linux 5.2+).
-fn probe(flag: libc::c_int, detach_tree: bool) -> Result<(), String> {
+/// Starts `true` in the namespace kinds `flags`, after running `steps` (see
+/// [`steps::mount_probe`]), to see whether this host allows them.
+fn probe(flags: libc::c_int, steps: Option<steps::Steps>) -> Result<(), String> {
+    let steps = steps.unwrap_or_default();
+    let mut scratch = [0u8; 8];
     let mut command = std::process::Command::new("/bin/true");
     command
         .stdin(Stdio::null())
@@ -103,17 +105,11 @@ fn probe(flag: libc::c_int, detach_tree: bool) -> Result<(), String> {
     // SAFETY: the hook makes raw syscalls only, as a pre-exec hook must.
     unsafe {
         command.pre_exec(move || {
-            if libc::unshare(flag) != 0 {
+            if flags != 0 && libc::unshare(flags) != 0 {
                 return Err(io::Error::last_os_error());
             }
-            if detach_tree {
-                let fd = libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c"/".as_ptr(), 1u32);
-                if fd < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                libc::close(fd as i32);
-            }
-            Ok(())
+            steps::run(steps.as_bytes(), &mut scratch)
+                .map_err(|(errno, _)| io::Error::from_raw_os_error(errno))
         });
     }
     match command.status() {

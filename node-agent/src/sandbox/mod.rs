@@ -23,7 +23,7 @@ use std::{
     sync::Arc,
 };
 
-use kowalski_exo_common::proto::{IsolationLayer, IsolationLevel};
+use kowalski_exo_common::proto::IsolationLevel;
 
 pub use cgroup::{CgroupLimits, CgroupRoot, RunCgroup};
 pub use confine::{Confinement, runtime_tree};
@@ -79,9 +79,10 @@ pub struct Command<'a> {
 impl Sandbox {
     /// Uses cgroups when `use_cgroups` and the host lets this process create them, keeping
     /// `warm` launchers ready, and every other layer the host has; runs get users from
-    /// `run_uid_base` on. Says at start which layers are missing and why. Call within a tokio
+    /// `run_uid_base` on. Says at start which layers are missing and why. Fails when the agent
+    /// is root but no block of run users is free: code would run as root. Call within a tokio
     /// runtime.
-    pub fn detect(use_cgroups: bool, warm: usize, run_uid_base: u32) -> Sandbox {
+    pub fn detect(use_cgroups: bool, warm: usize, run_uid_base: u32) -> io::Result<Sandbox> {
         let cgroups = if use_cgroups {
             CgroupRoot::detect()
         } else {
@@ -92,18 +93,11 @@ impl Sandbox {
             (None, false) => Err("turned off (--no-cgroups)".to_string()),
             (None, true) => Err("no cgroup hierarchy this process may write".to_string()),
         };
-        let mut layers = Layers::detect(cgroup);
+        let layers = Layers::detect(cgroup);
         let users = if layers.user {
-            match RunUsers::claim(run_uid_base, !layers.cgroup) {
-                Ok(users) => Some(users),
-                Err(e) => {
-                    layers.user = false;
-                    layers
-                        .missing
-                        .push((IsolationLayer::User, format!("no run users: {e}")));
-                    None
-                }
-            }
+            Some(RunUsers::claim(run_uid_base, !layers.cgroup).map_err(|e| {
+                io::Error::new(e.kind(), format!("no users of their own for runs: {e}"))
+            })?)
         } else {
             None
         };
@@ -128,13 +122,13 @@ impl Sandbox {
                 None
             }
         };
-        Sandbox {
+        Ok(Sandbox {
             cgroups,
             pool,
             sentinel,
             layers,
             users,
-        }
+        })
     }
 
     pub fn layers(&self) -> &Layers {

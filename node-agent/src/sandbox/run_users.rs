@@ -3,6 +3,7 @@
 //! Agents sharing a machine each claim a block of their own with a lock file.
 
 use std::{
+    collections::VecDeque,
     fs::File,
     io,
     os::unix::process::CommandExt,
@@ -25,7 +26,8 @@ const LOCK_DIR: &str = "/run/kowalski-exo";
 /// The users not taken by a run.
 #[derive(Debug)]
 pub struct RunUsers {
-    free: Mutex<Vec<u32>>,
+    /// Given out oldest first, so a user a run just gave back is the last to be reused.
+    free: Mutex<VecDeque<u32>>,
     /// Without a cgroup, a run's escaped processes are found by their user at its end.
     kill_leftovers: bool,
     /// Held while the agent lives: no other agent hands out these users.
@@ -50,7 +52,7 @@ impl RunUsers {
             if let Ok(claim) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 tracing::info!(first, count = COUNT, "runs execute as users of their own");
                 return Ok(Arc::new(RunUsers {
-                    free: Mutex::new((first..first.saturating_add(COUNT)).rev().collect()),
+                    free: Mutex::new((first..first.saturating_add(COUNT)).collect()),
                     kill_leftovers,
                     _claim: Some(claim),
                 }));
@@ -66,7 +68,7 @@ impl RunUsers {
             .free
             .lock()
             .expect("run users lock poisoned")
-            .pop()
+            .pop_front()
             .ok_or_else(|| io::Error::other(format!("all {COUNT} run users are taken")))?;
         Ok(RunUser {
             uid,
@@ -79,20 +81,23 @@ impl RunUser {
     pub fn uid(&self) -> u32 {
         self.uid
     }
-}
 
-impl Drop for RunUser {
-    /// Ends whatever still runs as this user (a process that left its process group when no
-    /// cgroup holds the run), so the next run given the user cannot meet it.
-    fn drop(&mut self) {
+    /// Ends whatever still runs as this user when no cgroup holds the run (a process that left
+    /// its process group), so it cannot meet the run's files or the user's next run. Blocking.
+    pub fn end_leftovers(&self) {
         if self.users.kill_leftovers {
             kill_all_of(self.uid);
         }
+    }
+}
+
+impl Drop for RunUser {
+    fn drop(&mut self) {
         self.users
             .free
             .lock()
             .expect("run users lock poisoned")
-            .push(self.uid);
+            .push_back(self.uid);
     }
 }
 

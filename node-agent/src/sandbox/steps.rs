@@ -148,7 +148,8 @@ impl Steps {
         Ok(self)
     }
 
-    /// A mount namespace of its own, with no mount event flowing back to the host.
+    /// A mount namespace of its own, with no mount event flowing back to the host, and an IPC
+    /// namespace (SysV and POSIX message queues, semaphores, shared memory die with the run).
     pub fn private_mounts(&mut self) {
         self.op(Op::PrivateMounts);
     }
@@ -225,6 +226,19 @@ impl Steps {
     }
 }
 
+/// What the mount layer relies on, done once at start in a throwaway child (a kernel lacking
+/// one is found then rather than at every run): a private mount and IPC namespace, a cloned tree
+/// made read-only, and a /proc that shows one user's processes.
+pub fn mount_probe() -> Steps {
+    let mut steps = Steps::default();
+    steps.private_mounts();
+    steps
+        .hold_tree(Path::new("/"), true)
+        .expect("one tree, a path without NUL");
+    steps.private_proc();
+    steps
+}
+
 /// Reads steps in the child. No allocation.
 struct Reader<'a> {
     bytes: &'a [u8],
@@ -267,7 +281,10 @@ pub unsafe fn run(steps: &[u8], scratch: &mut [u8]) -> Result<(), (i32, u32)> {
         bytes: steps,
         at: 0,
     };
-    let mut held = [-1i32; MAX_HELD];
+    let mut held = [NEVER_HELD; MAX_HELD];
+    // Directories the steps make are for every user to enter, whatever the agent's umask.
+    // SAFETY: umask only changes this process's file creation mask.
+    unsafe { libc::umask(0o022) };
     while reader.at < steps.len() {
         let op = reader.byte().map_err(|e| (e, STAGE_LAUNCHER))?;
         // SAFETY: one step's syscalls on this process and strings inside `steps`.
@@ -299,7 +316,7 @@ unsafe fn run_one(
     unsafe {
         match op {
             x if x == Op::PrivateMounts as u8 => {
-                check(libc::unshare(libc::CLONE_NEWNS).into())?;
+                check(libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC).into())?;
                 check(
                     libc::mount(
                         null,
@@ -314,12 +331,17 @@ unsafe fn run_one(
             x if x == Op::HoldTree as u8 => {
                 let read_only = reader.number()? != 0;
                 let path = reader.text()?;
-                let slot = held.iter().position(|&fd| fd < 0).ok_or(libc::EMFILE)?;
+                // Slots are numbered in the order trees are held, as the agent counts them.
+                let slot = held
+                    .iter()
+                    .position(|&fd| fd == NEVER_HELD)
+                    .ok_or(libc::EMFILE)?;
+                // A symlink planted where a tree should be is refused, not followed.
                 let fd = libc::syscall(
                     libc::SYS_open_tree,
                     libc::AT_FDCWD,
                     path,
-                    OPEN_TREE_CLONE | libc::O_CLOEXEC as u32 | AT_RECURSIVE,
+                    OPEN_TREE_CLONE | libc::O_CLOEXEC as u32 | AT_RECURSIVE | AT_SYMLINK_NOFOLLOW,
                 );
                 check(fd)?;
                 let read_only = if read_only { MOUNT_ATTR_RDONLY } else { 0 };
@@ -342,6 +364,9 @@ unsafe fn run_one(
                 let slot = reader.number()? as usize;
                 let target = reader.text()?;
                 let fd = *held.get(slot).ok_or(libc::EINVAL)?;
+                if fd < 0 {
+                    return Err(libc::EBADF);
+                }
                 check(libc::syscall(
                     libc::SYS_move_mount,
                     fd,
@@ -351,7 +376,7 @@ unsafe fn run_one(
                     MOVE_MOUNT_F_EMPTY_PATH,
                 ))?;
                 libc::close(fd);
-                held[slot] = -1;
+                held[slot] = PLACED;
                 Ok(())
             }
             x if x == Op::Tmpfs as u8 => {
@@ -392,7 +417,12 @@ unsafe fn run_one(
                 // The standard streams are the agent's pipes: the run's user must be able to
                 // open them again (/dev/stdout, /proc/self/fd/1).
                 for fd in 0..3 {
-                    libc::fchown(fd, uid, gid);
+                    let mut stat: libc::stat = std::mem::zeroed();
+                    if libc::fstat(fd, &mut stat) == 0
+                        && stat.st_mode & libc::S_IFMT == libc::S_IFIFO
+                    {
+                        libc::fchown(fd, uid, gid);
+                    }
                 }
                 check(libc::setgroups(0, std::ptr::null()).into())?;
                 check(libc::setresgid(gid, gid, gid).into())?;
@@ -451,7 +481,7 @@ unsafe fn apply_landlock(reader: &mut Reader<'_>) -> Result<(), i32> {
             let access = reader.number()?;
             let path = reader.text()?;
             let allowed_access = access & attr.handled_access_fs;
-            let fd = libc::open(path, libc::O_PATH | libc::O_CLOEXEC);
+            let fd = libc::open(path, libc::O_PATH | libc::O_CLOEXEC | libc::O_NOFOLLOW);
             if fd < 0 || allowed_access == 0 {
                 // A path that does not exist on this host grants nothing.
                 if fd >= 0 {
@@ -479,7 +509,11 @@ unsafe fn apply_landlock(reader: &mut Reader<'_>) -> Result<(), i32> {
     }
 }
 
+/// A slot of `held` no tree was put in yet, and one whose tree was placed.
+const NEVER_HELD: i32 = -1;
+const PLACED: i32 = -2;
 const OPEN_TREE_CLONE: u32 = 1;
+const AT_SYMLINK_NOFOLLOW: u32 = 0x100;
 const AT_RECURSIVE: u32 = 0x8000;
 const MOVE_MOUNT_F_EMPTY_PATH: u32 = 4;
 const MOUNT_ATTR_RDONLY: u64 = 0x1;

@@ -23,6 +23,7 @@ pub const TMP_DIR: &str = "tmp";
 pub struct Workspace {
     dir: PathBuf,
     mounted: bool,
+    removed: bool,
     user: Option<RunUser>,
 }
 
@@ -39,11 +40,14 @@ impl Workspace {
         let mut workspace = Workspace {
             dir,
             mounted: false,
+            removed: false,
             user,
         };
         let owner = workspace.user.as_ref().map(RunUser::uid);
         if let Some(disk_bytes) = mount {
-            let mut options = format!("size={disk_bytes},mode=0700");
+            // One inode per 4 KiB page at most, so a run cannot pin memory in empty files.
+            let inodes = (disk_bytes / 4096).max(1024);
+            let mut options = format!("size={disk_bytes},nr_inodes={inodes},mode=0700");
             if let Some(uid) = owner {
                 options.push_str(&format!(",uid={uid},gid={uid}"));
             }
@@ -81,11 +85,36 @@ impl Workspace {
 
     /// Unmounts and removes the directory, then gives the user back. Blocking.
     pub fn close(mut self) -> io::Result<()> {
+        self.remove()
+    }
+
+    fn remove(&mut self) -> io::Result<()> {
+        if self.removed {
+            return Ok(());
+        }
+        if let Some(user) = &self.user {
+            user.end_leftovers();
+        }
         if self.mounted {
             unmount(&self.dir)?;
             self.mounted = false;
         }
-        fs::remove_dir_all(&self.dir)
+        match fs::remove_dir_all(&self.dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => {
+                self.removed = true;
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for Workspace {
+    /// A workspace not closed (a failed start, a run task that ended early) is removed anyway.
+    fn drop(&mut self) {
+        if let Err(e) = self.remove() {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot remove work directory");
+        }
     }
 }
 
