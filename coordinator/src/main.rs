@@ -26,7 +26,7 @@ use kowalski_exo_coordinator::{
         trust,
     },
     inference::chat::DEFAULT_STALL_TIMEOUT,
-    server::{self, CoordinatorConfig},
+    server::{self, CoordinatorConfig, TlsSetup},
 };
 use tonic::Streaming;
 
@@ -211,6 +211,9 @@ struct SecurityArgs {
     /// Another name the coordinator's certificate carries, one clients dial it by (repeatable).
     #[arg(long = "tls-name", value_name = "NAME")]
     tls_names: Vec<String>,
+    /// Requests per second each API key may make (bursts of twice as many); 0 for no limit.
+    #[arg(long, value_name = "N", default_value_t = kowalski_exo_common::security::gate::DEFAULT_RATE)]
+    rate_limit: u32,
 }
 
 #[derive(Args, Debug)]
@@ -341,7 +344,11 @@ async fn main() -> ExitCode {
                     security.insecure,
                     &security.data.data_dir,
                     &security.tls_names,
-                ),
+                )
+                .map(|setup| TlsSetup {
+                    rate_limit: security.rate_limit,
+                    ..setup
+                }),
                 http,
                 local_agent: local_agent.then(local_agent_config),
                 stall_timeout: match stall_timeout {

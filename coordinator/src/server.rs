@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::{server::NamedService, service::interceptor::InterceptedService};
 
-use kowalski_exo_common::security::{api_keys::KeyCheck, trust::ClusterTrust};
+use kowalski_exo_common::security::{api_keys::KeyCheck, gate::Gate, trust::ClusterTrust};
 
 use crate::{
     api::{client_service::ClientService, registry_service::RegistryService},
@@ -115,6 +115,8 @@ pub struct CoordinatorConfig {
 pub struct TlsSetup {
     pub data_dir: PathBuf,
     pub names: Vec<String>,
+    /// Requests per second each API key may make; 0 for no limit.
+    pub rate_limit: u32,
 }
 
 impl CoordinatorConfig {
@@ -217,14 +219,15 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Star
     };
     let trust = match &tls {
         Some(setup) => {
-            let trust = ClusterTrust::open(&setup.data_dir)?;
+            let trust = Arc::new(ClusterTrust::open(&setup.data_dir)?);
             let identity = trust.coordinator_identity(&certificate_names(addr, &setup.names))?;
-            Some((Arc::new(trust), identity))
+            let gate = Arc::new(Gate::new(trust.clone(), setup.rate_limit));
+            Some((trust, identity, gate))
         }
         None => None,
     };
     let agents: Arc<dyn AgentConnector> = match &trust {
-        Some((trust, identity)) => Arc::new(GrpcAgents::with_tls(trust.agent_tls(identity))),
+        Some((trust, identity, _)) => Arc::new(GrpcAgents::with_tls(trust.agent_tls(identity))),
         None => Arc::new(GrpcAgents::default()),
     };
     let cluster = ClusterService::new(
@@ -241,14 +244,14 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Star
             AgentRegistryServer::new(RegistryService::new(
                 registry.clone(),
                 shutdown.clone(),
-                trust.as_ref().map(|(trust, _)| trust.clone()),
+                trust.as_ref().map(|(trust, _, _)| trust.clone()),
             ))
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(InterceptedService::new(
             CoordinatorServer::new(ClientService::new(cluster.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
-            KeyCheck(trust.as_ref().map(|(trust, _)| trust.clone())),
+            KeyCheck(trust.as_ref().map(|(_, _, gate)| gate.clone())),
         ));
     let health = server.health();
     health
@@ -260,7 +263,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Star
     let stop = shutdown.clone();
     let server_tls = trust
         .as_ref()
-        .map(|(trust, identity)| trust.server_tls(identity));
+        .map(|(trust, identity, _)| trust.server_tls(identity));
     let task = tokio::spawn(async move {
         server
             .serve(listener, server_tls, stop.cancelled_owned())
@@ -269,8 +272,8 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Star
     tracing::info!(%addr, tls = trust.is_some(), "coordinator listening");
     let http_addr = match http_listener {
         Some((listener, http_addr)) => {
-            let router = http::router(cluster, trust.as_ref().map(|(trust, _)| trust.clone()));
-            let identity = trust.as_ref().map(|(_, identity)| identity);
+            let router = http::router(cluster, trust.as_ref().map(|(_, _, gate)| gate.clone()));
+            let identity = trust.as_ref().map(|(_, identity, _)| identity);
             serve_http(listener, router, identity, shutdown.clone())?;
             tracing::info!(addr = %http_addr, https = identity.is_some(), "http api listening");
             Some(http_addr)
@@ -288,7 +291,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Star
                 coordinator: Some(format!("http://{dial}")),
                 ..config
             };
-            if let (Some((trust, _)), Some(setup)) = (&trust, &tls) {
+            if let (Some((trust, _, _)), Some(setup)) = (&trust, &tls) {
                 // The in-process agent joins like any other, with the token, and keeps its
                 // certificate beside the coordinator's authority.
                 config.join = Some(trust.token()?.to_string());

@@ -18,21 +18,23 @@ use crate::{Daemon, binary, outcome};
 
 /// A coordinator with TLS on loopback (and its HTTP API), keeping its authority in `data`.
 pub fn tls_coordinator(data: &Path) -> Daemon {
-    Daemon::start(
-        "coordinator",
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--tls",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-        &[],
-        "coordinator listening",
-    )
+    tls_coordinator_with(data, &[])
+}
+
+/// [`tls_coordinator`] with `extra` arguments to `serve`.
+pub fn tls_coordinator_with(data: &Path, extra: &[&str]) -> Daemon {
+    let mut args = vec![
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--tls",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    Daemon::start("coordinator", &args, &[], "coordinator listening")
 }
 
 /// `coordinator ARGS... --data-dir DATA`: exit code, stdout, stderr.

@@ -707,54 +707,30 @@ async fn placement_honours_required_isolation_and_the_owners_network_consent() {
     }
     let (status, stdout, stderr) = cli(&args);
     assert_eq!((status, stdout.as_str()), (Some(0), "7\n"), "{stderr}");
+    let refused = |extra: &[&str]| {
+        let mut args = vec!["exec", "--addr", &url, "--lang", "py", "-c", "1"];
+        args.extend_from_slice(extra);
+        cli(&args)
+    };
     let lacking = kowalski_exo_common::isolation::ALL
         .into_iter()
         .map(kowalski_exo_common::isolation::name)
         .find(|name| !layers.contains(name));
     if let Some(lacking) = lacking {
-        let (status, _, stderr) = cli(&[
-            "exec",
-            "--addr",
-            &url,
-            "--lang",
-            "py",
-            "-c",
-            "1",
-            "--require-isolation",
-            lacking,
-        ]);
+        let (status, _, stderr) = refused(&["--require-isolation", lacking]);
         assert_eq!(status, Some(3), "{stderr}");
         assert!(
             stderr.contains("no node gives the isolation asked for"),
             "{stderr}"
         );
     }
-    let (status, _, stderr) = cli(&[
-        "exec",
-        "--addr",
-        &url,
-        "--lang",
-        "py",
-        "-c",
-        "1",
-        "--network",
-    ]);
+    let (status, _, stderr) = refused(&["--network"]);
     assert_eq!(status, Some(3), "{stderr}");
     assert!(
         stderr.contains("no node lets runs use the network (agent-0 do not"),
         "{stderr}"
     );
-    let (status, _, stderr) = cli(&[
-        "exec",
-        "--addr",
-        &url,
-        "--lang",
-        "py",
-        "-c",
-        "1",
-        "--require-isolation",
-        "chroot",
-    ]);
+    let (status, _, stderr) = refused(&["--require-isolation", "chroot"]);
     assert_eq!(status, Some(2), "{stderr}");
     assert!(
         stderr.contains("'chroot' is not an isolation layer"),

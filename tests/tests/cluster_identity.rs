@@ -210,6 +210,18 @@ async fn a_wrong_token_and_an_impostor_coordinator_are_refused() {
         !dirs.path().join("n2/node.pem").exists(),
         "nothing was kept"
     );
+
+    // A coordinator that serves plaintext is not joined with a token: the agent says why.
+    let plaintext = Daemon::start(
+        "coordinator",
+        &["serve", "--listen", "127.0.0.1:0", "--http", "off"],
+        &[],
+        "coordinator listening",
+    );
+    let (code, err) = failed_agent(&plaintext.url(), "n", &dirs.path().join("n3"), &token);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("it seems to serve plaintext"), "{err}");
+    assert!(!dirs.path().join("n3/node.pem").exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

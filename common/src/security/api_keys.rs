@@ -1,21 +1,24 @@
 //! API keys on the client API: with TLS, every Coordinator call carries
-//! `authorization: Bearer KEY`, checked before any handler runs; without TLS (loopback) there is
-//! nothing to check.
+//! `authorization: Bearer KEY`, checked (with the key's request rate) before any handler runs;
+//! without TLS (loopback) there is nothing to check.
 
 use std::sync::Arc;
 
 use tonic::{Request, Status, service::Interceptor};
 
-use super::{bearer, trust::ClusterTrust};
+use super::{
+    bearer,
+    gate::{Gate, Refusal},
+};
 
 /// Checks each call's key against the coordinator's data directory (so a key made or revoked
-/// there counts at once).
+/// there counts at once), and its rate.
 #[derive(Clone)]
-pub struct KeyCheck(pub Option<Arc<ClusterTrust>>);
+pub struct KeyCheck(pub Option<Arc<Gate>>);
 
 impl Interceptor for KeyCheck {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let Some(trust) = &self.0 else {
+        let Some(gate) = &self.0 else {
             return Ok(request);
         };
         let presented = request
@@ -23,9 +26,10 @@ impl Interceptor for KeyCheck {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .map(bearer);
-        trust
-            .authorize(presented)
-            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        gate.admit(presented).map_err(|refusal| match refusal {
+            Refusal::Key(_) => Status::unauthenticated(refusal.to_string()),
+            Refusal::Rate { .. } => Status::resource_exhausted(refusal.to_string()),
+        })?;
         Ok(request)
     }
 }

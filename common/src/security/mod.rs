@@ -8,6 +8,7 @@
 pub mod api_keys;
 pub mod authority;
 pub mod files;
+pub mod gate;
 pub mod peer;
 pub mod pinned;
 pub mod token;

@@ -58,7 +58,7 @@ pub async fn fetch_authority(host: &str, port: u16, authority: &str) -> Result<S
             .await
             .map_err(|e| {
                 TlsError::Invalid(format!(
-                    "no TLS with the coordinator at {host}:{port}: {}",
+                    "no TLS with the coordinator at {host}:{port} ({}): it seems to serve plaintext, and a join token is only for a coordinator that runs with TLS (`coordinator serve --tls`, or on an address off loopback); to join a plaintext one, start the agent without --join",
                     crate::error_text::root_cause(&e)
                 ))
             })

@@ -7,7 +7,10 @@
 use std::path::Path;
 
 use super::Failure;
-use kowalski_exo_common::{cli_args::is_loopback, security::trust::ClusterTrust};
+use kowalski_exo_common::{
+    cli_args::is_loopback,
+    security::{gate, trust::ClusterTrust},
+};
 
 use crate::server::TlsSetup;
 
@@ -26,6 +29,7 @@ pub fn tls_setup(
         return Some(TlsSetup {
             data_dir: data_dir.to_path_buf(),
             names: names.to_vec(),
+            rate_limit: gate::DEFAULT_RATE,
         });
     }
     if !loopback {

@@ -25,12 +25,12 @@ use serde_json::Value;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
 
-use kowalski_exo_common::security::trust::ClusterTrust;
+use kowalski_exo_common::security::gate::{self, Gate};
 
 use crate::service::{ChatReceiver, ClusterService};
 
-/// Every route of the HTTP API; with `keys`, all but `/healthz` need one.
-pub fn router(cluster: ClusterService, keys: Option<Arc<ClusterTrust>>) -> Router {
+/// Every route of the HTTP API; with `keys`, all but `/healthz` need one, within its rate.
+pub fn router(cluster: ClusterService, keys: Option<Arc<Gate>>) -> Router {
     Router::new()
         .merge(health::metrics_routes())
         .merge(openai::routes())
@@ -43,14 +43,14 @@ pub fn router(cluster: ClusterService, keys: Option<Arc<ClusterTrust>>) -> Route
         .with_state(cluster)
 }
 
-/// Passes a request on when its key is one in force (or no keys are asked for); otherwise
-/// answers 401 as the route's API would.
+/// Passes a request on when its key is one in force (or no keys are asked for) and within its
+/// rate; otherwise answers 401 or 429 as the route's API would.
 async fn require_key(
-    keys: Option<Arc<ClusterTrust>>,
+    keys: Option<Arc<Gate>>,
     request: Request,
     next: Next,
 ) -> axum::response::Response {
-    let Some(trust) = keys else {
+    let Some(gate) = keys else {
         return next.run(request).await;
     };
     let headers = request.headers();
@@ -59,24 +59,48 @@ async fn require_key(
         .and_then(|v| v.to_str().ok())
         .map(kowalski_exo_common::security::bearer)
         .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
-    match trust.authorize(presented) {
+    match gate.admit(presented) {
         Ok(_) => next.run(request).await,
-        Err(refused) => unauthorized(request.uri().path(), &refused.to_string()),
+        Err(refusal) => turned_away(request.uri().path(), &refusal),
     }
 }
 
-/// A 401 in the error format of the API `path` belongs to.
-fn unauthorized(path: &str, message: &str) -> axum::response::Response {
-    let body = if path.starts_with("/api/") {
-        serde_json::json!({"error": message})
-    } else if path.starts_with("/v1/messages") {
-        serde_json::json!({"type": "error", "error": {"type": "authentication_error", "message": message}})
-    } else if path.starts_with("/v1/") {
-        serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}})
-    } else {
-        return (StatusCode::UNAUTHORIZED, message.to_string()).into_response();
+/// A 401 (no key in force) or 429 (over the key's rate, with Retry-After) in the error format
+/// of the API `path` belongs to.
+fn turned_away(path: &str, refusal: &gate::Refusal) -> axum::response::Response {
+    let message = refusal.to_string();
+    let (status, anthropic_type, openai_type, openai_code) = match refusal {
+        gate::Refusal::Key(_) => (
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "invalid_request_error",
+            "invalid_api_key",
+        ),
+        gate::Refusal::Rate { .. } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "rate_limit_exceeded",
+            "rate_limit_exceeded",
+        ),
     };
-    (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response()
+    let mut response = if path.starts_with("/api/") {
+        (status, axum::Json(serde_json::json!({"error": message}))).into_response()
+    } else if path.starts_with("/v1/messages") {
+        let body = serde_json::json!({"type": "error", "error": {"type": anthropic_type, "message": message}});
+        (status, axum::Json(body)).into_response()
+    } else if path.starts_with("/v1/") {
+        let body = serde_json::json!({"error": {"message": message, "type": openai_type, "param": null, "code": openai_code}});
+        (status, axum::Json(body)).into_response()
+    } else {
+        (status, message).into_response()
+    };
+    if let gate::Refusal::Rate { retry_after, .. } = refusal {
+        let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
+    }
+    response
 }
 
 /// A message's content as the OpenAI and Anthropic APIs send it: text, or parts (blocks) of
@@ -216,4 +240,56 @@ async fn opened(events: ChatReceiver) -> Result<ChatEvents, Refusal> {
         }
     }
     Ok(Box::pin(futures_util::stream::iter(seen).chain(events)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::body::to_bytes;
+
+    use super::*;
+
+    async fn body(response: axum::response::Response) -> Value {
+        let bytes = to_bytes(response.into_body(), 1 << 16).await.unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_exhausted_key_gets_429_with_retry_after_in_each_apis_format() {
+        let refusal = gate::Refusal::Rate {
+            key: "flood".into(),
+            rate: 10,
+            burst: 20,
+            retry_after: Duration::from_millis(1500),
+        };
+        let openai = turned_away("/v1/chat/completions", &refusal);
+        assert_eq!(openai.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(openai.headers()[header::RETRY_AFTER], "2");
+        let error = &body(openai).await["error"];
+        assert_eq!(error["type"], "rate_limit_exceeded");
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap()
+                .contains("more than 10 requests per second")
+        );
+        let anthropic = body(turned_away("/v1/messages", &refusal)).await;
+        assert_eq!(anthropic["error"]["type"], "rate_limit_error");
+        let ollama = turned_away("/api/chat", &refusal);
+        assert_eq!(ollama.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(
+            body(ollama).await["error"]
+                .as_str()
+                .unwrap()
+                .contains("'flood'")
+        );
+        let unknown = turned_away(
+            "/v1/models",
+            &gate::Refusal::Key(kowalski_exo_common::security::trust::KeyRefused::Unknown),
+        );
+        assert_eq!(unknown.status(), StatusCode::UNAUTHORIZED);
+        assert!(unknown.headers().get(header::RETRY_AFTER).is_none());
+        assert_eq!(body(unknown).await["error"]["code"], "invalid_api_key");
+    }
 }
