@@ -502,6 +502,16 @@ pub fn process_alive(pid: i32) -> bool {
     }
 }
 
+/// A containment test that cannot run on this machine (no root, no cgroups): says why, and
+/// fails under CI (`CI=true`), where every containment test must run rather than pass vacuously.
+pub fn cannot_contain_here(reason: &str) {
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "under CI every containment test must run: {reason}"
+    );
+    println!("skipped: {reason}");
+}
+
 /// Polls `condition` every 20 ms until it holds, failing after the ceiling.
 pub fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     let start = Instant::now();
