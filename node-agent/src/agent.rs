@@ -267,6 +267,17 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         what: "the sandbox".to_string(),
         source,
     })?;
+    for dir in [&config.dirs.work_root, &config.dirs.cache_dir] {
+        std::fs::create_dir_all(dir).map_err(|source| AgentError::Io {
+            what: format!("directory {}", dir.display()),
+            source,
+        })?;
+    }
+    let sandbox = sandbox.hide(&[
+        &config.data_dir,
+        &config.dirs.cache_dir,
+        &config.dirs.work_root,
+    ]);
     let runtimes = fingerprint::spawn_refresh(
         config.search_path.clone(),
         config.fingerprint_interval,

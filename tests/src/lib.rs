@@ -63,7 +63,22 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `bin` and waits until it logs `ready` followed by `addr=HOST:PORT`.
     pub fn start(bin: &str, args: &[&str], env: &[(&str, &str)], ready: &str) -> Daemon {
+        Self::start_as(None, bin, args, env, ready)
+    }
+
+    /// [`Daemon::start`], as the user `uid` when given (the test must be root).
+    pub fn start_as(
+        uid: Option<u32>,
+        bin: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        ready: &str,
+    ) -> Daemon {
         let mut command = Command::new(binary(bin));
+        if let Some(uid) = uid {
+            std::os::unix::process::CommandExt::uid(&mut command, uid);
+            std::os::unix::process::CommandExt::gid(&mut command, uid);
+        }
         command
             .args(args)
             .env("RUST_LOG", "info")

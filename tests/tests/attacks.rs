@@ -566,6 +566,83 @@ async fn storms_floods_bombs_and_escapes_are_contained() {
 }
 
 #[tokio::test]
+async fn an_agent_without_root_keeps_runs_out_of_its_files_with_landlock() {
+    if !nix::unistd::geteuid().is_root() {
+        cannot_contain_here("starting an agent as another user needs root");
+        return;
+    }
+    // The agent runs as nobody: no user, network or mount layer, Landlock only.
+    let nobody = 65534;
+    let dirs = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dirs.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let home = dirs.path().join("home");
+    let data = home.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("node.key"), "-----BEGIN PRIVATE KEY----- secret").unwrap();
+    for path in [&home, &data, &data.join("node.key")] {
+        std::os::unix::fs::chown(path, Some(nobody), Some(nobody)).unwrap();
+    }
+    let (work, cache) = (home.join("work"), home.join("cache"));
+    let agent = Daemon::start_as(
+        Some(nobody),
+        "node-agent",
+        &[
+            "--standalone",
+            "--listen",
+            "127.0.0.1:0",
+            "--work-dir",
+            work.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &[("HOME", home.to_str().unwrap())],
+        AGENT_READY,
+    );
+    let layers: Vec<IsolationLayer> = describe(&agent.url()).await.isolation_layers().collect();
+    if !layers.contains(&IsolationLayer::Landlock) {
+        cannot_contain_here("this kernel has no Landlock");
+        return;
+    }
+    assert_eq!(layers, [IsolationLayer::Landlock]);
+    let code = format!(
+        r#"{TRY}
+attempt("key", lambda: open(sys.argv[1] + "/node.key").read())
+attempt("data-dir", lambda: os.listdir(sys.argv[1]))
+attempt("work-root", lambda: os.listdir(sys.argv[2]))
+attempt("write-home", lambda: open(sys.argv[3] + "/planted", "w").write("x"))
+attempt("signal-agent", lambda: os.kill(os.getppid(), 0))
+import socket
+attempt("tcp", lambda: socket.create_connection(("127.0.0.1", int(sys.argv[4])), timeout=2).close())
+attempt("own-dir", lambda: open("mine.txt", "w").write("x"))
+attempt("system", lambda: open("/etc/hostname").read())
+"#
+    );
+    let port = agent.addr.port().to_string();
+    let ran = run(
+        &agent.url(),
+        python(
+            &code,
+            &[
+                data.to_str().unwrap(),
+                work.to_str().unwrap(),
+                home.to_str().unwrap(),
+                &port,
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(
+        ran.stdout,
+        "key: PermissionError\ndata-dir: PermissionError\nwork-root: PermissionError\nwrite-home: PermissionError\nsignal-agent: PermissionError\ntcp: PermissionError\nown-dir: ok\nsystem: ok\n",
+        "{}",
+        ran.stderr
+    );
+    assert!(!home.join("planted").exists());
+}
+
+#[tokio::test]
 async fn an_oversized_request_is_refused_naming_the_limit() {
     let Some(t) = Target::start(&[]).await else {
         return;

@@ -1,6 +1,7 @@
 //! One run's confinement turned into launcher [`Steps`], from the layers this host has.
 
 use std::{
+    collections::HashSet,
     io,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
@@ -73,8 +74,38 @@ fn closed_ancestor(tree: &Path) -> Option<PathBuf> {
         .map(Path::to_path_buf)
 }
 
-/// The steps that confine one process of a run.
-pub fn steps(layers: &Layers, confinement: &Confinement<'_>) -> io::Result<Steps> {
+/// What a run may read when it runs as the agent's own user: everything but `hidden` (the agent's
+/// data directory, build cache and work root). Landlock only grants, so this is every entry
+/// beside the directories leading to a hidden one (symlinks aside: what they lead to is listed
+/// in its own place). Those directories themselves cannot be listed, only passed through.
+fn readable_beside(hidden: &[PathBuf]) -> Vec<PathBuf> {
+    let leading: HashSet<&Path> = hidden.iter().flat_map(|h| h.ancestors()).collect();
+    let mut readable = Vec::new();
+    for dir in &leading {
+        if hidden.iter().any(|h| h == dir) {
+            continue;
+        }
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let symlink = entry.file_type().is_ok_and(|t| t.is_symlink());
+            if !symlink && !leading.contains(path.as_path()) {
+                readable.push(path);
+            }
+        }
+    }
+    readable
+}
+
+/// The steps that confine one process of a run. `hidden` is what a run must not read when it
+/// runs as the agent's own user (no user layer).
+pub fn steps(
+    layers: &Layers,
+    confinement: &Confinement<'_>,
+    hidden: &[PathBuf],
+) -> io::Result<Steps> {
     let mut steps = Steps::default();
     let workspace = confinement.workspace;
     let tmp = workspace.tmp();
@@ -153,9 +184,22 @@ pub fn steps(layers: &Layers, confinement: &Confinement<'_>) -> io::Result<Steps
         } else {
             0
         };
-        let mut rules: Vec<(u64, &Path)> = vec![(write, workspace.path()), (write, &tmp)];
-        rules.extend(WRITABLE_DEVICES.iter().map(|d| (file_write, Path::new(d))));
-        steps.landlock(abi, write, tcp, scoped, &rules)?;
+        // Without a user of its own, reading is confined too, away from the agent's files.
+        let read = match workspace.uid() {
+            None if !hidden.is_empty() => landlock::READ_FILE | landlock::READ_DIR,
+            _ => 0,
+        };
+        let readable = if read != 0 {
+            readable_beside(hidden)
+        } else {
+            Vec::new()
+        };
+        let mut rules: Vec<(u64, &Path)> =
+            vec![(write | read, workspace.path()), (write | read, &tmp)];
+        let file_access = file_write | (read & landlock::READ_FILE);
+        rules.extend(WRITABLE_DEVICES.iter().map(|d| (file_access, Path::new(d))));
+        rules.extend(readable.iter().map(|path| (read, path.as_path())));
+        steps.landlock(abi, write | read, tcp, scoped, &rules)?;
     }
     if let Some(uid) = workspace.uid() {
         steps.user(uid, uid);

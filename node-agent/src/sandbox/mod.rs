@@ -43,6 +43,8 @@ pub struct Sandbox {
     sentinel: Option<Arc<Sentinel>>,
     layers: Arc<Layers>,
     users: Option<Arc<RunUsers>>,
+    /// The agent's own directories, which runs executing as its user must not read.
+    hidden: Arc<Vec<PathBuf>>,
 }
 
 /// Limits the sandbox applies to one process tree.
@@ -128,7 +130,19 @@ impl Sandbox {
             sentinel,
             layers,
             users,
+            hidden: Arc::default(),
         })
+    }
+
+    /// Keeps runs out of `dirs` (the agent's data directory, build cache and work root) when
+    /// they run as the agent's own user, with Landlock. Those that exist count.
+    pub fn hide(mut self, dirs: &[&Path]) -> Sandbox {
+        let hidden = dirs
+            .iter()
+            .filter_map(|dir| std::fs::canonicalize(dir).ok())
+            .collect();
+        self.hidden = Arc::new(hidden);
+        self
     }
 
     pub fn layers(&self) -> &Layers {
@@ -199,7 +213,7 @@ impl Sandbox {
                 limits.memory_bytes,
             ));
         }
-        let steps = confine::steps(&self.layers, &command.confinement)?;
+        let steps = confine::steps(&self.layers, &command.confinement, &self.hidden)?;
         let job = Job {
             program: command.program,
             args: command.args,

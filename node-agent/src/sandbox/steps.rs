@@ -15,6 +15,8 @@ use std::{
 /// Landlock's rights, scopes and ABI query.
 pub mod landlock {
     pub const WRITE_FILE: u64 = 1 << 1;
+    pub const READ_FILE: u64 = 1 << 2;
+    pub const READ_DIR: u64 = 1 << 3;
     pub const REMOVE_DIR: u64 = 1 << 4;
     pub const REMOVE_FILE: u64 = 1 << 5;
     pub const MAKE_CHAR: u64 = 1 << 6;
@@ -480,8 +482,16 @@ unsafe fn apply_landlock(reader: &mut Reader<'_>) -> Result<(), i32> {
         for _ in 0..rules {
             let access = reader.number()?;
             let path = reader.text()?;
-            let allowed_access = access & attr.handled_access_fs;
+            let mut allowed_access = access & attr.handled_access_fs;
             let fd = libc::open(path, libc::O_PATH | libc::O_CLOEXEC | libc::O_NOFOLLOW);
+            let mut stat: libc::stat = std::mem::zeroed();
+            if fd >= 0
+                && libc::fstat(fd, &mut stat) == 0
+                && stat.st_mode & libc::S_IFMT != libc::S_IFDIR
+            {
+                // Only the rights of a file apply to one.
+                allowed_access &= FILE_RIGHTS;
+            }
             if fd < 0 || allowed_access == 0 {
                 // A path that does not exist on this host grants nothing.
                 if fd >= 0 {
@@ -520,6 +530,8 @@ const MOUNT_ATTR_RDONLY: u64 = 0x1;
 const MOUNT_ATTR_NOSUID: u64 = 0x2;
 const MOUNT_ATTR_NODEV: u64 = 0x4;
 const LANDLOCK_RULE_PATH_BENEATH: u32 = 1;
+/// Landlock's rights that apply to a file (execute, write, read, truncate, device ioctl).
+const FILE_RIGHTS: u64 = 1 | (1 << 1) | (1 << 2) | (1 << 14) | (1 << 15);
 
 /// `struct mount_attr` of mount_setattr(2).
 #[repr(C)]
