@@ -44,19 +44,9 @@ impl Target {
         let key = data.join("node.key");
         std::fs::write(&key, "-----BEGIN PRIVATE KEY----- secret").unwrap();
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let (work, cache) = (dirs.path().join("work"), dirs.path().join("cache"));
-        let mut args = vec![
-            "--standalone",
-            "--listen",
-            "127.0.0.1:0",
-            "--work-dir",
-            work.to_str().unwrap(),
-            "--cache-dir",
-            cache.to_str().unwrap(),
-            "--data-dir",
-            data.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
+        let mut args = standalone_args(dirs.path(), &data);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let agent = Daemon::start(
             "node-agent",
             &args,
@@ -110,6 +100,22 @@ impl Target {
         let after = self.python("print('still here')", &[]).await;
         assert_eq!(after.stdout, "still here\n", "{}", after.stderr);
     }
+}
+
+/// A standalone agent on loopback with its work and cache directories under `dir`.
+fn standalone_args(dir: &Path, data: &Path) -> Vec<String> {
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    vec![
+        "--standalone".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--work-dir".into(),
+        path(&dir.join("work")),
+        "--cache-dir".into(),
+        path(&dir.join("cache")),
+        "--data-dir".into(),
+        path(data),
+    ]
 }
 
 fn python(code: &str, args: &[&str]) -> ExecuteRequest {
@@ -582,21 +588,12 @@ async fn an_agent_without_root_keeps_runs_out_of_its_files_with_landlock() {
     for path in [&home, &data, &data.join("node.key")] {
         std::os::unix::fs::chown(path, Some(nobody), Some(nobody)).unwrap();
     }
-    let (work, cache) = (home.join("work"), home.join("cache"));
+    let work = home.join("work");
+    let args = standalone_args(&home, &data);
     let agent = Daemon::start_as(
         Some(nobody),
         "node-agent",
-        &[
-            "--standalone",
-            "--listen",
-            "127.0.0.1:0",
-            "--work-dir",
-            work.to_str().unwrap(),
-            "--cache-dir",
-            cache.to_str().unwrap(),
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
         &[("HOME", home.to_str().unwrap())],
         AGENT_READY,
     );
