@@ -35,6 +35,13 @@ struct Samples {
 }
 
 impl Samples {
+    fn named(name: &'static str) -> Self {
+        Samples {
+            name,
+            times: Vec::new(),
+        }
+    }
+
     fn percentile(&self, p: f64) -> Duration {
         let mut sorted = self.times.clone();
         sorted.sort();
@@ -78,14 +85,8 @@ async fn main() {
     let script = script_dir.path().join("main.py");
     std::fs::write(&script, "print(1)\n").unwrap();
 
-    let mut through_agent = Samples {
-        name: "NodeAgent.Execute",
-        times: Vec::new(),
-    };
-    let mut direct = Samples {
-        name: "direct spawn",
-        times: Vec::new(),
-    };
+    let mut through_agent = Samples::named("NodeAgent.Execute");
+    let mut direct = Samples::named("direct spawn");
     for i in 0..WARMUP + iterations {
         // Alternate which goes first so neither always runs on a warmer cache.
         let order = if i % 2 == 0 {
@@ -138,31 +139,64 @@ async fn main() {
     }
 }
 
-/// `Coordinator.Execute` of print(1) through a plaintext cluster and a TLS one, interleaved.
-async fn tls_overhead(iterations: usize) {
-    let dirs = tempfile::tempdir().unwrap();
-    let plain = Daemon::start(
+/// A client of one of the compared clusters.
+enum Client {
+    Plain(CoordinatorClient<tonic::transport::Channel>),
+    Keyed(KeyedClient),
+}
+
+impl Client {
+    async fn execute(&mut self) {
+        let stream = match self {
+            Client::Plain(client) => client.execute(print_one()).await,
+            Client::Keyed(client) => client.execute(print_one()).await,
+        };
+        check_cluster_run(stream.unwrap().into_inner()).await;
+    }
+
+    async fn list_nodes(&mut self) -> Vec<kowalski_exo_common::proto::NodeInfo> {
+        let response = match self {
+            Client::Plain(client) => client.list_nodes(ListNodesRequest {}).await,
+            Client::Keyed(client) => client.list_nodes(ListNodesRequest {}).await,
+        };
+        response.unwrap().into_inner().nodes
+    }
+}
+
+/// A plaintext coordinator on loopback with one agent, `name`.
+async fn plaintext_cluster(dir: &std::path::Path, name: &str) -> (Daemon, Daemon, Client) {
+    let coordinator = Daemon::start(
         "coordinator",
         &["serve", "--listen", "127.0.0.1:0", "--http", "off"],
         &[],
         "coordinator listening",
     );
-    let plain_url = plain.url();
-    let _plain_agent = Daemon::start(
+    let agent = Daemon::start(
         "node-agent",
         &[
             "--coordinator",
-            &plain_url,
+            &coordinator.url(),
             "--name",
-            "plain",
+            name,
             "--listen",
             "127.0.0.1:0",
             "--data-dir",
-            dirs.path().join("plain").to_str().unwrap(),
+            dir.join(name).to_str().unwrap(),
         ],
         &[],
         "node agent listening",
     );
+    let client = CoordinatorClient::connect(coordinator.url()).await.unwrap();
+    (coordinator, agent, Client::Plain(client))
+}
+
+/// `Coordinator.Execute` of print(1) through a plaintext cluster, a second plaintext one (the
+/// noise floor: two clusters alike differ by this much) and a TLS one, interleaved; then one
+/// unary call, plaintext against TLS.
+async fn tls_overhead(iterations: usize) {
+    let dirs = tempfile::tempdir().unwrap();
+    let (_plain, _plain_agent, plain) = plaintext_cluster(dirs.path(), "plain").await;
+    let (_control, _control_agent, control) = plaintext_cluster(dirs.path(), "control").await;
     let data = dirs.path().join("coordinator");
     // No rate limit: the bench's one key makes thousands of calls a second.
     let secure = tls_coordinator_with(&data, &["--rate-limit", "0"]);
@@ -172,31 +206,26 @@ async fn tls_overhead(iterations: usize) {
         &dirs.path().join("node"),
         Some(&token(&data)),
     );
-    let mut plain_client = CoordinatorClient::connect(plain_url).await.unwrap();
-    let mut secure_client = keyed_client(&secure.url(), &data, &api_key(&data, "bench")).await;
-    wait_for_node(&mut plain_client, &mut secure_client).await;
-    let mut plaintext = Samples {
-        name: "plaintext",
-        times: Vec::new(),
-    };
-    let mut tls = Samples {
-        name: "TLS + API key",
-        times: Vec::new(),
-    };
+    let secure_client = keyed_client(&secure.url(), &data, &api_key(&data, "bench")).await;
+    let mut clusters = [
+        (plain, Samples::named("plaintext")),
+        (control, Samples::named("plaintext again")),
+        (
+            Client::Keyed(secure_client),
+            Samples::named("TLS + API key"),
+        ),
+    ];
+    for (client, _) in clusters.iter_mut() {
+        wait_for_node(client).await;
+    }
     for i in 0..WARMUP + iterations {
-        for secure_first in [i % 2 == 0, i % 2 != 0] {
+        // Each cluster goes first, second and third in turn.
+        for turn in 0..clusters.len() {
+            let (client, samples) = &mut clusters[(i + turn) % 3];
             let start = Instant::now();
-            if secure_first {
-                cluster_execute(&mut secure_client).await;
-            } else {
-                cluster_execute_plain(&mut plain_client).await;
-            }
-            let elapsed = start.elapsed();
+            client.execute().await;
             if i >= WARMUP {
-                match secure_first {
-                    true => tls.times.push(elapsed),
-                    false => plaintext.times.push(elapsed),
-                }
+                samples.times.push(start.elapsed());
             }
         }
     }
@@ -205,7 +234,7 @@ async fn tls_overhead(iterations: usize) {
         "Coordinator.Execute of print(1) on one agent, {iterations} interleaved runs each (connections kept open)"
     );
     println!("{:<20} {:>9} {:>9}", "cluster", "p50 ms", "p95 ms");
-    for samples in [&plaintext, &tls] {
+    for (_, samples) in &clusters {
         println!(
             "{:<20} {:>9.2} {:>9.2}",
             samples.name,
@@ -213,30 +242,26 @@ async fn tls_overhead(iterations: usize) {
             ms(samples.percentile(0.95))
         );
     }
+    let median = |k: usize| ms(clusters[k].1.percentile(0.5));
     println!(
-        "TLS adds {:.2} ms at the median (goal <= 1 ms)",
-        ms(tls.percentile(0.5)) - ms(plaintext.percentile(0.5))
+        "TLS adds {:.2} ms at the median (goal <= 1 ms); two plaintext clusters differ by {:.2} ms",
+        median(2) - median(0),
+        median(1) - median(0)
     );
     // The same without a Python start in each sample: one unary call, many times.
     let calls = iterations * 10;
-    let mut plain_calls = Samples {
-        name: "ListNodes plaintext",
-        times: Vec::new(),
-    };
-    let mut tls_calls = Samples {
-        name: "ListNodes TLS + key",
-        times: Vec::new(),
-    };
+    let [(plain, _), _, (secure, _)] = &mut clusters;
+    let mut plain_calls = Samples::named("ListNodes plaintext");
+    let mut tls_calls = Samples::named("ListNodes TLS + key");
     for i in 0..calls {
         for secure_first in [i % 2 == 0, i % 2 != 0] {
+            let (client, samples) = match secure_first {
+                true => (&mut *secure, &mut tls_calls),
+                false => (&mut *plain, &mut plain_calls),
+            };
             let start = Instant::now();
-            if secure_first {
-                secure_client.list_nodes(ListNodesRequest {}).await.unwrap();
-                tls_calls.times.push(start.elapsed());
-            } else {
-                plain_client.list_nodes(ListNodesRequest {}).await.unwrap();
-                plain_calls.times.push(start.elapsed());
-            }
+            client.list_nodes().await;
+            samples.times.push(start.elapsed());
         }
     }
     println!();
@@ -256,30 +281,14 @@ async fn tls_overhead(iterations: usize) {
     );
 }
 
-async fn wait_for_node(
-    plain: &mut CoordinatorClient<tonic::transport::Channel>,
-    secure: &mut KeyedClient,
-) {
+async fn wait_for_node(client: &mut Client) {
     for _ in 0..200 {
-        let plain_ready = plain
-            .list_nodes(ListNodesRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        let secure_ready = secure
-            .list_nodes(ListNodesRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        let ready = |nodes: &[kowalski_exo_common::proto::NodeInfo]| {
-            nodes.iter().any(|n| n.state == "ready")
-        };
-        if ready(&plain_ready.nodes) && ready(&secure_ready.nodes) {
+        if client.list_nodes().await.iter().any(|n| n.state == "ready") {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("the agents never became ready");
+    panic!("the agent never became ready");
 }
 
 fn print_one() -> ClusterExecuteRequest {
@@ -291,16 +300,6 @@ fn print_one() -> ClusterExecuteRequest {
         }),
         ..Default::default()
     }
-}
-
-async fn cluster_execute(client: &mut KeyedClient) {
-    let stream = client.execute(print_one()).await.unwrap().into_inner();
-    check_cluster_run(stream).await;
-}
-
-async fn cluster_execute_plain(client: &mut CoordinatorClient<tonic::transport::Channel>) {
-    let stream = client.execute(print_one()).await.unwrap().into_inner();
-    check_cluster_run(stream).await;
 }
 
 async fn check_cluster_run(mut stream: tonic::Streaming<kowalski_exo_common::proto::ClusterEvent>) {
