@@ -56,6 +56,15 @@ impl Membership {
     }
 
     /// The node name its certificate carries.
+    /// SHA-256 of the cluster authority this node belongs to, as a join token carries it.
+    fn authority_fingerprint(&self) -> Result<String, TlsError> {
+        let certs = security::authority::certificates(&self.authority_pem)?;
+        let authority = certs
+            .first()
+            .ok_or_else(|| TlsError::Invalid("the authority file is empty".into()))?;
+        Ok(security::fingerprint(authority))
+    }
+
     pub fn name(&self) -> Result<String, TlsError> {
         let certs = security::authority::certificates(&self.identity.cert_pem)?;
         let leaf = certs
@@ -132,8 +141,28 @@ impl Membership {
     ) -> Result<Option<Membership>, MembershipError> {
         if let Some(held) = Membership::load(dir)? {
             let held_name = held.name()?;
-            if held_name == name {
+            // A token of another cluster (another authority) means: join that one instead.
+            let same_cluster = match token {
+                Some(token) => {
+                    let token = JoinToken::parse(token).map_err(MembershipError::Token)?;
+                    held.authority_fingerprint()? == token.authority
+                }
+                None => true,
+            };
+            if held_name == name && same_cluster {
+                if token.is_some() {
+                    tracing::info!(
+                        dir = %dir.display(),
+                        "already a member of this cluster: --join is not needed"
+                    );
+                }
                 return Ok(Some(held));
+            }
+            if !same_cluster {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    "the join token is another cluster's: leaving the one this agent belonged to"
+                );
             }
             if token.is_none() {
                 return Err(MembershipError::OtherName {

@@ -457,3 +457,34 @@ async fn clients_need_an_api_key_over_grpc_and_http_and_a_revoked_one_stops_at_o
     assert_eq!(code, Some(5), "{err}");
     assert_eq!(curl("/v1/models", &[bearer], None).0, 401);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joined_agent_given_another_clusters_token_joins_that_one() {
+    let dirs = tempfile::tempdir().unwrap();
+    let (first, second) = (dirs.path().join("first"), dirs.path().join("second"));
+    let node_data = dirs.path().join("node");
+    let old = coordinator(&first);
+    let mut node = agent(&old, "kitchen", &node_data, Some(&token(&first)));
+    wait_ready(&old, &first, "kitchen").await;
+    node.signal(nix::sys::signal::Signal::SIGTERM);
+    node.wait_exit();
+    let authority = |dir: &Path| std::fs::read_to_string(dir.join("authority.pem")).unwrap();
+    assert_eq!(authority(&node_data), authority(&first));
+
+    // The same token again changes nothing; another cluster's token moves the node there.
+    let again = agent(&old, "kitchen", &node_data, Some(&token(&first)));
+    wait_ready(&old, &first, "kitchen").await;
+    assert!(
+        again
+            .log()
+            .iter()
+            .any(|l| l.contains("--join is not needed")),
+        "{:?}",
+        again.log()
+    );
+    drop(again);
+    let new = coordinator(&second);
+    let _moved = agent(&new, "kitchen", &node_data, Some(&token(&second)));
+    wait_ready(&new, &second, "kitchen").await;
+    assert_eq!(authority(&node_data), authority(&second));
+}

@@ -1,15 +1,22 @@
 //! HTTPS for the HTTP API when the coordinator runs with TLS: a listener that hands axum only
 //! connections whose TLS handshake (with the coordinator's own certificate) completed. Each
-//! handshake runs on its own task, bounded in time, so a slow or silent client holds up no one.
+//! handshake runs on its own task, bounded in time and in number: one address with too many
+//! under way has its new connections closed, and past the overall cap new connections wait in the
+//! kernel's backlog, so a slow, silent or flooding client holds up no one else.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use axum::serve::Listener;
 use kowalski_exo_common::security::{self, Identity, TlsError};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::mpsc,
+    sync::{Semaphore, mpsc},
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
@@ -17,6 +24,48 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections with a finished handshake waiting for axum to take them.
 const READY_QUEUE: usize = 64;
+/// Handshakes under way at once; past it new connections wait in the kernel's backlog.
+const MAX_HANDSHAKES: usize = 1024;
+/// Handshakes under way at once from one address; past it its new connections are closed.
+const MAX_HANDSHAKES_PER_ADDRESS: usize = 32;
+
+/// Handshakes under way, by the client's address.
+#[derive(Default)]
+struct InFlight(Mutex<HashMap<IpAddr, usize>>);
+
+/// One handshake counted in [`InFlight`] until dropped.
+struct Counted {
+    in_flight: Arc<InFlight>,
+    address: IpAddr,
+}
+
+impl InFlight {
+    /// Counts a handshake from `address`, or None when it has as many under way as it may.
+    fn start(self: &Arc<Self>, address: IpAddr) -> Option<Counted> {
+        let mut counts = self.0.lock().expect("handshake counts poisoned");
+        let count = counts.entry(address).or_default();
+        if *count >= MAX_HANDSHAKES_PER_ADDRESS {
+            return None;
+        }
+        *count += 1;
+        Some(Counted {
+            in_flight: self.clone(),
+            address,
+        })
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut counts = self.in_flight.0.lock().expect("handshake counts poisoned");
+        if let Some(count) = counts.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.address);
+            }
+        }
+    }
+}
 
 /// Connections on a TCP listener, each after its TLS handshake.
 pub struct HttpsListener {
@@ -55,7 +104,13 @@ async fn accept_loop(
     acceptor: TlsAcceptor,
     ready: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
 ) {
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let in_flight = Arc::new(InFlight::default());
     loop {
+        let permit = tokio::select! {
+            permit = handshakes.clone().acquire_owned() => permit.expect("never closed"),
+            _ = ready.closed() => return,
+        };
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -67,11 +122,17 @@ async fn accept_loop(
             },
             _ = ready.closed() => return,
         };
+        let Some(counted) = in_flight.start(peer.ip()) else {
+            tracing::debug!(%peer, "too many HTTPS handshakes from one address: closed");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let ready = ready.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+            drop((permit, counted));
+            match handshake {
                 Ok(Ok(stream)) => {
                     let _ = ready.send((stream, peer)).await;
                 }
@@ -96,5 +157,25 @@ impl Listener for HttpsListener {
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         Ok(self.local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_address_gets_its_share_of_handshakes_and_others_are_untouched() {
+        let in_flight = Arc::new(InFlight::default());
+        let (flood, other): (IpAddr, IpAddr) =
+            ("10.0.0.9".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let held: Vec<Counted> = (0..MAX_HANDSHAKES_PER_ADDRESS)
+            .map(|_| in_flight.start(flood).unwrap())
+            .collect();
+        assert!(in_flight.start(flood).is_none());
+        assert!(in_flight.start(other).is_some());
+        drop(held);
+        assert!(in_flight.start(flood).is_some());
+        assert!(in_flight.0.lock().unwrap().get(&other).is_none());
     }
 }
