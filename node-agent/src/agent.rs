@@ -262,6 +262,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         config.use_cgroups,
         config.capacity.max(1),
         config.run_uid_base,
+        &config.dirs.work_root,
     )
     .map_err(|source| AgentError::Io {
         what: "the sandbox".to_string(),

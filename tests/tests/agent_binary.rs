@@ -300,6 +300,13 @@ async fn a_killed_agents_program_and_its_children_end_with_it() {
     eventually("the program ends with its agent", || {
         !process_alive(pids[0])
     });
+    // Its work directory goes too, mounted (as root) or not.
+    let work = dir.path().join("work");
+    eventually("the run's work directory is unmounted and removed", || {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let empty = std::fs::read_dir(&work).map_or(true, |mut d| d.next().is_none());
+        !mounts.contains(work.to_str().unwrap()) && empty
+    });
     eventually("the program's child ends with the agent", || {
         !process_alive(pids[1])
     });

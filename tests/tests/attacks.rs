@@ -489,6 +489,7 @@ attempt("read", lambda: open(victim + "/secret.txt").read())
 attempt("list", lambda: os.listdir(victim))
 attempt("list-work-root", lambda: os.listdir(os.path.dirname(victim)).index(os.path.basename(victim)))
 attempt("cache", lambda: os.listdir(cache))
+attempt("victims-mount", lambda: [l for l in open("/proc/self/mountinfo") if victim in l][0])
 "#
         );
         t.python(
@@ -504,7 +505,13 @@ attempt("cache", lambda: os.listdir(cache))
         "{}",
         victim.stderr
     );
-    assert_eq!(attack.stdout.lines().count(), 4, "{}", attack.stderr);
+    assert_eq!(
+        attack.stdout.lines().count(),
+        5,
+        "{}{}",
+        attack.stdout,
+        attack.stderr
+    );
     for line in attack.stdout.lines() {
         assert!(!line.ends_with(": ok"), "an attempt succeeded: {line}");
     }

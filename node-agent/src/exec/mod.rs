@@ -226,7 +226,10 @@ impl Executor {
         out: &mut RunOutput,
     ) -> Result<proto::ExecFinished, String> {
         let sandbox = self.sandbox.clone();
-        let dir = self.dirs.work_root.join(format!("run-{}", run.serial));
+        let dir =
+            self.dirs
+                .work_root
+                .join(format!("{}{}", crate::sandbox::own_prefix(), run.serial));
         let disk_bytes = run.limits.disk_bytes;
         let workspace = tokio::task::spawn_blocking(move || sandbox.workspace(dir, disk_bytes))
             .await

@@ -101,16 +101,21 @@ fn readable_beside(hidden: &[PathBuf]) -> Vec<PathBuf> {
 
 /// The steps that confine one process of a run. `hidden` is what a run must not read when it
 /// runs as the agent's own user (no user layer).
+/// `others` are the other runs' work directories, detached from this run's mount namespace.
 pub fn steps(
     layers: &Layers,
     confinement: &Confinement<'_>,
     hidden: &[PathBuf],
+    others: &[PathBuf],
 ) -> io::Result<Steps> {
     let mut steps = Steps::default();
     let workspace = confinement.workspace;
     let tmp = workspace.tmp();
     if layers.mount {
         steps.private_mounts();
+        for other in others {
+            steps.detach(other)?;
+        }
         // What gets covered: the closed directory above the runtime, by an empty one others may
         // enter holding only the runtime (read-only), and the shared temp directories, by the
         // run's own. Every tree to place is held before anything covers it, and the work

@@ -33,7 +33,7 @@ use pool::LauncherPool;
 pub use run_users::DEFAULT_BASE as DEFAULT_RUN_UID_BASE;
 use run_users::RunUsers;
 use sentinel::Sentinel;
-pub use workspace::{Workspace, unmount_beneath};
+pub use workspace::{Workspace, own_prefix, unmount_beneath};
 
 /// How this agent contains runs, found once at start.
 #[derive(Clone, Debug)]
@@ -45,6 +45,8 @@ pub struct Sandbox {
     users: Option<Arc<RunUsers>>,
     /// The agent's own directories, which runs executing as its user must not read.
     hidden: Arc<Vec<PathBuf>>,
+    /// Work directories mounted now.
+    mounted: workspace::Mounted,
 }
 
 /// Limits the sandbox applies to one process tree.
@@ -84,7 +86,12 @@ impl Sandbox {
     /// `run_uid_base` on. Says at start which layers are missing and why. Fails when the agent
     /// is root but no block of run users is free: code would run as root. Call within a tokio
     /// runtime.
-    pub fn detect(use_cgroups: bool, warm: usize, run_uid_base: u32) -> io::Result<Sandbox> {
+    pub fn detect(
+        use_cgroups: bool,
+        warm: usize,
+        run_uid_base: u32,
+        work_root: &Path,
+    ) -> io::Result<Sandbox> {
         let cgroups = if use_cgroups {
             CgroupRoot::detect()
         } else {
@@ -117,7 +124,7 @@ impl Sandbox {
             pool.refill();
             pool
         });
-        let sentinel = match Sentinel::start(cgroups.clone()) {
+        let sentinel = match Sentinel::start(cgroups.clone(), Some(work_root.to_path_buf())) {
             Ok(sentinel) => Some(Arc::new(sentinel)),
             Err(e) => {
                 tracing::warn!(error = %e, "no sentinel: runs may outlive a crash of this agent");
@@ -131,6 +138,7 @@ impl Sandbox {
             layers,
             users,
             hidden: Arc::default(),
+            mounted: Arc::default(),
         })
     }
 
@@ -162,7 +170,22 @@ impl Sandbox {
     /// tmpfs of `disk_bytes` with the mount layer. Blocking.
     pub fn workspace(&self, dir: PathBuf, disk_bytes: u64) -> io::Result<Workspace> {
         let user = self.users.as_ref().map(|users| users.take()).transpose()?;
-        Workspace::create(dir, user, self.layers.mount.then_some(disk_bytes))
+        Workspace::create(
+            dir,
+            user,
+            self.layers.mount.then_some((disk_bytes, &self.mounted)),
+        )
+    }
+
+    /// The work directories mounted now but `own`.
+    fn others_mounted(&self, own: &Workspace) -> Vec<PathBuf> {
+        self.mounted
+            .lock()
+            .expect("mounted workspaces poisoned")
+            .iter()
+            .filter(|dir| dir.as_path() != own.path())
+            .cloned()
+            .collect()
     }
 
     pub fn level(&self) -> IsolationLevel {
@@ -213,7 +236,12 @@ impl Sandbox {
                 limits.memory_bytes,
             ));
         }
-        let steps = confine::steps(&self.layers, &command.confinement, &self.hidden)?;
+        let steps = confine::steps(
+            &self.layers,
+            &command.confinement,
+            &self.hidden,
+            &self.others_mounted(command.confinement.workspace),
+        )?;
         let job = Job {
             program: command.program,
             args: command.args,

@@ -1,7 +1,8 @@
 //! The sentinel: a small process forked from the agent that outlives it by a moment, so work
 //! dies with its agent. It holds the read end of a pipe only the agent writes to; when the agent
 //! dies, however it dies (SIGKILL included), the pipe reaches end of file and the sentinel kills
-//! every run's process group and every process in this agent's run cgroups, then exits.
+//! every run's process group and every process in this agent's run cgroups, detaches and removes
+//! this agent's work directories, then exits.
 //!
 //! The agent tells it which process groups are running as 5-byte records (`+` or `-`, then the
 //! pgid), atomic on a pipe. The child of a multi-threaded fork only uses the allocator (glibc's
@@ -11,10 +12,15 @@ use std::{
     fs::File,
     io::{self, Write},
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    path::{Path, PathBuf},
     sync::Mutex,
 };
 
-use super::{cgroup::CgroupRoot, forked};
+use super::{
+    cgroup::CgroupRoot,
+    forked,
+    workspace::{mounts_beneath, own_prefix},
+};
 
 /// Name the sentinel shows in `ps`, so `pkill node-agent` does not take it for the agent.
 const NAME: &[u8] = b"kx-sentinel\0";
@@ -31,7 +37,8 @@ pub struct Sentinel {
 impl Sentinel {
     /// Forks the sentinel, which on the agent's death kills the groups it was told of and the
     /// runs under `cgroups`.
-    pub fn start(cgroups: Option<CgroupRoot>) -> io::Result<Sentinel> {
+    pub fn start(cgroups: Option<CgroupRoot>, work_root: Option<PathBuf>) -> io::Result<Sentinel> {
+        let prefix = own_prefix();
         let mut fds = [0; 2];
         // SAFETY: pipe2 fills the two descriptors, which we then own.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -47,7 +54,13 @@ impl Sentinel {
         }
         if pid == 0 {
             // SAFETY: we are the freshly forked child.
-            unsafe { watch(read.as_raw_fd(), cgroups.as_ref()) }
+            unsafe {
+                watch(
+                    read.as_raw_fd(),
+                    cgroups.as_ref(),
+                    work_root.as_deref().map(|root| (root, prefix.as_str())),
+                )
+            }
         }
         drop(read);
         Ok(Sentinel {
@@ -93,7 +106,7 @@ impl Drop for Sentinel {
 ///
 /// # Safety
 /// Only to be called in a freshly forked child; never returns.
-unsafe fn watch(pipe: RawFd, cgroups: Option<&CgroupRoot>) -> ! {
+unsafe fn watch(pipe: RawFd, cgroups: Option<&CgroupRoot>, work: Option<(&Path, &str)>) -> ! {
     // SAFETY (whole body): syscalls on this process's own descriptors and memory.
     unsafe {
         forked::reset_signals();
@@ -146,6 +159,20 @@ unsafe fn watch(pipe: RawFd, cgroups: Option<&CgroupRoot>) -> ! {
         if let Some(root) = cgroups {
             root.kill_runs();
         }
+        if let Some((root, prefix)) = work {
+            for target in mounts_beneath(root, prefix) {
+                if let Ok(path) = std::ffi::CString::new(target.as_os_str().as_encoded_bytes()) {
+                    libc::umount2(path.as_ptr(), libc::MNT_DETACH);
+                }
+            }
+            if let Ok(entries) = std::fs::read_dir(root) {
+                for entry in entries.flatten() {
+                    if entry.file_name().to_string_lossy().starts_with(prefix) {
+                        let _ = std::fs::remove_dir_all(entry.path());
+                    }
+                }
+            }
+        }
         libc::_exit(0)
     }
 }
@@ -175,7 +202,7 @@ mod tests {
                 .unwrap()
         };
         let (mut watched, mut ended) = (spawn(), spawn());
-        let sentinel = Sentinel::start(None).unwrap();
+        let sentinel = Sentinel::start(None, None).unwrap();
         sentinel.running(watched.id());
         sentinel.running(ended.id());
         sentinel.ended(ended.id());

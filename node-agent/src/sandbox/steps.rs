@@ -86,6 +86,7 @@ enum Op {
     Landlock = 8,
     NoNewPrivs = 9,
     User = 10,
+    Detach = 11,
 }
 
 /// What failed in the child, for the agent's error message.
@@ -99,6 +100,7 @@ pub fn describe_stage(stage: u32) -> &'static str {
         8 => "applying Landlock",
         9 => "setting no_new_privs",
         10 => "switching to the run's user",
+        11 => "detaching another run's work directory",
         STAGE_RLIMIT => "setting a resource limit",
         STAGE_CWD => "entering the work directory",
         STAGE_LAUNCHER => "preparing the launcher",
@@ -182,6 +184,13 @@ impl Steps {
     /// `mkdir -p` (mode 0755).
     pub fn make_dirs(&mut self, path: &Path) -> io::Result<()> {
         self.op(Op::MakeDirs).path(path)?;
+        Ok(())
+    }
+
+    /// Detaches the mount at `path` from this namespace, if it is still there (another run's
+    /// work directory, which may be gone by now).
+    pub fn detach(&mut self, path: &Path) -> io::Result<()> {
+        self.op(Op::Detach).path(path)?;
         Ok(())
     }
 
@@ -410,6 +419,15 @@ unsafe fn run_one(
                 .into(),
             ),
             x if x == Op::Landlock as u8 => apply_landlock(reader),
+            x if x == Op::Detach as u8 => {
+                let path = reader.text()?;
+                match libc::umount2(path, libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) {
+                    0 => Ok(()),
+                    // Already gone (the run ended meanwhile), or never a mount point here.
+                    _ if matches!(errno(), libc::EINVAL | libc::ENOENT) => Ok(()),
+                    _ => Err(errno()),
+                }
+            }
             x if x == Op::NoNewPrivs as u8 => {
                 check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0).into())
             }

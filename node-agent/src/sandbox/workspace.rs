@@ -2,6 +2,7 @@
 //! run's disk size, so a run that fills it gets ENOSPC instead of filling the device.
 
 use std::{
+    collections::HashSet,
     ffi::CString,
     fs,
     io::{self, BufRead},
@@ -10,6 +11,7 @@ use std::{
         fs::PermissionsExt,
     },
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
 };
 
 use super::run_users::RunUser;
@@ -18,33 +20,37 @@ use super::run_users::RunUser;
 /// /tmp, /var/tmp and /dev/shm.
 pub const TMP_DIR: &str = "tmp";
 
+/// The work directories mounted now: a run's mount namespace, a copy of the host's, detaches
+/// the others', so none outlives its run in a namespace that copied it.
+pub type Mounted = Arc<Mutex<HashSet<PathBuf>>>;
+
 /// One run's work directory, removed by [`Workspace::close`].
 #[derive(Debug)]
 pub struct Workspace {
     dir: PathBuf,
-    mounted: bool,
+    mounted: Option<Mounted>,
     removed: bool,
     user: Option<RunUser>,
 }
 
 impl Workspace {
-    /// Creates `dir` (which must not exist) for a run of `user`, as a tmpfs of `disk_bytes` when
-    /// `mount`. Blocking.
+    /// Creates `dir` (which must not exist) for a run of `user`, as a tmpfs of `disk_bytes`
+    /// recorded in `mounted` when `mount`. Blocking.
     pub fn create(
         dir: PathBuf,
         user: Option<RunUser>,
-        mount: Option<u64>,
+        mount: Option<(u64, &Mounted)>,
     ) -> io::Result<Workspace> {
         fs::create_dir(&dir)?;
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
         let mut workspace = Workspace {
             dir,
-            mounted: false,
+            mounted: None,
             removed: false,
             user,
         };
         let owner = workspace.user.as_ref().map(RunUser::uid);
-        if let Some(disk_bytes) = mount {
+        if let Some((disk_bytes, mounted)) = mount {
             // One inode per 4 KiB page at most, so a run cannot pin memory in empty files.
             let inodes = (disk_bytes / 4096).max(1024);
             let mut options = format!("size={disk_bytes},nr_inodes={inodes},mode=0700");
@@ -52,7 +58,11 @@ impl Workspace {
                 options.push_str(&format!(",uid={uid},gid={uid}"));
             }
             mount_tmpfs(&workspace.dir, &options)?;
-            workspace.mounted = true;
+            mounted
+                .lock()
+                .expect("mounted workspaces poisoned")
+                .insert(workspace.dir.clone());
+            workspace.mounted = Some(mounted.clone());
         } else if let Some(uid) = owner {
             std::os::unix::fs::chown(&workspace.dir, Some(uid), Some(uid))?;
         }
@@ -95,9 +105,13 @@ impl Workspace {
         if let Some(user) = &self.user {
             user.end_leftovers();
         }
-        if self.mounted {
+        if let Some(mounted) = &self.mounted {
             unmount(&self.dir)?;
-            self.mounted = false;
+            mounted
+                .lock()
+                .expect("mounted workspaces poisoned")
+                .remove(&self.dir);
+            self.mounted = None;
         }
         match fs::remove_dir_all(&self.dir) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
@@ -155,21 +169,38 @@ fn unmount(target: &Path) -> io::Result<()> {
 /// Detaches every mount beneath `root` (work directories left by an agent that died), deepest
 /// first, so the tree can be removed.
 pub fn unmount_beneath(root: &Path) {
+    for target in mounts_beneath(root, "") {
+        if let Err(e) = unmount(&target) {
+            tracing::warn!(dir = %target.display(), error = %e, "cannot unmount a work directory");
+        }
+    }
+}
+
+/// The mount points beneath `root` whose first component below it starts with `prefix`,
+/// deepest first. Allocates but takes no lock and does not log: the sentinel calls it.
+pub fn mounts_beneath(root: &Path, prefix: &str) -> Vec<PathBuf> {
     let Ok(mountinfo) = fs::File::open("/proc/self/mountinfo") else {
-        return;
+        return Vec::new();
     };
     let mut targets: Vec<PathBuf> = io::BufReader::new(mountinfo)
         .lines()
         .map_while(Result::ok)
         .filter_map(|line| line.split(' ').nth(4).map(unescape_mount_path))
-        .filter(|target| target.starts_with(root) && target != root)
+        .filter(|target| {
+            target
+                .strip_prefix(root)
+                .ok()
+                .and_then(|below| below.components().next())
+                .is_some_and(|first| first.as_os_str().to_string_lossy().starts_with(prefix))
+        })
         .collect();
     targets.sort_by_key(|t| std::cmp::Reverse(t.components().count()));
-    for target in targets {
-        if let Err(e) = unmount(&target) {
-            tracing::warn!(dir = %target.display(), error = %e, "cannot unmount a work directory");
-        }
-    }
+    targets
+}
+
+/// The name prefix of this agent's work directories: several agents may share a work root.
+pub fn own_prefix() -> String {
+    format!("run-{}-", std::process::id())
 }
 
 /// mountinfo writes space, tab, newline and backslash as octal escapes (`\040`).
