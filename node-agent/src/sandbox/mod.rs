@@ -236,6 +236,12 @@ impl Sandbox {
                 limits.memory_bytes,
             ));
         }
+        // Without a cgroup to count them, a run with a user of its own has its processes
+        // counted by the kernel per user (set last, once the run is that user).
+        if self.cgroups.is_none() && command.confinement.workspace.uid().is_some() {
+            let most = u64::from(limits.max_processes);
+            rlimits.push(rlimit(libc::RLIMIT_NPROC, most, most));
+        }
         let steps = confine::steps(
             &self.layers,
             &command.confinement,
