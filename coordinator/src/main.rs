@@ -179,6 +179,12 @@ enum CertAction {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
+    /// Refuse the client's certificates from now on: agents learn it within a few seconds.
+    Revoke {
+        /// The client's name, as `cert issue --client` was given it.
+        #[arg(long = "client", value_name = "NAME")]
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -365,6 +371,10 @@ async fn main() -> ExitCode {
             action: CertAction::Issue { name, out },
             data,
         } => (trust::issue_client(&data.data_dir, &name, &out), false),
+        Command::Cert {
+            action: CertAction::Revoke { name },
+            data,
+        } => (trust::revoke_client(&data.data_dir, &name), false),
         Command::Nodes {
             action: Some(NodesAction::Revoke { name, data }),
             ..

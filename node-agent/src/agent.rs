@@ -28,7 +28,7 @@ use crate::{
     membership::{Membership, MembershipError},
     registration::{self, Registration},
     sandbox::{DEFAULT_RUN_UID_BASE, Sandbox, unmount_beneath},
-    service::{Identity, NodeAgentService},
+    service::{Identity, NodeAgentService, RevokedClients},
 };
 
 /// How often runtimes are re-probed by default.
@@ -116,16 +116,28 @@ fn check_exposure(addr: SocketAddr, member: bool, insecure: bool) -> Result<(), 
     Ok(())
 }
 
-/// Over TLS, every caller holds a certificate of the cluster's authority; a node's is not
-/// enough to call another node (a device taken over cannot run code on the others).
-fn no_node_callers(request: Request<()>) -> Result<Request<()>, Status> {
+/// Over TLS, every caller holds a certificate of the cluster's authority, not one the
+/// coordinator revoked; a node's is not enough to call another node (a device taken over cannot
+/// run code on the others).
+fn admit_caller(request: Request<()>, revoked: &RevokedClients) -> Result<Request<()>, Status> {
     match Peer::of(&request) {
         None => Ok(request),
-        Some(Ok(peer)) if peer.role != Role::Node => Ok(request),
-        Some(Ok(peer)) => Err(Status::permission_denied(format!(
+        Some(Ok(peer)) if peer.role == Role::Node => Err(Status::permission_denied(format!(
             "'{}' holds a node certificate: nodes do not call each other; use the coordinator, or a client certificate (`coordinator cert issue`)",
             peer.name
         ))),
+        Some(Ok(peer))
+            if revoked
+                .read()
+                .expect("revoked clients lock poisoned")
+                .contains(&peer.fingerprint) =>
+        {
+            Err(Status::permission_denied(format!(
+                "the certificate of '{}' was revoked (`coordinator cert revoke`)",
+                peer.name
+            )))
+        }
+        Some(Ok(_)) => Ok(request),
         Some(Err(e)) => Err(Status::permission_denied(e.to_string())),
     }
 }
@@ -324,7 +336,10 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     let mut server = ServerBase::new(&[NodeAgentServer::<NodeAgentService>::NAME])?;
     server.routes().add_service(InterceptedService::new(
         NodeAgentServer::new(service.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
-        no_node_callers,
+        {
+            let revoked = service.revoked_clients();
+            move |request| admit_caller(request, &revoked)
+        },
     ));
     server
         .health()

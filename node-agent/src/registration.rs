@@ -170,7 +170,8 @@ impl Registration {
             .into_inner();
         let registered = match inbound.message().await?.and_then(|m| m.message) {
             Some(coordinator_message::Message::Registered(r)) => r,
-            None => return Err(StreamError::Closed),
+            // The coordinator answers `registered` first: anything else ends the stream.
+            Some(_) | None => return Err(StreamError::Closed),
         };
         self.node_id = registered.node_id.clone();
         let interval = match registered.heartbeat_interval_ms {
@@ -185,6 +186,12 @@ impl Registration {
                 _ = ticker.tick() => None,
                 Ok(()) = runtimes.changed() => Some(runtimes.borrow_and_update().to_proto()),
                 message = inbound.message() => match message {
+                    Ok(Some(proto::CoordinatorMessage {
+                        message: Some(coordinator_message::Message::Revocations(revocations)),
+                    })) => {
+                        self.service.set_revoked_clients(revocations.client_certificates);
+                        continue;
+                    }
                     Ok(Some(_)) => continue,
                     Ok(None) => return Ok(true),
                     Err(status) => {

@@ -41,7 +41,12 @@ pub struct NodeAgentService {
     identity: Identity,
     shutdown: CancellationToken,
     runs: TaskTracker,
+    /// Client certificates the coordinator revoked (SHA-256, hex), refused as callers.
+    revoked_clients: RevokedClients,
 }
+
+/// The revoked client certificates, as the coordinator last sent them.
+pub type RevokedClients = Arc<std::sync::RwLock<std::collections::HashSet<String>>>;
 
 impl NodeAgentService {
     pub fn new(
@@ -59,7 +64,23 @@ impl NodeAgentService {
             identity,
             shutdown,
             runs,
+            revoked_clients: RevokedClients::default(),
         }
+    }
+
+    /// The client certificates refused as callers.
+    pub fn revoked_clients(&self) -> RevokedClients {
+        self.revoked_clients.clone()
+    }
+
+    /// Replaces the revoked client certificates with the coordinator's list.
+    pub fn set_revoked_clients(&self, fingerprints: Vec<String>) {
+        let count = fingerprints.len();
+        *self
+            .revoked_clients
+            .write()
+            .expect("revoked clients lock poisoned") = fingerprints.into_iter().collect();
+        tracing::info!(count, "revoked client certificates updated");
     }
 
     /// The models the device's backends serve.

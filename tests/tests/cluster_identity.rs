@@ -488,3 +488,61 @@ async fn a_joined_agent_given_another_clusters_token_joins_that_one() {
     wait_ready(&new, &second, "kitchen").await;
     assert_eq!(authority(&node_data), authority(&second));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_client_certificate_is_refused_by_the_agents() {
+    let dirs = tempfile::tempdir().unwrap();
+    let (data, node_data) = (dirs.path().join("coordinator"), dirs.path().join("node"));
+    let coordinator = coordinator(&data);
+    let node = agent(&coordinator, "kitchen", &node_data, Some(&token(&data)));
+    wait_ready(&coordinator, &data, "kitchen").await;
+    let out = dirs.path().join("client");
+    let (code, _, err) = admin(
+        &data,
+        &[
+            "cert",
+            "issue",
+            "--client",
+            "laptop",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let as_client = ClientTls {
+        authority_pem: std::fs::read_to_string(out.join("ca.pem")).unwrap(),
+        identity: Some(Identity {
+            cert_pem: std::fs::read_to_string(out.join("laptop.pem")).unwrap(),
+            key_pem: std::fs::read_to_string(out.join("laptop.key")).unwrap(),
+        }),
+        server_name: Some(kowalski_exo_common::security::node_dns_name("kitchen")),
+    };
+    let mut client = NodeAgentClient::new(channel(&node.url(), as_client).await.unwrap());
+    client.describe(DescribeRequest {}).await.unwrap();
+
+    let (code, _, err) = admin(&data, &["cert", "revoke", "--client", "laptop"]);
+    assert_eq!(code, Some(0), "{err}");
+    let start = std::time::Instant::now();
+    let refused = loop {
+        match client.describe(DescribeRequest {}).await {
+            Err(status) => break status,
+            Ok(_) => {
+                assert!(
+                    start.elapsed() < CEILING,
+                    "the revoked certificate still works"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("was revoked"), "{refused:?}");
+    // Within the coordinator's 2 s check, not the ceiling.
+    assert!(start.elapsed() < std::time::Duration::from_secs(5));
+    let (code, _, err) = admin(&data, &["cert", "revoke", "--client", "nobody"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("no client certificate called 'nobody'"),
+        "{err}"
+    );
+}

@@ -25,6 +25,10 @@ const TOKEN: &str = "join-token";
 const ISSUED: &str = "issued-nodes";
 /// One fingerprint per line: node certificates no longer accepted.
 const REVOKED: &str = "revoked-nodes";
+/// One line per client certificate issued: `NAME SHA256-OF-THE-CERTIFICATE`.
+const ISSUED_CLIENTS: &str = "issued-clients";
+/// One fingerprint per line: client certificates no longer accepted.
+const REVOKED_CLIENTS: &str = "revoked-clients";
 /// One line per client API key: `NAME SHA256-OF-THE-KEY`; the keys themselves are not kept.
 const API_KEYS: &str = "api-keys";
 /// How a key starts, so it is recognisable in a config file or a leak scanner.
@@ -161,8 +165,38 @@ impl ClusterTrust {
     }
 
     /// A certificate and key for a person's tool (grpcurl, a script) to call agents directly.
+    /// A client certificate for `name`, recorded so it can be revoked.
     pub fn issue_client(&self, name: &str) -> Result<Identity, TlsError> {
-        self.authority.issue(Role::Client, name, &[])
+        let _locked = self.lock()?;
+        let identity = self.authority.issue(Role::Client, name, &[])?;
+        let leaf = super::authority::certificates(&identity.cert_pem)?;
+        let fingerprint = super::fingerprint(leaf.first().map_or(&[][..], Vec::as_slice));
+        let mut issued = files::read(&self.path(ISSUED_CLIENTS))?.unwrap_or_default();
+        issued.push_str(&format!("{name} {fingerprint}\n"));
+        files::write_private(&self.path(ISSUED_CLIENTS), &issued)?;
+        Ok(identity)
+    }
+
+    /// Revokes every client certificate issued to `name`; returns how many.
+    pub fn revoke_client(&self, name: &str) -> Result<usize, TlsError> {
+        let _locked = self.lock()?;
+        let issued = files::read(&self.path(ISSUED_CLIENTS))?.unwrap_or_default();
+        let mut revoked = files::read(&self.path(REVOKED_CLIENTS))?.unwrap_or_default();
+        let mut count = 0;
+        for (client, fingerprint) in issued.lines().filter_map(|l| l.rsplit_once(' ')) {
+            if client == name && !revoked.lines().any(|l| l == fingerprint) {
+                revoked.push_str(&format!("{fingerprint}\n"));
+                count += 1;
+            }
+        }
+        files::write_private(&self.path(REVOKED_CLIENTS), &revoked)?;
+        Ok(count)
+    }
+
+    /// Fingerprints of the revoked client certificates.
+    pub fn revoked_clients(&self) -> Result<Vec<String>, TlsError> {
+        let revoked = files::read(&self.path(REVOKED_CLIENTS))?.unwrap_or_default();
+        Ok(revoked.lines().map(str::to_string).collect())
     }
 
     /// Signs a joining node's key when `secret` is the token's; the certificate names `name`,

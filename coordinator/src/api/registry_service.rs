@@ -9,8 +9,8 @@ use std::{sync::Arc, time::Duration};
 
 use kowalski_exo_common::{
     proto::{
-        AgentMessage, CoordinatorMessage, JoinRequest, JoinResponse, Registered, agent_message,
-        agent_registry_server::AgentRegistry, coordinator_message,
+        AgentMessage, CoordinatorMessage, JoinRequest, JoinResponse, Registered, Revocations,
+        agent_message, agent_registry_server::AgentRegistry, coordinator_message,
     },
     security::{Peer, Role},
 };
@@ -78,6 +78,27 @@ impl RegistryService {
     }
 
     /// Whether the certificate `peer` attached with is still in force (not revoked since).
+    /// The revoked client certificates, when they differ from `sent` (then remembered there).
+    fn revocations_news(&self, sent: &mut Option<Vec<String>>) -> Option<CoordinatorMessage> {
+        let trust = self.trust.as_ref()?;
+        let revoked = match trust.revoked_clients() {
+            Ok(revoked) => revoked,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the revoked client certificates");
+                return None;
+            }
+        };
+        if sent.as_ref() == Some(&revoked) {
+            return None;
+        }
+        *sent = Some(revoked.clone());
+        Some(CoordinatorMessage {
+            message: Some(coordinator_message::Message::Revocations(Revocations {
+                client_certificates: revoked,
+            })),
+        })
+    }
+
     fn still_admitted(&self, peer: &Option<Peer>) -> Result<(), Status> {
         match (&self.trust, peer) {
             (Some(trust), Some(peer)) => trust
@@ -90,7 +111,8 @@ impl RegistryService {
 
 /// A stream that has not registered within this is closed.
 const FIRST_MESSAGE: Duration = Duration::from_secs(10);
-/// How often an attached node's certificate is checked against revocations.
+/// How often an attached node's certificate is checked against revocations (and the revoked
+/// client certificates sent again when they changed).
 const REVOCATION_CHECK: Duration = Duration::from_secs(2);
 
 type CommandStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
@@ -151,6 +173,10 @@ impl AgentRegistry for RegistryService {
         let registry = self.registry.clone();
         let shutdown = self.shutdown.clone();
         let service = self.clone();
+        let mut revocations_sent = None;
+        if let Some(news) = self.revocations_news(&mut revocations_sent) {
+            let _ = commands.send(Ok(news)).await;
+        }
         tokio::spawn(async move {
             let mut recheck = tokio::time::interval(REVOCATION_CHECK);
             loop {
@@ -162,6 +188,9 @@ impl AgentRegistry for RegistryService {
                             tracing::warn!(%node_id, %name, "closing the stream of a revoked node");
                             let _ = commands.send(Err(revoked)).await;
                             break;
+                        }
+                        if let Some(news) = service.revocations_news(&mut revocations_sent) {
+                            let _ = commands.send(Ok(news)).await;
                         }
                         continue;
                     }

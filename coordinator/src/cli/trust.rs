@@ -141,6 +141,22 @@ pub fn issue_client(data_dir: &Path, name: &str, out: &Path) -> Result<u8, Failu
     Ok(0)
 }
 
+/// `coordinator cert revoke --client NAME`.
+pub fn revoke_client(data_dir: &Path, name: &str) -> Result<u8, Failure> {
+    let count = open(data_dir)?
+        .revoke_client(name)
+        .map_err(|e| Failure::infrastructure(e.to_string()))?;
+    if count == 0 {
+        return Err(Failure::usage(format!(
+            "no client certificate called '{name}' is in force"
+        )));
+    }
+    eprintln!(
+        "revoked {count} client certificate(s) of '{name}': agents refuse them within a few seconds"
+    );
+    Ok(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
