@@ -33,6 +33,8 @@ use crate::{
 
 /// How often runtimes are re-probed by default.
 pub const DEFAULT_FINGERPRINT_INTERVAL: Duration = Duration::from_secs(30);
+/// In a member's data directory: the client certificates the coordinator last said are revoked.
+const REVOKED_CLIENTS_FILE: &str = "revoked-clients";
 /// How long shutdown waits for killed runs to report and clean up.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -325,7 +327,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     catalog
         .spawn_refresh(config.model_poll_interval, shutdown.clone())
         .await;
-    let service = NodeAgentService::new(
+    let mut service = NodeAgentService::new(
         Arc::new(executor),
         catalog,
         admission,
@@ -333,6 +335,9 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         shutdown.clone(),
         runs.clone(),
     );
+    if membership.is_some() {
+        service = service.keep_revocations_in(config.data_dir.join(REVOKED_CLIENTS_FILE));
+    }
     let mut server = ServerBase::new(&[NodeAgentServer::<NodeAgentService>::NAME])?;
     server.routes().add_service(InterceptedService::new(
         NodeAgentServer::new(service.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),

@@ -43,6 +43,8 @@ pub struct NodeAgentService {
     runs: TaskTracker,
     /// Client certificates the coordinator revoked (SHA-256, hex), refused as callers.
     revoked_clients: RevokedClients,
+    /// Where that list is kept, so a restarted agent refuses them before it attaches again.
+    revocations_file: Option<std::path::PathBuf>,
 }
 
 /// The revoked client certificates, as the coordinator last sent them.
@@ -65,7 +67,22 @@ impl NodeAgentService {
             shutdown,
             runs,
             revoked_clients: RevokedClients::default(),
+            revocations_file: None,
         }
+    }
+
+    /// Keeps the revoked client certificates in `file` (one per line), starting from what it
+    /// already holds.
+    pub fn keep_revocations_in(mut self, file: std::path::PathBuf) -> Self {
+        if let Ok(Some(kept)) = kowalski_exo_common::security::files::read(&file) {
+            *self
+                .revoked_clients
+                .write()
+                .expect("revoked clients lock poisoned") =
+                kept.lines().map(str::to_string).collect();
+        }
+        self.revocations_file = Some(file);
+        self
     }
 
     /// The client certificates refused as callers.
@@ -76,6 +93,12 @@ impl NodeAgentService {
     /// Replaces the revoked client certificates with the coordinator's list.
     pub fn set_revoked_clients(&self, fingerprints: Vec<String>) {
         let count = fingerprints.len();
+        if let Some(file) = &self.revocations_file {
+            let text: String = fingerprints.iter().map(|f| format!("{f}\n")).collect();
+            if let Err(e) = kowalski_exo_common::security::files::write_private(file, &text) {
+                tracing::warn!(error = %e, "cannot keep the revoked client certificates");
+            }
+        }
         *self
             .revoked_clients
             .write()

@@ -517,7 +517,7 @@ async fn a_revoked_client_certificate_is_refused_by_the_agents() {
         }),
         server_name: Some(kowalski_exo_common::security::node_dns_name("kitchen")),
     };
-    let mut client = NodeAgentClient::new(channel(&node.url(), as_client).await.unwrap());
+    let mut client = NodeAgentClient::new(channel(&node.url(), as_client.clone()).await.unwrap());
     client.describe(DescribeRequest {}).await.unwrap();
 
     let (code, _, err) = admin(&data, &["cert", "revoke", "--client", "laptop"]);
@@ -539,6 +539,14 @@ async fn a_revoked_client_certificate_is_refused_by_the_agents() {
     assert!(refused.message().contains("was revoked"), "{refused:?}");
     // Within the coordinator's 2 s check, not the ceiling.
     assert!(start.elapsed() < std::time::Duration::from_secs(5));
+    // Restarted while its coordinator is away, the agent still refuses it: it kept the list.
+    let url = coordinator.url();
+    drop((client, node, coordinator));
+    let args = agent_args(&url, "kitchen", node_data.to_str().unwrap());
+    let restarted = Daemon::start("node-agent", &args, &[], "node agent listening");
+    let mut client = NodeAgentClient::new(channel(&restarted.url(), as_client).await.unwrap());
+    let refused = client.describe(DescribeRequest {}).await.unwrap_err();
+    assert!(refused.message().contains("was revoked"), "{refused:?}");
     let (code, _, err) = admin(&data, &["cert", "revoke", "--client", "nobody"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(
