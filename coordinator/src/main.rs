@@ -218,6 +218,7 @@ struct SecurityArgs {
     #[arg(long = "tls-name", value_name = "NAME")]
     tls_names: Vec<String>,
     /// Requests per second each API key may make (bursts of twice as many); 0 for no limit.
+    /// Keys, and so the limit, apply with TLS.
     #[arg(long, value_name = "N", default_value_t = kowalski_exo_common::security::gate::DEFAULT_RATE)]
     rate_limit: u32,
 }

@@ -55,7 +55,6 @@ impl Membership {
         }
     }
 
-    /// The node name its certificate carries.
     /// SHA-256 of the cluster authority this node belongs to, as a join token carries it.
     fn authority_fingerprint(&self) -> Result<String, TlsError> {
         let certs = security::authority::certificates(&self.authority_pem)?;
@@ -65,6 +64,7 @@ impl Membership {
         Ok(security::fingerprint(authority))
     }
 
+    /// The node name its certificate carries.
     pub fn name(&self) -> Result<String, TlsError> {
         let certs = security::authority::certificates(&self.identity.cert_pem)?;
         let leaf = certs

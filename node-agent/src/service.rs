@@ -74,12 +74,19 @@ impl NodeAgentService {
     /// Keeps the revoked client certificates in `file` (one per line), starting from what it
     /// already holds.
     pub fn keep_revocations_in(mut self, file: std::path::PathBuf) -> Self {
-        if let Ok(Some(kept)) = kowalski_exo_common::security::files::read(&file) {
-            *self
-                .revoked_clients
-                .write()
-                .expect("revoked clients lock poisoned") =
-                kept.lines().map(str::to_string).collect();
+        match kowalski_exo_common::security::files::read(&file) {
+            Ok(Some(kept)) => {
+                *self
+                    .revoked_clients
+                    .write()
+                    .expect("revoked clients lock poisoned") =
+                    kept.lines().map(|l| l.trim().to_string()).collect();
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot read the revoked client certificates: none is refused until the coordinator sends them"
+            ),
         }
         self.revocations_file = Some(file);
         self

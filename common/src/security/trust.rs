@@ -167,6 +167,11 @@ impl ClusterTrust {
     /// A certificate and key for a person's tool (grpcurl, a script) to call agents directly.
     /// A client certificate for `name`, recorded so it can be revoked.
     pub fn issue_client(&self, name: &str) -> Result<Identity, TlsError> {
+        if name.is_empty() || name.contains(char::is_whitespace) {
+            return Err(TlsError::Invalid(format!(
+                "'{name}' cannot name a client: use a word without spaces"
+            )));
+        }
         let _locked = self.lock()?;
         let identity = self.authority.issue(Role::Client, name, &[])?;
         let leaf = super::authority::certificates(&identity.cert_pem)?;
@@ -196,7 +201,11 @@ impl ClusterTrust {
     /// Fingerprints of the revoked client certificates.
     pub fn revoked_clients(&self) -> Result<Vec<String>, TlsError> {
         let revoked = files::read(&self.path(REVOKED_CLIENTS))?.unwrap_or_default();
-        Ok(revoked.lines().map(str::to_string).collect())
+        Ok(revoked
+            .lines()
+            .map(|l| l.trim().to_ascii_lowercase())
+            .filter(|l| !l.is_empty())
+            .collect())
     }
 
     /// Signs a joining node's key when `secret` is the token's; the certificate names `name`,

@@ -77,7 +77,6 @@ impl RegistryService {
         Ok(Some(peer))
     }
 
-    /// Whether the certificate `peer` attached with is still in force (not revoked since).
     /// The revoked client certificates, when they differ from `sent` (then remembered there).
     fn revocations_news(&self, sent: &mut Option<Vec<String>>) -> Option<CoordinatorMessage> {
         let trust = self.trust.as_ref()?;
@@ -99,6 +98,7 @@ impl RegistryService {
         })
     }
 
+    /// Whether the certificate `peer` attached with is still in force (not revoked since).
     fn still_admitted(&self, peer: &Option<Peer>) -> Result<(), Status> {
         match (&self.trust, peer) {
             (Some(trust), Some(peer)) => trust

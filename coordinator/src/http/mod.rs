@@ -61,9 +61,18 @@ async fn require_key(
         .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
     match gate.admit(presented) {
         Ok(_) => next.run(request).await,
-        Err(refusal) => turned_away(request.uri().path(), &refusal),
+        Err(refusal) => {
+            let path = request.uri().path().to_string();
+            // Read what the client is still sending (up to a bound) before answering: an HTTP/2
+            // stream answered mid-upload is reset, and clients report that instead of the 401.
+            let _ = axum::body::to_bytes(request.into_body(), REFUSED_BODY_READ).await;
+            turned_away(&path, &refusal)
+        }
     }
 }
+
+/// The most of a refused request's body read before answering it.
+const REFUSED_BODY_READ: usize = 1024 * 1024;
 
 /// A 401 (no key in force) or 429 (over the key's rate, with Retry-After) in the error format
 /// of the API `path` belongs to.
