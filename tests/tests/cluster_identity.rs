@@ -63,6 +63,31 @@ async fn channel(url: &str, tls: ClientTls) -> Result<Channel, tonic::transport:
     tls_channel(url, tls).await
 }
 
+/// `coordinator cert issue --client NAME --out OUT`, as TLS towards the agent called `node`.
+fn client_certificate(data: &Path, out: &Path, name: &str, node: &str) -> ClientTls {
+    let (code, _, err) = admin(
+        data,
+        &[
+            "cert",
+            "issue",
+            "--client",
+            name,
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let read = |file: String| std::fs::read_to_string(out.join(file)).unwrap();
+    ClientTls {
+        authority_pem: read("ca.pem".into()),
+        identity: Some(Identity {
+            cert_pem: read(format!("{name}.pem")),
+            key_pem: read(format!("{name}.key")),
+        }),
+        server_name: Some(kowalski_exo_common::security::node_dns_name(node)),
+    }
+}
+
 /// The node certificate an agent keeps in `data`.
 fn node_identity(data: &Path) -> Identity {
     Identity {
@@ -290,26 +315,7 @@ async fn a_node_cannot_pose_as_another_and_a_revoked_one_is_refused() {
 
     // A client certificate from `coordinator cert issue` is let in.
     let out = dirs.path().join("client");
-    let (code, _, err) = admin(
-        &data,
-        &[
-            "cert",
-            "issue",
-            "--client",
-            "grpcurl",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(code, Some(0), "{err}");
-    let as_client = ClientTls {
-        authority_pem: std::fs::read_to_string(out.join("ca.pem")).unwrap(),
-        identity: Some(Identity {
-            cert_pem: std::fs::read_to_string(out.join("grpcurl.pem")).unwrap(),
-            key_pem: std::fs::read_to_string(out.join("grpcurl.key")).unwrap(),
-        }),
-        server_name: Some(kowalski_exo_common::security::node_dns_name("kitchen")),
-    };
+    let as_client = client_certificate(&data, &out, "grpcurl", "kitchen");
     let described = NodeAgentClient::new(channel(&node_url, as_client).await.unwrap())
         .describe(DescribeRequest {})
         .await
@@ -496,27 +502,7 @@ async fn a_revoked_client_certificate_is_refused_by_the_agents() {
     let coordinator = coordinator(&data);
     let node = agent(&coordinator, "kitchen", &node_data, Some(&token(&data)));
     wait_ready(&coordinator, &data, "kitchen").await;
-    let out = dirs.path().join("client");
-    let (code, _, err) = admin(
-        &data,
-        &[
-            "cert",
-            "issue",
-            "--client",
-            "laptop",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(code, Some(0), "{err}");
-    let as_client = ClientTls {
-        authority_pem: std::fs::read_to_string(out.join("ca.pem")).unwrap(),
-        identity: Some(Identity {
-            cert_pem: std::fs::read_to_string(out.join("laptop.pem")).unwrap(),
-            key_pem: std::fs::read_to_string(out.join("laptop.key")).unwrap(),
-        }),
-        server_name: Some(kowalski_exo_common::security::node_dns_name("kitchen")),
-    };
+    let as_client = client_certificate(&data, &dirs.path().join("client"), "laptop", "kitchen");
     let mut client = NodeAgentClient::new(channel(&node.url(), as_client.clone()).await.unwrap());
     client.describe(DescribeRequest {}).await.unwrap();
 

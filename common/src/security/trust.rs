@@ -185,16 +185,22 @@ impl ClusterTrust {
     /// Revokes every client certificate issued to `name`; returns how many.
     pub fn revoke_client(&self, name: &str) -> Result<usize, TlsError> {
         let _locked = self.lock()?;
-        let issued = files::read(&self.path(ISSUED_CLIENTS))?.unwrap_or_default();
-        let mut revoked = files::read(&self.path(REVOKED_CLIENTS))?.unwrap_or_default();
+        self.revoke_issued(ISSUED_CLIENTS, REVOKED_CLIENTS, name)
+    }
+
+    /// Adds the fingerprint of each certificate the `issued` record has for `name` to the
+    /// `revoked` record; returns how many were not there yet. Under the lock.
+    fn revoke_issued(&self, issued: &str, revoked: &str, name: &str) -> Result<usize, TlsError> {
+        let records = files::read(&self.path(issued))?.unwrap_or_default();
+        let mut refused = files::read(&self.path(revoked))?.unwrap_or_default();
         let mut count = 0;
-        for (client, fingerprint) in issued.lines().filter_map(|l| l.rsplit_once(' ')) {
-            if client == name && !revoked.lines().any(|l| l == fingerprint) {
-                revoked.push_str(&format!("{fingerprint}\n"));
+        for (holder, fingerprint) in records.lines().filter_map(|l| l.rsplit_once(' ')) {
+            if holder == name && !refused.lines().any(|l| l.trim() == fingerprint) {
+                refused.push_str(&format!("{fingerprint}\n"));
                 count += 1;
             }
         }
-        files::write_private(&self.path(REVOKED_CLIENTS), &revoked)?;
+        files::write_private(&self.path(revoked), &refused)?;
         Ok(count)
     }
 
@@ -354,16 +360,7 @@ impl ClusterTrust {
     /// held the old one could join again); returns how many certificates.
     pub fn revoke(&self, name: &str) -> Result<usize, TlsError> {
         let _locked = self.lock()?;
-        let issued = files::read(&self.path(ISSUED))?.unwrap_or_default();
-        let mut revoked = files::read(&self.path(REVOKED))?.unwrap_or_default();
-        let mut count = 0;
-        for (node, fingerprint) in issued.lines().filter_map(|l| l.rsplit_once(' ')) {
-            if node == name && !revoked.lines().any(|l| l == fingerprint) {
-                revoked.push_str(&format!("{fingerprint}\n"));
-                count += 1;
-            }
-        }
-        files::write_private(&self.path(REVOKED), &revoked)?;
+        let count = self.revoke_issued(ISSUED, REVOKED, name)?;
         if count > 0 {
             self.write_token()?;
         }
