@@ -57,11 +57,7 @@ impl Membership {
 
     /// SHA-256 of the cluster authority this node belongs to, as a join token carries it.
     fn authority_fingerprint(&self) -> Result<String, TlsError> {
-        let certs = security::authority::certificates(&self.authority_pem)?;
-        let authority = certs
-            .first()
-            .ok_or_else(|| TlsError::Invalid("the authority file is empty".into()))?;
-        Ok(security::fingerprint(authority))
+        security::pem_fingerprint(&self.authority_pem)
     }
 
     /// The node name its certificate carries.

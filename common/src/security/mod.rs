@@ -96,6 +96,15 @@ pub fn fingerprint(der: &[u8]) -> String {
         .collect()
 }
 
+/// The SHA-256 of the first certificate in `pem` (a leaf before its chain), in hex.
+pub fn pem_fingerprint(pem: &str) -> Result<String, TlsError> {
+    let certificates = authority::certificates(pem)?;
+    let first = certificates
+        .first()
+        .ok_or_else(|| TlsError::Invalid("no certificate in the PEM text".into()))?;
+    Ok(fingerprint(first))
+}
+
 /// The DNS name a node's certificate carries, derived from its node name: the coordinator
 /// checks it when it calls the node, whatever address the node has today.
 pub fn node_dns_name(node: &str) -> String {

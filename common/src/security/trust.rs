@@ -174,12 +174,16 @@ impl ClusterTrust {
         }
         let _locked = self.lock()?;
         let identity = self.authority.issue(Role::Client, name, &[])?;
-        let leaf = super::authority::certificates(&identity.cert_pem)?;
-        let fingerprint = super::fingerprint(leaf.first().map_or(&[][..], Vec::as_slice));
-        let mut issued = files::read(&self.path(ISSUED_CLIENTS))?.unwrap_or_default();
-        issued.push_str(&format!("{name} {fingerprint}\n"));
-        files::write_private(&self.path(ISSUED_CLIENTS), &issued)?;
+        self.record_issued(ISSUED_CLIENTS, name, &identity.cert_pem)?;
         Ok(identity)
+    }
+
+    /// Adds `NAME FINGERPRINT` of the leaf of `chain` to the `issued` record. Under the lock.
+    fn record_issued(&self, issued: &str, name: &str, chain: &str) -> Result<(), TlsError> {
+        let fingerprint = super::pem_fingerprint(chain)?;
+        let mut records = files::read(&self.path(issued))?.unwrap_or_default();
+        records.push_str(&format!("{name} {fingerprint}\n"));
+        files::write_private(&self.path(issued), &records)
     }
 
     /// Revokes every client certificate issued to `name`; returns how many.
@@ -236,14 +240,7 @@ impl ClusterTrust {
         let chain =
             self.authority
                 .sign_request(Role::Node, name, &[node_dns_name(name)], request_pem)?;
-        let leaf = crate::security::authority::certificates(&chain)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| TlsError::Invalid("signing gave no certificate".into()))?;
-        let fingerprint = crate::security::fingerprint(&leaf);
-        let mut issued = files::read(&self.path(ISSUED))?.unwrap_or_default();
-        issued.push_str(&format!("{name} {fingerprint}\n"));
-        files::write_private(&self.path(ISSUED), &issued)?;
+        self.record_issued(ISSUED, name, &chain)?;
         Ok(chain)
     }
 

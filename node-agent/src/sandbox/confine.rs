@@ -78,7 +78,8 @@ fn closed_ancestor(tree: &Path) -> Option<PathBuf> {
 /// data directory, build cache and work root). Landlock only grants, so this is every entry
 /// beside the directories leading to a hidden one (symlinks aside: what they lead to is listed
 /// in its own place). Those directories themselves cannot be listed, only passed through.
-fn readable_beside(hidden: &[PathBuf]) -> Vec<PathBuf> {
+/// Found once, when the agent starts: entries made later are not readable.
+pub fn readable_beside(hidden: &[PathBuf]) -> Vec<PathBuf> {
     let leading: HashSet<&Path> = hidden.iter().flat_map(|h| h.ancestors()).collect();
     let mut readable = Vec::new();
     for dir in &leading {
@@ -99,13 +100,13 @@ fn readable_beside(hidden: &[PathBuf]) -> Vec<PathBuf> {
     readable
 }
 
-/// The steps that confine one process of a run. `hidden` is what a run must not read when it
-/// runs as the agent's own user (no user layer).
+/// The steps that confine one process of a run. `readable` is all a run may read when it runs
+/// as the agent's own user (no user layer), see [`readable_beside`]; none means anything.
 /// `others` are the other runs' work directories, detached from this run's mount namespace.
 pub fn steps(
     layers: &Layers,
     confinement: &Confinement<'_>,
-    hidden: &[PathBuf],
+    readable: Option<&[PathBuf]>,
     others: &[PathBuf],
 ) -> io::Result<Steps> {
     let mut steps = Steps::default();
@@ -190,20 +191,21 @@ pub fn steps(
             0
         };
         // Without a user of its own, reading is confined too, away from the agent's files.
-        let read = match workspace.uid() {
-            None if !hidden.is_empty() => landlock::READ_FILE | landlock::READ_DIR,
-            _ => 0,
-        };
-        let readable = if read != 0 {
-            readable_beside(hidden)
-        } else {
-            Vec::new()
+        let readable = readable.filter(|_| workspace.uid().is_none());
+        let read = match readable {
+            Some(_) => landlock::READ_FILE | landlock::READ_DIR,
+            None => 0,
         };
         let mut rules: Vec<(u64, &Path)> =
             vec![(write | read, workspace.path()), (write | read, &tmp)];
         let file_access = file_write | (read & landlock::READ_FILE);
         rules.extend(WRITABLE_DEVICES.iter().map(|d| (file_access, Path::new(d))));
-        rules.extend(readable.iter().map(|path| (read, path.as_path())));
+        rules.extend(
+            readable
+                .into_iter()
+                .flatten()
+                .map(|path| (read, path.as_path())),
+        );
         steps.landlock(abi, write | read, tcp, scoped, &rules)?;
     }
     if let Some(uid) = workspace.uid() {

@@ -43,8 +43,8 @@ pub struct Sandbox {
     sentinel: Option<Arc<Sentinel>>,
     layers: Arc<Layers>,
     users: Option<Arc<RunUsers>>,
-    /// The agent's own directories, which runs executing as its user must not read.
-    hidden: Arc<Vec<PathBuf>>,
+    /// With no user layer, all runs may read (everything beside the agent's own directories).
+    readable: Option<Arc<Vec<PathBuf>>>,
     /// Work directories mounted now.
     mounted: workspace::Mounted,
 }
@@ -137,7 +137,7 @@ impl Sandbox {
             sentinel,
             layers,
             users,
-            hidden: Arc::default(),
+            readable: None,
             mounted: Arc::default(),
         })
     }
@@ -145,11 +145,13 @@ impl Sandbox {
     /// Keeps runs out of `dirs` (the agent's data directory, build cache and work root) when
     /// they run as the agent's own user, with Landlock. Those that exist count.
     pub fn hide(mut self, dirs: &[&Path]) -> Sandbox {
-        let hidden = dirs
+        let hidden: Vec<PathBuf> = dirs
             .iter()
             .filter_map(|dir| std::fs::canonicalize(dir).ok())
             .collect();
-        self.hidden = Arc::new(hidden);
+        if !self.layers.user && !hidden.is_empty() {
+            self.readable = Some(Arc::new(confine::readable_beside(&hidden)));
+        }
         self
     }
 
@@ -245,7 +247,7 @@ impl Sandbox {
         let steps = confine::steps(
             &self.layers,
             &command.confinement,
-            &self.hidden,
+            self.readable.as_deref().map(Vec::as_slice),
             &self.others_mounted(command.confinement.workspace),
         )?;
         let job = Job {
