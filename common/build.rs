@@ -10,6 +10,7 @@ const PROTO_FILES: &[&str] = &[
     "kowalski/exo/v1/runtime.proto",
     "kowalski/exo/v1/execution.proto",
     "kowalski/exo/v1/inference.proto",
+    "kowalski/exo/v1/session.proto",
     "kowalski/exo/v1/node_agent.proto",
     "kowalski/exo/v1/registry.proto",
     "kowalski/exo/v1/coordinator.proto",

@@ -29,6 +29,7 @@ use crate::{
     registration::{self, Registration},
     sandbox::{DEFAULT_RUN_UID_BASE, Sandbox, unmount_beneath},
     service::{Identity, NodeAgentService, RevokedClients},
+    sessions::{SessionConfig, Sessions},
 };
 
 /// How often runtimes are re-probed by default.
@@ -72,6 +73,8 @@ pub struct AgentConfig {
     /// Serve in plaintext on a non-loopback address without a cluster certificate: anyone who
     /// reaches it can run code here.
     pub insecure: bool,
+    /// How many sessions, closed after how long idle.
+    pub sessions: SessionConfig,
 }
 
 impl Default for AgentConfig {
@@ -101,6 +104,7 @@ impl Default for AgentConfig {
             data_dir: files::default_dir("node-agent"),
             join: None,
             insecure: false,
+            sessions: SessionConfig::default(),
         }
     }
 }
@@ -327,13 +331,22 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     catalog
         .spawn_refresh(config.model_poll_interval, shutdown.clone())
         .await;
+    let executor = Arc::new(executor);
+    let sessions = Sessions::new(
+        executor.clone(),
+        admission.clone(),
+        config.sessions,
+        shutdown.clone(),
+    );
+    runs.spawn(sessions.clone().keep_tidy());
     let mut service = NodeAgentService::new(
-        Arc::new(executor),
+        executor,
         catalog,
         admission,
         identity,
         shutdown.clone(),
         runs.clone(),
+        sessions,
     );
     if membership.is_some() {
         service = service.keep_revocations_in(config.data_dir.join(REVOKED_CLIENTS_FILE));

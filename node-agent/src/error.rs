@@ -46,6 +46,61 @@ impl From<ExecError> for Status {
     }
 }
 
+/// Why a session request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    #[error(
+        "no session '{id}' on this node: it was never opened here, was closed, or closed after {idle:?} idle"
+    )]
+    NotFound {
+        id: String,
+        idle: std::time::Duration,
+    },
+    #[error("a session named '{0}' is open on this node already")]
+    Exists(String),
+    #[error(
+        "this node holds {limit} sessions, the most it keeps (node-agent --max-sessions); close one, or open it on another node"
+    )]
+    TooMany { limit: usize },
+    #[error("'{0}' cannot name a session: use at most 128 letters, digits, '.', '_' and '-'")]
+    InvalidName(String),
+    #[error(
+        "sessions hold {} interpreters; {} has none: run it without a session",
+        crate::sessions::session_language_names(),
+        .0
+    )]
+    NoInterpreter(Language),
+    #[error("{0}")]
+    Start(String),
+}
+
+impl From<crate::sessions::StartError> for SessionError {
+    fn from(err: crate::sessions::StartError) -> Self {
+        match err {
+            crate::sessions::StartError::Runtime(e) => SessionError::Exec(e),
+            crate::sessions::StartError::Failed(message) => SessionError::Start(message),
+        }
+    }
+}
+
+impl From<SessionError> for Status {
+    fn from(err: SessionError) -> Status {
+        let message = err.to_string();
+        match err {
+            SessionError::Exec(e) => e.into(),
+            SessionError::NotFound { .. } => Status::not_found(message),
+            SessionError::Exists(_) => Status::already_exists(message),
+            SessionError::TooMany { .. } => Status::resource_exhausted(message),
+            SessionError::InvalidName(_) | SessionError::NoInterpreter(_) => {
+                Status::invalid_argument(message)
+            }
+            SessionError::Start(_) => Status::failed_precondition(message),
+        }
+    }
+}
+
 /// Why a generation was refused or broke off.
 #[derive(Debug, thiserror::Error)]
 pub enum InferenceError {

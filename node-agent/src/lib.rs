@@ -5,6 +5,7 @@
 //! - [`exec`]: running one request: work directory, compile step, output streaming, limits.
 //! - [`backends`]: the device's local LLM servers (Ollama, OpenAI-compatible), the models they
 //!   serve and whether they generate.
+//! - [`sessions`]: warm interpreters that keep state across executions.
 //! - [`admission`]: the concurrency limit and its bounded queue.
 //! - [`service`]: the NodeAgent gRPC service, a thin layer over the executor and the backends.
 //! - [`membership`]: the node's certificate in a cluster that runs with TLS, got by joining.
@@ -22,5 +23,6 @@ pub mod membership;
 pub mod registration;
 pub mod sandbox;
 pub mod service;
+pub mod sessions;
 
 pub use agent::{AgentConfig, RunningAgent, start};

@@ -12,6 +12,7 @@ use kowalski_exo_node_agent::{
     backends::Backend,
     exec::{ExecLimits, ExecPolicy},
     fingerprint::{RuntimeHealth, SearchPath, probe_all},
+    sessions::{self, SessionConfig},
 };
 
 /// Runs code for a Kowalski Exo cluster on this device.
@@ -122,6 +123,12 @@ struct ServeArgs {
     /// run at a time, 1024 in all)
     #[arg(long, value_name = "UID", default_value_t = kowalski_exo_node_agent::sandbox::DEFAULT_RUN_UID_BASE)]
     run_uid_base: u32,
+    /// Close a session after this long without an execution (e.g. 90s, 10m, 1h)
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+    session_idle: Duration,
+    /// Sessions this node holds at once; past it opening one is refused
+    #[arg(long, value_name = "N", default_value_t = sessions::DEFAULT_MAX_SESSIONS)]
+    max_sessions: usize,
 }
 
 impl ServeArgs {
@@ -204,6 +211,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         join: args.join,
         data_dir: args.data_dir,
         insecure: args.insecure,
+        sessions: SessionConfig {
+            idle: args.session_idle,
+            max_sessions: args.max_sessions.max(1),
+        },
         ..AgentConfig::default()
     };
     if !args.ollama.is_empty() || !args.openai.is_empty() {

@@ -18,6 +18,7 @@ use crate::{
     error::{ExecError, InferenceError},
     exec::Executor,
     fingerprint::FingerprintWatch,
+    sessions::Sessions,
 };
 
 /// Events buffered per run before a slow caller holds the program back.
@@ -45,6 +46,7 @@ pub struct NodeAgentService {
     revoked_clients: RevokedClients,
     /// Where that list is kept, so a restarted agent refuses them before it attaches again.
     revocations_file: Option<std::path::PathBuf>,
+    sessions: Sessions,
 }
 
 /// The revoked client certificates, as the coordinator last sent them.
@@ -58,8 +60,10 @@ impl NodeAgentService {
         identity: Identity,
         shutdown: CancellationToken,
         runs: TaskTracker,
+        sessions: Sessions,
     ) -> Self {
         NodeAgentService {
+            sessions,
             executor,
             catalog,
             admission,
@@ -161,6 +165,7 @@ impl NodeAgentService {
 impl NodeAgent for NodeAgentService {
     type ExecuteStream = ReceiverStream<Result<ExecEvent, Status>>;
     type GenerateStream = ReceiverStream<Result<GenerateEvent, Status>>;
+    type ExecuteInSessionStream = ReceiverStream<Result<ExecEvent, Status>>;
 
     async fn execute(
         &self,
@@ -253,5 +258,61 @@ impl NodeAgent for NodeAgentService {
             }
         });
         Ok(Response::new(ReceiverStream::new(stream)))
+    }
+
+    async fn open_session(
+        &self,
+        request: Request<proto::OpenSessionRequest>,
+    ) -> Result<Response<proto::SessionInfo>, Status> {
+        Ok(Response::new(
+            self.sessions.open(request.into_inner()).await?,
+        ))
+    }
+
+    async fn execute_in_session(
+        &self,
+        request: Request<proto::SessionExecuteRequest>,
+    ) -> Result<Response<Self::ExecuteInSessionStream>, Status> {
+        let cell = self.sessions.prepare(request.into_inner())?;
+        let (events, stream) = mpsc::channel(EVENT_BUFFER);
+        let cancel = self.shutdown.clone();
+        self.runs.spawn(async move {
+            let finished = match cell.run(&events).await {
+                Some(finished) if !cancel.is_cancelled() => Ok(ExecEvent {
+                    event: Some(exec_event::Event::Finished(finished)),
+                }),
+                // Cut short by the agent's shutdown: an infrastructure failure, not a result.
+                _ => Err(ExecError::ShuttingDown.into()),
+            };
+            tokio::select! {
+                biased;
+                _ = events.send(finished) => {}
+                _ = tokio::time::sleep(FINISH_GRACE) => {}
+                _ = cancel.cancelled() => {}
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(stream)))
+    }
+
+    async fn close_session(
+        &self,
+        request: Request<proto::CloseSessionRequest>,
+    ) -> Result<Response<proto::CloseSessionResponse>, Status> {
+        let session = self
+            .sessions
+            .close(&request.into_inner().session_id)
+            .await?;
+        Ok(Response::new(proto::CloseSessionResponse {
+            session: Some(session),
+        }))
+    }
+
+    async fn list_sessions(
+        &self,
+        _request: Request<proto::ListSessionsRequest>,
+    ) -> Result<Response<proto::ListSessionsResponse>, Status> {
+        Ok(Response::new(proto::ListSessionsResponse {
+            sessions: self.sessions.list(),
+        }))
     }
 }

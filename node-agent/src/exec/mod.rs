@@ -4,8 +4,8 @@
 mod build_cache;
 mod launch;
 pub mod limits;
-mod output;
-mod process;
+pub(crate) mod output;
+pub(crate) mod process;
 
 use std::{
     ffi::OsString,
@@ -86,8 +86,6 @@ pub struct PreparedRun {
     limits: ExecLimits,
     network: bool,
     run_id: String,
-    /// Unique within the agent process; names the run's directory and cgroups.
-    serial: u64,
 }
 
 /// Numbers runs across every executor in this process, so names never collide.
@@ -148,6 +146,32 @@ impl Executor {
         if request.network && !self.policy.allow_network {
             return Err(ExecError::NetworkRefused);
         }
+        let (executable, runtime_version) = self.runtime(language)?;
+        let serial = RUN_SERIAL.fetch_add(1, Ordering::Relaxed);
+        let run_id = if request.run_id.is_empty() {
+            format!("{}-{serial}", std::process::id())
+        } else {
+            request.run_id.clone()
+        };
+        Ok(PreparedRun {
+            language,
+            runtime: executable,
+            runtime_version,
+            limits: self.policy.defaults.with_request(
+                request.timeout_ms,
+                request.limits.as_ref(),
+                &self.policy.ceiling,
+            ),
+            network: request.network,
+            code: request.code,
+            stdin: request.stdin,
+            args: request.args,
+            run_id,
+        })
+    }
+
+    /// The executable and version of the healthy runtime for `language` on this device.
+    pub fn runtime(&self, language: Language) -> Result<(PathBuf, String), ExecError> {
         let runtime = self.runtimes.borrow().get(language);
         let Some(executable) = runtime.healthy_executable().cloned() else {
             let reason = match runtime.health {
@@ -160,28 +184,36 @@ impl Executor {
                 available: self.runtimes.borrow().healthy_languages().join(", "),
             });
         };
+        Ok((executable, runtime.version))
+    }
+
+    pub fn policy(&self) -> &ExecPolicy {
+        &self.policy
+    }
+
+    /// A fresh work directory under the work root, named so the sentinel finds it, with a
+    /// user of its own where there are and `disk_bytes` of space with the mount layer.
+    pub async fn workspace(&self, disk_bytes: u64) -> Result<Workspace, String> {
+        let sandbox = self.sandbox.clone();
         let serial = RUN_SERIAL.fetch_add(1, Ordering::Relaxed);
-        let run_id = if request.run_id.is_empty() {
-            format!("{}-{serial}", std::process::id())
-        } else {
-            request.run_id.clone()
-        };
-        Ok(PreparedRun {
-            language,
-            runtime: executable,
-            runtime_version: runtime.version,
-            limits: self.policy.defaults.with_request(
-                request.timeout_ms,
-                request.limits.as_ref(),
-                &self.policy.ceiling,
-            ),
-            network: request.network,
-            code: request.code,
-            stdin: request.stdin,
-            args: request.args,
-            run_id,
-            serial,
-        })
+        let dir = self
+            .dirs
+            .work_root
+            .join(format!("{}{serial}", crate::sandbox::own_prefix()));
+        tokio::task::spawn_blocking(move || sandbox.workspace(dir, disk_bytes))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot create a work directory: {e}"))
+    }
+
+    /// Removes a work directory, off the async threads (a large tree takes a while).
+    pub fn remove_workspace(workspace: Workspace) {
+        tokio::task::spawn_blocking(move || {
+            let path = workspace.path().to_path_buf();
+            if let Err(e) = workspace.close() {
+                tracing::warn!(dir = %path.display(), error = %e, "cannot remove work directory");
+            }
+        });
     }
 
     /// Runs a prepared request to its end, streaming its events, and returns the `finished`
@@ -225,24 +257,9 @@ impl Executor {
         run: &PreparedRun,
         out: &mut RunOutput,
     ) -> Result<proto::ExecFinished, String> {
-        let sandbox = self.sandbox.clone();
-        let dir =
-            self.dirs
-                .work_root
-                .join(format!("{}{}", crate::sandbox::own_prefix(), run.serial));
-        let disk_bytes = run.limits.disk_bytes;
-        let workspace = tokio::task::spawn_blocking(move || sandbox.workspace(dir, disk_bytes))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("cannot create a work directory: {e}"))?;
+        let workspace = self.workspace(run.limits.disk_bytes).await?;
         let result = self.run_stages(run, &workspace, out).await;
-        // Removing a large tree can take a while: keep it off the async threads.
-        tokio::task::spawn_blocking(move || {
-            let path = workspace.path().to_path_buf();
-            if let Err(e) = workspace.close() {
-                tracing::warn!(dir = %path.display(), error = %e, "cannot remove work directory");
-            }
-        });
+        Self::remove_workspace(workspace);
         result
     }
 
@@ -360,7 +377,7 @@ impl Executor {
     }
 
     /// The small environment every run gets; nothing of the agent's own.
-    fn base_env(&self, workdir: &Path, tmp: &Path) -> Vec<(&'static str, OsString)> {
+    pub(crate) fn base_env(&self, workdir: &Path, tmp: &Path) -> Vec<(&'static str, OsString)> {
         let mut path_dirs: Vec<PathBuf> = Vec::new();
         for runtime in &self.runtimes.borrow().runtimes {
             if let Some(dir) = runtime.healthy_executable().and_then(|e| e.parent())
@@ -381,63 +398,72 @@ impl Executor {
 
     /// The finished event for a supervised process.
     fn finished(&self, result: &ProcessResult, limits: &ExecLimits) -> proto::ExecFinished {
-        let (exit_code, signal) = match result.exit {
-            Some(ProcessExit::Code(code)) => (Some(code), None),
-            Some(ProcessExit::Signal(signal)) => (None, Some(signal)),
-            None => (None, None),
-        };
-        let cpu_exhausted = signal == Some(libc::SIGXCPU)
-            || (signal == Some(libc::SIGKILL)
-                && result.cpu >= Duration::from_secs(limits.cpu_seconds.into()));
-        let (status, message) = match result.interruption {
-            Some(Interruption::Timeout) => (
-                ExecStatus::Timeout,
-                format!("killed after the {:?} timeout", limits.timeout),
+        finished_event(result, limits, self.isolation())
+    }
+}
+
+/// The finished event for a supervised process that ran under `limits`.
+pub(crate) fn finished_event(
+    result: &ProcessResult,
+    limits: &ExecLimits,
+    isolation: IsolationLevel,
+) -> proto::ExecFinished {
+    let (exit_code, signal) = match result.exit {
+        Some(ProcessExit::Code(code)) => (Some(code), None),
+        Some(ProcessExit::Signal(signal)) => (None, Some(signal)),
+        None => (None, None),
+    };
+    let cpu_exhausted = signal == Some(libc::SIGXCPU)
+        || (signal == Some(libc::SIGKILL)
+            && result.cpu >= Duration::from_secs(limits.cpu_seconds.into()));
+    let (status, message) = match result.interruption {
+        Some(Interruption::Timeout) => (
+            ExecStatus::Timeout,
+            format!("killed after the {:?} timeout", limits.timeout),
+        ),
+        Some(Interruption::OutputLimit) => (
+            ExecStatus::OutputLimit,
+            format!(
+                "killed after printing more than {} bytes",
+                limits.output_bytes
             ),
-            Some(Interruption::OutputLimit) => (
-                ExecStatus::OutputLimit,
-                format!(
-                    "killed after printing more than {} bytes",
-                    limits.output_bytes
-                ),
+        ),
+        Some(Interruption::Cancelled) => (
+            ExecStatus::Cancelled,
+            "cancelled before it finished".to_string(),
+        ),
+        None if result.containment.oom_killed => (
+            ExecStatus::MemoryLimit,
+            format!(
+                "killed for using more than {} bytes of memory",
+                limits.memory_bytes
             ),
-            Some(Interruption::Cancelled) => (
-                ExecStatus::Cancelled,
-                "cancelled before it finished".to_string(),
+        ),
+        None if cpu_exhausted => (
+            ExecStatus::CpuLimit,
+            format!("killed after {} CPU seconds", limits.cpu_seconds),
+        ),
+        None if exit_code == Some(0) => (ExecStatus::Ok, String::new()),
+        None if result.containment.process_limit_hit => (
+            ExecStatus::NonzeroExit,
+            format!(
+                "the run reached its limit of {} processes",
+                limits.max_processes
             ),
-            None if result.containment.oom_killed => (
-                ExecStatus::MemoryLimit,
-                format!(
-                    "killed for using more than {} bytes of memory",
-                    limits.memory_bytes
-                ),
-            ),
-            None if cpu_exhausted => (
-                ExecStatus::CpuLimit,
-                format!("killed after {} CPU seconds", limits.cpu_seconds),
-            ),
-            None if exit_code == Some(0) => (ExecStatus::Ok, String::new()),
-            None if result.containment.process_limit_hit => (
-                ExecStatus::NonzeroExit,
-                format!(
-                    "the run reached its limit of {} processes",
-                    limits.max_processes
-                ),
-            ),
-            None => (ExecStatus::NonzeroExit, String::new()),
-        };
-        proto::ExecFinished {
-            status: status as i32,
-            exit_code,
-            signal,
-            cpu_micros: result.cpu.as_micros() as u64,
-            peak_memory_bytes: result
-                .containment
-                .peak_memory_bytes
-                .unwrap_or(result.max_rss_bytes),
-            message,
-            isolation: self.isolation() as i32,
-            ..Default::default()
-        }
+        ),
+        None => (ExecStatus::NonzeroExit, String::new()),
+    };
+    proto::ExecFinished {
+        status: status as i32,
+        exit_code,
+        signal,
+        cpu_micros: result.cpu.as_micros() as u64,
+        peak_memory_bytes: result
+            .containment
+            .peak_memory_bytes
+            .unwrap_or(result.max_rss_bytes),
+        message,
+        isolation: isolation as i32,
+        ..Default::default()
     }
 }

@@ -68,6 +68,7 @@ pub async fn supervise(
         env: &env,
         cwd: spec.workdir,
         confinement: spec.confinement,
+        keep_channel: false,
     };
     let (launched, containment) = sandbox.spawn(command, spec.limits).await?;
     let containment = Arc::new(containment);
@@ -154,7 +155,10 @@ pub async fn supervise(
 
 /// Reads what the program wrote, plus whatever else is already waiting in the pipe, so a
 /// `print` that makes two writes (text, then newline) travels as one chunk.
-async fn read_some(pipe: &mut Option<pipe::Receiver>, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) async fn read_some(
+    pipe: &mut Option<pipe::Receiver>,
+    buf: &mut [u8],
+) -> io::Result<usize> {
     let Some(pipe) = pipe else {
         return std::future::pending().await;
     };
@@ -186,7 +190,11 @@ async fn forward(
 }
 
 /// Counts what is still buffered in a pipe after the run was stopped.
-fn discard_buffered(pipe: &mut Option<pipe::Receiver>, buf: &mut [u8], out: &mut RunOutput) {
+pub(crate) fn discard_buffered(
+    pipe: &mut Option<pipe::Receiver>,
+    buf: &mut [u8],
+    out: &mut RunOutput,
+) {
     if let Some(receiver) = pipe.take() {
         while let Ok(n) = receiver.try_read(buf) {
             if n == 0 {
@@ -205,20 +213,20 @@ fn feed_stdin(fd: OwnedFd, data: Vec<u8>) -> io::Result<tokio::task::JoinHandle<
     }))
 }
 
-async fn kill_tree(containment: &Arc<Containment>, leader: u32, leader_exited: bool) {
+pub(crate) async fn kill_tree(containment: &Arc<Containment>, leader: u32, leader_exited: bool) {
     let containment = containment.clone();
     let _ = tokio::task::spawn_blocking(move || containment.kill_tree(leader, leader_exited)).await;
 }
 
 /// Reaps the program once it has exited (killed or not). Waits for it if it has not yet.
-async fn reap(pid: u32) -> io::Result<Waited> {
+pub(crate) async fn reap(pid: u32) -> io::Result<Waited> {
     tokio::task::spawn_blocking(move || wait_for(pid))
         .await
         .map_err(io::Error::other)?
 }
 
 /// Blocks until `pid` has exited, leaving it a zombie (waitid with WNOWAIT).
-fn wait_exited(pid: u32) {
+pub(crate) fn wait_exited(pid: u32) {
     loop {
         // SAFETY: an all-zero siginfo is a valid out-parameter for waitid.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
@@ -231,7 +239,7 @@ fn wait_exited(pid: u32) {
     }
 }
 
-async fn release(containment: Arc<Containment>) -> ContainmentReport {
+pub(crate) async fn release(containment: Arc<Containment>) -> ContainmentReport {
     tokio::task::spawn_blocking(move || match Arc::try_unwrap(containment) {
         Ok(containment) => containment.finish(),
         Err(_) => ContainmentReport::default(),
@@ -241,10 +249,10 @@ async fn release(containment: Arc<Containment>) -> ContainmentReport {
 }
 
 /// Exit status and resource use of a reaped process.
-struct Waited {
-    exit: ProcessExit,
-    cpu: Duration,
-    max_rss_bytes: u64,
+pub(crate) struct Waited {
+    pub exit: ProcessExit,
+    pub cpu: Duration,
+    pub max_rss_bytes: u64,
 }
 
 /// Reaps `pid` with wait4, which also reports its CPU time and peak resident size.

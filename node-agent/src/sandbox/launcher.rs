@@ -29,6 +29,10 @@ pub const MAX_JOB_BYTES: usize = 1024 * 1024;
 pub const MAX_JOB_STRINGS: usize = 8192;
 /// Byte a launcher sends once it sits in its cgroup, ready for a job.
 const READY: u8 = b'R';
+/// Where a program that keeps its channel finds it (see [`Job::keep_channel`]).
+pub const CHANNEL_FD: RawFd = 5;
+/// Job flag: the program keeps its end of the channel at [`CHANNEL_FD`].
+const KEEP_CHANNEL: u32 = 1;
 
 /// One rlimit for the launched program.
 #[derive(Clone, Copy, Debug)]
@@ -49,6 +53,9 @@ pub struct Job<'a> {
     pub rlimits: &'a [Rlimit],
     /// Confinement steps, run after the limits are set and before exec.
     pub steps: &'a [u8],
+    /// The program keeps its end of a socket pair with the agent at [`CHANNEL_FD`] (a session's
+    /// interpreter talks to its agent over it); otherwise it is closed at exec.
+    pub keep_channel: bool,
 }
 
 /// A job in the form the launcher reads.
@@ -59,15 +66,18 @@ pub struct EncodedJob {
 }
 
 impl Job<'_> {
-    /// Header (four u32 counts: arguments, environment, limits, step bytes), then the limits,
-    /// the steps, and NUL-terminated program, cwd, arguments and KEY=VALUE environment entries.
+    /// Header (five u32s: arguments, environment, limits and step bytes counted, then flags),
+    /// then the limits, the steps, and NUL-terminated program, cwd, arguments and KEY=VALUE
+    /// environment entries.
     pub fn encode(&self) -> io::Result<EncodedJob> {
         let mut out = Vec::new();
+        let flags = if self.keep_channel { KEEP_CHANNEL } else { 0 };
         for count in [
             self.args.len(),
             self.env.len(),
             self.rlimits.len(),
             self.steps.len(),
+            flags as usize,
         ] {
             out.extend_from_slice(&(count as u32).to_ne_bytes());
         }
@@ -115,17 +125,20 @@ pub struct Launcher {
     cgroup: Option<RunCgroup>,
     control: Option<File>,
     status: File,
-    /// The parent's ends of the standard streams, handed over at launch.
-    streams: Option<[OwnedFd; 3]>,
+    /// The parent's ends of the standard streams and of the channel, handed over at launch.
+    streams: Option<[OwnedFd; 4]>,
 }
 
-/// A launched program: its pid, the parent's ends of its standard streams, and its cgroup.
+/// A launched program: its pid, the parent's ends of its standard streams and channel, and its
+/// cgroup.
 #[derive(Debug)]
 pub struct Launched {
     pub pid: u32,
     pub stdin: OwnedFd,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
+    /// Open on the program's side only when its job kept the channel.
+    pub channel: OwnedFd,
     pub cgroup: Option<RunCgroup>,
 }
 
@@ -133,6 +146,24 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills the two descriptors, which we then own.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair fills the two descriptors, which we then own.
+    let made = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if made != 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: both descriptors were just created and are owned by nobody else.
@@ -149,6 +180,7 @@ impl Launcher {
         let (stderr_r, stderr_w) = pipe()?;
         let (control_r, control_w) = pipe()?;
         let (status_r, status_w) = pipe()?;
+        let (channel_agent, channel_program) = socket_pair()?;
         let cgroup_fds: Vec<RawFd> = cgroup.as_ref().map(RunCgroup::join_fds).unwrap_or_default();
         let mut job = vec![0u8; MAX_JOB_BYTES];
         let mut strings: Vec<*const c_char> = vec![std::ptr::null(); MAX_JOB_STRINGS + 1];
@@ -159,6 +191,7 @@ impl Launcher {
             stderr: stderr_w.as_raw_fd(),
             control: control_r.as_raw_fd(),
             status: status_w.as_raw_fd(),
+            channel: channel_program.as_raw_fd(),
         };
         // SAFETY: the child only runs `child_main`, which makes async-signal-safe syscalls on
         // memory allocated above and never returns.
@@ -179,13 +212,20 @@ impl Launcher {
                 )
             }
         }
-        drop((stdin_r, stdout_w, stderr_w, control_r, status_w));
+        drop((
+            stdin_r,
+            stdout_w,
+            stderr_w,
+            control_r,
+            status_w,
+            channel_program,
+        ));
         let mut launcher = Launcher {
             pid,
             cgroup,
             control: Some(File::from(control_w)),
             status: File::from(status_r),
-            streams: Some([stdin_w, stdout_r, stderr_r]),
+            streams: Some([stdin_w, stdout_r, stderr_r, channel_agent]),
         };
         // The first byte is READY, or the first byte of a failure report.
         let mut first = [0u8; FAILURE_BYTES];
@@ -233,12 +273,14 @@ impl Launcher {
         }
         // The caller reaps the program from now on.
         let pid = std::mem::take(&mut self.pid) as u32;
-        let [stdin, stdout, stderr] = self.streams.take().expect("a launcher launches once");
+        let [stdin, stdout, stderr, channel] =
+            self.streams.take().expect("a launcher launches once");
         Ok(Launched {
             pid,
             stdin,
             stdout,
             stderr,
+            channel,
             cgroup: self.cgroup.take(),
         })
     }
@@ -341,13 +383,14 @@ struct InterfaceFlags {
     padding: [u8; 22],
 }
 
-/// The parent's descriptors the child moves to 0..=4.
+/// The parent's descriptors the child moves to 0..=5.
 struct ChildFds {
     stdin: RawFd,
     stdout: RawFd,
     stderr: RawFd,
     control: RawFd,
     status: RawFd,
+    channel: RawFd,
 }
 
 /// The forked child: join the cgroup (and a network namespace), settle descriptors and
@@ -380,12 +423,16 @@ unsafe fn child_main(
         if network && let Err(errno) = isolate_network() {
             fail(status, errno, STAGE_LAUNCHER);
         }
-        // Move every descriptor out of 0..=4 first, so the dup2s below cannot clobber one.
-        let mut high = [0; 5];
-        for (slot, fd) in
-            high.iter_mut()
-                .zip([fds.stdin, fds.stdout, fds.stderr, fds.control, fds.status])
-        {
+        // Move every descriptor out of 0..=5 first, so the dup2s below cannot clobber one.
+        let mut high = [0; 6];
+        for (slot, fd) in high.iter_mut().zip([
+            fds.stdin,
+            fds.stdout,
+            fds.stderr,
+            fds.control,
+            fds.status,
+            fds.channel,
+        ]) {
             *slot = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
             if *slot < 0 {
                 fail(status, last_errno(), STAGE_LAUNCHER);
@@ -397,9 +444,10 @@ unsafe fn child_main(
             }
         }
         let status = 4;
-        forked::close_from(5);
-        libc::fcntl(3, libc::F_SETFD, libc::FD_CLOEXEC);
-        libc::fcntl(4, libc::F_SETFD, libc::FD_CLOEXEC);
+        forked::close_from(CHANNEL_FD + 1);
+        for fd in 3..=CHANNEL_FD {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
         if libc::write(status, [READY].as_ptr().cast(), 1) != 1 {
             libc::_exit(0);
         }
@@ -457,9 +505,10 @@ unsafe fn apply_job(
     let envc = read_u32(4)? as usize;
     let limits = read_u32(8)? as usize;
     let steps_len = read_u32(12)? as usize;
+    let flags = read_u32(16)?;
     // The limits are applied last, after the steps, which a low open-files or CPU limit
     // could otherwise break.
-    let limits_at = 16;
+    let limits_at = 20;
     let mut at = limits_at + 20 * limits;
     let steps = job.get(at..at + steps_len).ok_or(invalid)?;
     at += steps_len;
@@ -502,6 +551,9 @@ unsafe fn apply_job(
         steps::run(steps, scratch)?;
         if libc::chdir(cwd) != 0 {
             return Err((last_errno(), STAGE_CWD));
+        }
+        if flags & KEEP_CHANNEL != 0 && libc::fcntl(CHANNEL_FD, libc::F_SETFD, 0) != 0 {
+            return Err((last_errno(), STAGE_LAUNCHER));
         }
         for limit in 0..limits {
             let at = limits_at + 20 * limit;
@@ -560,6 +612,7 @@ mod tests {
             cwd: dir.path(),
             rlimits: &rlimits,
             steps: &[],
+            keep_channel: false,
         }
         .encode()
         .unwrap();
@@ -579,6 +632,40 @@ mod tests {
     }
 
     #[test]
+    fn only_a_job_that_keeps_the_channel_has_it_open_after_exec() {
+        let script: Vec<OsString> = vec![
+            "-c".into(),
+            "if { true >&5; } 2>/dev/null; then echo open; printf 'over the channel' >&5; else echo closed; fi".into(),
+        ];
+        for keep_channel in [true, false] {
+            let job = Job {
+                program: Path::new("/bin/sh"),
+                args: &script,
+                env: &[],
+                cwd: Path::new("/"),
+                rlimits: &[],
+                steps: &[],
+                keep_channel,
+            }
+            .encode()
+            .unwrap();
+            let launched = Launcher::fork(None, false).unwrap().launch(&job).unwrap();
+            drop(launched.stdin);
+            let stdout = read_all(launched.stdout);
+            let channel = read_all(launched.channel);
+            assert_eq!(reap(launched.pid), 0);
+            if keep_channel {
+                assert_eq!(
+                    (stdout.trim(), channel.as_str()),
+                    ("open", "over the channel")
+                );
+            } else {
+                assert_eq!((stdout.trim(), channel.as_str()), ("closed", ""));
+            }
+        }
+    }
+
+    #[test]
     fn a_missing_program_is_reported_by_name() {
         let job = Job {
             program: Path::new("/nonexistent/interpreter"),
@@ -587,6 +674,7 @@ mod tests {
             cwd: Path::new("/"),
             rlimits: &[],
             steps: &[],
+            keep_channel: false,
         }
         .encode()
         .unwrap();

@@ -27,7 +27,7 @@ use kowalski_exo_common::proto::IsolationLevel;
 
 pub use cgroup::{CgroupLimits, CgroupRoot, RunCgroup};
 pub use confine::{Confinement, runtime_tree};
-pub use launcher::{Job, Launched, Launcher, MAX_JOB_BYTES, Rlimit};
+pub use launcher::{CHANNEL_FD, Job, Launched, Launcher, MAX_JOB_BYTES, Rlimit};
 pub use layers::Layers;
 use pool::LauncherPool;
 pub use run_users::DEFAULT_BASE as DEFAULT_RUN_UID_BASE;
@@ -78,6 +78,8 @@ pub struct Command<'a> {
     pub env: &'a [(&'static str, OsString)],
     pub cwd: &'a Path,
     pub confinement: Confinement<'a>,
+    /// Keep the channel to the agent open in the program (a session's interpreter).
+    pub keep_channel: bool,
 }
 
 impl Sandbox {
@@ -257,6 +259,7 @@ impl Sandbox {
             cwd: command.cwd,
             rlimits: &rlimits,
             steps: steps.as_bytes(),
+            keep_channel: command.keep_channel,
         }
         .encode()?;
         let isolate_network = self.layers.network && !command.confinement.network;

@@ -1,0 +1,50 @@
+# Kowalski Exo session driver for bash: runs the cells the node agent sends over the channel (a
+# socket at the descriptor given as the first argument) in one shell, so variables, functions
+# and the working directory persist; `llm_query PROMPT` asks the session's default model. Frames
+# as in the Python driver: a header line "KIND ID LENGTH\n", then LENGTH bytes of payload.
+__kx_fd=$1
+__kx_max=$2
+__kx_ids=0
+
+__kx_send() { # KIND ID PAYLOAD
+  local LC_ALL=C
+  printf '%s %s %s\n%s' "$1" "$2" "${#3}" "$3" >&"$__kx_fd"
+}
+
+__kx_read() { # sets __kx_kind, __kx_id, __kx_payload
+  local LC_ALL=C __kx_len
+  IFS=' ' read -r __kx_kind __kx_id __kx_len <&"$__kx_fd" || return 1
+  __kx_payload=
+  if [ "$__kx_len" -gt 0 ]; then
+    IFS= read -r -d '' -N "$__kx_len" __kx_payload <&"$__kx_fd"
+  fi
+  return 0
+}
+
+# llm_query PROMPT: prints the default model's answer ("Error: ..." when it failed).
+llm_query() {
+  local LC_ALL=C
+  if [ "${#1}" -gt "$__kx_max" ]; then
+    echo "llm_query: the prompt takes ${#1} bytes, over the session's limit of $__kx_max" >&2
+    return 2
+  fi
+  __kx_ids=$((__kx_ids + 1))
+  __kx_send ask "$__kx_ids" "$1"
+  __kx_read || return 1
+  printf '%s\n' "$__kx_payload"
+}
+
+__kx_cell() {
+  trap 'trap - INT; return 130' INT
+  eval "$1"
+}
+
+trap ':' INT
+__kx_send ready 0 "{\"version\":\"${BASH_VERSION%%(*}\"}"
+while __kx_read; do
+  [ "$__kx_kind" = exec ] || continue
+  __kx_cell "$__kx_payload"
+  __kx_status=$?
+  trap ':' INT
+  __kx_send done "$__kx_id" "{\"status\":\"exit\",\"exit_code\":$__kx_status}"
+done
