@@ -44,6 +44,23 @@ impl Language {
         Language::C,
     ];
 
+    /// The languages sessions hold warm interpreters for.
+    pub const IN_SESSIONS: [Language; 3] = [Language::Python, Language::Javascript, Language::Bash];
+
+    /// Whether sessions hold an interpreter for this language.
+    pub fn in_sessions(self) -> bool {
+        Self::IN_SESSIONS.contains(&self)
+    }
+
+    /// The names of the languages sessions hold, for messages.
+    pub fn session_names() -> String {
+        Self::IN_SESSIONS
+            .iter()
+            .map(|l| l.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// The canonical name, used on the wire and in output.
     pub fn name(self) -> &'static str {
         match self {

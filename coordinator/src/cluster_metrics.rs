@@ -29,6 +29,8 @@ pub const ANSWERS: &str = "kowalski_chat_answers_total";
 pub const TOKENS: &str = "kowalski_tokens_generated_total";
 /// Answers moved to another node mid-answer (`model`).
 pub const FAILOVERS: &str = "kowalski_chat_failovers_total";
+/// Sessions opened again on another node, their executions replayed there.
+pub const SESSION_MOVES: &str = "kowalski_session_moves_total";
 /// From a chat request to its first token (`model`).
 pub const TIME_TO_FIRST_TOKEN: &str = "kowalski_time_to_first_token_seconds";
 
@@ -81,6 +83,10 @@ fn describe() {
         "Chat answers ended, by model and outcome (finished, failed, rejected, cancelled, refused)."
     );
     describe_counter!(TOKENS, "Completion tokens sent to callers, by model.");
+    describe_counter!(
+        SESSION_MOVES,
+        "Sessions opened again on another node, their executions replayed there."
+    );
     describe_counter!(
         FAILOVERS,
         "Answers moved to another node mid-answer, by model."

@@ -1,6 +1,6 @@
 //! Errors of the coordinator's services, and their one mapping to gRPC status codes.
 
-use kowalski_exo_common::{language::UnknownLanguage, request_size::OversizedRequest};
+use kowalski_exo_common::{Language, language::UnknownLanguage, request_size::OversizedRequest};
 use tonic::Status;
 
 use crate::{registry::NodeLookupError, scheduling::placement::Unplaceable};
@@ -19,6 +19,14 @@ pub enum CoordinatorError {
     Unplaceable(#[from] Unplaceable),
     #[error(transparent)]
     NodeLookup(#[from] NodeLookupError),
+    #[error(
+        "sessions hold {} interpreters; {} has none: run it without a session",
+        Language::session_names(),
+        .0
+    )]
+    NoSessionLanguage(Language),
+    #[error("'{0}' cannot name a session: use 1 to 128 letters, digits, '.', '_' and '-'")]
+    SessionName(String),
     /// An agent's registry stream broke the protocol.
     #[error("{0}")]
     Registration(&'static str),
@@ -32,6 +40,8 @@ impl From<CoordinatorError> for Status {
             | CoordinatorError::UnknownLanguage(_)
             | CoordinatorError::Oversized(_)
             | CoordinatorError::Registration(_)
+            | CoordinatorError::NoSessionLanguage(_)
+            | CoordinatorError::SessionName(_)
             | CoordinatorError::NodeLookup(NodeLookupError::Ambiguous(_)) => {
                 Status::invalid_argument(message)
             }

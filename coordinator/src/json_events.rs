@@ -45,8 +45,12 @@ pub fn skip_name(kind: SkipKind) -> &'static str {
 /// fields are left out.
 #[derive(Serialize, Debug, Default, PartialEq)]
 pub struct EventLine {
-    /// queued, placed, output, retrying, finished, skipped (or error, see [`ErrorLine`]).
+    /// queued, placed, output, retrying, session_moved, finished, skipped (or error, see
+    /// [`ErrorLine`]).
     pub event: &'static str,
+    /// The session the execution ran in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub block: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -78,6 +82,18 @@ pub struct EventLine {
     /// Why a block was skipped: no_language, no_node, invalid or not_run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skip: Option<&'static str>,
+    /// session_moved: the node the session left (empty when that node had forgotten it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// session_moved: the node it lives on now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// session_moved: executions replayed there, whose output is not shown again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replayed: Option<u32>,
+    /// finished, in a session: the interpreter started afresh; what it held is gone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_lost: Option<bool>,
 }
 
 fn stream_name(stream: OutputStream) -> &'static str {
@@ -152,9 +168,18 @@ impl EventLine {
                         _ => None,
                     },
                     wall_ms: result.map(|r| r.wall_micros as f64 / 1000.0),
+                    state_lost: result.and_then(|r| r.state_lost.then_some(true)),
                     ..base
                 }
             }
+            Event::SessionMoved(m) => EventLine {
+                event: "session_moved",
+                session: Some(m.session.clone()),
+                from: Some(m.from_node.clone()),
+                to: Some(m.to_node.clone()),
+                replayed: Some(m.executions_replayed),
+                ..base
+            },
             Event::Skipped(s) => EventLine {
                 event: "skipped",
                 line: Some(s.line),

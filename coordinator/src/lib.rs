@@ -5,6 +5,7 @@
 //! - [`scheduling`]: placement (a pure choice of node), dispatch (running code there, with
 //!   failover to another node), and documents (a Markdown file's blocks in order).
 //! - [`inference`]: the cluster's models, and chat answers that survive a node dying mid-answer.
+//! - [`sessions`]: named sessions placed like runs, moved with their history when a node dies.
 //! - [`codeblocks`]: fenced code blocks out of LLM output.
 //! - [`service`]: what clients can ask of the cluster, whatever the transport.
 //! - [`http`]: the HTTP API (health, metrics, OpenAI-, Ollama- and Anthropic-compatible chat
@@ -29,3 +30,4 @@ pub mod registry;
 pub mod scheduling;
 pub mod server;
 pub mod service;
+pub mod sessions;

@@ -9,8 +9,10 @@ use kowalski_exo_common::{
     error_text::error_chain,
     isolation,
     proto::{
-        ClusterEvent, ClusterExecuteRequest, ExecLimits, ExecuteRequest, IsolationLayer,
-        PlacementConstraints, PlanRequest, RunBlocksRequest,
+        ClusterEvent, ClusterExecuteRequest, ClusterOpenSessionRequest,
+        ClusterSessionExecuteRequest, ExecLimits, ExecuteRequest, IsolationLayer,
+        OpenSessionRequest, PlacementConstraints, PlanRequest, RunBlocksRequest,
+        SessionExecuteRequest,
     },
     security::files,
     shutdown::ShutdownSignals,
@@ -23,7 +25,7 @@ use kowalski_exo_coordinator::{
         follow::{FollowOptions, follow},
         inference, nodes, plan,
         request::{check_markdown, limits, parse_timeout, program_stdin, read_text},
-        trust,
+        sessions, trust,
     },
     inference::chat::DEFAULT_STALL_TIMEOUT,
     server::{self, CoordinatorConfig, TlsSetup},
@@ -153,6 +155,16 @@ enum Command {
         /// The prompt ("-" or none: standard input).
         prompt: Option<String>,
     },
+    /// List the open sessions.
+    Sessions {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Manage one session.
+    Session {
+        #[command(subcommand)]
+        action: SessionAction,
+    },
     /// Give a node no new work; running work finishes.
     Drain {
         #[command(flatten)]
@@ -184,6 +196,16 @@ enum CertAction {
         /// The client's name, as `cert issue --client` was given it.
         #[arg(long = "client", value_name = "NAME")]
         name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SessionAction {
+    /// End a session: its interpreters stop and its work directory is removed.
+    Close {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
 }
 
@@ -301,6 +323,10 @@ struct RunArgs {
     /// output shows too, marked where it stops).
     #[arg(long)]
     stream: bool,
+    /// Run in this named session (opened on first use): a warm interpreter that keeps
+    /// variables, imports and the working directory across executions (python, js, bash).
+    #[arg(long, value_name = "NAME")]
+    session: Option<String>,
 }
 
 impl RunArgs {
@@ -321,11 +347,42 @@ impl RunArgs {
         )
     }
 
+    /// An execution in a named session; the limits other than timeout and output are the
+    /// session's, used when it is opened.
+    fn session_request(
+        &self,
+        session: String,
+        language: String,
+        code: String,
+    ) -> ClusterSessionExecuteRequest {
+        ClusterSessionExecuteRequest {
+            execution: Some(SessionExecuteRequest {
+                session_id: session,
+                language,
+                code,
+                timeout_ms: self.timeout,
+                output_bytes: self.output_limit,
+                ..Default::default()
+            }),
+            open: Some(ClusterOpenSessionRequest {
+                session: Some(OpenSessionRequest {
+                    limits: self.limits(),
+                    network: self.network,
+                    ..Default::default()
+                }),
+                placement: Some(self.constraints()),
+                wait_for_nodes_ms: self.wait_for_nodes,
+            }),
+            max_attempts: self.attempts,
+        }
+    }
+
     fn follow_options(&self, json: bool, blocks: bool) -> FollowOptions {
         FollowOptions {
             json,
             blocks,
             stream: self.stream || std::io::stdout().is_terminal(),
+            session: self.session.clone(),
         }
     }
 }
@@ -441,6 +498,22 @@ async fn main() -> ExitCode {
             };
             (result, client.json)
         }
+        Command::Sessions { client } => (
+            with_client(&client.dial(), |c, addr| async move {
+                sessions::list(c, &addr, client.json).await
+            })
+            .await,
+            client.json,
+        ),
+        Command::Session {
+            action: SessionAction::Close { name, client },
+        } => (
+            with_client(&client.dial(), |c, addr| async move {
+                sessions::close(c, &addr, name, client.json).await
+            })
+            .await,
+            client.json,
+        ),
         Command::Drain { client, node } => (
             with_client(&client.dial(), |c, addr| async move {
                 nodes::set_draining(c, &addr, node, true, client.json).await
@@ -502,6 +575,19 @@ async fn exec(
         (None, Some(file)) => read_text(file)?,
         (None, None) => return Err(Failure::usage("give the code with -c CODE or a FILE")),
     };
+    if let Some(session) = run.session.clone() {
+        if !args.is_empty() || stdin.is_some() {
+            return Err(Failure::usage(
+                "code in a session takes no arguments or standard input",
+            ));
+        }
+        let request = run.session_request(session, language, code);
+        let options = run.follow_options(client.json, false);
+        return follow_call(client, options, |mut c| async move {
+            c.execute_in_session(request).await
+        })
+        .await;
+    }
     let request = ClusterExecuteRequest {
         execution: Some(ExecuteRequest {
             language,
@@ -554,6 +640,7 @@ async fn run_document(
         max_attempts: run.attempts,
         wait_for_nodes_ms: run.wait_for_nodes,
         network: run.network,
+        session: run.session.clone().unwrap_or_default(),
     };
     let options = run.follow_options(client.json, true);
     follow_call(client, options, |mut c| async move {

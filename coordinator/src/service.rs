@@ -7,8 +7,9 @@ use std::{collections::BTreeMap, time::Duration};
 use kowalski_exo_common::{
     Language,
     proto::{
-        ChatEvent, ChatRequest, ClusterEvent, ClusterExecuteRequest, ClusterModel, IsolationLayer,
-        NodeInfo, PlacementConstraints, PlannedBlock, RunBlocksRequest,
+        ChatEvent, ChatRequest, ClusterEvent, ClusterExecuteRequest, ClusterModel,
+        ClusterOpenSessionRequest, IsolationLayer, NodeInfo, OpenSessionRequest,
+        PlacementConstraints, PlannedBlock, RunBlocksRequest,
     },
     request_size,
 };
@@ -22,9 +23,10 @@ use crate::{
     registry::NodeRegistry,
     scheduling::{
         dispatch::{Dispatcher, Outcome, RunSpec, bounded_timeout},
-        document::{self, BlockDefaults},
+        document::{self, BlockDefaults, DocumentSession},
         placement::{Requirements, candidates, place},
     },
+    sessions::ClusterSessions,
 };
 
 /// Events buffered per stream before a slow client holds the run back.
@@ -43,11 +45,21 @@ pub type ChatReceiver = mpsc::Receiver<Result<ChatEvent, Status>>;
 pub struct ClusterService {
     dispatcher: Dispatcher,
     chats: Chats,
+    sessions: ClusterSessions,
 }
 
 impl ClusterService {
     pub fn new(dispatcher: Dispatcher, chats: Chats) -> Self {
-        ClusterService { dispatcher, chats }
+        ClusterService {
+            sessions: ClusterSessions::new(dispatcher.clone()),
+            dispatcher,
+            chats,
+        }
+    }
+
+    /// The cluster's named sessions.
+    pub fn sessions(&self) -> &ClusterSessions {
+        &self.sessions
     }
 
     /// Every model some node serves, with the nodes serving it.
@@ -158,13 +170,29 @@ impl ClusterService {
         let wait = Duration::from_millis(request.wait_for_nodes_ms.into());
         let (events, receiver) = mpsc::channel(EVENT_BUFFER);
         let dispatcher = self.dispatcher.clone();
+        let sessions = self.sessions.clone();
         tokio::spawn(async move {
+            let open = (!request.session.is_empty()).then(|| ClusterOpenSessionRequest {
+                session: Some(OpenSessionRequest {
+                    session_id: request.session.clone(),
+                    limits: request.limits,
+                    network: request.network,
+                    ..Default::default()
+                }),
+                placement: request.placement.clone(),
+                wait_for_nodes_ms: request.wait_for_nodes_ms,
+            });
+            let session = open.map(|open| DocumentSession {
+                sessions: &sessions,
+                open,
+            });
             document::run(
                 &dispatcher,
                 &blocks,
                 &defaults,
                 request.keep_going,
                 wait,
+                session.as_ref(),
                 &events,
             )
             .await;

@@ -68,7 +68,7 @@ pub enum SessionError {
     InvalidName(String),
     #[error(
         "sessions hold {} interpreters; {} has none: run it without a session",
-        crate::sessions::session_language_names(),
+        Language::session_names(),
         .0
     )]
     NoInterpreter(Language),

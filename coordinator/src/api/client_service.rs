@@ -4,9 +4,11 @@
 use std::{pin::Pin, time::Duration};
 
 use kowalski_exo_common::proto::{
-    ChatEvent, ChatRequest, ClusterEvent, ClusterExecuteRequest, DrainRequest, DrainResponse,
-    ListModelsRequest, ListModelsResponse, ListNodesRequest, ListNodesResponse, PlanRequest,
-    PlanResponse, RunBlocksRequest, coordinator_server::Coordinator,
+    ChatEvent, ChatRequest, CloseSessionRequest, ClusterEvent, ClusterExecuteRequest,
+    ClusterOpenSessionRequest, ClusterSessionExecuteRequest, ClusterSessionInfo, DrainRequest,
+    DrainResponse, ListClusterSessionsResponse, ListModelsRequest, ListModelsResponse,
+    ListNodesRequest, ListNodesResponse, ListSessionsRequest, PlanRequest, PlanResponse,
+    RunBlocksRequest, coordinator_server::Coordinator,
 };
 use tokio::time::Instant;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
@@ -54,6 +56,7 @@ impl Coordinator for ClientService {
     type ExecuteStream = EventStream;
     type RunBlocksStream = EventStream;
     type ChatStream = ChatStream;
+    type ExecuteInSessionStream = EventStream;
 
     async fn list_nodes(
         &self,
@@ -124,6 +127,39 @@ impl Coordinator for ClientService {
         let deadline = deadline_at(request.metadata());
         let events = self.cluster.chat(request.into_inner(), deadline)?;
         Ok(Response::new(Box::pin(ReceiverStream::new(events))))
+    }
+
+    async fn open_session(
+        &self,
+        request: Request<ClusterOpenSessionRequest>,
+    ) -> Result<Response<ClusterSessionInfo>, Status> {
+        let info = self.cluster.sessions().open(request.into_inner()).await?;
+        Ok(Response::new(info))
+    }
+
+    async fn execute_in_session(
+        &self,
+        request: Request<ClusterSessionExecuteRequest>,
+    ) -> Result<Response<Self::ExecuteInSessionStream>, Status> {
+        let events = self.cluster.sessions().execute(request.into_inner())?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(events))))
+    }
+
+    async fn close_session(
+        &self,
+        request: Request<CloseSessionRequest>,
+    ) -> Result<Response<ClusterSessionInfo>, Status> {
+        let name = request.into_inner().session_id;
+        Ok(Response::new(self.cluster.sessions().close(&name).await?))
+    }
+
+    async fn list_sessions(
+        &self,
+        _request: Request<ListSessionsRequest>,
+    ) -> Result<Response<ListClusterSessionsResponse>, Status> {
+        Ok(Response::new(ListClusterSessionsResponse {
+            sessions: self.cluster.sessions().list(),
+        }))
     }
 }
 

@@ -23,13 +23,15 @@ use super::{
 use crate::json_events::{EventLine, status_name};
 
 /// How to show a stream.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct FollowOptions {
     pub json: bool,
     /// A RunBlocks stream (blocks are announced and numbered).
     pub blocks: bool,
     /// Write output as it comes rather than once its attempt finished.
     pub stream: bool,
+    /// The session the code runs in, named in JSON lines.
+    pub session: Option<String>,
 }
 
 /// Output chunks in the order they came, each with its stream.
@@ -105,8 +107,9 @@ impl<O: Write, E: Write> Follower<O, E> {
         };
         let block = event.block;
         if self.options.json
-            && let Some(line) = EventLine::from_event(event, self.options.blocks)
+            && let Some(mut line) = EventLine::from_event(event, self.options.blocks)
         {
+            line.session = line.session.or_else(|| self.options.session.clone());
             print_json(&line);
         }
         match inner {
@@ -154,6 +157,17 @@ impl<O: Write, E: Write> Follower<O, E> {
                         r.attempt, r.node_name, r.reason
                     )?;
                 }
+            }
+            Event::SessionMoved(m) if !self.options.json => {
+                let from = match m.from_node.as_str() {
+                    "" => String::new(),
+                    from => format!(" from {from}"),
+                };
+                writeln!(
+                    self.err,
+                    "{PREFIX} session {} moved{from} to {}: {} executions replayed there",
+                    m.session, m.to_node, m.executions_replayed
+                )?;
             }
             Event::Finished(f) => {
                 self.open.remove(&block);
@@ -440,6 +454,7 @@ mod tests {
         json: false,
         blocks: false,
         stream: false,
+        session: None,
     };
 
     fn failover() -> Vec<ClusterEvent> {

@@ -8,6 +8,7 @@ pub mod inference;
 pub mod nodes;
 pub mod plan;
 pub mod request;
+pub mod sessions;
 pub mod trust;
 
 use kowalski_exo_common::{

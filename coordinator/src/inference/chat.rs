@@ -557,6 +557,26 @@ mod tests {
                 }
             })
         }
+
+        async fn open_session(
+            &self,
+            _agent: &Attempt,
+            _request: kowalski_exo_common::proto::OpenSessionRequest,
+        ) -> Result<kowalski_exo_common::proto::SessionInfo, Status> {
+            Err(Status::unimplemented("these agents only generate"))
+        }
+
+        async fn execute_in_session(
+            &self,
+            _agent: &Attempt,
+            _request: kowalski_exo_common::proto::SessionExecuteRequest,
+        ) -> Result<crate::scheduling::agents::ExecStream, Status> {
+            Err(Status::unimplemented("these agents only generate"))
+        }
+
+        async fn close_session(&self, _agent: &Attempt, _session_id: &str) -> Result<(), Status> {
+            Err(Status::unimplemented("these agents only generate"))
+        }
     }
 
     /// A registry whose nodes each serve model `m` with a working backend that continues a

@@ -303,6 +303,13 @@ impl NodeRegistry {
             .collect()
     }
 
+    /// A node's state now, if the coordinator knows it.
+    pub fn state(&self, id: &str) -> Option<NodeState> {
+        let inner = self.lock();
+        let node = inner.nodes.get(id)?;
+        Some(assess(&node.observation, Instant::now(), &self.config))
+    }
+
     /// The address to dial a node at.
     pub fn address(&self, id: &str) -> Option<String> {
         self.lock()

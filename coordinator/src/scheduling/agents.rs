@@ -9,8 +9,8 @@ use std::{
 
 use kowalski_exo_common::{
     proto::{
-        ExecEvent, ExecuteRequest, GenerateEvent, GenerateRequest,
-        node_agent_client::NodeAgentClient,
+        CloseSessionRequest, ExecEvent, ExecuteRequest, GenerateEvent, GenerateRequest,
+        OpenSessionRequest, SessionExecuteRequest, SessionInfo, node_agent_client::NodeAgentClient,
     },
     security::node_dns_name,
     transport::{self, ClientTls},
@@ -39,6 +39,23 @@ pub trait AgentConnector: Send + Sync + 'static {
         agent: &Attempt,
         request: GenerateRequest,
     ) -> Result<GenerateStream, Status>;
+
+    /// Calls `NodeAgent.OpenSession` on the attempt's agent.
+    async fn open_session(
+        &self,
+        agent: &Attempt,
+        request: OpenSessionRequest,
+    ) -> Result<SessionInfo, Status>;
+
+    /// Calls `NodeAgent.ExecuteInSession` on the attempt's agent.
+    async fn execute_in_session(
+        &self,
+        agent: &Attempt,
+        request: SessionExecuteRequest,
+    ) -> Result<ExecStream, Status>;
+
+    /// Calls `NodeAgent.CloseSession` on the attempt's agent.
+    async fn close_session(&self, agent: &Attempt, session_id: &str) -> Result<(), Status>;
 }
 
 /// gRPC channels to agents, one per address and node, connected lazily and reused. With TLS,
@@ -99,5 +116,36 @@ impl AgentConnector for GrpcAgents {
         let mut client = self.client(agent)?;
         let stream = client.generate(request).await?.into_inner();
         Ok(Box::pin(stream))
+    }
+
+    async fn open_session(
+        &self,
+        agent: &Attempt,
+        request: OpenSessionRequest,
+    ) -> Result<SessionInfo, Status> {
+        Ok(self
+            .client(agent)?
+            .open_session(request)
+            .await?
+            .into_inner())
+    }
+
+    async fn execute_in_session(
+        &self,
+        agent: &Attempt,
+        request: SessionExecuteRequest,
+    ) -> Result<ExecStream, Status> {
+        let mut client = self.client(agent)?;
+        let stream = client.execute_in_session(request).await?.into_inner();
+        Ok(Box::pin(stream))
+    }
+
+    async fn close_session(&self, agent: &Attempt, session_id: &str) -> Result<(), Status> {
+        self.client(agent)?
+            .close_session(CloseSessionRequest {
+                session_id: session_id.to_string(),
+            })
+            .await?;
+        Ok(())
     }
 }

@@ -102,6 +102,10 @@ impl Dispatcher {
         &self.registry
     }
 
+    pub fn agents(&self) -> &Arc<dyn AgentConnector> {
+        &self.agents
+    }
+
     /// Fails early when no node could ever take the run. While the cluster has no live node, or
     /// the pinned node has not joined, waits until `wait_until` for one, so a client started
     /// together with its cluster finds it.
@@ -406,6 +410,26 @@ mod tests {
         ) -> Result<crate::scheduling::agents::GenerateStream, Status> {
             Err(Status::unimplemented("these agents only run code"))
         }
+
+        async fn open_session(
+            &self,
+            _agent: &Attempt,
+            _request: kowalski_exo_common::proto::OpenSessionRequest,
+        ) -> Result<kowalski_exo_common::proto::SessionInfo, Status> {
+            Err(Status::unimplemented("these agents only run code"))
+        }
+
+        async fn execute_in_session(
+            &self,
+            _agent: &Attempt,
+            _request: kowalski_exo_common::proto::SessionExecuteRequest,
+        ) -> Result<crate::scheduling::agents::ExecStream, Status> {
+            Err(Status::unimplemented("these agents only run code"))
+        }
+
+        async fn close_session(&self, _agent: &Attempt, _session_id: &str) -> Result<(), Status> {
+            Err(Status::unimplemented("these agents only run code"))
+        }
     }
 
     fn address(node: &str) -> String {
@@ -488,6 +512,7 @@ mod tests {
                 Event::Retrying(r) => format!("retrying {} #{}", r.node_name, r.attempt),
                 Event::Finished(f) => format!("finished {} #{}", f.node_name, f.attempt),
                 Event::Skipped(_) => "skipped".to_string(),
+                Event::SessionMoved(m) => format!("moved to {}", m.to_node),
             })
             .collect()
     }

@@ -6,8 +6,9 @@ use std::{collections::BTreeMap, time::Duration};
 
 use kowalski_exo_common::{
     proto::{
-        BlockSkipped, ClusterEvent, ExecStatus, ExecuteRequest, IsolationLayer, PlannedBlock,
-        RunBlocksRequest, SkipKind, cluster_event::Event,
+        BlockSkipped, ClusterEvent, ClusterOpenSessionRequest, ExecStatus, ExecuteRequest,
+        IsolationLayer, PlannedBlock, RunBlocksRequest, SessionExecuteRequest, SkipKind,
+        cluster_event::Event,
     },
     request_size,
 };
@@ -17,7 +18,10 @@ use super::{
     dispatch::{ClusterSender, Dispatcher, Outcome, RunSpec, bounded_timeout},
     placement::{candidates, place},
 };
-use crate::codeblocks::CodeBlock;
+use crate::{
+    codeblocks::CodeBlock,
+    sessions::{ClusterSessions, Position},
+};
 
 /// Why a block does not run.
 #[derive(Clone, Debug, PartialEq)]
@@ -167,6 +171,12 @@ pub fn plan(
         .collect()
 }
 
+/// The session a document's blocks run in (those in languages sessions hold).
+pub struct DocumentSession<'a> {
+    pub sessions: &'a ClusterSessions,
+    pub open: ClusterOpenSessionRequest,
+}
+
 /// Runs the blocks in order. A block that fails (or cannot run) stops the rest unless
 /// `keep_going`; every block left unrun is reported as such. The wait for nodes to join is one
 /// budget for the whole document.
@@ -176,6 +186,7 @@ pub async fn run(
     defaults: &BlockDefaults,
     keep_going: bool,
     wait_for_nodes: Duration,
+    session: Option<&DocumentSession<'_>>,
     events: &ClusterSender,
 ) {
     let mut stopped_at: Option<&CodeBlock> = None;
@@ -217,7 +228,7 @@ pub async fn run(
                 }
                 !skip.stops()
             }
-            Ok(spec) => match dispatcher.run(&spec, events).await {
+            Ok(spec) => match run_one(dispatcher, &spec, session, events).await {
                 Outcome::Finished(result) => result.status() == ExecStatus::Ok,
                 Outcome::Cancelled => return,
                 Outcome::Failed(_) => false,
@@ -237,6 +248,50 @@ pub async fn run(
         if !succeeded && !keep_going {
             stopped_at = Some(block);
         }
+    }
+}
+
+/// Runs one block: in the document's session when it has one that holds the block's language,
+/// else on its own.
+async fn run_one(
+    dispatcher: &Dispatcher,
+    spec: &RunSpec,
+    session: Option<&DocumentSession<'_>>,
+    events: &ClusterSender,
+) -> Outcome {
+    let Some(session) = session.filter(|_| spec.language.in_sessions()) else {
+        return dispatcher.run(spec, events).await;
+    };
+    let open = session.open.session.clone().unwrap_or_default();
+    let execution = SessionExecuteRequest {
+        session_id: open.session_id,
+        language: spec.execution.language.clone(),
+        code: spec.execution.code.clone(),
+        timeout_ms: spec.execution.timeout_ms,
+        output_bytes: spec
+            .execution
+            .limits
+            .map(|l| l.output_bytes)
+            .unwrap_or_default(),
+        run_id: spec.execution.run_id.clone(),
+    };
+    let position = Position {
+        block: spec.block,
+        line: spec.line,
+    };
+    match session
+        .sessions
+        .run_block(
+            &session.open,
+            execution,
+            spec.max_attempts,
+            position,
+            events,
+        )
+        .await
+    {
+        Ok(outcome) => outcome,
+        Err(e) => Outcome::Rejected(e.into()),
     }
 }
 

@@ -20,10 +20,6 @@ pub struct DriverInvocation {
     pub address_space_rlimit: bool,
 }
 
-/// The languages sessions hold interpreters for.
-pub const SESSION_LANGUAGES: [Language; 3] =
-    [Language::Python, Language::Javascript, Language::Bash];
-
 /// The arguments that make `language`'s runtime the session driver; `None` for a language
 /// without one. `max_frame` bounds what the code may send the agent in one frame.
 pub fn invocation(language: Language, max_frame: usize) -> Option<DriverInvocation> {
@@ -40,13 +36,4 @@ pub fn invocation(language: Language, max_frame: usize) -> Option<DriverInvocati
         args: args.into_iter().map(OsString::from).collect(),
         address_space_rlimit,
     })
-}
-
-/// The names of the languages sessions hold, for messages.
-pub fn session_language_names() -> String {
-    SESSION_LANGUAGES
-        .iter()
-        .map(|l| l.name())
-        .collect::<Vec<_>>()
-        .join(", ")
 }

@@ -98,7 +98,7 @@ impl Interpreter {
         let invocation = driver::invocation(language, place.max_frame).ok_or_else(|| {
             StartError::Failed(format!(
                 "sessions hold {} interpreters, not {language}",
-                driver::session_language_names()
+                Language::session_names()
             ))
         })?;
         let (executable, runtime_version) = place.executor.runtime(language)?;

@@ -31,7 +31,6 @@ use kowalski_exo_common::{
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-pub use driver::{SESSION_LANGUAGES, session_language_names};
 pub use interpreter::{INTERRUPT_GRACE, StartError};
 
 use crate::{
@@ -443,7 +442,7 @@ fn info(id: &str, entry: &Entry) -> proto::SessionInfo {
 /// A language sessions hold an interpreter for.
 fn session_language(name: &str) -> Result<Language, SessionError> {
     let language = Language::parse(name).map_err(ExecError::from)?;
-    if !SESSION_LANGUAGES.contains(&language) {
+    if !language.in_sessions() {
         return Err(SessionError::NoInterpreter(language));
     }
     Ok(language)

@@ -1,0 +1,250 @@
+//! One execution in a cluster session as work for the failover loop: it goes to the session's
+//! node; on any other node (the first use, or after its node was lost) the session is opened
+//! there first and its successful executions replayed, silently, before the code runs.
+
+use kowalski_exo_common::proto::{
+    self, ClusterEvent, ExecStatus, OpenSessionRequest, Placed, Queued, Retrying,
+    SessionExecuteRequest, SessionMoved, cluster_event::Event, exec_event,
+};
+use metrics::counter;
+use tokio_stream::StreamExt;
+use tonic::{Code, Status};
+
+use super::Record;
+use crate::{
+    cluster_metrics,
+    registry::{NodeRegistry, NodeState},
+    scheduling::{
+        agents::AgentConnector,
+        dispatch::ClusterSender,
+        failover::{Attempt, AttemptEnd, CallerGone, Departure, Work, loss_reason},
+        placement::Requirements,
+    },
+};
+
+/// An execution (or, with no code, the opening alone) in a session.
+pub struct SessionCell<'a> {
+    pub record: &'a mut Record,
+    /// `None` when the session is only being opened.
+    pub execution: Option<SessionExecuteRequest>,
+    pub max_attempts: u32,
+    pub events: &'a ClusterSender,
+    pub agents: &'a dyn AgentConnector,
+    pub registry: &'a NodeRegistry,
+    /// The block of a document and the line of its fence (RunBlocks); 0 for ExecuteInSession.
+    pub position: Position,
+}
+
+/// Where in a document an execution comes from.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Position {
+    pub block: u32,
+    pub line: u32,
+}
+
+impl SessionCell<'_> {
+    async fn send(&self, event: Event) -> Result<(), CallerGone> {
+        self.events
+            .send(Ok(ClusterEvent {
+                block: self.position.block,
+                event: Some(event),
+            }))
+            .await
+            .map_err(|_| CallerGone)
+    }
+
+    /// Opens the session on the attempt's node and replays its history there.
+    async fn open_here(
+        &mut self,
+        attempt: &Attempt,
+    ) -> Result<(), AttemptEnd<proto::ExecFinished>> {
+        let request = OpenSessionRequest {
+            session_id: self.record.name.clone(),
+            ..self.record.open.clone()
+        };
+        let opened = match self.agents.open_session(attempt, request.clone()).await {
+            // Left from an earlier stay on this node: what it holds may be stale.
+            Err(status) if status.code() == Code::AlreadyExists => {
+                let _ = self.agents.close_session(attempt, &self.record.name).await;
+                self.agents.open_session(attempt, request).await
+            }
+            other => other,
+        };
+        if let Err(status) = opened {
+            return Err(classify(status, self.events));
+        }
+        let from = self.record.home.take();
+        for past in self.record.history.clone() {
+            let stream = self.agents.execute_in_session(attempt, past).await;
+            let mut stream = stream.map_err(|status| classify(status, self.events))?;
+            // Replayed output is not shown again.
+            while let Some(event) = stream.next().await {
+                if let Err(status) = event {
+                    return Err(classify(status, self.events));
+                }
+            }
+        }
+        let replayed = self.record.history.len() as u32;
+        self.record.home = Some(attempt.clone());
+        if from.is_some() || replayed > 0 {
+            counter!(cluster_metrics::SESSION_MOVES).increment(1);
+            self.record.moves += 1;
+            let moved = SessionMoved {
+                session: self.record.name.clone(),
+                from_node: from.map(|home| home.node_name).unwrap_or_default(),
+                to_node: attempt.node_name.clone(),
+                executions_replayed: replayed,
+            };
+            tracing::info!(session = %self.record.name, to = %attempt.node_name, replayed, "session moved");
+            if self.send(Event::SessionMoved(moved)).await.is_err() {
+                return Err(AttemptEnd::Cancelled);
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the execution on the session's node, its output passed on tagged with the attempt.
+    async fn run_here(
+        &mut self,
+        attempt: &Attempt,
+        execution: SessionExecuteRequest,
+    ) -> AttemptEnd<proto::ExecFinished> {
+        let mut stream = match self.agents.execute_in_session(attempt, execution).await {
+            Ok(stream) => stream,
+            Err(status) => return classify(status, self.events),
+        };
+        loop {
+            match stream.next().await.transpose() {
+                Ok(Some(proto::ExecEvent { event: Some(event) })) => match event {
+                    exec_event::Event::Started(_) => {}
+                    exec_event::Event::Output(chunk) => {
+                        let output = proto::AttemptOutput {
+                            attempt: attempt.number,
+                            chunk: Some(chunk),
+                        };
+                        if self.send(Event::Output(output)).await.is_err() {
+                            return AttemptEnd::Cancelled;
+                        }
+                    }
+                    exec_event::Event::Finished(finished) => return AttemptEnd::Finished(finished),
+                },
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return AttemptEnd::Lost(
+                        "the node ended the execution without a result".into(),
+                    );
+                }
+                Err(status) => return classify(status, self.events),
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Work for SessionCell<'_> {
+    type Result = proto::ExecFinished;
+
+    fn requirements<'b>(&'b self, exclude: &'b [String]) -> Requirements<'b> {
+        // At home while its node lives; placed anew (within the session's constraints) when not.
+        let home = self.record.home.as_ref().filter(|home| {
+            !exclude.contains(&home.node_id)
+                && self
+                    .registry
+                    .state(&home.node_id)
+                    .is_some_and(|state| state != NodeState::Down)
+        });
+        let language = self
+            .execution
+            .as_ref()
+            .and_then(|e| kowalski_exo_common::Language::parse(&e.language).ok());
+        Requirements {
+            language,
+            node: home
+                .map(|home| home.node_id.as_str())
+                .or(self.record.placement.node.as_deref()),
+            labels: self.record.placement.labels.clone(),
+            isolation: &self.record.placement.isolation,
+            network: self.record.open.network,
+            exclude,
+            ..Default::default()
+        }
+    }
+
+    fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    fn departure(&self) -> Departure {
+        let events = self.events.clone();
+        Box::pin(async move { events.closed().await })
+    }
+
+    async fn queued(&mut self) -> Result<(), CallerGone> {
+        self.send(Event::Queued(Queued {
+            line: self.position.line,
+        }))
+        .await
+    }
+
+    async fn placed(&mut self, attempt: &Attempt) -> Result<(), CallerGone> {
+        self.send(Event::Placed(Placed {
+            node_id: attempt.node_id.clone(),
+            node_name: attempt.node_name.clone(),
+            attempt: attempt.number,
+        }))
+        .await
+    }
+
+    async fn attempt(&mut self, attempt: &Attempt) -> AttemptEnd<proto::ExecFinished> {
+        let at_home = self
+            .record
+            .home
+            .as_ref()
+            .is_some_and(|home| home.node_id == attempt.node_id);
+        if !at_home && let Err(end) = self.open_here(attempt).await {
+            return end;
+        }
+        let Some(execution) = self.execution.clone() else {
+            return AttemptEnd::Finished(proto::ExecFinished {
+                status: ExecStatus::Ok as i32,
+                ..Default::default()
+            });
+        };
+        match self.run_here(attempt, execution.clone()).await {
+            // The node forgot the session (it restarted, or closed it when idle): open it there
+            // again.
+            AttemptEnd::Rejected(status) if status.code() == Code::NotFound => {
+                if let Err(end) = self.open_here(attempt).await {
+                    return end;
+                }
+                self.run_here(attempt, execution).await
+            }
+            end => end,
+        }
+    }
+
+    async fn retrying(&mut self, lost: &Attempt, reason: &str) -> Result<(), CallerGone> {
+        counter!(cluster_metrics::RUN_RETRIES).increment(1);
+        self.send(Event::Retrying(Retrying {
+            attempt: lost.number,
+            node_id: lost.node_id.clone(),
+            node_name: lost.node_name.clone(),
+            reason: reason.to_string(),
+        }))
+        .await
+    }
+}
+
+/// As for runs: infrastructure failures move the session; a bad request does not, and neither
+/// does a session the node does not know (handled by opening it again).
+fn classify(status: Status, events: &ClusterSender) -> AttemptEnd<proto::ExecFinished> {
+    let reason = loss_reason(&status);
+    match status.code() {
+        Code::InvalidArgument | Code::NotFound | Code::AlreadyExists => {
+            AttemptEnd::Rejected(status)
+        }
+        Code::Cancelled if events.is_closed() => AttemptEnd::Cancelled,
+        Code::ResourceExhausted => AttemptEnd::Busy(reason),
+        _ => AttemptEnd::Lost(reason),
+    }
+}

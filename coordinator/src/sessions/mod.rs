@@ -1,0 +1,380 @@
+//! Sessions across the cluster: a named session is placed like a run and then stays on its
+//! node; its executions run there one at a time, in order. The coordinator keeps each session's
+//! successful executions, so when its node dies the session is opened on another node and they
+//! are replayed there ([`cell`]).
+
+mod cell;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use kowalski_exo_common::{
+    Language,
+    proto::{
+        ClusterEvent, ClusterFinished, ClusterOpenSessionRequest, ClusterSessionExecuteRequest,
+        ClusterSessionInfo, ExecFinished, ExecStatus, IsolationLayer, OpenSessionRequest,
+        SessionExecuteRequest, cluster_event::Event,
+    },
+    request_size::{MAX_CODE_BYTES, OversizedRequest},
+};
+use tokio::{sync::mpsc, time::Instant};
+use tonic::Status;
+
+use crate::{
+    error::CoordinatorError,
+    scheduling::{
+        dispatch::{ClusterSender, Dispatcher},
+        failover::{self, Attempt, Outcome},
+    },
+    service::EventReceiver,
+};
+pub use cell::Position;
+use cell::SessionCell;
+
+/// A session unused this long is forgotten (its node closes it after as long).
+pub const IDLE: Duration = Duration::from_secs(600);
+/// Events buffered per execution before a slow client holds it back.
+const EVENT_BUFFER: usize = 64;
+/// Longest session name (as on the agents).
+const MAX_NAME_BYTES: usize = 128;
+
+/// The cluster's sessions.
+#[derive(Clone)]
+pub struct ClusterSessions {
+    dispatcher: Dispatcher,
+    table: Arc<Mutex<HashMap<String, Entry>>>,
+}
+
+#[derive(Clone)]
+struct Entry {
+    record: Arc<tokio::sync::Mutex<Record>>,
+    facts: Arc<Mutex<Facts>>,
+}
+
+/// Where a session may be placed.
+#[derive(Clone, Debug, Default)]
+struct Placement {
+    node: Option<String>,
+    labels: BTreeMap<String, String>,
+    isolation: Vec<IsolationLayer>,
+}
+
+/// A session, behind its lock: executions wait for it in turn.
+pub struct Record {
+    name: String,
+    /// How it is opened on a node (without its name).
+    open: OpenSessionRequest,
+    placement: Placement,
+    /// The node it lives on now; `None` before it is first placed.
+    home: Option<Attempt>,
+    /// Its successful executions, in order, replayed where it moves.
+    history: Vec<SessionExecuteRequest>,
+    moves: u32,
+}
+
+/// What can be said of a session without waiting for its lock.
+#[derive(Clone, Debug)]
+struct Facts {
+    node_id: String,
+    node_name: String,
+    languages: BTreeSet<&'static str>,
+    executions: u64,
+    moves: u32,
+    model: String,
+    /// When its last execution ended; `None` while one runs.
+    idle_since: Option<Instant>,
+}
+
+impl ClusterSessions {
+    pub fn new(dispatcher: Dispatcher) -> Self {
+        ClusterSessions {
+            dispatcher,
+            table: Arc::default(),
+        }
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.table.lock().expect("session table poisoned")
+    }
+
+    /// Forgets sessions idle past [`IDLE`] (their nodes close them after as long).
+    fn forget_idle(&self) {
+        self.table().retain(|_, entry| {
+            let facts = entry.facts.lock().expect("session facts poisoned");
+            facts.idle_since.is_none_or(|since| since.elapsed() < IDLE)
+        });
+    }
+
+    /// The session `open` names, created if it does not exist (`Ok(false)` then says it was
+    /// there already).
+    fn entry(&self, open: &ClusterOpenSessionRequest) -> Result<(Entry, bool), CoordinatorError> {
+        self.forget_idle();
+        let session = open.session.clone().unwrap_or_default();
+        check_name(&session.session_id)?;
+        let mut table = self.table();
+        if let Some(entry) = table.get(&session.session_id) {
+            return Ok((entry.clone(), false));
+        }
+        let placement = open.placement.clone().unwrap_or_default();
+        let record = Record {
+            name: session.session_id.clone(),
+            placement: Placement {
+                isolation: placement.required_layers(),
+                node: (!placement.node.is_empty()).then_some(placement.node),
+                labels: placement.labels.into_iter().collect(),
+            },
+            open: OpenSessionRequest {
+                session_id: String::new(),
+                ..session.clone()
+            },
+            home: None,
+            history: Vec::new(),
+            moves: 0,
+        };
+        let entry = Entry {
+            record: Arc::new(tokio::sync::Mutex::new(record)),
+            facts: Arc::new(Mutex::new(Facts {
+                node_id: String::new(),
+                node_name: String::new(),
+                languages: BTreeSet::new(),
+                executions: 0,
+                moves: 0,
+                model: session.model,
+                idle_since: Some(Instant::now()),
+            })),
+        };
+        table.insert(session.session_id, entry.clone());
+        Ok((entry, true))
+    }
+
+    /// Opens a named session now, on a node placed like a run.
+    pub async fn open(
+        &self,
+        request: ClusterOpenSessionRequest,
+    ) -> Result<ClusterSessionInfo, Status> {
+        let (entry, created) = self.entry(&request)?;
+        let name = request.session.unwrap_or_default().session_id;
+        if !created {
+            return Err(Status::already_exists(format!(
+                "a session named '{name}' is open already"
+            )));
+        }
+        let (events, mut receiver) = mpsc::channel(EVENT_BUFFER);
+        let outcome = self
+            .run(&entry, None, 0, Position::default(), &events)
+            .await;
+        drop(events);
+        while receiver.try_recv().is_ok() {}
+        match outcome {
+            Outcome::Finished(_) => Ok(info(&name, &entry)),
+            Outcome::Failed(error) => {
+                self.table().remove(&name);
+                Err(Status::unavailable(format!(
+                    "cannot open session '{name}': {error}"
+                )))
+            }
+            Outcome::Rejected(status) => {
+                self.table().remove(&name);
+                Err(status)
+            }
+            Outcome::Cancelled => {
+                self.table().remove(&name);
+                Err(Status::cancelled("the client went away"))
+            }
+        }
+    }
+
+    /// Runs code in a named session (opened on first use), streaming its events.
+    pub fn execute(
+        &self,
+        request: ClusterSessionExecuteRequest,
+    ) -> Result<EventReceiver, CoordinatorError> {
+        let execution = request
+            .execution
+            .ok_or(CoordinatorError::MissingField("execution"))?;
+        let language = Language::parse(&execution.language)?;
+        if !language.in_sessions() {
+            return Err(CoordinatorError::NoSessionLanguage(language));
+        }
+        if execution.code.len() > MAX_CODE_BYTES {
+            return Err(OversizedRequest::Code {
+                size: execution.code.len(),
+                limit: MAX_CODE_BYTES,
+            }
+            .into());
+        }
+        let mut open = request.open.unwrap_or_default();
+        let mut session = open.session.unwrap_or_default();
+        session.session_id = execution.session_id.clone();
+        open.session = Some(session);
+        let (entry, _) = self.entry(&open)?;
+        let (events, receiver) = mpsc::channel(EVENT_BUFFER);
+        let sessions = self.clone();
+        tokio::spawn(async move {
+            let outcome = sessions
+                .run(
+                    &entry,
+                    Some(execution),
+                    request.max_attempts,
+                    Position::default(),
+                    &events,
+                )
+                .await;
+            if let Outcome::Rejected(status) = outcome {
+                let _ = events.send(Err(status)).await;
+            }
+        });
+        Ok(receiver)
+    }
+
+    /// Runs a document's block in the session `open` names (opened on first use), streaming
+    /// its events like [`crate::scheduling::dispatch::Dispatcher::run`].
+    pub async fn run_block(
+        &self,
+        open: &ClusterOpenSessionRequest,
+        execution: SessionExecuteRequest,
+        max_attempts: u32,
+        position: Position,
+        events: &ClusterSender,
+    ) -> Result<Outcome<ExecFinished>, CoordinatorError> {
+        let (entry, _) = self.entry(open)?;
+        Ok(self
+            .run(&entry, Some(execution), max_attempts, position, events)
+            .await)
+    }
+
+    /// Runs an execution (or, with none, the opening alone) through the failover loop, then
+    /// records it; sends the finished event.
+    async fn run(
+        &self,
+        entry: &Entry,
+        execution: Option<SessionExecuteRequest>,
+        max_attempts: u32,
+        position: Position,
+        events: &ClusterSender,
+    ) -> Outcome<ExecFinished> {
+        let mut record = tokio::select! {
+            record = entry.record.lock() => record,
+            _ = events.closed() => return Outcome::Cancelled,
+        };
+        entry
+            .facts
+            .lock()
+            .expect("session facts poisoned")
+            .idle_since = None;
+        let registry = self.dispatcher.registry();
+        let mut cell = SessionCell {
+            record: &mut record,
+            execution: execution.clone(),
+            max_attempts,
+            events,
+            agents: self.dispatcher.agents().as_ref(),
+            registry,
+            position,
+        };
+        let (outcome, last) = failover::run(registry, &mut cell).await;
+        if let (Outcome::Finished(finished), Some(execution)) = (&outcome, &execution)
+            && finished.status() == ExecStatus::Ok
+        {
+            record.history.push(execution.clone());
+        }
+        {
+            let mut facts = entry.facts.lock().expect("session facts poisoned");
+            if let Some(home) = &record.home {
+                facts.node_id = home.node_id.clone();
+                facts.node_name = home.node_name.clone();
+            }
+            if let Some(execution) = &execution
+                && let Ok(language) = Language::parse(&execution.language)
+            {
+                facts.languages.insert(language.name());
+                facts.executions += 1;
+            }
+            facts.moves = record.moves;
+            facts.idle_since = Some(Instant::now());
+        }
+        if execution.is_some() {
+            let last = last.unwrap_or_default();
+            let finished = |result, error| ClusterFinished {
+                result,
+                node_id: last.node_id.clone(),
+                node_name: last.node_name.clone(),
+                attempt: last.number,
+                error,
+            };
+            let finished = match &outcome {
+                Outcome::Finished(result) => finished(Some(result.clone()), String::new()),
+                Outcome::Failed(error) => finished(None, error.clone()),
+                Outcome::Rejected(_) | Outcome::Cancelled => return outcome,
+            };
+            let _ = events
+                .send(Ok(ClusterEvent {
+                    block: position.block,
+                    event: Some(Event::Finished(finished)),
+                }))
+                .await;
+        }
+        outcome
+    }
+
+    /// Closes a session on its node and forgets it.
+    pub async fn close(&self, name: &str) -> Result<ClusterSessionInfo, Status> {
+        let entry = self.table().remove(name).ok_or_else(|| {
+            Status::not_found(format!(
+                "no session named '{name}' (sessions unused for {IDLE:?} are closed)"
+            ))
+        })?;
+        let described = info(name, &entry);
+        let record = entry.record.lock().await;
+        if let Some(home) = &record.home
+            && let Err(status) = self.dispatcher.agents().close_session(home, name).await
+        {
+            tracing::info!(session = %name, node = %home.node_name, %status, "the node could not close the session");
+        }
+        Ok(described)
+    }
+
+    pub fn list(&self) -> Vec<ClusterSessionInfo> {
+        self.forget_idle();
+        let mut sessions: Vec<ClusterSessionInfo> = self
+            .table()
+            .iter()
+            .map(|(name, entry)| info(name, entry))
+            .collect();
+        sessions.sort_by(|a, b| a.name.cmp(&b.name));
+        sessions
+    }
+}
+
+fn info(name: &str, entry: &Entry) -> ClusterSessionInfo {
+    let facts = entry.facts.lock().expect("session facts poisoned").clone();
+    ClusterSessionInfo {
+        name: name.to_string(),
+        node_id: facts.node_id,
+        node_name: facts.node_name,
+        languages: facts.languages.iter().map(|l| l.to_string()).collect(),
+        executions: facts.executions,
+        idle_ms: facts
+            .idle_since
+            .map_or(0, |since| since.elapsed().as_millis() as u64),
+        model: facts.model,
+        moves: facts.moves,
+    }
+}
+
+/// A session name: letters, digits, `.`, `_` and `-`, at most 128 bytes.
+fn check_name(name: &str) -> Result<(), CoordinatorError> {
+    let fine = !name.is_empty()
+        && name.len() <= MAX_NAME_BYTES
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if fine {
+        Ok(())
+    } else {
+        Err(CoordinatorError::SessionName(name.to_string()))
+    }
+}

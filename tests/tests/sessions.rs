@@ -1,0 +1,174 @@
+//! Sessions across a real cluster (a coordinator and agents, each its own process): the CLI's
+//! `exec --session`, `run --session`, `sessions` and `session close`, and a session that moves
+//! with its variables when its node is SIGKILLed.
+
+use std::process::Command;
+
+use futures_util::StreamExt;
+use kowalski_exo_common::proto::{
+    ClusterSessionExecuteRequest, ExecStatus, SessionExecuteRequest, cluster_event::Event,
+};
+use kowalski_exo_tests::{Cluster, binary, outcome};
+use nix::sys::signal::Signal;
+
+/// Runs the coordinator CLI against `cluster`; returns (exit code, stdout, stderr).
+fn cli(cluster: &Cluster, args: &[&str]) -> (Option<i32>, String, String) {
+    outcome(
+        Command::new(binary("coordinator"))
+            .args(args)
+            .env("KOWALSKI_COORDINATOR", cluster.url())
+            .output()
+            .unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_runs_code_and_documents_in_named_sessions() {
+    let cluster = Cluster::start(1, 2, &[]).await;
+    let (code, _, err) = cli(
+        &cluster,
+        &["exec", "--session", "nb", "--lang", "py", "-c", "x = 40"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let (code, out, err) = cli(
+        &cluster,
+        &["exec", "--session", "nb", "--lang", "py", "-c", "x + 2"],
+    );
+    assert_eq!((code, out.as_str()), (Some(0), "42\n"), "{err}");
+    let (code, out, _) = cli(
+        &cluster,
+        &[
+            "exec",
+            "--session",
+            "nb",
+            "--lang",
+            "py",
+            "--json",
+            "-c",
+            "print(x)",
+        ],
+    );
+    assert_eq!(code, Some(0));
+    let finished = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|l| l["event"] == "finished")
+        .unwrap();
+    assert_eq!(finished["session"], "nb", "{out}");
+    assert_eq!(finished["status"], "ok", "{out}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let notebook = dir.path().join("notebook.md");
+    std::fs::write(
+        &notebook,
+        "# A notebook\n\n```python\ntotal = sum(range(5))\n```\n\nThen:\n\n```python\nprint(total * 2)\n```\n",
+    )
+    .unwrap();
+    let (code, out, err) = cli(
+        &cluster,
+        &["run", "--session", "doc", notebook.to_str().unwrap()],
+    );
+    assert_eq!((code, out.as_str()), (Some(0), "20\n"), "{err}");
+
+    let (code, out, _) = cli(&cluster, &["sessions", "--json"]);
+    assert_eq!(code, Some(0));
+    let listed: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<&str> = listed.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["doc", "nb"]);
+    assert_eq!(listed[1]["executions"], 3);
+    assert_eq!(listed[1]["node"], "agent-0");
+    assert_eq!(listed[1]["languages"], serde_json::json!(["python"]));
+
+    let (code, _, err) = cli(&cluster, &["session", "close", "nb"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (_, out, _) = cli(&cluster, &["sessions", "--json"]);
+    assert!(!out.contains("\"nb\""), "{out}");
+    let (code, _, err) = cli(&cluster, &["session", "close", "nb"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("no session named 'nb'"), "{err}");
+    let (code, _, err) = cli(
+        &cluster,
+        &[
+            "exec",
+            "--session",
+            "nb",
+            "--lang",
+            "rust",
+            "-c",
+            "fn main() {}",
+        ],
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("sessions hold"), "{err}");
+}
+
+/// Runs code in a session over gRPC; returns its stdout, whether it finished ok, and the
+/// session_moved events seen.
+async fn in_session(
+    cluster: &Cluster,
+    code: &str,
+) -> (String, bool, Vec<kowalski_exo_common::proto::SessionMoved>) {
+    let mut client = cluster.client().await;
+    let mut stream = client
+        .execute_in_session(ClusterSessionExecuteRequest {
+            execution: Some(SessionExecuteRequest {
+                session_id: "moving".into(),
+                language: "python".into(),
+                code: code.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut stdout, mut ok, mut moves) = (String::new(), false, Vec::new());
+    while let Some(event) = stream.next().await {
+        match event.unwrap().event {
+            Some(Event::Output(o)) => {
+                stdout.push_str(&String::from_utf8_lossy(&o.chunk.unwrap().data));
+            }
+            Some(Event::SessionMoved(m)) => moves.push(m),
+            Some(Event::Finished(f)) => {
+                ok = f.result.is_some_and(|r| r.status() == ExecStatus::Ok);
+            }
+            _ => {}
+        }
+    }
+    (stdout, ok, moves)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_node_is_killed_moves_with_its_variables() {
+    let cluster = Cluster::start(2, 2, &[]).await;
+    let (out, ok, moves) = in_session(&cluster, "print('defining'); data = [1, 2, 3]").await;
+    assert_eq!((out.as_str(), ok, moves.len()), ("defining\n", true, 0));
+    in_session(&cluster, "data.append(4)").await;
+    in_session(&cluster, "this_fails = 1 / 0").await;
+    let listed = cluster
+        .client()
+        .await
+        .list_sessions(kowalski_exo_common::proto::ListSessionsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions;
+    let home = listed[0].node_name.clone();
+    cluster.agent(&home).signal(Signal::SIGKILL);
+    let (out, ok, moves) = in_session(&cluster, "sum(data)").await;
+    assert!(ok, "{out}");
+    // The replayed executions' output ("defining") is not shown again.
+    assert_eq!(out, "10\n");
+    assert_eq!(moves.len(), 1, "{moves:?}");
+    assert_eq!(moves[0].from_node, home);
+    assert_ne!(moves[0].to_node, home);
+    assert_eq!(
+        moves[0].executions_replayed, 2,
+        "the failed execution is not replayed"
+    );
+    let (out, _, moves) = in_session(&cluster, "len(data)").await;
+    assert_eq!((out.as_str(), moves.len()), ("4\n", 0));
+}
