@@ -31,6 +31,8 @@ pub const TOKENS: &str = "kowalski_tokens_generated_total";
 pub const FAILOVERS: &str = "kowalski_chat_failovers_total";
 /// Sessions opened again on another node, their executions replayed there.
 pub const SESSION_MOVES: &str = "kowalski_session_moves_total";
+/// Prompts code in sessions sent (`model`, `outcome`: answered, cached, failed, refused).
+pub const SUBCALLS: &str = "kowalski_subcalls_total";
 /// From a chat request to its first token (`model`).
 pub const TIME_TO_FIRST_TOKEN: &str = "kowalski_time_to_first_token_seconds";
 
@@ -83,6 +85,10 @@ fn describe() {
         "Chat answers ended, by model and outcome (finished, failed, rejected, cancelled, refused)."
     );
     describe_counter!(TOKENS, "Completion tokens sent to callers, by model.");
+    describe_counter!(
+        SUBCALLS,
+        "Prompts code in sessions sent, by model and outcome (answered, cached, failed, refused)."
+    );
     describe_counter!(
         SESSION_MOVES,
         "Sessions opened again on another node, their executions replayed there."

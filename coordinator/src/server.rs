@@ -27,6 +27,7 @@ use crate::{
     scheduling::agents::{AgentConnector, GrpcAgents},
     scheduling::dispatch::Dispatcher,
     service::ClusterService,
+    sessions::SubcallRelay,
 };
 
 /// How long shutdown waits for open client streams.
@@ -230,10 +231,9 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Star
         Some((trust, identity, _)) => Arc::new(GrpcAgents::with_tls(trust.agent_tls(identity))),
         None => Arc::new(GrpcAgents::default()),
     };
-    let cluster = ClusterService::new(
-        Dispatcher::new(registry.clone(), agents.clone()),
-        Chats::new(registry.clone(), agents, stall_timeout),
-    );
+    let chats = Chats::new(registry.clone(), agents.clone(), stall_timeout);
+    let relay = SubcallRelay::new(chats.clone(), registry.clone());
+    let cluster = ClusterService::new(Dispatcher::new(registry.clone(), agents), chats);
     let mut server = ServerBase::new(&[
         AgentRegistryServer::<RegistryService>::NAME,
         CoordinatorServer::<ClientService>::NAME,
@@ -245,6 +245,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Star
                 registry.clone(),
                 shutdown.clone(),
                 trust.as_ref().map(|(trust, _, _)| trust.clone()),
+                relay,
             ))
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )

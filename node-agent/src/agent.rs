@@ -25,6 +25,7 @@ use crate::{
     backends::{Backend, Catalog, DEFAULT_OLLAMA_URL, catalog::DEFAULT_POLL_INTERVAL},
     exec::{ExecDirs, ExecPolicy, Executor},
     fingerprint::{self, SearchPath},
+    link::CoordinatorLink,
     membership::{Membership, MembershipError},
     registration::{self, Registration},
     sandbox::{DEFAULT_RUN_UID_BASE, Sandbox, unmount_beneath},
@@ -332,11 +333,16 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         .spawn_refresh(config.model_poll_interval, shutdown.clone())
         .await;
     let executor = Arc::new(executor);
+    let link = config
+        .coordinator
+        .as_ref()
+        .map(|_| CoordinatorLink::default());
     let sessions = Sessions::new(
         executor.clone(),
         admission.clone(),
         config.sessions,
         shutdown.clone(),
+        link.clone(),
     );
     runs.spawn(sessions.clone().keep_tidy());
     let mut service = NodeAgentService::new(
@@ -382,6 +388,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
             advertise,
             service.clone(),
             membership.as_ref().map(Membership::client_tls),
+            link.unwrap_or_default(),
         );
         tokio::spawn(registration.run(shutdown.clone()));
     }

@@ -9,6 +9,7 @@
 //! - [`admission`]: the concurrency limit and its bounded queue.
 //! - [`service`]: the NodeAgent gRPC service, a thin layer over the executor and the backends.
 //! - [`membership`]: the node's certificate in a cluster that runs with TLS, got by joining.
+//! - [`link`]: what other parts of the agent send the coordinator over the registry stream.
 //! - [`registration`]: the background stream that joins the coordinator, with heartbeats.
 //! - [`agent`]: everything assembled into a server that shuts down cleanly.
 
@@ -18,6 +19,7 @@ pub mod backends;
 pub mod error;
 pub mod exec;
 pub mod fingerprint;
+pub mod link;
 mod load;
 pub mod membership;
 pub mod registration;

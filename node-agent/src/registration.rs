@@ -17,7 +17,7 @@ use tokio::{sync::mpsc, time::Instant};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::{load::LoadSampler, service::NodeAgentService};
+use crate::{link::CoordinatorLink, load::LoadSampler, service::NodeAgentService};
 
 /// Heartbeat interval used until the coordinator names its own.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(500);
@@ -66,6 +66,8 @@ pub struct Registration {
     /// Kept across reconnects so the coordinator recognises this node.
     node_id: String,
     load: LoadSampler,
+    /// What other parts of the agent send the coordinator while attached.
+    link: CoordinatorLink,
 }
 
 /// Why one registry stream ended.
@@ -85,6 +87,7 @@ impl Registration {
         advertise: String,
         service: NodeAgentService,
         tls: Option<ClientTls>,
+        link: CoordinatorLink,
     ) -> Self {
         Registration {
             coordinator,
@@ -93,6 +96,7 @@ impl Registration {
             tls,
             node_id: String::new(),
             load: LoadSampler::default(),
+            link,
         }
     }
 
@@ -179,6 +183,7 @@ impl Registration {
             ms => Duration::from_millis(ms.into()),
         };
         tracing::info!(coordinator = %self.coordinator, node_id = %self.node_id, "registered");
+        let _attached = self.link.attach(outbound.clone());
         let mut ticker = tokio::time::interval(interval);
         loop {
             let changed_runtimes = tokio::select! {
@@ -190,6 +195,12 @@ impl Registration {
                         message: Some(coordinator_message::Message::Revocations(revocations)),
                     })) => {
                         self.service.set_revoked_clients(revocations.client_certificates);
+                        continue;
+                    }
+                    Ok(Some(proto::CoordinatorMessage {
+                        message: Some(coordinator_message::Message::SubcallAnswer(answer)),
+                    })) => {
+                        self.link.answered(answer);
                         continue;
                     }
                     Ok(Some(_)) => continue,

@@ -230,15 +230,15 @@ async fn output_streams_before_the_cell_ends() {
         .unwrap()
         .into_inner();
     let started = tokio::time::Instant::now();
-    loop {
+    let mut printed = Vec::new();
+    while printed != b"first\n" {
         let event = tokio::time::timeout(Duration::from_secs(20), stream.message())
             .await
             .expect("no output within 20 s")
             .unwrap()
             .unwrap();
         if let Some(kowalski_exo_common::proto::exec_event::Event::Output(chunk)) = event.event {
-            assert_eq!(chunk.data, b"first\n");
-            break;
+            printed.extend_from_slice(&chunk.data);
         }
     }
     assert!(started.elapsed() < Duration::from_secs(20));
@@ -355,4 +355,20 @@ async fn an_idle_session_closes_and_its_interpreter_and_directory_go() {
         .await
         .unwrap_err();
     assert_eq!(gone.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn code_on_a_stand_alone_agent_is_told_it_cannot_ask_models() {
+    let mut t = start_agent(|_| {}).await;
+    open(&mut t.client, "s", &[]).await;
+    let run = cell(
+        &mut t.client,
+        "s",
+        "python",
+        "try:\n    llm_query('hello')\nexcept RuntimeError as e:\n    print(e)",
+    )
+    .await;
+    assert!(run.stdout().contains("stand-alone"), "{}", run.stdout());
+    let bash = cell(&mut t.client, "s", "bash", "llm_query hello").await;
+    assert!(bash.stdout().starts_with("Error: "), "{}", bash.stdout());
 }

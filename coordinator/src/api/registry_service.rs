@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use kowalski_exo_common::security::trust::{ClusterTrust, Refused};
 
-use crate::{error::CoordinatorError, registry::NodeRegistry};
+use crate::{error::CoordinatorError, registry::NodeRegistry, sessions::SubcallRelay};
 
 #[derive(Clone)]
 pub struct RegistryService {
@@ -31,6 +31,8 @@ pub struct RegistryService {
     shutdown: CancellationToken,
     /// The cluster's authority, when the coordinator runs with TLS.
     trust: Option<Arc<ClusterTrust>>,
+    /// Answers the sub-calls of code in sessions.
+    relay: SubcallRelay,
 }
 
 impl RegistryService {
@@ -38,11 +40,13 @@ impl RegistryService {
         registry: NodeRegistry,
         shutdown: CancellationToken,
         trust: Option<Arc<ClusterTrust>>,
+        relay: SubcallRelay,
     ) -> Self {
         RegistryService {
             registry,
             shutdown,
             trust,
+            relay,
         }
     }
 
@@ -199,6 +203,21 @@ impl AgentRegistry for RegistryService {
                     Ok(Some(AgentMessage {
                         message: Some(agent_message::Message::Heartbeat(heartbeat)),
                     })) => registry.heartbeat(&node_id, stream_number, heartbeat, Instant::now()),
+                    Ok(Some(AgentMessage {
+                        message: Some(agent_message::Message::Subcall(call)),
+                    })) => {
+                        let (relay, commands) = (service.relay.clone(), commands.clone());
+                        tokio::spawn(async move {
+                            let answer = relay.answer(call).await;
+                            let _ = commands
+                                .send(Ok(CoordinatorMessage {
+                                    message: Some(coordinator_message::Message::SubcallAnswer(
+                                        answer,
+                                    )),
+                                }))
+                                .await;
+                        });
+                    }
                     Ok(Some(_)) => {
                         tracing::warn!(%node_id, "ignoring a second registration on one stream")
                     }

@@ -1,9 +1,11 @@
 //! Sessions across the cluster: a named session is placed like a run and then stays on its
 //! node; its executions run there one at a time, in order. The coordinator keeps each session's
 //! successful executions, so when its node dies the session is opened on another node and they
-//! are replayed there ([`cell`]).
+//! are replayed there ([`cell`]). Code in a session asks the cluster's models through the
+//! [`SubcallRelay`].
 
 mod cell;
+mod subcalls;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -33,6 +35,7 @@ use crate::{
 };
 pub use cell::Position;
 use cell::SessionCell;
+pub use subcalls::SubcallRelay;
 
 /// A session unused this long is forgotten (its node closes it after as long).
 pub const IDLE: Duration = Duration::from_secs(600);

@@ -37,6 +37,7 @@ use crate::{
     admission::Admission,
     error::{ExecError, SessionError},
     exec::{EventSender, Executor, output::RunOutput},
+    link::CoordinatorLink,
 };
 use session::Session;
 use subcalls::Subcalls;
@@ -86,6 +87,8 @@ struct Inner {
     /// Parent of every session's cancellation: the agent's shutdown.
     shutdown: CancellationToken,
     serial: AtomicU64,
+    /// How code in a session reaches the cluster's models; `None` stand-alone.
+    link: Option<CoordinatorLink>,
 }
 
 /// A session and what can be said of it without waiting for its lock.
@@ -113,6 +116,7 @@ impl Sessions {
         admission: Admission,
         config: SessionConfig,
         shutdown: CancellationToken,
+        link: Option<CoordinatorLink>,
     ) -> Self {
         Sessions {
             inner: Arc::new(Inner {
@@ -122,6 +126,7 @@ impl Sessions {
                 table: Mutex::new(HashMap::new()),
                 shutdown,
                 serial: AtomicU64::new(1),
+                link,
             }),
         }
     }
@@ -202,12 +207,13 @@ impl Sessions {
             .workspace(limits.disk_bytes)
             .await
             .map_err(SessionError::Start)?;
-        let mut session = Session::new(
-            workspace,
-            limits,
-            request.network,
-            Subcalls::new(subcalls_limit),
+        let subcalls = Subcalls::new(
+            id.clone(),
+            request.model.clone(),
+            subcalls_limit,
+            self.inner.link.clone(),
         );
+        let mut session = Session::new(workspace, limits, request.network, subcalls);
         for language in languages {
             if let Err(e) = session.ensure(executor, language).await {
                 session.close().await;

@@ -1,67 +1,118 @@
 //! Sub-calls from code in a session (`llm_query`): read from the interpreter's channel, bounded
-//! per session, and answered on the same channel. An `llm` frame carries JSON (prompts, model,
-//! options) and gets JSON back; an `ask` frame (bash) carries one prompt and gets its text.
+//! per session, sent to the coordinator over the agent's link, and answered on the channel. An
+//! `llm` frame carries JSON (prompts, model, options) and gets JSON back; an `ask` frame (bash)
+//! carries one prompt for the session's model and gets the answer's text.
 
 use std::sync::Arc;
 
+use kowalski_exo_common::proto::{SamplingOptions, Subcall, SubcallAnswer};
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
 
 use super::frames::FrameWriter;
+use crate::link::CoordinatorLink;
 
 /// The sub-calls of one session.
 #[derive(Clone, Debug)]
 pub struct Subcalls {
+    session_id: String,
+    /// The model a call that names none asks.
+    model: String,
     /// Prompts in flight at once.
     permits: Arc<Semaphore>,
     limit: usize,
+    /// `None` on an agent that runs stand-alone.
+    link: Option<CoordinatorLink>,
 }
 
 /// What an `llm` frame asks.
 #[derive(Deserialize)]
 struct Call {
     prompts: Vec<String>,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    options: Map<String, Value>,
 }
 
-/// The JSON answer to an `llm` frame when the call as a whole was refused.
+/// The JSON answer to an `llm` frame.
 #[derive(Serialize)]
-struct Refusal<'a> {
-    error: &'a str,
+#[serde(untagged)]
+enum Reply {
+    Answers { results: Vec<PromptReply> },
+    Refused { error: String },
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum PromptReply {
+    Text { text: String },
+    Failed { error: String },
 }
 
 impl Subcalls {
-    pub fn new(limit: usize) -> Self {
+    pub fn new(
+        session_id: String,
+        model: String,
+        limit: usize,
+        link: Option<CoordinatorLink>,
+    ) -> Self {
         Subcalls {
+            session_id,
+            model,
             permits: Arc::new(Semaphore::new(limit)),
             limit,
+            link,
         }
     }
 
-    /// Answers a frame the interpreter sent during a cell.
+    /// Answers a frame the interpreter sent during a cell, in the background.
     pub fn answer(&self, kind: &str, id: u64, payload: Vec<u8>, writer: &FrameWriter) {
-        let prompts = match kind {
-            "ask" => 1,
-            _ => match serde_json::from_slice::<Call>(&payload) {
-                Ok(call) => call.prompts.len(),
-                Err(e) => {
-                    return self.refuse(
-                        kind,
-                        id,
-                        &format!("the call is not valid JSON: {e}"),
-                        writer,
-                    );
-                }
-            },
+        let call = match kind {
+            "ask" => Ok(Call {
+                prompts: vec![String::from_utf8_lossy(&payload).into_owned()],
+                model: None,
+                options: Map::new(),
+            }),
+            "llm" => serde_json::from_slice::<Call>(&payload)
+                .map_err(|e| format!("the call is not valid JSON: {e}")),
+            other => Err(format!("'{other}' is not a call the agent knows")),
         };
-        let Ok(_in_flight) = self.permits.clone().try_acquire_many_owned(prompts as u32) else {
+        let subcall = call.and_then(|call| {
+            Ok(Subcall {
+                call_id: 0,
+                session_id: self.session_id.clone(),
+                model: call
+                    .model
+                    .filter(|m| !m.is_empty())
+                    .unwrap_or_else(|| self.model.clone()),
+                options: Some(sampling(&call.options)?),
+                prompts: call.prompts,
+            })
+        });
+        let subcall = match subcall {
+            Ok(subcall) => subcall,
+            Err(reason) => return self.refuse(kind, id, &reason, writer),
+        };
+        let count = subcall.prompts.len();
+        let Ok(in_flight) = self.permits.clone().try_acquire_many_owned(count as u32) else {
             let reason = format!(
-                "{prompts} more prompts would pass the session's limit of {} in flight at once",
+                "{count} more prompts would pass the session's limit of {} in flight at once",
                 self.limit
             );
             return self.refuse(kind, id, &reason, writer);
         };
-        let reason = "this node is not attached to a coordinator, so code here cannot ask the cluster's models (start node-agent with --coordinator)";
-        self.refuse(kind, id, reason, writer);
+        let Some(link) = self.link.clone() else {
+            let reason = "this node runs stand-alone, without a coordinator, so code here cannot ask the cluster's models";
+            return self.refuse(kind, id, reason, writer);
+        };
+        let (writer, bash) = (writer.clone(), kind == "ask");
+        tokio::spawn(async move {
+            let answered = link.ask(subcall).await;
+            drop(in_flight);
+            let _ = writer.send("result", id, &reply(answered, bash)).await;
+        });
     }
 
     /// Answers a frame whose payload was over the limit (and was skipped).
@@ -74,13 +125,129 @@ impl Subcalls {
     }
 
     fn refuse(&self, kind: &str, id: u64, reason: &str, writer: &FrameWriter) {
-        let payload = match kind {
-            "ask" => format!("Error: {reason}").into_bytes(),
-            _ => serde_json::to_vec(&Refusal { error: reason }).unwrap_or_default(),
-        };
+        let payload = reply(Err(reason.to_string()), kind == "ask");
         let writer = writer.clone();
         tokio::spawn(async move {
             let _ = writer.send("result", id, &payload).await;
         });
+    }
+}
+
+/// The payload of a `result` frame: JSON, or for bash the text (or `Error: ...`).
+fn reply(answered: Result<SubcallAnswer, String>, bash: bool) -> Vec<u8> {
+    let answered = answered.and_then(|answer| match answer.error.as_str() {
+        "" => Ok(answer.answers),
+        error => Err(error.to_string()),
+    });
+    if bash {
+        return match answered {
+            Ok(answers) => match answers.into_iter().next() {
+                Some(answer) if answer.error.is_empty() => answer.text,
+                Some(answer) => format!("Error: {}", answer.error),
+                None => "Error: no answer came back".to_string(),
+            },
+            Err(error) => format!("Error: {error}"),
+        }
+        .into_bytes();
+    }
+    let reply = match answered {
+        Ok(answers) => Reply::Answers {
+            results: answers
+                .into_iter()
+                .map(|answer| match answer.error.as_str() {
+                    "" => PromptReply::Text { text: answer.text },
+                    _ => PromptReply::Failed {
+                        error: answer.error,
+                    },
+                })
+                .collect(),
+        },
+        Err(error) => Reply::Refused { error },
+    };
+    serde_json::to_vec(&reply).unwrap_or_default()
+}
+
+/// The sampling options a call names; an unknown one, or one of the wrong type, is refused.
+fn sampling(options: &Map<String, Value>) -> Result<SamplingOptions, String> {
+    let mut sampling = SamplingOptions::default();
+    for (name, value) in options {
+        let wrong = || format!("the option {name}={value} has the wrong type");
+        match name.as_str() {
+            "temperature" => sampling.temperature = Some(value.as_f64().ok_or_else(wrong)? as f32),
+            "top_p" => sampling.top_p = Some(value.as_f64().ok_or_else(wrong)? as f32),
+            "max_tokens" => {
+                sampling.max_tokens = value
+                    .as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(wrong)?
+            }
+            "seed" => sampling.seed = Some(value.as_i64().ok_or_else(wrong)?),
+            "stop" => {
+                sampling.stop = match value {
+                    Value::String(stop) => vec![stop.clone()],
+                    Value::Array(stops) => stops
+                        .iter()
+                        .map(|s| s.as_str().map(str::to_string).ok_or_else(wrong))
+                        .collect::<Result<_, _>>()?,
+                    _ => return Err(wrong()),
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "unknown option '{name}'; llm_query takes temperature, top_p, max_tokens, stop and seed"
+                ));
+            }
+        }
+    }
+    Ok(sampling)
+}
+
+#[cfg(test)]
+mod tests {
+    use kowalski_exo_common::proto::PromptAnswer;
+
+    use super::*;
+
+    #[test]
+    fn options_are_read_by_name_and_unknown_ones_refused() {
+        let options: Map<String, Value> = serde_json::from_str(
+            r#"{"temperature": 0.5, "max_tokens": 9, "stop": "\n", "seed": 3}"#,
+        )
+        .unwrap();
+        let sampling = sampling(&options).unwrap();
+        assert_eq!(sampling.temperature, Some(0.5));
+        assert_eq!((sampling.max_tokens, sampling.seed), (9, Some(3)));
+        assert_eq!(sampling.stop, ["\n"]);
+        let unknown: Map<String, Value> = serde_json::from_str(r#"{"temprature": 1}"#).unwrap();
+        assert!(
+            super::sampling(&unknown)
+                .unwrap_err()
+                .contains("unknown option 'temprature'")
+        );
+    }
+
+    #[test]
+    fn a_failed_prompt_is_an_error_for_that_prompt_only() {
+        let answer = SubcallAnswer {
+            answers: vec![
+                PromptAnswer {
+                    text: "fine".into(),
+                    ..Default::default()
+                },
+                PromptAnswer {
+                    error: "the backend failed".into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            String::from_utf8(reply(Ok(answer), false)).unwrap(),
+            r#"{"results":[{"text":"fine"},{"error":"the backend failed"}]}"#
+        );
+        assert_eq!(
+            String::from_utf8(reply(Err("no such model".into()), true)).unwrap(),
+            "Error: no such model"
+        );
     }
 }

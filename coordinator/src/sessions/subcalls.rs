@@ -1,0 +1,169 @@
+//! The sub-call relay: the prompts code in a session sends up its agent's registry stream
+//! (`llm_query`, `llm_query_batched`). Every prompt of a call goes out at once, each answered
+//! like a chat request (placed on the least busy node serving the model, moved when its node
+//! fails); one failed prompt fails alone. Answers are cached per session, so executions replayed
+//! after a session moved do not ask again.
+
+use std::{
+    num::NonZeroUsize,
+    sync::{Arc, Mutex},
+};
+
+use futures_util::future::join_all;
+use kowalski_exo_common::proto::{
+    ChatMessage, ChatRequest, PromptAnswer, SamplingOptions, Subcall, SubcallAnswer, chat_event,
+};
+use lru::LruCache;
+use metrics::counter;
+use prost::Message;
+use tokio::{sync::mpsc, time::Instant};
+
+use crate::{
+    cluster_metrics,
+    inference::{Chats, models},
+    registry::NodeRegistry,
+};
+
+/// Answers kept, over every session.
+const CACHED_ANSWERS: NonZeroUsize = NonZeroUsize::new(10_000).expect("not zero");
+/// Chat events buffered per prompt.
+const EVENT_BUFFER: usize = 64;
+
+/// What makes two prompts the same call: session, model, prompt and options (encoded).
+type CacheKey = (String, String, String, Vec<u8>);
+
+/// Answers sub-calls with the cluster's models.
+#[derive(Clone)]
+pub struct SubcallRelay {
+    chats: Chats,
+    registry: NodeRegistry,
+    cache: Arc<Mutex<LruCache<CacheKey, String>>>,
+}
+
+impl SubcallRelay {
+    pub fn new(chats: Chats, registry: NodeRegistry) -> Self {
+        SubcallRelay {
+            chats,
+            registry,
+            cache: Arc::new(Mutex::new(LruCache::new(CACHED_ANSWERS))),
+        }
+    }
+
+    /// Answers every prompt of a call, all at once.
+    pub async fn answer(&self, call: Subcall) -> SubcallAnswer {
+        let model = match self.model(&call.model) {
+            Ok(model) => model,
+            Err(error) => {
+                counter!(cluster_metrics::SUBCALLS, "model" => call.model.clone(), "outcome" => "refused")
+                    .increment(call.prompts.len() as u64);
+                return SubcallAnswer {
+                    call_id: call.call_id,
+                    error,
+                    ..Default::default()
+                };
+            }
+        };
+        let options = call.options.unwrap_or_default();
+        let answers = call
+            .prompts
+            .into_iter()
+            .map(|prompt| self.one(&call.session_id, &model, prompt, &options));
+        SubcallAnswer {
+            call_id: call.call_id,
+            answers: join_all(answers).await,
+            error: String::new(),
+        }
+    }
+
+    /// The model a call asks: the one it names, if some node serves it, else the only one the
+    /// cluster serves.
+    fn model(&self, asked: &str) -> Result<String, String> {
+        let served: Vec<String> = models::list(&self.registry, Instant::now())
+            .into_iter()
+            .map(|m| m.name)
+            .collect();
+        match (asked, served.as_slice()) {
+            (_, []) => Err("the cluster serves no model".to_string()),
+            ("", [only]) => Ok(only.clone()),
+            ("", several) => Err(format!(
+                "the cluster serves several models ({}): name one, as in llm_query(prompt, model=\"{}\")",
+                several.join(", "),
+                several[0]
+            )),
+            (asked, served) if served.iter().any(|m| m == asked) => Ok(asked.to_string()),
+            (asked, served) => Err(format!(
+                "no node serves model '{asked}'; the cluster serves {}",
+                served.join(", ")
+            )),
+        }
+    }
+
+    async fn one(
+        &self,
+        session: &str,
+        model: &str,
+        prompt: String,
+        options: &SamplingOptions,
+    ) -> PromptAnswer {
+        let key = (
+            session.to_string(),
+            model.to_string(),
+            prompt.clone(),
+            options.encode_to_vec(),
+        );
+        if let Some(text) = self.cache.lock().expect("cache poisoned").get(&key) {
+            counter!(cluster_metrics::SUBCALLS, "model" => model.to_string(), "outcome" => "cached")
+                .increment(1);
+            return PromptAnswer {
+                text: text.clone(),
+                error: String::new(),
+            };
+        }
+        let request = ChatRequest {
+            model: model.to_string(),
+            messages: vec![ChatMessage {
+                role: "user".to_string(),
+                content: prompt,
+            }],
+            options: Some(options.clone()),
+            ..Default::default()
+        };
+        let (events, mut receiver) = mpsc::channel(EVENT_BUFFER);
+        let chats = self.chats.clone();
+        tokio::spawn(async move { chats.answer(request, None, &events).await });
+        let (mut text, mut error) = (String::new(), None);
+        while let Some(event) = receiver.recv().await {
+            match event.map(|e| e.event) {
+                Ok(Some(chat_event::Event::Delta(delta))) => text.push_str(&delta.text),
+                Ok(Some(chat_event::Event::Finished(finished))) if !finished.error.is_empty() => {
+                    error = Some(finished.error)
+                }
+                Ok(_) => {}
+                Err(status) => error = Some(status.message().to_string()),
+            }
+        }
+        let outcome = if error.is_some() {
+            "failed"
+        } else {
+            "answered"
+        };
+        counter!(cluster_metrics::SUBCALLS, "model" => model.to_string(), "outcome" => outcome)
+            .increment(1);
+        match error {
+            Some(error) => PromptAnswer {
+                text: String::new(),
+                error,
+            },
+            None => {
+                self.cache
+                    .lock()
+                    .expect("cache poisoned")
+                    .put(key, text.clone());
+                PromptAnswer {
+                    text,
+                    error: String::new(),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Code in a session asks the cluster's models (`llm_query`, `llm_query_batched`): from the
+//! interpreter to its agent over the session's channel, up the agent's registry stream, and out
+//! to every node serving the model. Real processes; the models are scripted OpenAI-compatible
+//! backends, one per agent.
+
+use futures_util::StreamExt;
+use kowalski_exo_common::proto::{
+    ClusterSessionExecuteRequest, ExecStatus, SessionExecuteRequest, cluster_event::Event,
+};
+use kowalski_exo_tests::{InferenceCluster, ScriptedBackend, Step};
+
+/// Runs code in the session `session`; returns stdout and stderr, asserting it finished ok.
+async fn run(cluster: &InferenceCluster, session: &str, language: &str, code: &str) -> String {
+    let mut stream = cluster
+        .client()
+        .await
+        .execute_in_session(ClusterSessionExecuteRequest {
+            execution: Some(SessionExecuteRequest {
+                session_id: session.into(),
+                language: language.into(),
+                code: code.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut out, mut status) = (String::new(), None);
+    while let Some(event) = stream.next().await {
+        match event.unwrap().event {
+            Some(Event::Output(o)) => {
+                out.push_str(&String::from_utf8_lossy(&o.chunk.unwrap().data))
+            }
+            Some(Event::Finished(f)) => status = f.result.map(|r| r.status()),
+            _ => {}
+        }
+    }
+    assert_eq!(status, Some(ExecStatus::Ok), "{code}: {out}");
+    out
+}
+
+/// The prompts a backend answered that came from the code (health probes left out).
+fn prompts_seen(backend: &ScriptedBackend) -> Vec<String> {
+    backend
+        .requests()
+        .iter()
+        .filter_map(|r| r["messages"][0]["content"].as_str().map(str::to_string))
+        .filter(|content| content.starts_with('q'))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_prompts_is_spread_over_every_node_serving_the_model() {
+    let backends: Vec<ScriptedBackend> =
+        (0..3).map(|_| ScriptedBackend::start(&["tiny"])).collect();
+    let bases: Vec<String> = backends.iter().map(ScriptedBackend::api_base).collect();
+    let bases: Vec<&str> = bases.iter().map(String::as_str).collect();
+    let cluster = InferenceCluster::start(&bases, &[], 1);
+    cluster.served_by("tiny", 3).await;
+
+    let out = run(
+        &cluster,
+        "rlm",
+        "python",
+        "answers = llm_query_batched([f'q{i}' for i in range(30)])\nprint(len(answers), answers.count('OK'))",
+    )
+    .await;
+    assert_eq!(out, "30 30\n");
+    let seen: Vec<usize> = backends.iter().map(|b| prompts_seen(b).len()).collect();
+    assert_eq!(seen.iter().sum::<usize>(), 30, "{seen:?}");
+    assert!(
+        seen.iter().all(|&n| n > 0),
+        "every backend answers some: {seen:?}"
+    );
+
+    // The same prompts again come from the session's cache.
+    run(
+        &cluster,
+        "rlm",
+        "python",
+        "llm_query_batched([f'q{i}' for i in range(30)])",
+    )
+    .await;
+    let again: usize = backends.iter().map(|b| prompts_seen(b).len()).sum();
+    assert_eq!(again, 30, "cached answers are not asked again");
+
+    let out = run(
+        &cluster,
+        "rlm",
+        "python",
+        "llm_query('q single', max_tokens=5)",
+    )
+    .await;
+    assert_eq!(out, "'OK'\n");
+    let out = run(
+        &cluster,
+        "sh",
+        "bash",
+        "echo \"[$(llm_query 'q from bash')]\"",
+    )
+    .await;
+    assert_eq!(out, "[OK]\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_prompt_fails_alone_and_a_refused_call_raises_in_the_code() {
+    let backend = ScriptedBackend::start(&["tiny"]);
+    let cluster = InferenceCluster::start(&[&backend.api_base()], &[], 1);
+    cluster.served_by("tiny", 1).await;
+    backend.push(Step::answer(["first"]));
+    backend.push(Step::Refuse {
+        status: 400,
+        message: "this prompt is refused".into(),
+    });
+    let out = run(
+        &cluster,
+        "s",
+        "python",
+        "for a in llm_query_batched(['q1']) + llm_query_batched(['q2']): print(a)",
+    )
+    .await;
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "first");
+    assert!(
+        lines[1].starts_with("Error: ") && lines[1].contains("this prompt is refused"),
+        "{out}"
+    );
+
+    let out = run(
+        &cluster,
+        "s",
+        "python",
+        "try:\n    llm_query('q', model='nope')\nexcept RuntimeError as e:\n    print(e)",
+    )
+    .await;
+    assert!(
+        out.contains("no node serves model 'nope'") && out.contains("tiny"),
+        "{out}"
+    );
+    let out = run(
+        &cluster,
+        "s",
+        "python",
+        "try:\n    llm_query('q', temprature=0)\nexcept RuntimeError as e:\n    print(e)",
+    )
+    .await;
+    assert!(out.contains("unknown option 'temprature'"), "{out}");
+    let out = run(
+        &cluster,
+        "s",
+        "python",
+        "try:\n    llm_query('x' * 9_000_000)\nexcept ValueError as e:\n    print(e)",
+    )
+    .await;
+    assert!(out.contains("over the session's limit"), "{out}");
+}
