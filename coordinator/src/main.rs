@@ -327,6 +327,10 @@ struct RunArgs {
     /// variables, imports and the working directory across executions (python, js, bash).
     #[arg(long, value_name = "NAME")]
     session: Option<String>,
+    /// With --session: the model `llm_query` asks when the code names none [default: the only
+    /// model the cluster serves]
+    #[arg(long, value_name = "MODEL", requires = "session")]
+    model: Option<String>,
 }
 
 impl RunArgs {
@@ -368,6 +372,7 @@ impl RunArgs {
                 session: Some(OpenSessionRequest {
                     limits: self.limits(),
                     network: self.network,
+                    model: self.model.clone().unwrap_or_default(),
                     ..Default::default()
                 }),
                 placement: Some(self.constraints()),
@@ -641,6 +646,7 @@ async fn run_document(
         wait_for_nodes_ms: run.wait_for_nodes,
         network: run.network,
         session: run.session.clone().unwrap_or_default(),
+        session_model: run.model.clone().unwrap_or_default(),
     };
     let options = run.follow_options(client.json, true);
     follow_call(client, options, |mut c| async move {

@@ -175,6 +175,7 @@ impl ClusterService {
             let open = (!request.session.is_empty()).then(|| ClusterOpenSessionRequest {
                 session: Some(OpenSessionRequest {
                     session_id: request.session.clone(),
+                    model: request.session_model.clone(),
                     limits: request.limits,
                     network: request.network,
                     ..Default::default()

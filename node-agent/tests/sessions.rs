@@ -6,8 +6,9 @@ mod support;
 use std::time::Duration;
 
 use kowalski_exo_common::proto::{
-    CloseSessionRequest, ExecLimits, ExecStatus, ListSessionsRequest, OpenSessionRequest,
-    SessionExecuteRequest, node_agent_client::NodeAgentClient,
+    CloseSessionRequest, DescribeRequest, ExecLimits, ExecStatus, IsolationLayer,
+    ListSessionsRequest, OpenSessionRequest, SessionExecuteRequest,
+    node_agent_client::NodeAgentClient,
 };
 use support::*;
 use tonic::{Code, transport::Channel};
@@ -371,4 +372,75 @@ async fn code_on_a_stand_alone_agent_is_told_it_cannot_ask_models() {
     assert!(run.stdout().contains("stand-alone"), "{}", run.stdout());
     let bash = cell(&mut t.client, "s", "bash", "llm_query hello").await;
     assert!(bash.stdout().starts_with("Error: "), "{}", bash.stdout());
+}
+
+#[tokio::test]
+async fn more_prompts_in_flight_than_the_session_allows_raise_a_clear_error() {
+    let mut t = start_agent(|_| {}).await;
+    t.client
+        .open_session(OpenSessionRequest {
+            session_id: "bounded".into(),
+            max_subcalls_in_flight: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let run = cell(
+        &mut t.client,
+        "bounded",
+        "python",
+        "try:\n    llm_query_batched(['a', 'b', 'c'])\nexcept RuntimeError as e:\n    print(e)",
+    )
+    .await;
+    assert!(
+        run.stdout().contains("limit of 2 in flight"),
+        "{}",
+        run.stdout()
+    );
+}
+
+#[tokio::test]
+async fn code_in_a_session_reaches_neither_the_network_nor_another_sessions_files() {
+    let mut t = start_agent(|_| {}).await;
+    let layers: Vec<IsolationLayer> = t
+        .client
+        .describe(DescribeRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .isolation_layers()
+        .collect();
+    let contained = [IsolationLayer::Network, IsolationLayer::Landlock]
+        .iter()
+        .all(|layer| layers.contains(layer));
+    if !contained {
+        kowalski_exo_tests::cannot_contain_here(&format!(
+            "sessions are contained by the network and Landlock layers; this host gives {layers:?}"
+        ));
+        return;
+    }
+    open(&mut t.client, "owner", &["python"]).await;
+    open(&mut t.client, "intruder", &["python"]).await;
+    let owner = cell(
+        &mut t.client,
+        "owner",
+        "python",
+        "open('secret.txt', 'w').write('kept'); import os; os.path.abspath('secret.txt')",
+    )
+    .await;
+    let secret = owner.stdout().trim().trim_matches('\'').to_string();
+    assert!(secret.ends_with("secret.txt"), "{}", owner.stdout());
+    let port = t.agent.addr.port();
+    let probe = format!(
+        "import socket\n\
+         try:\n    print(open({secret:?}).read())\nexcept OSError as e:\n    print('file blocked', type(e).__name__)\n\
+         try:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n    print('connected')\n\
+         except OSError as e:\n    print('network blocked', type(e).__name__)"
+    );
+    let intruder = cell(&mut t.client, "intruder", "python", &probe).await;
+    assert_eq!(intruder.status(), ExecStatus::Ok, "{}", intruder.stderr());
+    let out = intruder.stdout();
+    assert!(out.contains("file blocked"), "{out}");
+    assert!(out.contains("network blocked"), "{out}");
+    assert!(!out.contains("kept") && !out.contains("connected"), "{out}");
 }

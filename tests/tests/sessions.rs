@@ -6,7 +6,8 @@ use std::process::Command;
 
 use futures_util::StreamExt;
 use kowalski_exo_common::proto::{
-    ClusterSessionExecuteRequest, ExecStatus, SessionExecuteRequest, cluster_event::Event,
+    ClusterOpenSessionRequest, ClusterSessionExecuteRequest, ExecStatus, OpenSessionRequest,
+    SessionExecuteRequest, cluster_event::Event,
 };
 use kowalski_exo_tests::{Cluster, binary, outcome};
 use nix::sys::signal::Signal;
@@ -103,6 +104,44 @@ async fn the_cli_runs_code_and_documents_in_named_sessions() {
     );
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("sessions hold"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_opened_explicitly_is_placed_at_once_and_its_name_is_taken() {
+    let cluster = Cluster::start(1, 2, &[]).await;
+    let mut client = cluster.client().await;
+    let open = ClusterOpenSessionRequest {
+        session: Some(OpenSessionRequest {
+            session_id: "warm".into(),
+            languages: vec!["python".into()],
+            model: "tiny".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let info = client
+        .open_session(open.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (info.name.as_str(), info.node_name.as_str()),
+        ("warm", "agent-0")
+    );
+    assert_eq!(info.model, "tiny");
+    let taken = client.open_session(open).await.unwrap_err();
+    assert_eq!(taken.code(), tonic::Code::AlreadyExists);
+    let bad = client
+        .open_session(ClusterOpenSessionRequest {
+            session: Some(OpenSessionRequest {
+                session_id: "no spaces".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
 }
 
 /// Runs code in a session over gRPC; returns its stdout, whether it finished ok, and the
