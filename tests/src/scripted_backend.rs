@@ -15,7 +15,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     thread::JoinHandle,
@@ -106,6 +106,10 @@ struct Shared {
     requests: Mutex<Vec<Value>>,
     /// Answers whose body was dropped before it ended: the client went away.
     abandoned: AtomicUsize,
+    /// Answer one request at a time, as a server with one slot does (probes aside).
+    one_at_a_time: AtomicBool,
+    /// Held by the answer being sent while `one_at_a_time`.
+    turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl ScriptedBackend {
@@ -129,6 +133,8 @@ impl ScriptedBackend {
             default: Mutex::new(default_step()),
             requests: Mutex::default(),
             abandoned: AtomicUsize::new(0),
+            one_at_a_time: AtomicBool::new(false),
+            turn: Arc::default(),
         });
         let app = Router::new()
             .route("/v1/models", get(list_models))
@@ -177,6 +183,12 @@ impl ScriptedBackend {
     /// Sets the step for requests arriving while the queue is empty, and for health probes.
     pub fn set_default(&self, step: Step) {
         *self.shared.default.lock().unwrap() = step;
+    }
+
+    /// Answers one request at a time from now on: the others wait their turn (health probes
+    /// are answered at once).
+    pub fn one_at_a_time(&self) {
+        self.shared.one_at_a_time.store(true, Ordering::SeqCst);
     }
 
     /// Every chat request body received so far, in order, health probes included.
@@ -245,7 +257,13 @@ async fn chat_completions(State(shared): State<Arc<Shared>>, Json(body): Json<Va
             None,
         );
     }
-    let queued = if is_probe(&body) {
+    let probe = is_probe(&body);
+    let turn = if !probe && shared.one_at_a_time.load(Ordering::SeqCst) {
+        Some(shared.turn.clone().lock_owned().await)
+    } else {
+        None
+    };
+    let queued = if probe {
         None
     } else {
         shared.queue.lock().unwrap().pop_front()
@@ -259,6 +277,7 @@ async fn chat_completions(State(shared): State<Arc<Shared>>, Json(body): Json<Va
         inner: events(frames, ending),
         ended: false,
         shared,
+        turn,
     };
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
@@ -426,6 +445,8 @@ struct Watched {
     /// The body reached its end, normal or scripted: its client did not leave early.
     ended: bool,
     shared: Arc<Shared>,
+    /// The server's one slot, while it answers one request at a time; given up at the end.
+    turn: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl Stream for Watched {
@@ -435,6 +456,7 @@ impl Stream for Watched {
         let next = self.inner.poll_next_unpin(cx);
         if matches!(next, Poll::Ready(None | Some(Err(_)))) {
             self.ended = true;
+            self.turn = None;
         }
         next
     }

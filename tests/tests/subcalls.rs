@@ -87,6 +87,14 @@ async fn a_batch_of_prompts_is_spread_over_every_node_serving_the_model() {
 
     let out = run(
         &cluster,
+        "sh",
+        "js",
+        "llm_query_batched(['q js 1', 'q js 2'])",
+    )
+    .await;
+    assert_eq!(out, "[ 'OK', 'OK' ]\n");
+    let out = run(
+        &cluster,
         "rlm",
         "python",
         "llm_query('q single', max_tokens=5)",

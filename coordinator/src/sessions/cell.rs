@@ -33,6 +33,8 @@ pub struct SessionCell<'a> {
     pub registry: &'a NodeRegistry,
     /// The block of a document and the line of its fence (RunBlocks); 0 for ExecuteInSession.
     pub position: Position,
+    /// For a session not yet placed: the node holding the fewest sessions, taken when it fits.
+    pub prefer: Option<String>,
 }
 
 /// Where in a document an execution comes from.
@@ -166,6 +168,7 @@ impl Work for SessionCell<'_> {
             isolation: &self.record.placement.isolation,
             network: self.record.open.network,
             exclude,
+            prefer: self.prefer.as_deref().filter(|_| home.is_none()),
             ..Default::default()
         }
     }

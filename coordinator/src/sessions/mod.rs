@@ -27,6 +27,7 @@ use tonic::Status;
 
 use crate::{
     error::CoordinatorError,
+    registry::NodeState,
     scheduling::{
         dispatch::{ClusterSender, Dispatcher},
         failover::{self, Attempt, Outcome},
@@ -277,6 +278,7 @@ impl ClusterSessions {
             agents: self.dispatcher.agents().as_ref(),
             registry,
             position,
+            prefer: self.least_used_node(),
         };
         let (outcome, last) = failover::run(registry, &mut cell).await;
         if let (Outcome::Finished(finished), Some(execution)) = (&outcome, &execution)
@@ -321,6 +323,28 @@ impl ClusterSessions {
                 .await;
         }
         outcome
+    }
+
+    /// The ready node holding the fewest sessions (by name among equals): sessions hold
+    /// interpreters, so they are spread even while none runs anything.
+    fn least_used_node(&self) -> Option<String> {
+        let mut held: HashMap<String, usize> = HashMap::new();
+        for entry in self.table().values() {
+            let node = entry
+                .facts
+                .lock()
+                .expect("session facts poisoned")
+                .node_id
+                .clone();
+            *held.entry(node).or_default() += 1;
+        }
+        self.dispatcher
+            .registry()
+            .snapshot(Instant::now())
+            .into_iter()
+            .filter(|node| node.state == NodeState::Ready)
+            .min_by_key(|node| held.get(&node.id).copied().unwrap_or(0))
+            .map(|node| node.id)
     }
 
     /// Closes a session on its node and forgets it.
