@@ -161,6 +161,21 @@ impl NodeAgentService {
     }
 }
 
+/// Sends a run's last event. A caller that stopped reading must not hold a run slot, nor the
+/// run's task for long.
+async fn send_last(
+    events: &mpsc::Sender<Result<ExecEvent, Status>>,
+    last: Result<ExecEvent, Status>,
+    cancel: &CancellationToken,
+) {
+    tokio::select! {
+        biased;
+        _ = events.send(last) => {}
+        _ = tokio::time::sleep(FINISH_GRACE) => {}
+        _ = cancel.cancelled() => {}
+    }
+}
+
 #[tonic::async_trait]
 impl NodeAgent for NodeAgentService {
     type ExecuteStream = ReceiverStream<Result<ExecEvent, Status>>;
@@ -199,13 +214,7 @@ impl NodeAgent for NodeAgentService {
                     event: Some(exec_event::Event::Finished(finished)),
                 })
             };
-            // A caller that stopped reading must not hold a run slot, nor this task for long.
-            tokio::select! {
-                biased;
-                _ = events.send(finished) => {}
-                _ = tokio::time::sleep(FINISH_GRACE) => {}
-                _ = cancel.cancelled() => {}
-            }
+            send_last(&events, finished, &cancel).await;
         });
         Ok(Response::new(ReceiverStream::new(stream)))
     }
@@ -284,12 +293,7 @@ impl NodeAgent for NodeAgentService {
                 // Cut short by the agent's shutdown: an infrastructure failure, not a result.
                 _ => Err(ExecError::ShuttingDown.into()),
             };
-            tokio::select! {
-                biased;
-                _ = events.send(finished) => {}
-                _ = tokio::time::sleep(FINISH_GRACE) => {}
-                _ = cancel.cancelled() => {}
-            }
+            send_last(&events, finished, &cancel).await;
         });
         Ok(Response::new(ReceiverStream::new(stream)))
     }

@@ -1,6 +1,6 @@
 //! Session benchmarks with real processes on loopback, each beside its baseline in the same run:
 //! - latency: a warm `print(1)` in a session through the coordinator, from a gRPC client,
-//!   against a cold run of the same code (`Execute`);
+//!   against a cold run of the same code (`Execute`), and opening a session (Python started);
 //! - throughput: trivial executions in warm sessions over 3 agents, against cold runs;
 //! - sub-calls: `llm_query_batched` prompts against scripted backends that answer one request at
 //!   a time in 100 ms, one backend per agent, over 1, 2 and 3 agents.
@@ -15,13 +15,13 @@ use std::{
 };
 
 use kowalski_exo_common::proto::{
-    ClusterOpenSessionRequest, ClusterSessionExecuteRequest, ExecStatus, OpenSessionRequest,
-    SessionExecuteRequest, cluster_event::Event, coordinator_client::CoordinatorClient,
+    CloseSessionRequest, ClusterOpenSessionRequest, ExecStatus, OpenSessionRequest,
+    cluster_event::Event, coordinator_client::CoordinatorClient,
 };
 use kowalski_exo_tests::{
     Cluster, InferenceCluster, ScriptedBackend, Step,
     bench::{arg, ms},
-    python_request,
+    python_request, run_in_session,
 };
 use tokio::sync::Semaphore;
 use tonic::{Streaming, transport::Channel};
@@ -56,20 +56,8 @@ async fn finish(mut stream: Streaming<kowalski_exo_common::proto::ClusterEvent>)
 }
 
 async fn in_session(client: &mut CoordinatorClient<Channel>, session: &str, code: &str) {
-    let stream = client
-        .execute_in_session(ClusterSessionExecuteRequest {
-            execution: Some(SessionExecuteRequest {
-                session_id: session.into(),
-                language: "python".into(),
-                code: code.into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .expect("ExecuteInSession")
-        .into_inner();
-    finish(stream).await;
+    let run = run_in_session(client, session, "python", code).await;
+    assert_eq!(run.status, Some(ExecStatus::Ok), "{}", run.stdout);
 }
 
 async fn cold(client: &mut CoordinatorClient<Channel>, code: &str) {
@@ -117,9 +105,21 @@ async fn latency(rounds: usize) {
         cold(&mut client, "print(1)").await;
         cold_runs.push(at.elapsed());
     }
+    let mut opens = Vec::new();
+    for i in 0..(rounds / 10).max(10) {
+        let name = format!("opened-{i}");
+        let at = Instant::now();
+        open(&mut client, &name).await;
+        opens.push(at.elapsed());
+        client
+            .close_session(CloseSessionRequest { session_id: name })
+            .await
+            .expect("CloseSession");
+    }
     println!("latency of print(1) through the coordinator (1 agent, one at a time)");
     println!("  warm session  {}", percentiles(&mut warm));
     println!("  cold run      {}", percentiles(&mut cold_runs));
+    println!("  open session  {}", percentiles(&mut opens));
 }
 
 async fn throughput(tasks: usize, cold_tasks: usize) {

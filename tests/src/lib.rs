@@ -27,8 +27,10 @@ use std::{
 };
 
 use kowalski_exo_common::proto::{
-    ClusterExecuteRequest, DescribeRequest, ExecuteRequest, ListNodesRequest, NodeDescription,
-    NodeInfo, coordinator_client::CoordinatorClient, node_agent_client::NodeAgentClient,
+    ClusterExecuteRequest, ClusterSessionExecuteRequest, DescribeRequest, ExecStatus,
+    ExecuteRequest, ListNodesRequest, NodeDescription, NodeInfo, SessionExecuteRequest,
+    SessionMoved, cluster_event::Event, coordinator_client::CoordinatorClient,
+    node_agent_client::NodeAgentClient,
 };
 use nix::{sys::signal::Signal, unistd::Pid};
 use tonic::transport::Channel;
@@ -196,6 +198,50 @@ pub async fn describe(url: &str) -> NodeDescription {
         .await
         .expect("Describe failed")
         .into_inner()
+}
+
+/// What one execution in a cluster session printed and came to.
+#[derive(Debug, Default)]
+pub struct SessionRun {
+    pub stdout: String,
+    /// The status it finished with; `None` when no attempt could finish.
+    pub status: Option<ExecStatus>,
+    /// The `session_moved` events on the way.
+    pub moves: Vec<SessionMoved>,
+}
+
+/// Runs code in the named session (opened on first use) through the coordinator, to its end.
+pub async fn run_in_session(
+    client: &mut CoordinatorClient<Channel>,
+    session: &str,
+    language: &str,
+    code: &str,
+) -> SessionRun {
+    let mut stream = client
+        .execute_in_session(ClusterSessionExecuteRequest {
+            execution: Some(SessionExecuteRequest {
+                session_id: session.into(),
+                language: language.into(),
+                code: code.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("ExecuteInSession")
+        .into_inner();
+    let mut run = SessionRun::default();
+    while let Some(event) = stream.message().await.expect("the session's stream failed") {
+        match event.event {
+            Some(Event::Output(o)) => run
+                .stdout
+                .push_str(&String::from_utf8_lossy(&o.chunk.unwrap_or_default().data)),
+            Some(Event::SessionMoved(moved)) => run.moves.push(moved),
+            Some(Event::Finished(f)) => run.status = f.result.map(|r| r.status()),
+            _ => {}
+        }
+    }
+    run
 }
 
 /// A `Coordinator.Execute` request for Python code.

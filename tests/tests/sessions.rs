@@ -4,12 +4,10 @@
 
 use std::process::Command;
 
-use futures_util::StreamExt;
 use kowalski_exo_common::proto::{
-    ClusterOpenSessionRequest, ClusterSessionExecuteRequest, ExecStatus, OpenSessionRequest,
-    SessionExecuteRequest, cluster_event::Event,
+    ClusterOpenSessionRequest, ExecStatus, OpenSessionRequest, SessionMoved,
 };
-use kowalski_exo_tests::{Cluster, binary, outcome};
+use kowalski_exo_tests::{Cluster, binary, outcome, run_in_session};
 use nix::sys::signal::Signal;
 
 /// Runs the coordinator CLI against `cluster`; returns (exit code, stdout, stderr).
@@ -144,40 +142,11 @@ async fn a_session_opened_explicitly_is_placed_at_once_and_its_name_is_taken() {
     assert_eq!(bad.code(), tonic::Code::InvalidArgument);
 }
 
-/// Runs code in a session over gRPC; returns its stdout, whether it finished ok, and the
-/// session_moved events seen.
-async fn in_session(
-    cluster: &Cluster,
-    code: &str,
-) -> (String, bool, Vec<kowalski_exo_common::proto::SessionMoved>) {
-    let mut client = cluster.client().await;
-    let mut stream = client
-        .execute_in_session(ClusterSessionExecuteRequest {
-            execution: Some(SessionExecuteRequest {
-                session_id: "moving".into(),
-                language: "python".into(),
-                code: code.into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let (mut stdout, mut ok, mut moves) = (String::new(), false, Vec::new());
-    while let Some(event) = stream.next().await {
-        match event.unwrap().event {
-            Some(Event::Output(o)) => {
-                stdout.push_str(&String::from_utf8_lossy(&o.chunk.unwrap().data));
-            }
-            Some(Event::SessionMoved(m)) => moves.push(m),
-            Some(Event::Finished(f)) => {
-                ok = f.result.is_some_and(|r| r.status() == ExecStatus::Ok);
-            }
-            _ => {}
-        }
-    }
-    (stdout, ok, moves)
+/// Runs Python in the session `moving` over gRPC; returns its stdout, whether it finished ok,
+/// and the session_moved events seen.
+async fn in_session(cluster: &Cluster, code: &str) -> (String, bool, Vec<SessionMoved>) {
+    let run = run_in_session(&mut cluster.client().await, "moving", "python", code).await;
+    (run.stdout, run.status == Some(ExecStatus::Ok), run.moves)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

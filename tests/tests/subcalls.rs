@@ -3,41 +3,14 @@
 //! to every node serving the model. Real processes; the models are scripted OpenAI-compatible
 //! backends, one per agent.
 
-use futures_util::StreamExt;
-use kowalski_exo_common::proto::{
-    ClusterSessionExecuteRequest, ExecStatus, SessionExecuteRequest, cluster_event::Event,
-};
-use kowalski_exo_tests::{InferenceCluster, ScriptedBackend, Step};
+use kowalski_exo_common::proto::ExecStatus;
+use kowalski_exo_tests::{InferenceCluster, ScriptedBackend, Step, run_in_session};
 
-/// Runs code in the session `session`; returns stdout and stderr, asserting it finished ok.
+/// Runs code in the session `session`; returns what it printed, asserting it finished ok.
 async fn run(cluster: &InferenceCluster, session: &str, language: &str, code: &str) -> String {
-    let mut stream = cluster
-        .client()
-        .await
-        .execute_in_session(ClusterSessionExecuteRequest {
-            execution: Some(SessionExecuteRequest {
-                session_id: session.into(),
-                language: language.into(),
-                code: code.into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let (mut out, mut status) = (String::new(), None);
-    while let Some(event) = stream.next().await {
-        match event.unwrap().event {
-            Some(Event::Output(o)) => {
-                out.push_str(&String::from_utf8_lossy(&o.chunk.unwrap().data))
-            }
-            Some(Event::Finished(f)) => status = f.result.map(|r| r.status()),
-            _ => {}
-        }
-    }
-    assert_eq!(status, Some(ExecStatus::Ok), "{code}: {out}");
-    out
+    let run = run_in_session(&mut cluster.client().await, session, language, code).await;
+    assert_eq!(run.status, Some(ExecStatus::Ok), "{code}: {}", run.stdout);
+    run.stdout
 }
 
 /// The prompts a backend answered that came from the code (health probes left out).

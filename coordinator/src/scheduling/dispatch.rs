@@ -18,7 +18,7 @@ use tokio_stream::StreamExt;
 use tonic::{Code, Status};
 
 use super::{
-    agents::AgentConnector,
+    agents::{AgentConnector, ExecStream},
     failover::{self, Attempt, AttemptEnd, CallerGone, Departure, Work, loss_reason},
     placement::{Requirements, Unplaceable, candidates, place},
 };
@@ -135,7 +135,11 @@ impl Dispatcher {
     pub async fn run(&self, spec: &RunSpec, events: &ClusterSender) -> Outcome {
         let mut run = CodeRun {
             spec,
-            events,
+            events: RunEvents {
+                events,
+                block: spec.block,
+                line: spec.line,
+            },
             agents: self.agents.as_ref(),
         };
         let (outcome, last) = failover::run(&self.registry, &mut run).await;
@@ -168,46 +172,42 @@ impl Dispatcher {
     }
 }
 
-/// A code run as work for the failover loop.
-struct CodeRun<'a> {
-    spec: &'a RunSpec,
-    events: &'a ClusterSender,
-    agents: &'a dyn AgentConnector,
+/// Where the events of one code run (or one execution in a session) go, tagged with its
+/// block: what every kind of code work tells its caller.
+#[derive(Clone, Copy)]
+pub struct RunEvents<'a> {
+    pub events: &'a ClusterSender,
+    pub block: u32,
+    pub line: u32,
 }
 
-impl CodeRun<'_> {
-    async fn send(&self, event: Event) -> Result<(), CallerGone> {
-        send(self.events, self.spec.block, event)
+impl<'a> RunEvents<'a> {
+    /// Events of work that is not a document's block.
+    pub fn of(events: &'a ClusterSender) -> Self {
+        RunEvents {
+            events,
+            block: 0,
+            line: 0,
+        }
+    }
+
+    pub async fn send(&self, event: Event) -> Result<(), CallerGone> {
+        send(self.events, self.block, event)
             .await
             .map_err(|()| CallerGone)
     }
-}
 
-#[tonic::async_trait]
-impl Work for CodeRun<'_> {
-    type Result = proto::ExecFinished;
-
-    fn requirements<'b>(&'b self, exclude: &'b [String]) -> Requirements<'b> {
-        self.spec.requirements(exclude)
-    }
-
-    fn max_attempts(&self) -> u32 {
-        self.spec.max_attempts
-    }
-
-    fn departure(&self) -> Departure {
+    /// Completes when the caller has gone away.
+    pub fn departure(&self) -> Departure {
         let events = self.events.clone();
         Box::pin(async move { events.closed().await })
     }
 
-    async fn queued(&mut self) -> Result<(), CallerGone> {
-        self.send(Event::Queued(Queued {
-            line: self.spec.line,
-        }))
-        .await
+    pub async fn queued(&self) -> Result<(), CallerGone> {
+        self.send(Event::Queued(Queued { line: self.line })).await
     }
 
-    async fn placed(&mut self, attempt: &Attempt) -> Result<(), CallerGone> {
+    pub async fn placed(&self, attempt: &Attempt) -> Result<(), CallerGone> {
         self.send(Event::Placed(Placed {
             node_id: attempt.node_id.clone(),
             node_name: attempt.node_name.clone(),
@@ -216,15 +216,27 @@ impl Work for CodeRun<'_> {
         .await
     }
 
-    /// The code from the start, its output passed on tagged with the attempt.
-    async fn attempt(&mut self, attempt: &Attempt) -> AttemptEnd<proto::ExecFinished> {
-        let mut request = self.spec.execution.clone();
-        if !request.run_id.is_empty() {
-            request.run_id = format!("{}-{}", request.run_id, attempt.number);
-        }
-        let mut stream = match self.agents.execute(attempt, request).await {
+    pub async fn retrying(&self, lost: &Attempt, reason: &str) -> Result<(), CallerGone> {
+        counter!(cluster_metrics::RUN_RETRIES).increment(1);
+        self.send(Event::Retrying(Retrying {
+            attempt: lost.number,
+            node_id: lost.node_id.clone(),
+            node_name: lost.node_name.clone(),
+            reason: reason.to_string(),
+        }))
+        .await
+    }
+
+    /// Follows one attempt on its node: output passed on tagged with the attempt, until the
+    /// finished event or the stream's end.
+    pub async fn follow(
+        &self,
+        started: Result<ExecStream, Status>,
+        attempt: &Attempt,
+    ) -> AttemptEnd<proto::ExecFinished> {
+        let mut stream = match started {
             Ok(stream) => stream,
-            Err(status) => return classify(status, self.events),
+            Err(status) => return self.classify(status),
         };
         loop {
             match stream.next().await.transpose() {
@@ -254,32 +266,70 @@ impl Work for CodeRun<'_> {
                 Ok(None) => {
                     return AttemptEnd::Lost("the node ended the run without a result".into());
                 }
-                Err(status) => return classify(status, self.events),
+                Err(status) => return self.classify(status),
             }
         }
     }
 
-    async fn retrying(&mut self, lost: &Attempt, reason: &str) -> Result<(), CallerGone> {
-        counter!(cluster_metrics::RUN_RETRIES).increment(1);
-        self.send(Event::Retrying(Retrying {
-            attempt: lost.number,
-            node_id: lost.node_id.clone(),
-            node_name: lost.node_name.clone(),
-            reason: reason.to_string(),
-        }))
-        .await
+    /// Infrastructure failures are retried elsewhere; a bad request is not, nor a session the
+    /// node does not know (or already has). A cancellation is the caller's only when the
+    /// caller is in fact gone.
+    pub fn classify(&self, status: Status) -> AttemptEnd<proto::ExecFinished> {
+        let reason = loss_reason(&status);
+        match status.code() {
+            Code::InvalidArgument | Code::NotFound | Code::AlreadyExists => {
+                AttemptEnd::Rejected(status)
+            }
+            Code::Cancelled if self.events.is_closed() => AttemptEnd::Cancelled,
+            Code::ResourceExhausted => AttemptEnd::Busy(reason),
+            _ => AttemptEnd::Lost(reason),
+        }
     }
 }
 
-/// Infrastructure failures are retried elsewhere; a bad request is not. A cancellation is the
-/// caller's only when the caller is in fact gone.
-fn classify(status: Status, events: &ClusterSender) -> AttemptEnd<proto::ExecFinished> {
-    let reason = loss_reason(&status);
-    match status.code() {
-        Code::InvalidArgument => AttemptEnd::Rejected(status),
-        Code::Cancelled if events.is_closed() => AttemptEnd::Cancelled,
-        Code::ResourceExhausted => AttemptEnd::Busy(reason),
-        _ => AttemptEnd::Lost(reason),
+/// A code run as work for the failover loop.
+struct CodeRun<'a> {
+    spec: &'a RunSpec,
+    events: RunEvents<'a>,
+    agents: &'a dyn AgentConnector,
+}
+
+#[tonic::async_trait]
+impl Work for CodeRun<'_> {
+    type Result = proto::ExecFinished;
+
+    fn requirements<'b>(&'b self, exclude: &'b [String]) -> Requirements<'b> {
+        self.spec.requirements(exclude)
+    }
+
+    fn max_attempts(&self) -> u32 {
+        self.spec.max_attempts
+    }
+
+    fn departure(&self) -> Departure {
+        self.events.departure()
+    }
+
+    async fn queued(&mut self) -> Result<(), CallerGone> {
+        self.events.queued().await
+    }
+
+    async fn placed(&mut self, attempt: &Attempt) -> Result<(), CallerGone> {
+        self.events.placed(attempt).await
+    }
+
+    /// The code from the start, its output passed on tagged with the attempt.
+    async fn attempt(&mut self, attempt: &Attempt) -> AttemptEnd<proto::ExecFinished> {
+        let mut request = self.spec.execution.clone();
+        if !request.run_id.is_empty() {
+            request.run_id = format!("{}-{}", request.run_id, attempt.number);
+        }
+        let started = self.agents.execute(attempt, request).await;
+        self.events.follow(started, attempt).await
+    }
+
+    async fn retrying(&mut self, lost: &Attempt, reason: &str) -> Result<(), CallerGone> {
+        self.events.retrying(lost, reason).await
     }
 }
 

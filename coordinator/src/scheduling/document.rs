@@ -15,13 +15,10 @@ use kowalski_exo_common::{
 use tokio::time::Instant;
 
 use super::{
-    dispatch::{ClusterSender, Dispatcher, Outcome, RunSpec, bounded_timeout},
+    dispatch::{ClusterSender, Dispatcher, Outcome, RunEvents, RunSpec, bounded_timeout},
     placement::{candidates, place},
 };
-use crate::{
-    codeblocks::CodeBlock,
-    sessions::{ClusterSessions, Position},
-};
+use crate::{codeblocks::CodeBlock, sessions::ClusterSessions};
 
 /// Why a block does not run.
 #[derive(Clone, Debug, PartialEq)]
@@ -275,19 +272,14 @@ async fn run_one(
             .unwrap_or_default(),
         run_id: spec.execution.run_id.clone(),
     };
-    let position = Position {
+    let events = RunEvents {
+        events,
         block: spec.block,
         line: spec.line,
     };
     match session
         .sessions
-        .run_block(
-            &session.open,
-            execution,
-            spec.max_attempts,
-            position,
-            events,
-        )
+        .run_block(&session.open, execution, spec.max_attempts, events)
         .await
     {
         Ok(outcome) => outcome,

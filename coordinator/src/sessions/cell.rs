@@ -3,12 +3,11 @@
 //! there first and its successful executions replayed, silently, before the code runs.
 
 use kowalski_exo_common::proto::{
-    self, ClusterEvent, ExecStatus, OpenSessionRequest, Placed, Queued, Retrying,
-    SessionExecuteRequest, SessionMoved, cluster_event::Event, exec_event,
+    self, ExecStatus, OpenSessionRequest, SessionExecuteRequest, SessionMoved, cluster_event::Event,
 };
 use metrics::counter;
 use tokio_stream::StreamExt;
-use tonic::{Code, Status};
+use tonic::Code;
 
 use super::Record;
 use crate::{
@@ -16,8 +15,8 @@ use crate::{
     registry::{NodeRegistry, NodeState},
     scheduling::{
         agents::AgentConnector,
-        dispatch::ClusterSender,
-        failover::{Attempt, AttemptEnd, CallerGone, Departure, Work, loss_reason},
+        dispatch::RunEvents,
+        failover::{Attempt, AttemptEnd, CallerGone, Departure, Work},
         placement::Requirements,
     },
 };
@@ -28,33 +27,16 @@ pub struct SessionCell<'a> {
     /// `None` when the session is only being opened.
     pub execution: Option<SessionExecuteRequest>,
     pub max_attempts: u32,
-    pub events: &'a ClusterSender,
+    /// Where its events go, with the block of a document and the line of its fence (RunBlocks);
+    /// 0 for ExecuteInSession.
+    pub events: RunEvents<'a>,
     pub agents: &'a dyn AgentConnector,
     pub registry: &'a NodeRegistry,
-    /// The block of a document and the line of its fence (RunBlocks); 0 for ExecuteInSession.
-    pub position: Position,
     /// For a session not yet placed: the node holding the fewest sessions, taken when it fits.
     pub prefer: Option<String>,
 }
 
-/// Where in a document an execution comes from.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Position {
-    pub block: u32,
-    pub line: u32,
-}
-
 impl SessionCell<'_> {
-    async fn send(&self, event: Event) -> Result<(), CallerGone> {
-        self.events
-            .send(Ok(ClusterEvent {
-                block: self.position.block,
-                event: Some(event),
-            }))
-            .await
-            .map_err(|_| CallerGone)
-    }
-
     /// Opens the session on the attempt's node and replays its history there.
     async fn open_here(
         &mut self,
@@ -73,16 +55,16 @@ impl SessionCell<'_> {
             other => other,
         };
         if let Err(status) = opened {
-            return Err(classify(status, self.events));
+            return Err(self.events.classify(status));
         }
         let from = self.record.home.take();
         for past in self.record.history.clone() {
             let stream = self.agents.execute_in_session(attempt, past).await;
-            let mut stream = stream.map_err(|status| classify(status, self.events))?;
+            let mut stream = stream.map_err(|status| self.events.classify(status))?;
             // Replayed output is not shown again.
             while let Some(event) = stream.next().await {
                 if let Err(status) = event {
-                    return Err(classify(status, self.events));
+                    return Err(self.events.classify(status));
                 }
             }
         }
@@ -98,7 +80,7 @@ impl SessionCell<'_> {
                 executions_replayed: replayed,
             };
             tracing::info!(session = %self.record.name, to = %attempt.node_name, replayed, "session moved");
-            if self.send(Event::SessionMoved(moved)).await.is_err() {
+            if self.events.send(Event::SessionMoved(moved)).await.is_err() {
                 return Err(AttemptEnd::Cancelled);
             }
         }
@@ -111,34 +93,8 @@ impl SessionCell<'_> {
         attempt: &Attempt,
         execution: SessionExecuteRequest,
     ) -> AttemptEnd<proto::ExecFinished> {
-        let mut stream = match self.agents.execute_in_session(attempt, execution).await {
-            Ok(stream) => stream,
-            Err(status) => return classify(status, self.events),
-        };
-        loop {
-            match stream.next().await.transpose() {
-                Ok(Some(proto::ExecEvent { event: Some(event) })) => match event {
-                    exec_event::Event::Started(_) => {}
-                    exec_event::Event::Output(chunk) => {
-                        let output = proto::AttemptOutput {
-                            attempt: attempt.number,
-                            chunk: Some(chunk),
-                        };
-                        if self.send(Event::Output(output)).await.is_err() {
-                            return AttemptEnd::Cancelled;
-                        }
-                    }
-                    exec_event::Event::Finished(finished) => return AttemptEnd::Finished(finished),
-                },
-                Ok(Some(_)) => {}
-                Ok(None) => {
-                    return AttemptEnd::Lost(
-                        "the node ended the execution without a result".into(),
-                    );
-                }
-                Err(status) => return classify(status, self.events),
-            }
-        }
+        let started = self.agents.execute_in_session(attempt, execution).await;
+        self.events.follow(started, attempt).await
     }
 }
 
@@ -178,24 +134,15 @@ impl Work for SessionCell<'_> {
     }
 
     fn departure(&self) -> Departure {
-        let events = self.events.clone();
-        Box::pin(async move { events.closed().await })
+        self.events.departure()
     }
 
     async fn queued(&mut self) -> Result<(), CallerGone> {
-        self.send(Event::Queued(Queued {
-            line: self.position.line,
-        }))
-        .await
+        self.events.queued().await
     }
 
     async fn placed(&mut self, attempt: &Attempt) -> Result<(), CallerGone> {
-        self.send(Event::Placed(Placed {
-            node_id: attempt.node_id.clone(),
-            node_name: attempt.node_name.clone(),
-            attempt: attempt.number,
-        }))
-        .await
+        self.events.placed(attempt).await
     }
 
     async fn attempt(&mut self, attempt: &Attempt) -> AttemptEnd<proto::ExecFinished> {
@@ -227,27 +174,6 @@ impl Work for SessionCell<'_> {
     }
 
     async fn retrying(&mut self, lost: &Attempt, reason: &str) -> Result<(), CallerGone> {
-        counter!(cluster_metrics::RUN_RETRIES).increment(1);
-        self.send(Event::Retrying(Retrying {
-            attempt: lost.number,
-            node_id: lost.node_id.clone(),
-            node_name: lost.node_name.clone(),
-            reason: reason.to_string(),
-        }))
-        .await
-    }
-}
-
-/// As for runs: infrastructure failures move the session; a bad request does not, and neither
-/// does a session the node does not know (handled by opening it again).
-fn classify(status: Status, events: &ClusterSender) -> AttemptEnd<proto::ExecFinished> {
-    let reason = loss_reason(&status);
-    match status.code() {
-        Code::InvalidArgument | Code::NotFound | Code::AlreadyExists => {
-            AttemptEnd::Rejected(status)
-        }
-        Code::Cancelled if events.is_closed() => AttemptEnd::Cancelled,
-        Code::ResourceExhausted => AttemptEnd::Busy(reason),
-        _ => AttemptEnd::Lost(reason),
+        self.events.retrying(lost, reason).await
     }
 }

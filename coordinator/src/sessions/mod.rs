@@ -16,7 +16,7 @@ use std::{
 use kowalski_exo_common::{
     Language,
     proto::{
-        ClusterEvent, ClusterFinished, ClusterOpenSessionRequest, ClusterSessionExecuteRequest,
+        ClusterFinished, ClusterOpenSessionRequest, ClusterSessionExecuteRequest,
         ClusterSessionInfo, ExecFinished, ExecStatus, IsolationLayer, OpenSessionRequest,
         SessionExecuteRequest, cluster_event::Event,
     },
@@ -29,12 +29,11 @@ use crate::{
     error::CoordinatorError,
     registry::NodeState,
     scheduling::{
-        dispatch::{ClusterSender, Dispatcher},
+        dispatch::{Dispatcher, RunEvents},
         failover::{self, Attempt, Outcome},
     },
     service::EventReceiver,
 };
-pub use cell::Position;
 use cell::SessionCell;
 pub use subcalls::SubcallRelay;
 
@@ -167,9 +166,7 @@ impl ClusterSessions {
             )));
         }
         let (events, mut receiver) = mpsc::channel(EVENT_BUFFER);
-        let outcome = self
-            .run(&entry, None, 0, Position::default(), &events)
-            .await;
+        let outcome = self.run(&entry, None, 0, RunEvents::of(&events)).await;
         drop(events);
         while receiver.try_recv().is_ok() {}
         match outcome {
@@ -223,8 +220,7 @@ impl ClusterSessions {
                     &entry,
                     Some(execution),
                     request.max_attempts,
-                    Position::default(),
-                    &events,
+                    RunEvents::of(&events),
                 )
                 .await;
             if let Outcome::Rejected(status) = outcome {
@@ -241,12 +237,11 @@ impl ClusterSessions {
         open: &ClusterOpenSessionRequest,
         execution: SessionExecuteRequest,
         max_attempts: u32,
-        position: Position,
-        events: &ClusterSender,
+        events: RunEvents<'_>,
     ) -> Result<Outcome<ExecFinished>, CoordinatorError> {
         let (entry, _) = self.entry(open)?;
         Ok(self
-            .run(&entry, Some(execution), max_attempts, position, events)
+            .run(&entry, Some(execution), max_attempts, events)
             .await)
     }
 
@@ -257,12 +252,11 @@ impl ClusterSessions {
         entry: &Entry,
         execution: Option<SessionExecuteRequest>,
         max_attempts: u32,
-        position: Position,
-        events: &ClusterSender,
+        events: RunEvents<'_>,
     ) -> Outcome<ExecFinished> {
         let mut record = tokio::select! {
             record = entry.record.lock() => record,
-            _ = events.closed() => return Outcome::Cancelled,
+            _ = events.departure() => return Outcome::Cancelled,
         };
         entry
             .facts
@@ -277,7 +271,6 @@ impl ClusterSessions {
             events,
             agents: self.dispatcher.agents().as_ref(),
             registry,
-            position,
             prefer: self.least_used_node(),
         };
         let (outcome, last) = failover::run(registry, &mut cell).await;
@@ -315,12 +308,7 @@ impl ClusterSessions {
                 Outcome::Failed(error) => finished(None, error.clone()),
                 Outcome::Rejected(_) | Outcome::Cancelled => return outcome,
             };
-            let _ = events
-                .send(Ok(ClusterEvent {
-                    block: position.block,
-                    event: Some(Event::Finished(finished)),
-                }))
-                .await;
+            let _ = events.send(Event::Finished(finished)).await;
         }
         outcome
     }

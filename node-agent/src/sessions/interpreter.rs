@@ -230,12 +230,11 @@ impl Interpreter {
             }))
             .await
             .err();
-        if self
-            .writer
-            .send("exec", cell, code.as_bytes())
-            .await
-            .is_err()
-        {
+        // An interpreter that does not read its channel cannot hold the cell past its timeout.
+        let exec = self.writer.send("exec", cell, code.as_bytes());
+        let sent = tokio::time::timeout_at(out.deadline(), exec).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            let interruption = interruption.or(sent.is_err().then_some(Interruption::Timeout));
             return self.lost(interruption, limits).await;
         }
         let mut grace_ends = None;

@@ -3,7 +3,10 @@
 //! `llm` frame carries JSON (prompts, model, options) and gets JSON back; an `ask` frame (bash)
 //! carries one prompt for the session's model and gets the answer's text.
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
 
 use kowalski_exo_common::proto::{SamplingOptions, Subcall, SubcallAnswer};
 use serde::{Deserialize, Serialize};
@@ -12,6 +15,10 @@ use tokio::sync::Semaphore;
 
 use super::frames::FrameWriter;
 use crate::link::CoordinatorLink;
+
+/// Refusals written back at once, at most; past them a flood of calls the code does not read
+/// the answers of is dropped (its calls then wait until the cell's timeout interrupts them).
+const REFUSALS_PENDING: usize = 64;
 
 /// The sub-calls of one session.
 #[derive(Clone, Debug)]
@@ -24,6 +31,8 @@ pub struct Subcalls {
     limit: usize,
     /// `None` on an agent that runs stand-alone.
     link: Option<CoordinatorLink>,
+    /// Refusals not yet written.
+    refusals: Arc<AtomicUsize>,
 }
 
 /// What an `llm` frame asks.
@@ -64,6 +73,7 @@ impl Subcalls {
             permits: Arc::new(Semaphore::new(limit)),
             limit,
             link,
+            refusals: Arc::default(),
         }
     }
 
@@ -125,10 +135,16 @@ impl Subcalls {
     }
 
     fn refuse(&self, kind: &str, id: u64, reason: &str, writer: &FrameWriter) {
+        if self.refusals.fetch_add(1, Ordering::AcqRel) >= REFUSALS_PENDING {
+            self.refusals.fetch_sub(1, Ordering::AcqRel);
+            tracing::debug!(session = %self.session_id, "dropping a refusal: too many unread");
+            return;
+        }
         let payload = reply(Err(reason.to_string()), kind == "ask");
-        let writer = writer.clone();
+        let (writer, refusals) = (writer.clone(), self.refusals.clone());
         tokio::spawn(async move {
             let _ = writer.send("result", id, &payload).await;
+            refusals.fetch_sub(1, Ordering::AcqRel);
         });
     }
 }
