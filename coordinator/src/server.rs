@@ -232,8 +232,8 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Star
         None => Arc::new(GrpcAgents::default()),
     };
     let chats = Chats::new(registry.clone(), agents.clone(), stall_timeout);
-    let relay = SubcallRelay::new(chats.clone(), registry.clone());
-    let cluster = ClusterService::new(Dispatcher::new(registry.clone(), agents), chats);
+    let cluster = ClusterService::new(Dispatcher::new(registry.clone(), agents), chats.clone());
+    let relay = SubcallRelay::new(chats, registry.clone(), cluster.sessions().clone());
     let mut server = ServerBase::new(&[
         AgentRegistryServer::<RegistryService>::NAME,
         CoordinatorServer::<ClientService>::NAME,

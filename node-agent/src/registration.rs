@@ -145,7 +145,8 @@ impl Registration {
         let channel = transport::endpoint(&self.coordinator, self.tls.as_ref())?
             .connect()
             .await?;
-        let mut client = AgentRegistryClient::new(channel);
+        let mut client = AgentRegistryClient::new(channel)
+            .max_decoding_message_size(kowalski_exo_common::request_size::MAX_MESSAGE_BYTES);
         let (outbound, queue) = mpsc::channel(8);
         let mut runtimes = self.service.runtimes();
         runtimes.mark_unchanged();

@@ -273,9 +273,14 @@ impl NodeAgent for NodeAgentService {
         &self,
         request: Request<proto::OpenSessionRequest>,
     ) -> Result<Response<proto::SessionInfo>, Status> {
-        Ok(Response::new(
-            self.sessions.open(request.into_inner()).await?,
-        ))
+        // Run to its end even when the caller goes away, so nothing is left half made.
+        let sessions = self.sessions.clone();
+        let opened = self
+            .runs
+            .spawn(async move { sessions.open(request.into_inner()).await })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(opened?))
     }
 
     async fn execute_in_session(
@@ -287,11 +292,12 @@ impl NodeAgent for NodeAgentService {
         let cancel = self.shutdown.clone();
         self.runs.spawn(async move {
             let finished = match cell.run(&events).await {
-                Some(finished) if !cancel.is_cancelled() => Ok(ExecEvent {
+                Ok(Some(finished)) if !cancel.is_cancelled() => Ok(ExecEvent {
                     event: Some(exec_event::Event::Finished(finished)),
                 }),
+                Err(closed) => Err(closed.into()),
                 // Cut short by the agent's shutdown: an infrastructure failure, not a result.
-                _ => Err(ExecError::ShuttingDown.into()),
+                Ok(_) => Err(ExecError::ShuttingDown.into()),
             };
             send_last(&events, finished, &cancel).await;
         });
@@ -302,10 +308,13 @@ impl NodeAgent for NodeAgentService {
         &self,
         request: Request<proto::CloseSessionRequest>,
     ) -> Result<Response<proto::CloseSessionResponse>, Status> {
+        let sessions = self.sessions.clone();
+        let id = request.into_inner().session_id;
         let session = self
-            .sessions
-            .close(&request.into_inner().session_id)
-            .await?;
+            .runs
+            .spawn(async move { sessions.close(&id).await })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
         Ok(Response::new(proto::CloseSessionResponse {
             session: Some(session),
         }))

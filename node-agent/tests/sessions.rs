@@ -372,6 +372,7 @@ async fn code_on_a_stand_alone_agent_is_told_it_cannot_ask_models() {
     assert!(run.stdout().contains("stand-alone"), "{}", run.stdout());
     let bash = cell(&mut t.client, "s", "bash", "llm_query hello").await;
     assert!(bash.stdout().starts_with("Error: "), "{}", bash.stdout());
+    assert_eq!(bash.status(), ExecStatus::Ok, "{:?}", bash.finished());
 }
 
 #[tokio::test]
@@ -443,4 +444,30 @@ async fn code_in_a_session_reaches_neither_the_network_nor_another_sessions_file
     assert!(out.contains("file blocked"), "{out}");
     assert!(out.contains("network blocked"), "{out}");
     assert!(!out.contains("kept") && !out.contains("connected"), "{out}");
+}
+
+#[tokio::test]
+async fn a_cell_that_catches_the_first_interrupt_is_interrupted_again_and_keeps_the_state() {
+    let mut t = start_agent(|_| {}).await;
+    open(&mut t.client, "s", &["python"]).await;
+    cell(&mut t.client, "s", "python", "kept = 7").await;
+    let stubborn_once = cell_with(
+        &mut t.client,
+        "s",
+        "python",
+        "import time\ntry:\n    time.sleep(30)\nexcept KeyboardInterrupt:\n    print('caught one')\ntime.sleep(30)",
+        300,
+    )
+    .await
+    .unwrap();
+    assert_eq!(stubborn_once.status(), ExecStatus::Timeout);
+    assert!(
+        !stubborn_once.finished().state_lost,
+        "{:?}",
+        stubborn_once.finished()
+    );
+    assert_eq!(
+        cell(&mut t.client, "s", "python", "kept").await.stdout(),
+        "7\n"
+    );
 }

@@ -207,8 +207,9 @@ impl AgentRegistry for RegistryService {
                         message: Some(agent_message::Message::Subcall(call)),
                     })) => {
                         let (relay, commands) = (service.relay.clone(), commands.clone());
+                        let node_id = node_id.clone();
                         tokio::spawn(async move {
-                            let answer = relay.answer(call).await;
+                            let answer = relay.answer(call, &node_id).await;
                             let _ = commands
                                 .send(Ok(CoordinatorMessage {
                                     message: Some(coordinator_message::Message::SubcallAnswer(

@@ -34,6 +34,8 @@ pub struct SessionCell<'a> {
     pub registry: &'a NodeRegistry,
     /// For a session not yet placed: the node holding the fewest sessions, taken when it fits.
     pub prefer: Option<String>,
+    /// The session's node failed an attempt (not merely full): it moves.
+    pub home_lost: bool,
 }
 
 impl SessionCell<'_> {
@@ -57,15 +59,23 @@ impl SessionCell<'_> {
         if let Err(status) = opened {
             return Err(self.events.classify(status));
         }
-        let from = self.record.home.take();
+        let from = self.record.home.clone();
         for past in self.record.history.clone() {
             let stream = self.agents.execute_in_session(attempt, past).await;
             let mut stream = stream.map_err(|status| self.events.classify(status))?;
-            // Replayed output is not shown again.
+            // Replayed output is not shown again; a replay that no longer succeeds is logged.
+            let mut status = None;
             while let Some(event) = stream.next().await {
-                if let Err(status) = event {
-                    return Err(self.events.classify(status));
+                match event {
+                    Ok(proto::ExecEvent {
+                        event: Some(proto::exec_event::Event::Finished(finished)),
+                    }) => status = Some(finished.status()),
+                    Ok(_) => {}
+                    Err(refused) => return Err(self.events.classify(refused)),
                 }
+            }
+            if status != Some(ExecStatus::Ok) {
+                tracing::warn!(session = %self.record.name, node = %attempt.node_name, ?status, "a replayed execution did not succeed again");
             }
         }
         let replayed = self.record.history.len() as u32;
@@ -103,9 +113,10 @@ impl Work for SessionCell<'_> {
     type Result = proto::ExecFinished;
 
     fn requirements<'b>(&'b self, exclude: &'b [String]) -> Requirements<'b> {
-        // At home while its node lives; placed anew (within the session's constraints) when not.
+        // At home while its node lives (a full node is waited for, not left); placed anew
+        // (within the session's constraints) when not.
         let home = self.record.home.as_ref().filter(|home| {
-            !exclude.contains(&home.node_id)
+            !self.home_lost
                 && self
                     .registry
                     .state(&home.node_id)
@@ -160,7 +171,7 @@ impl Work for SessionCell<'_> {
                 ..Default::default()
             });
         };
-        match self.run_here(attempt, execution.clone()).await {
+        let end = match self.run_here(attempt, execution.clone()).await {
             // The node forgot the session (it restarted, or closed it when idle): open it there
             // again.
             AttemptEnd::Rejected(status) if status.code() == Code::NotFound => {
@@ -170,7 +181,11 @@ impl Work for SessionCell<'_> {
                 self.run_here(attempt, execution).await
             }
             end => end,
+        };
+        if matches!(end, AttemptEnd::Lost(_)) {
+            self.home_lost = true;
         }
+        end
     }
 
     async fn retrying(&mut self, lost: &Attempt, reason: &str) -> Result<(), CallerGone> {

@@ -9,7 +9,10 @@ mod subcalls;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -55,7 +58,13 @@ pub struct ClusterSessions {
 struct Entry {
     record: Arc<tokio::sync::Mutex<Record>>,
     facts: Arc<Mutex<Facts>>,
+    /// Which opening of the name this is: a name closed and opened again is another session,
+    /// with answers cached apart.
+    incarnation: u64,
 }
+
+/// Numbers the sessions this coordinator opened.
+static INCARNATIONS: AtomicU64 = AtomicU64::new(1);
 
 /// Where a session may be placed.
 #[derive(Clone, Debug, Default)]
@@ -148,6 +157,7 @@ impl ClusterSessions {
                 model: session.model,
                 idle_since: Some(Instant::now()),
             })),
+            incarnation: INCARNATIONS.fetch_add(1, Ordering::Relaxed),
         };
         table.insert(session.session_id, entry.clone());
         Ok((entry, true))
@@ -272,12 +282,19 @@ impl ClusterSessions {
             agents: self.dispatcher.agents().as_ref(),
             registry,
             prefer: self.least_used_node(),
+            home_lost: false,
         };
         let (outcome, last) = failover::run(registry, &mut cell).await;
-        if let (Outcome::Finished(finished), Some(execution)) = (&outcome, &execution)
-            && finished.status() == ExecStatus::Ok
-        {
-            record.history.push(execution.clone());
+        if let (Outcome::Finished(finished), Some(execution)) = (&outcome, &execution) {
+            if finished.state_lost {
+                // Its interpreter started afresh: what the language's history built is gone
+                // there, and must not come back where the session moves.
+                record
+                    .history
+                    .retain(|past| !same_language(&past.language, &execution.language));
+            } else if finished.status() == ExecStatus::Ok {
+                record.history.push(execution.clone());
+            }
         }
         {
             let mut facts = entry.facts.lock().expect("session facts poisoned");
@@ -352,6 +369,11 @@ impl ClusterSessions {
         Ok(described)
     }
 
+    /// Which opening of the named session is live, if the coordinator holds it.
+    pub fn incarnation(&self, name: &str) -> Option<u64> {
+        self.table().get(name).map(|entry| entry.incarnation)
+    }
+
     pub fn list(&self) -> Vec<ClusterSessionInfo> {
         self.forget_idle();
         let mut sessions: Vec<ClusterSessionInfo> = self
@@ -362,6 +384,11 @@ impl ClusterSessions {
         sessions.sort_by(|a, b| a.name.cmp(&b.name));
         sessions
     }
+}
+
+/// Whether two language names (aliases allowed) are one language.
+fn same_language(a: &str, b: &str) -> bool {
+    matches!((Language::parse(a), Language::parse(b)), (Ok(a), Ok(b)) if a == b)
 }
 
 fn info(name: &str, entry: &Entry) -> ClusterSessionInfo {

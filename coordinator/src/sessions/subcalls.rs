@@ -16,12 +16,14 @@ use kowalski_exo_common::proto::{
 use lru::LruCache;
 use metrics::counter;
 use prost::Message;
+use sha2::{Digest, Sha256};
 use tokio::{sync::mpsc, time::Instant};
 
 use crate::{
     cluster_metrics,
     inference::{Chats, models},
     registry::NodeRegistry,
+    sessions::ClusterSessions,
 };
 
 /// Answers kept, over every session.
@@ -29,28 +31,30 @@ const CACHED_ANSWERS: NonZeroUsize = NonZeroUsize::new(10_000).expect("not zero"
 /// Chat events buffered per prompt.
 const EVENT_BUFFER: usize = 64;
 
-/// What makes two prompts the same call: session, model, prompt and options (encoded).
-type CacheKey = (String, String, String, Vec<u8>);
+/// What makes two prompts the same call: the session, then a hash of model, prompt and options.
+type CacheKey = (String, [u8; 32]);
 
 /// Answers sub-calls with the cluster's models.
 #[derive(Clone)]
 pub struct SubcallRelay {
     chats: Chats,
     registry: NodeRegistry,
+    sessions: ClusterSessions,
     cache: Arc<Mutex<LruCache<CacheKey, String>>>,
 }
 
 impl SubcallRelay {
-    pub fn new(chats: Chats, registry: NodeRegistry) -> Self {
+    pub fn new(chats: Chats, registry: NodeRegistry, sessions: ClusterSessions) -> Self {
         SubcallRelay {
             chats,
             registry,
+            sessions,
             cache: Arc::new(Mutex::new(LruCache::new(CACHED_ANSWERS))),
         }
     }
 
-    /// Answers every prompt of a call, all at once.
-    pub async fn answer(&self, call: Subcall) -> SubcallAnswer {
+    /// Answers every prompt of a call from `node_id`, all at once.
+    pub async fn answer(&self, call: Subcall, node_id: &str) -> SubcallAnswer {
         let model = match self.model(&call.model) {
             Ok(model) => model,
             Err(error) => {
@@ -64,10 +68,16 @@ impl SubcallRelay {
             }
         };
         let options = call.options.unwrap_or_default();
+        // A session the coordinator placed keeps its answers wherever it moves; one opened on
+        // the node directly keeps them on that node.
+        let session = match self.sessions.incarnation(&call.session_id) {
+            Some(incarnation) => format!("cluster:{incarnation}"),
+            None => format!("node:{node_id}:{}", call.session_id),
+        };
         let answers = call
             .prompts
             .into_iter()
-            .map(|prompt| self.one(&call.session_id, &model, prompt, &options));
+            .map(|prompt| self.one(&session, &model, prompt, &options));
         SubcallAnswer {
             call_id: call.call_id,
             answers: join_all(answers).await,
@@ -105,12 +115,16 @@ impl SubcallRelay {
         prompt: String,
         options: &SamplingOptions,
     ) -> PromptAnswer {
-        let key = (
-            session.to_string(),
-            model.to_string(),
-            prompt.clone(),
-            options.encode_to_vec(),
-        );
+        let mut hash = Sha256::new();
+        for part in [
+            model.as_bytes(),
+            prompt.as_bytes(),
+            &options.encode_to_vec(),
+        ] {
+            hash.update((part.len() as u64).to_le_bytes());
+            hash.update(part);
+        }
+        let key = (session.to_string(), hash.finalize().into());
         if let Some(text) = self.cache.lock().expect("cache poisoned").get(&key) {
             counter!(cluster_metrics::SUBCALLS, "model" => model.to_string(), "outcome" => "cached")
                 .increment(1);

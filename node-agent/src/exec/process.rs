@@ -256,7 +256,7 @@ pub(crate) struct Waited {
 }
 
 /// Reaps `pid` with wait4, which also reports its CPU time and peak resident size.
-fn wait_for(pid: u32) -> io::Result<Waited> {
+pub(crate) fn wait_for(pid: u32) -> io::Result<Waited> {
     let mut status = 0;
     // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };

@@ -40,6 +40,9 @@ pub enum Received {
 pub struct FrameReader<R> {
     source: R,
     buf: Vec<u8>,
+    /// Where the unread part of `buf` starts: frames are taken by moving it, and the buffer is
+    /// compacted once per read, not once per frame.
+    start: usize,
     max_payload: usize,
     /// Payload bytes of an oversized frame still to skip, and its header.
     skipping: Option<(String, u64, u64, u64)>,
@@ -50,6 +53,7 @@ impl<R: AsyncReadExt + Unpin> FrameReader<R> {
         FrameReader {
             source,
             buf: Vec::new(),
+            start: 0,
             max_payload,
             skipping: None,
         }
@@ -62,6 +66,8 @@ impl<R: AsyncReadExt + Unpin> FrameReader<R> {
             if let Some(received) = self.parse()? {
                 return Ok(Some(received));
             }
+            self.buf.drain(..self.start);
+            self.start = 0;
             self.buf.reserve(READ_CHUNK);
             // Cancel-safe: bytes land in the buffer only when the read completes.
             if self.source.read_buf(&mut self.buf).await? == 0 {
@@ -73,8 +79,8 @@ impl<R: AsyncReadExt + Unpin> FrameReader<R> {
     /// A whole frame from the buffer, if one is there.
     fn parse(&mut self) -> io::Result<Option<Received>> {
         if let Some((kind, id, length, left)) = self.skipping.take() {
-            let skipped = (left as usize).min(self.buf.len());
-            self.buf.drain(..skipped);
+            let skipped = (left as usize).min(self.buf.len() - self.start);
+            self.start += skipped;
             let left = left - skipped as u64;
             if left > 0 {
                 self.skipping = Some((kind, id, length, left));
@@ -82,13 +88,14 @@ impl<R: AsyncReadExt + Unpin> FrameReader<R> {
             }
             return Ok(Some(Received::Oversized { kind, id, length }));
         }
-        let Some(newline) = self.buf.iter().position(|&b| b == b'\n') else {
-            if self.buf.len() > MAX_HEADER {
+        let unread = &self.buf[self.start..];
+        let Some(newline) = unread.iter().position(|&b| b == b'\n') else {
+            if unread.len() > MAX_HEADER {
                 return Err(malformed("a header line longer than 64 bytes"));
             }
             return Ok(None);
         };
-        let header = std::str::from_utf8(&self.buf[..newline])
+        let header = std::str::from_utf8(&unread[..newline])
             .map_err(|_| malformed("a header that is not UTF-8"))?;
         let mut fields = header.split(' ');
         let (Some(kind), Some(id), Some(length), None) =
@@ -101,16 +108,16 @@ impl<R: AsyncReadExt + Unpin> FrameReader<R> {
         };
         let kind = kind.to_string();
         if length > self.max_payload as u64 {
-            self.buf.drain(..=newline);
+            self.start += newline + 1;
             self.skipping = Some((kind, id, length, length));
             return self.parse();
         }
         let end = newline + 1 + length as usize;
-        if self.buf.len() < end {
+        if unread.len() < end {
             return Ok(None);
         }
-        let payload = self.buf[newline + 1..end].to_vec();
-        self.buf.drain(..end);
+        let payload = unread[newline + 1..end].to_vec();
+        self.start += end;
         Ok(Some(Received::Frame(Frame { kind, id, payload })))
     }
 }

@@ -32,6 +32,8 @@ use crate::{
 
 /// How long an interrupted cell has to stop before its interpreter is killed.
 pub const INTERRUPT_GRACE: Duration = Duration::from_secs(2);
+/// How often the interrupt is sent again during the grace period.
+const INTERRUPT_REPEAT: Duration = Duration::from_millis(200);
 /// How long a driver has to say it is ready.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Size of one read from an output pipe.
@@ -230,6 +232,13 @@ impl Interpreter {
             }))
             .await
             .err();
+        if interruption.is_some() {
+            // The caller left before the cell was sent: it never runs.
+            return CellEnd {
+                finished: finished_cell(b"{}", interruption, 0, self.isolation),
+                lost: false,
+            };
+        }
         // An interpreter that does not read its channel cannot hold the cell past its timeout.
         let exec = self.writer.send("exec", cell, code.as_bytes());
         let sent = tokio::time::timeout_at(out.deadline(), exec).await;
@@ -238,10 +247,10 @@ impl Interpreter {
             return self.lost(interruption, limits).await;
         }
         let mut grace_ends = None;
-        if interruption.is_some() {
-            grace_ends = Some(self.interrupt());
-        }
         loop {
+            // SIGINT again and again through the grace period: one that lands before the cell
+            // starts, or while the cell catches it, must not cost the session its state.
+            let again = grace_ends.map(|ends| next_repeat(ends, Instant::now()));
             tokio::select! {
                 biased;
                 _ = out.cancel_token().cancelled(), if interruption.is_none() => {
@@ -257,6 +266,9 @@ impl Interpreter {
                     grace_ends = Some(self.interrupt());
                 }
                 _ = sleep_until(grace_ends) => return self.lost(interruption, limits).await,
+                _ = sleep_until(again) => {
+                    self.interrupt();
+                }
                 _ = &mut self.exited => return self.lost(interruption, limits).await,
                 read = process::read_some(&mut self.stdout, &mut out_buf) => {
                     self.forward(read, proto::OutputStream::Stdout, &out_buf, out, &mut interruption, &mut grace_ends).await;
@@ -399,6 +411,25 @@ impl Interpreter {
     }
 }
 
+impl Drop for Interpreter {
+    /// An interpreter dropped without [`Interpreter::stop`] (the task holding it was
+    /// cancelled) is killed and reaped all the same, off the async threads.
+    fn drop(&mut self) {
+        let Some(containment) = self.containment.take() else {
+            return;
+        };
+        let pid = self.pid;
+        let end = move || {
+            containment.kill_tree(pid, false);
+            let _ = process::wait_for(pid);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(end)),
+            Err(_) => end(),
+        }
+    }
+}
+
 /// The finished event for a cell its driver reported done.
 fn finished_cell(
     payload: &[u8],
@@ -469,6 +500,14 @@ fn discard_pending(pipe: &mut Option<pipe::Receiver>, buf: &mut [u8]) {
             }
         }
     }
+}
+
+/// The next moment to interrupt again, on a grid of [`INTERRUPT_REPEAT`] from the first
+/// interrupt (the grace period ending at `grace_ends`).
+fn next_repeat(grace_ends: Instant, now: Instant) -> Instant {
+    let first = grace_ends - INTERRUPT_GRACE;
+    let repeats = now.saturating_duration_since(first).as_millis() / INTERRUPT_REPEAT.as_millis();
+    first + INTERRUPT_REPEAT * (repeats as u32 + 1)
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

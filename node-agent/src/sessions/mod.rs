@@ -46,6 +46,8 @@ use subcalls::Subcalls;
 pub const MAX_SUBCALL_BYTES: usize = 8 * 1024 * 1024;
 /// Prompts of one session in flight at once, unless it asks for another number.
 pub const DEFAULT_SUBCALLS_IN_FLIGHT: usize = 64;
+/// The most prompts in flight a session may ask for.
+const MAX_SUBCALLS_IN_FLIGHT: usize = 256;
 /// Idle sessions close after this long, unless the owner says otherwise (`--session-idle`).
 pub const DEFAULT_IDLE: Duration = Duration::from_secs(600);
 /// Sessions a node holds at once, unless the owner says otherwise (`--max-sessions`).
@@ -106,6 +108,8 @@ struct Facts {
     executions: u64,
     /// When the last execution ended; `None` while one runs.
     idle_since: Option<Instant>,
+    /// Executions admitted and not yet finished (running or waiting for their turn).
+    pending: usize,
     model: String,
     network: bool,
 }
@@ -146,9 +150,10 @@ impl Sessions {
                 .iter()
                 .filter(|(_, entry)| {
                     let facts = entry.facts.lock().expect("session facts poisoned");
-                    facts
-                        .idle_since
-                        .is_some_and(|since| since.elapsed() >= self.inner.config.idle)
+                    facts.pending == 0
+                        && facts
+                            .idle_since
+                            .is_some_and(|since| since.elapsed() >= self.inner.config.idle)
                 })
                 .map(|(id, _)| id.clone())
                 .collect();
@@ -201,7 +206,7 @@ impl Sessions {
         let limits = defaults.with_request(0, request.limits.as_ref(), &policy.ceiling);
         let subcalls_limit = match request.max_subcalls_in_flight {
             0 => DEFAULT_SUBCALLS_IN_FLIGHT,
-            n => n as usize,
+            n => (n as usize).min(MAX_SUBCALLS_IN_FLIGHT),
         };
         let workspace = executor
             .workspace(limits.disk_bytes)
@@ -224,6 +229,7 @@ impl Sessions {
             languages: session.languages(),
             executions: 0,
             idle_since: Some(Instant::now()),
+            pending: 0,
             model: request.model,
             network: request.network,
         };
@@ -294,8 +300,10 @@ impl Sessions {
         }
         let entry = self.entry(&request.session_id)?;
         let ticket = self.inner.admission.enter().map_err(ExecError::from)?;
+        entry.facts.lock().expect("session facts poisoned").pending += 1;
         Ok(PreparedCell {
             sessions: self.clone(),
+            _pending: Pending(entry.facts.clone()),
             entry,
             language,
             request,
@@ -343,30 +351,55 @@ pub struct PreparedCell {
     language: Language,
     request: proto::SessionExecuteRequest,
     ticket: crate::admission::Ticket,
+    /// Keeps the session from closing as idle while the execution waits or runs.
+    _pending: Pending,
+}
+
+/// One execution admitted to a session and not yet finished.
+struct Pending(Arc<Mutex<Facts>>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.lock().expect("session facts poisoned").pending -= 1;
+    }
 }
 
 impl PreparedCell {
-    /// Waits for a run slot and the session, runs the cell and returns its finished event.
-    /// `None` when the caller went away or the agent shut down before it started.
-    pub async fn run(self, events: &EventSender) -> Option<proto::ExecFinished> {
+    /// Waits for a run slot and the session, runs the cell and returns its finished event:
+    /// `Ok(None)` when the caller went away or the agent shut down before it started, NotFound
+    /// when the session was closed meanwhile.
+    pub async fn run(
+        self,
+        events: &EventSender,
+    ) -> Result<Option<proto::ExecFinished>, SessionError> {
         let PreparedCell {
             sessions,
             entry,
             language,
             request,
             ticket,
+            _pending,
         } = self;
+        let closed = || SessionError::NotFound {
+            id: request.session_id.clone(),
+            idle: sessions.inner.config.idle,
+        };
         let cancel = entry.closing.child_token();
         let _slot = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Err(closed()),
+            _ = events.closed() => return Ok(None),
             slot = ticket.wait_for_slot() => slot,
-            _ = events.closed() => return None,
-            _ = cancel.cancelled() => return None,
         };
         let mut session = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Err(closed()),
+            _ = events.closed() => return Ok(None),
             session = entry.session.lock() => session,
-            _ = events.closed() => return None,
-            _ = cancel.cancelled() => return None,
         };
+        if cancel.is_cancelled() {
+            return Err(closed());
+        }
         let began = std::time::Instant::now();
         entry
             .facts
@@ -422,7 +455,7 @@ impl PreparedCell {
             wall_us = finished.wall_micros,
             "session execution finished"
         );
-        Some(finished)
+        Ok(Some(finished))
     }
 }
 

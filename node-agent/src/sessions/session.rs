@@ -59,10 +59,9 @@ impl Session {
         if self.interpreters.contains_key(&language) {
             return Ok(());
         }
-        let workspace = self
-            .workspace
-            .as_ref()
-            .expect("an open session has its workspace");
+        let Some(workspace) = self.workspace.as_ref() else {
+            return Err(StartError::Failed("the session was closed".to_string()));
+        };
         let place = Place {
             executor,
             workspace,

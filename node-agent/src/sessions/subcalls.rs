@@ -120,8 +120,10 @@ impl Subcalls {
         let (writer, bash) = (writer.clone(), kind == "ask");
         tokio::spawn(async move {
             let answered = link.ask(subcall).await;
-            drop(in_flight);
             let _ = writer.send("result", id, &reply(answered, bash)).await;
+            // Held until the answer is written: code that never reads its answers cannot pile
+            // up more calls than its limit.
+            drop(in_flight);
         });
     }
 

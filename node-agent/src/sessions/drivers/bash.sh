@@ -4,7 +4,6 @@
 # as in the Python driver: a header line "KIND ID LENGTH\n", then LENGTH bytes of payload.
 __kx_fd=$1
 __kx_max=$2
-__kx_ids=0
 
 __kx_send() { # KIND ID PAYLOAD
   local LC_ALL=C
@@ -28,10 +27,17 @@ llm_query() {
     echo "llm_query: the prompt takes ${#1} bytes, over the session's limit of $__kx_max" >&2
     return 2
   fi
-  __kx_ids=$((__kx_ids + 1))
-  __kx_send ask "$__kx_ids" "$1"
-  __kx_read || return 1
-  printf '%s\n' "$__kx_payload"
+  # Unique even from subshells ($(llm_query ...)), which do not share a counter.
+  local __kx_want="$BASHPID$RANDOM"
+  __kx_send ask "$__kx_want" "$1"
+  # Answers to earlier calls that were interrupted may still arrive: skip them.
+  while __kx_read; do
+    if [ "$__kx_kind" = result ] && [ "$__kx_id" = "$__kx_want" ]; then
+      printf '%s\n' "$__kx_payload"
+      return 0
+    fi
+  done
+  return 1
 }
 
 __kx_cell() {
@@ -43,8 +49,10 @@ trap ':' INT
 __kx_send ready 0 "{\"version\":\"${BASH_VERSION%%(*}\"}"
 while __kx_read; do
   [ "$__kx_kind" = exec ] || continue
+  # The cell's own llm_query calls read frames too: keep which cell this is.
+  __kx_cell_id=$__kx_id
   __kx_cell "$__kx_payload"
   __kx_status=$?
   trap ':' INT
-  __kx_send done "$__kx_id" "{\"status\":\"exit\",\"exit_code\":$__kx_status}"
+  __kx_send done "$__kx_cell_id" "{\"status\":\"exit\",\"exit_code\":$__kx_status}"
 done

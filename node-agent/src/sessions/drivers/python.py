@@ -134,9 +134,11 @@ def run_cell(namespace, number, code):
                 print(repr(value))
         return {"status": "ok"}
     except KeyboardInterrupt as error:
+        in_cell = False
         print_exception(error)
         return {"status": "interrupted"}
     except SystemExit as error:
+        in_cell = False
         code = error.code
         if code is None:
             code = 0
@@ -145,6 +147,7 @@ def run_cell(namespace, number, code):
             code = 1
         return {"status": "exit", "exit_code": code}
     except BaseException as error:
+        in_cell = False
         print_exception(error)
         return {"status": "error", "error": "%s: %s" % (type(error).__name__, error)}
     finally:
@@ -174,7 +177,11 @@ def main():
             return
         frame_id, code = cell
         number += 1
-        outcome = run_cell(namespace, number, code.decode("utf-8", "replace"))
+        try:
+            outcome = run_cell(namespace, number, code.decode("utf-8", "replace"))
+        except KeyboardInterrupt:
+            # A repeated interrupt that landed while the cell was already ending.
+            outcome = {"status": "interrupted"}
         channel.send("done", frame_id, json.dumps(outcome).encode())
 
 
