@@ -6,6 +6,8 @@
 //!   failover to another node), and documents (a Markdown file's blocks in order).
 //! - [`inference`]: the cluster's models, and chat answers that survive a node dying mid-answer.
 //! - [`sessions`]: named sessions placed like runs, moved with their history when a node dies.
+//! - [`rlm`]: the Recursive Language Model loop: context in a session, code each turn, sub-calls
+//!   over the cluster, a final answer or a budget.
 //! - [`codeblocks`]: fenced code blocks out of LLM output.
 //! - [`service`]: what clients can ask of the cluster, whatever the transport.
 //! - [`http`]: the HTTP API (health, metrics, OpenAI-, Ollama- and Anthropic-compatible chat
@@ -27,6 +29,7 @@ pub mod http;
 pub mod inference;
 pub mod json_events;
 pub mod registry;
+pub mod rlm;
 pub mod scheduling;
 pub mod server;
 pub mod service;

@@ -9,7 +9,7 @@ use kowalski_exo_common::{
     error_text::error_chain,
     isolation,
     proto::{
-        ClusterEvent, ClusterExecuteRequest, ClusterOpenSessionRequest,
+        AskRequest, ClusterEvent, ClusterExecuteRequest, ClusterOpenSessionRequest,
         ClusterSessionExecuteRequest, ExecLimits, ExecuteRequest, IsolationLayer,
         OpenSessionRequest, PlacementConstraints, PlanRequest, RunBlocksRequest,
         SessionExecuteRequest,
@@ -20,11 +20,11 @@ use kowalski_exo_common::{
 };
 use kowalski_exo_coordinator::{
     cli::{
-        Failure,
+        Failure, ask,
         connect::{Client, Dial, local_agent_config, with_client},
         follow::{FollowOptions, follow},
         inference, nodes, plan,
-        request::{check_markdown, limits, parse_timeout, program_stdin, read_text},
+        request::{check_markdown, limits, parse_timeout, program_stdin, read_bytes, read_text},
         sessions, trust,
     },
     inference::chat::DEFAULT_STALL_TIMEOUT,
@@ -154,6 +154,36 @@ enum Command {
         conversation: Option<String>,
         /// The prompt ("-" or none: standard input).
         prompt: Option<String>,
+    },
+    /// Answer a question over a context of any size with the Recursive Language Model loop:
+    /// the context stays in a session, the model writes code that reads it and asks models on
+    /// the cluster about pieces of it.
+    Ask {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The root model (see `coordinator models`).
+        #[arg(long)]
+        model: String,
+        /// The context: a file, or "-" for standard input [default: none]
+        #[arg(long, value_name = "FILE")]
+        context: Option<PathBuf>,
+        /// Read the context as JSON (it becomes a list or dict in the session).
+        #[arg(long)]
+        context_json: bool,
+        /// Turns before the model is asked for its best answer.
+        #[arg(long, default_value_t = kowalski_exo_coordinator::rlm::DEFAULT_MAX_ITERATIONS)]
+        max_iterations: u32,
+        /// End the run after this many seconds with the best answer so far.
+        #[arg(long, value_name = "SECONDS")]
+        max_time: Option<u32>,
+        /// End the run once the root model's turns used this many tokens.
+        #[arg(long)]
+        max_tokens: Option<u64>,
+        /// End the run after this many failing executions in a row.
+        #[arg(long, default_value_t = kowalski_exo_coordinator::rlm::DEFAULT_MAX_FAILURES)]
+        max_failures: u32,
+        /// The question.
+        question: String,
     },
     /// List the open sessions.
     Sessions {
@@ -496,6 +526,43 @@ async fn main() -> ExitCode {
                 Ok(request) => {
                     with_client(&client.dial(), |c, addr| async move {
                         inference::chat(c, &addr, request, client.json).await
+                    })
+                    .await
+                }
+                Err(failure) => Err(failure),
+            };
+            (result, client.json)
+        }
+        Command::Ask {
+            client,
+            model,
+            context,
+            context_json,
+            max_iterations,
+            max_time,
+            max_tokens,
+            max_failures,
+            question,
+        } => {
+            let context = match context {
+                Some(file) => read_bytes(&file),
+                None => Ok(Vec::new()),
+            };
+            let result = match context {
+                Ok(context) => {
+                    let request = AskRequest {
+                        model,
+                        question,
+                        context,
+                        context_is_json: context_json,
+                        max_iterations,
+                        max_time_ms: max_time.map_or(0, |s| s.saturating_mul(1000)),
+                        max_tokens: max_tokens.unwrap_or(0),
+                        max_failures,
+                        ..Default::default()
+                    };
+                    with_client(&client.dial(), |c, addr| async move {
+                        ask::ask(c, &addr, request, client.json).await
                     })
                     .await
                 }

@@ -7,8 +7,8 @@ use std::{collections::BTreeMap, time::Duration};
 use kowalski_exo_common::{
     Language,
     proto::{
-        ChatEvent, ChatRequest, ClusterEvent, ClusterExecuteRequest, ClusterModel,
-        ClusterOpenSessionRequest, IsolationLayer, NodeInfo, OpenSessionRequest,
+        AskEvent, AskRequest, ChatEvent, ChatRequest, ClusterEvent, ClusterExecuteRequest,
+        ClusterModel, ClusterOpenSessionRequest, IsolationLayer, NodeInfo, OpenSessionRequest,
         PlacementConstraints, PlannedBlock, RunBlocksRequest,
     },
     request_size,
@@ -21,6 +21,7 @@ use crate::{
     error::CoordinatorError,
     inference::{Chats, models},
     registry::NodeRegistry,
+    rlm::Rlm,
     scheduling::{
         dispatch::{Dispatcher, Outcome, RunSpec, bounded_timeout},
         document::{self, BlockDefaults, DocumentSession},
@@ -36,6 +37,9 @@ const EVENT_BUFFER: usize = 64;
 /// the request itself, passed on as it came.
 pub type EventReceiver = mpsc::Receiver<Result<ClusterEvent, Status>>;
 
+/// The events of one Recursive Language Model run, ending with its answer.
+pub type AskReceiver = mpsc::Receiver<Result<AskEvent, Status>>;
+
 /// The events of one chat answer, ending with it; an `Err` is a node's refusal of the request
 /// itself.
 pub type ChatReceiver = mpsc::Receiver<Result<ChatEvent, Status>>;
@@ -46,15 +50,46 @@ pub struct ClusterService {
     dispatcher: Dispatcher,
     chats: Chats,
     sessions: ClusterSessions,
+    rlm: Rlm,
 }
 
 impl ClusterService {
     pub fn new(dispatcher: Dispatcher, chats: Chats) -> Self {
+        let sessions = ClusterSessions::new(dispatcher.clone());
         ClusterService {
-            sessions: ClusterSessions::new(dispatcher.clone()),
+            rlm: Rlm::new(
+                chats.clone(),
+                sessions.clone(),
+                dispatcher.registry().clone(),
+            ),
+            sessions,
             dispatcher,
             chats,
         }
+    }
+
+    /// Checks a question and starts the Recursive Language Model loop on it, streaming its
+    /// events.
+    pub fn ask(&self, request: AskRequest) -> Result<AskReceiver, CoordinatorError> {
+        if request.model.is_empty() {
+            return Err(CoordinatorError::MissingField("model"));
+        }
+        if request.question.is_empty() {
+            return Err(CoordinatorError::MissingField("question"));
+        }
+        let wanted = Requirements {
+            model: Some(&request.model),
+            ..Default::default()
+        };
+        if let Err(reason) = place(&candidates(self.registry(), Instant::now()), &wanted)
+            && !reason.is_transient()
+        {
+            return Err(reason.into());
+        }
+        let (events, receiver) = mpsc::channel(EVENT_BUFFER);
+        let rlm = self.rlm.clone();
+        tokio::spawn(async move { rlm.ask(request, &events).await });
+        Ok(receiver)
     }
 
     /// The cluster's named sessions.

@@ -4,11 +4,12 @@
 use std::{pin::Pin, time::Duration};
 
 use kowalski_exo_common::proto::{
-    ChatEvent, ChatRequest, CloseSessionRequest, ClusterEvent, ClusterExecuteRequest,
-    ClusterOpenSessionRequest, ClusterSessionExecuteRequest, ClusterSessionInfo, DrainRequest,
-    DrainResponse, ListClusterSessionsResponse, ListModelsRequest, ListModelsResponse,
-    ListNodesRequest, ListNodesResponse, ListSessionsRequest, PlanRequest, PlanResponse,
-    RunBlocksRequest, coordinator_server::Coordinator,
+    AskEvent, AskRequest, ChatEvent, ChatRequest, CloseSessionRequest, ClusterEvent,
+    ClusterExecuteRequest, ClusterOpenSessionRequest, ClusterSessionExecuteRequest,
+    ClusterSessionInfo, DrainRequest, DrainResponse, ListClusterSessionsResponse,
+    ListModelsRequest, ListModelsResponse, ListNodesRequest, ListNodesResponse,
+    ListSessionsRequest, PlanRequest, PlanResponse, RunBlocksRequest,
+    coordinator_server::Coordinator,
 };
 use tokio::time::Instant;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
@@ -57,6 +58,7 @@ impl Coordinator for ClientService {
     type RunBlocksStream = EventStream;
     type ChatStream = ChatStream;
     type ExecuteInSessionStream = EventStream;
+    type AskStream = Pin<Box<dyn Stream<Item = Result<AskEvent, Status>> + Send>>;
 
     async fn list_nodes(
         &self,
@@ -160,6 +162,11 @@ impl Coordinator for ClientService {
         Ok(Response::new(ListClusterSessionsResponse {
             sessions: self.cluster.sessions().list(),
         }))
+    }
+
+    async fn ask(&self, request: Request<AskRequest>) -> Result<Response<Self::AskStream>, Status> {
+        let events = self.cluster.ask(request.into_inner())?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(events))))
     }
 }
 

@@ -2,6 +2,7 @@
 //! what they print: tables and raw program output for people, one JSON object per line (the
 //! shape in [`crate::json_events`]) for scripts, and the exit status.
 
+pub mod ask;
 pub mod connect;
 pub mod follow;
 pub mod inference;

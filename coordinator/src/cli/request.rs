@@ -33,6 +33,17 @@ pub fn limits(
     })
 }
 
+/// Reads a file's bytes, or standard input's for "-".
+pub fn read_bytes(file: &Path) -> Result<Vec<u8>, Failure> {
+    let read = if file.as_os_str() == "-" {
+        let mut data = Vec::new();
+        std::io::stdin().read_to_end(&mut data).map(|_| data)
+    } else {
+        std::fs::read(file)
+    };
+    read.map_err(|e| Failure::usage(format!("cannot read {}: {e}", file.display())))
+}
+
 /// Reads a file, or standard input for "-".
 pub fn read_text(file: &Path) -> Result<String, Failure> {
     let read = if file.as_os_str() == "-" {

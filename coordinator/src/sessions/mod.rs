@@ -21,7 +21,7 @@ use kowalski_exo_common::{
     proto::{
         ClusterFinished, ClusterOpenSessionRequest, ClusterSessionExecuteRequest,
         ClusterSessionInfo, ExecFinished, ExecStatus, IsolationLayer, OpenSessionRequest,
-        SessionExecuteRequest, cluster_event::Event,
+        OutputStream, SessionExecuteRequest, cluster_event::Event,
     },
     request_size::{MAX_CODE_BYTES, OversizedRequest},
 };
@@ -65,6 +65,25 @@ struct Entry {
 
 /// Numbers the sessions this coordinator opened.
 static INCARNATIONS: AtomicU64 = AtomicU64::new(1);
+
+/// What one execution printed and came to.
+#[derive(Debug, Default)]
+pub struct Collected {
+    pub stdout: String,
+    pub stderr: String,
+    /// How it ended; `None` when no attempt could finish (see `error`).
+    pub result: Option<ExecFinished>,
+    pub error: String,
+}
+
+impl Collected {
+    /// It ran and exited 0.
+    pub fn ok(&self) -> bool {
+        self.result
+            .as_ref()
+            .is_some_and(|r| r.status() == ExecStatus::Ok)
+    }
+}
 
 /// Where a session may be placed.
 #[derive(Clone, Debug, Default)]
@@ -238,6 +257,46 @@ impl ClusterSessions {
             }
         });
         Ok(receiver)
+    }
+
+    /// Runs code in a named session (opened already) and collects what it printed instead of
+    /// streaming it.
+    pub async fn run_collected(
+        &self,
+        session: &str,
+        language: &str,
+        code: String,
+    ) -> Result<Collected, Status> {
+        let request = ClusterSessionExecuteRequest {
+            execution: Some(SessionExecuteRequest {
+                session_id: session.to_string(),
+                language: language.to_string(),
+                code,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut events = self.execute(request)?;
+        let mut collected = Collected::default();
+        while let Some(event) = events.recv().await {
+            match event?.event {
+                Some(Event::Output(output)) => {
+                    let chunk = output.chunk.unwrap_or_default();
+                    let text = String::from_utf8_lossy(&chunk.data);
+                    match chunk.stream() {
+                        OutputStream::Stderr => collected.stderr.push_str(&text),
+                        _ => collected.stdout.push_str(&text),
+                    }
+                }
+                Some(Event::Retrying(_)) => collected = Collected::default(),
+                Some(Event::Finished(finished)) => {
+                    collected.error = finished.error;
+                    collected.result = finished.result;
+                }
+                _ => {}
+            }
+        }
+        Ok(collected)
     }
 
     /// Runs a document's block in the session `open` names (opened on first use), streaming

@@ -1,0 +1,488 @@
+//! The Recursive Language Model loop (Zhang and Khattab) across the cluster: the context lives
+//! in a session as the variable `context`; each turn the root model's reply streams to the
+//! caller, its code blocks run in the session (their `llm_query` calls spread over every node
+//! serving the model), and their output goes back as the next turn, until a final answer or a
+//! budget ends the run.
+//!
+//! - [`prompt`]: what the root model is told, and block output cut to size.
+//! - [`final_answer`]: `FINAL(...)` and `FINAL_VAR(name)` in a reply.
+
+pub mod final_answer;
+pub mod prompt;
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
+use kowalski_exo_common::{
+    Language,
+    proto::{
+        AskBlock, AskEvent, AskFinished, AskRequest, AskStarted, AskTurn, ChatEvent, ChatMessage,
+        ChatRequest, ClusterOpenSessionRequest, OpenSessionRequest, RuntimeHealth, ask_event,
+        chat_event,
+    },
+};
+use serde::Deserialize;
+use tokio::{sync::mpsc, time::Instant};
+use tonic::Status;
+
+use crate::{
+    inference::Chats,
+    json_events::status_name,
+    registry::NodeRegistry,
+    sessions::{ClusterSessions, Collected},
+};
+use final_answer::Final;
+
+/// Turns before the model is asked for its best answer, unless the request says.
+pub const DEFAULT_MAX_ITERATIONS: u32 = 30;
+/// Characters of a block's output the model sees, unless the request says.
+pub const DEFAULT_MAX_OUTPUT_CHARS: u32 = 20_000;
+/// Executions failing in a row that end the run, unless the request says.
+pub const DEFAULT_MAX_FAILURES: u32 = 3;
+/// Raw context bytes loaded per execution (base64 in the code; under the code size limit).
+const CONTEXT_CHUNK: usize = 512 * 1024;
+/// Chat events buffered per turn.
+const EVENT_BUFFER: usize = 64;
+
+/// Where the events of one run go.
+pub type AskSender = mpsc::Sender<Result<AskEvent, Status>>;
+
+/// Numbers the runs of this coordinator, to name their sessions.
+static RUNS: AtomicU64 = AtomicU64::new(1);
+
+/// Runs the loop.
+#[derive(Clone)]
+pub struct Rlm {
+    chats: Chats,
+    sessions: ClusterSessions,
+    registry: NodeRegistry,
+}
+
+/// The `answer` dict as the session holds it.
+#[derive(Deserialize)]
+struct AnswerDict {
+    ready: bool,
+    content: String,
+}
+
+impl Rlm {
+    pub fn new(chats: Chats, sessions: ClusterSessions, registry: NodeRegistry) -> Self {
+        Rlm {
+            chats,
+            sessions,
+            registry,
+        }
+    }
+
+    /// Runs `request` to its final answer, streaming events; the last is `finished`.
+    pub async fn ask(&self, request: AskRequest, events: &AskSender) {
+        let session = format!(
+            "ask-{}-{}",
+            std::process::id(),
+            RUNS.fetch_add(1, Ordering::Relaxed)
+        );
+        let finished = match self.run(&request, &session, events).await {
+            Ok(finished) => finished,
+            Err(error) => AskFinished {
+                reason: "error".to_string(),
+                error,
+                ..Default::default()
+            },
+        };
+        let _ = self.sessions.close(&session).await;
+        let _ = send(events, ask_event::Event::Finished(finished)).await;
+    }
+
+    async fn run(
+        &self,
+        request: &AskRequest,
+        session: &str,
+        events: &AskSender,
+    ) -> Result<AskFinished, String> {
+        let started = Instant::now();
+        let limits = Limits::of(request);
+        let node = self
+            .sessions
+            .open(ClusterOpenSessionRequest {
+                session: Some(OpenSessionRequest {
+                    session_id: session.to_string(),
+                    languages: vec!["python".to_string()],
+                    model: request.model.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .map_err(|status| {
+                format!(
+                    "cannot open a session for the context: {}",
+                    status.message()
+                )
+            })?
+            .node_name;
+        let (kind, length, preview) = self.load_context(request, session).await?;
+        send(
+            events,
+            ask_event::Event::Started(AskStarted {
+                session: session.to_string(),
+                node,
+                context_length: length,
+            }),
+        )
+        .await?;
+        let languages = self.other_languages();
+        let mut messages = vec![
+            message("system", prompt::system(&languages)),
+            message(
+                "user",
+                prompt::first_turn(&request.question, &kind, length, &preview),
+            ),
+        ];
+        let mut totals = Totals::default();
+        let mut failures = 0;
+        for turn in 1..=limits.iterations {
+            if let Some(reason) = limits.exceeded(started, &totals) {
+                let answer = self.answer_so_far(session).await.unwrap_or_default();
+                return Ok(totals.finished(answer, reason, turn - 1));
+            }
+            let reply = self
+                .turn(request, &messages, turn, events, &mut totals)
+                .await?;
+            messages.push(message("assistant", reply.clone()));
+            let blocks = runnable_blocks(&reply);
+            let mut outputs = Vec::new();
+            for (index, (language, code)) in blocks.iter().enumerate() {
+                let at = Instant::now();
+                let ran = self
+                    .sessions
+                    .run_collected(session, language, code.clone())
+                    .await
+                    .map_err(|status| format!("the session failed: {}", status.message()))?;
+                let output = prompt::cut(&shown(&ran), limits.output_chars);
+                send(
+                    events,
+                    ask_event::Event::Block(AskBlock {
+                        turn,
+                        index: index as u32 + 1,
+                        language: language.to_string(),
+                        code: code.clone(),
+                        output: output.clone(),
+                        status: ran
+                            .result
+                            .as_ref()
+                            .map_or("failed".to_string(), |r| status_name(r.status())),
+                        wall_ms: at.elapsed().as_millis() as u64,
+                    }),
+                )
+                .await?;
+                failures = if ran.ok() { 0 } else { failures + 1 };
+                outputs.push(prompt::block_output(index + 1, blocks.len(), &output));
+                if failures >= limits.failures {
+                    let answer = self.answer_so_far(session).await.unwrap_or_default();
+                    return Ok(totals.finished(answer, "failures", turn));
+                }
+            }
+            if let Some(answer) = self.ready_answer(session).await {
+                return Ok(totals.finished(answer, "answer", turn));
+            }
+            match final_answer::find(&reply) {
+                Some(Final::Text(answer)) => return Ok(totals.finished(answer, "final", turn)),
+                Some(Final::Variable(name)) => {
+                    let answer = self.variable(session, &name).await?;
+                    return Ok(totals.finished(answer, "final_var", turn));
+                }
+                None => {}
+            }
+            let next = if outputs.is_empty() {
+                prompt::NO_CODE.to_string()
+            } else {
+                outputs.join("\n\n")
+            };
+            messages.push(message("user", next));
+        }
+        messages.push(message("user", prompt::LAST_TURN.to_string()));
+        let reply = self
+            .turn(
+                request,
+                &messages,
+                limits.iterations + 1,
+                events,
+                &mut totals,
+            )
+            .await?;
+        let answer = match final_answer::find(&reply) {
+            Some(Final::Text(answer)) => answer,
+            Some(Final::Variable(name)) => self.variable(session, &name).await?,
+            None => reply.trim().to_string(),
+        };
+        Ok(totals.finished(answer, "max_iterations", limits.iterations))
+    }
+
+    /// One call of the root model, its text streamed to the caller.
+    async fn turn(
+        &self,
+        request: &AskRequest,
+        messages: &[ChatMessage],
+        number: u32,
+        events: &AskSender,
+        totals: &mut Totals,
+    ) -> Result<String, String> {
+        let at = Instant::now();
+        let (chat_events, mut receiver) = mpsc::channel(EVENT_BUFFER);
+        let chats = self.chats.clone();
+        let chat = ChatRequest {
+            model: request.model.clone(),
+            messages: messages.to_vec(),
+            options: request.options.clone(),
+            ..Default::default()
+        };
+        tokio::spawn(async move { chats.answer(chat, None, &chat_events).await });
+        let (mut text, mut node) = (String::new(), String::new());
+        while let Some(event) = receiver.recv().await {
+            match event.map_err(|status| format!("the model refused: {}", status.message()))? {
+                ChatEvent {
+                    event: Some(chat_event::Event::Answering(answering)),
+                } => node = answering.node_name,
+                ChatEvent {
+                    event: Some(chat_event::Event::Delta(delta)),
+                } => {
+                    text.push_str(&delta.text);
+                    send(events, ask_event::Event::Delta(delta)).await?;
+                }
+                ChatEvent {
+                    event: Some(chat_event::Event::Finished(finished)),
+                } => {
+                    if !finished.error.is_empty() {
+                        return Err(format!("the model failed: {}", finished.error));
+                    }
+                    totals.prompt_tokens += u64::from(finished.prompt_tokens);
+                    totals.completion_tokens += u64::from(finished.completion_tokens);
+                    send(
+                        events,
+                        ask_event::Event::Turn(AskTurn {
+                            number,
+                            node: node.clone(),
+                            prompt_tokens: finished.prompt_tokens,
+                            completion_tokens: finished.completion_tokens,
+                            wall_ms: at.elapsed().as_millis() as u64,
+                        }),
+                    )
+                    .await?;
+                }
+                _ => {}
+            }
+        }
+        Ok(text)
+    }
+
+    /// Loads the context into the session as `context` (and an empty `answer` dict); returns its
+    /// kind, length and preview.
+    async fn load_context(
+        &self,
+        request: &AskRequest,
+        session: &str,
+    ) -> Result<(String, u64, String), String> {
+        let mut cells = vec!["_kx_context = []".to_string()];
+        for chunk in request.context.chunks(CONTEXT_CHUNK) {
+            cells.push(format!("_kx_context.append('{}')", BASE64.encode(chunk)));
+        }
+        let decode = if request.context_is_json {
+            "json.loads(_kx_raw)"
+        } else {
+            "_kx_raw.decode('utf-8', 'replace')"
+        };
+        cells.push(format!(
+            "import base64, json\n_kx_raw = b''.join(base64.b64decode(p) for p in _kx_context)\n\
+context = {decode}\ndel _kx_context, _kx_raw\nanswer = {{'content': '', 'ready': False}}\n\
+print(json.dumps([type(context).__name__, len(context), context[:{chars}] if isinstance(context, str) else json.dumps(context)[:{chars}]]))",
+            chars = 400,
+        ));
+        let mut described = Collected::default();
+        for cell in cells {
+            described = self
+                .sessions
+                .run_collected(session, "python", cell)
+                .await
+                .map_err(|status| format!("cannot load the context: {}", status.message()))?;
+            if !described.ok() {
+                return Err(format!(
+                    "cannot load the context: {}{}",
+                    described.stderr.trim(),
+                    described.error
+                ));
+            }
+        }
+        let (kind, length, preview): (String, u64, String) =
+            serde_json::from_str(described.stdout.trim())
+                .map_err(|e| format!("cannot describe the context: {e}"))?;
+        Ok((kind, length, prompt::preview(&preview).to_string()))
+    }
+
+    /// The `answer` dict's content when code set it ready.
+    async fn ready_answer(&self, session: &str) -> Option<String> {
+        let dict = self.answer_dict(session).await?;
+        dict.ready.then_some(dict.content)
+    }
+
+    /// The `answer` dict's content, ready or not: the best partial answer.
+    async fn answer_so_far(&self, session: &str) -> Option<String> {
+        self.answer_dict(session).await.map(|dict| dict.content)
+    }
+
+    async fn answer_dict(&self, session: &str) -> Option<AnswerDict> {
+        let code = "import json as _kx_json\n\
+print(_kx_json.dumps({'ready': bool(answer.get('ready')), 'content': str(answer.get('content', ''))} \
+if isinstance(answer, dict) else {'ready': False, 'content': ''}))";
+        let ran = self
+            .sessions
+            .run_collected(session, "python", code.to_string())
+            .await
+            .ok()?;
+        serde_json::from_str(ran.stdout.trim()).ok()
+    }
+
+    /// The text of a session variable (FINAL_VAR).
+    async fn variable(&self, session: &str, name: &str) -> Result<String, String> {
+        if !name.chars().all(|c| c.is_alphanumeric() || c == '_') || name.is_empty() {
+            return Err(format!(
+                "FINAL_VAR names '{name}', which is not a variable name"
+            ));
+        }
+        let ran = self
+            .sessions
+            .run_collected(session, "python", format!("print(str({name}), end='')"))
+            .await
+            .map_err(|status| format!("cannot read {name}: {}", status.message()))?;
+        if ran.ok() {
+            Ok(ran.stdout)
+        } else {
+            Ok(format!("FINAL_VAR({name}): {}", ran.stderr.trim()))
+        }
+    }
+
+    /// The session languages besides Python that some node runs.
+    fn other_languages(&self) -> Vec<&'static str> {
+        let nodes = self.registry.list(Instant::now());
+        Language::IN_SESSIONS
+            .iter()
+            .filter(|l| **l != Language::Python)
+            .filter(|l| {
+                nodes.iter().any(|node| {
+                    node.runtimes
+                        .iter()
+                        .flat_map(|f| &f.runtimes)
+                        .any(|r| r.language == l.name() && r.health() == RuntimeHealth::Healthy)
+                })
+            })
+            .map(|l| l.name())
+            .collect()
+    }
+}
+
+/// What the request allows.
+struct Limits {
+    iterations: u32,
+    output_chars: usize,
+    failures: u32,
+    time: Option<Duration>,
+    tokens: Option<u64>,
+}
+
+impl Limits {
+    fn of(request: &AskRequest) -> Self {
+        let or = |asked: u32, default: u32| if asked == 0 { default } else { asked };
+        Limits {
+            iterations: or(request.max_iterations, DEFAULT_MAX_ITERATIONS),
+            output_chars: or(request.max_output_chars, DEFAULT_MAX_OUTPUT_CHARS) as usize,
+            failures: or(request.max_failures, DEFAULT_MAX_FAILURES),
+            time: (request.max_time_ms > 0)
+                .then(|| Duration::from_millis(request.max_time_ms.into())),
+            tokens: (request.max_tokens > 0).then_some(request.max_tokens),
+        }
+    }
+
+    /// The budget used up, if one is.
+    fn exceeded(&self, started: Instant, totals: &Totals) -> Option<&'static str> {
+        if self.time.is_some_and(|time| started.elapsed() >= time) {
+            return Some("max_time");
+        }
+        let used = totals.prompt_tokens + totals.completion_tokens;
+        if self.tokens.is_some_and(|tokens| used >= tokens) {
+            return Some("max_tokens");
+        }
+        None
+    }
+}
+
+/// Tokens of the root model's turns.
+#[derive(Default)]
+struct Totals {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+}
+
+impl Totals {
+    fn finished(&self, answer: String, reason: &str, iterations: u32) -> AskFinished {
+        AskFinished {
+            answer,
+            reason: reason.to_string(),
+            iterations,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            error: String::new(),
+        }
+    }
+}
+
+/// The blocks of a reply that run: those tagged `repl` run as Python (as the reference
+/// implementation's prompts write them), and those in a language sessions hold.
+fn runnable_blocks(reply: &str) -> Vec<(&'static str, String)> {
+    crate::codeblocks::parse(reply)
+        .into_iter()
+        .filter_map(|block| {
+            let language = match block.language {
+                _ if block.info_language == "repl" => Language::Python,
+                Some(language) if language.in_sessions() => language,
+                _ => return None,
+            };
+            Some((language.name(), block.code))
+        })
+        .collect()
+}
+
+/// What the model is shown of an execution: stdout, then stderr, then why it failed.
+fn shown(ran: &Collected) -> String {
+    let mut shown = ran.stdout.clone();
+    if !ran.stderr.is_empty() {
+        shown.push_str(&ran.stderr);
+    }
+    match &ran.result {
+        Some(result) if !result.message.is_empty() => {
+            shown.push_str(&format!(
+                "\n[{}: {}]",
+                status_name(result.status()),
+                result.message
+            ));
+        }
+        None => shown.push_str(&format!("\n[failed: {}]", ran.error)),
+        _ => {}
+    }
+    shown
+}
+
+fn message(role: &str, content: String) -> ChatMessage {
+    ChatMessage {
+        role: role.to_string(),
+        content,
+    }
+}
+
+async fn send(events: &AskSender, event: ask_event::Event) -> Result<(), String> {
+    events
+        .send(Ok(AskEvent { event: Some(event) }))
+        .await
+        .map_err(|_| "the caller went away".to_string())
+}

@@ -1,0 +1,184 @@
+//! The Recursive Language Model loop (`Coordinator.Ask`, `coordinator ask`) with real processes:
+//! a root model that writes code on cue (a scripted backend on one agent) and a sub-call model
+//! (another scripted backend on another agent), the context in a session.
+
+use kowalski_exo_common::proto::{AskFinished, AskRequest, ask_event::Event};
+use kowalski_exo_tests::{InferenceCluster, ScriptedBackend, Step, binary, outcome};
+
+/// What one run streamed: the blocks' outputs and statuses, the turns, and its end.
+#[derive(Debug, Default)]
+struct Run {
+    blocks: Vec<(String, String)>,
+    turns: u32,
+    text: String,
+    finished: AskFinished,
+}
+
+async fn ask(cluster: &InferenceCluster, request: AskRequest) -> Run {
+    let mut stream = cluster
+        .client()
+        .await
+        .ask(request)
+        .await
+        .expect("Ask")
+        .into_inner();
+    let mut run = Run::default();
+    while let Some(event) = stream.message().await.expect("the Ask stream") {
+        match event.event {
+            Some(Event::Block(b)) => run.blocks.push((b.status, b.output)),
+            Some(Event::Turn(_)) => run.turns += 1,
+            Some(Event::Delta(d)) => run.text.push_str(&d.text),
+            Some(Event::Finished(f)) => run.finished = f,
+            _ => {}
+        }
+    }
+    run
+}
+
+fn request(question: &str, context: &str) -> AskRequest {
+    AskRequest {
+        model: "root".into(),
+        question: question.into(),
+        context: context.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
+/// A cluster where agent-0 serves the root model and agent-1 the sub-call model.
+async fn cluster() -> (InferenceCluster, ScriptedBackend, ScriptedBackend) {
+    let root = ScriptedBackend::start(&["root"]);
+    let sub = ScriptedBackend::start(&["sub"]);
+    let cluster = InferenceCluster::start(&[&root.api_base(), &sub.api_base()], &[], 1);
+    cluster.served_by("root", 1).await;
+    cluster.served_by("sub", 1).await;
+    (cluster, root, sub)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_context_is_read_in_pieces_by_sub_calls_and_answered_from_a_variable() {
+    let (cluster, root, _sub) = cluster().await;
+    let context = "word ".repeat(10_000);
+    root.push(Step::answer([
+        "I will split it.\n```repl\nn = len(context)\nparts = llm_query_batched([context[i:i + 1000] for i in range(0, n, 1000)], model='sub')\nprint(type(context).__name__, n, len(parts), sorted(set(parts)))\n```\n",
+    ]));
+    root.push(Step::answer([
+        "```repl\nsummary = f'{len(parts)} parts, all {parts[0]}'\n```\nFINAL_VAR(summary)\n",
+    ]));
+    let run = ask(&cluster, request("How many parts?", &context)).await;
+    assert_eq!(run.finished.error, "", "{run:?}");
+    assert_eq!(run.finished.answer, "50 parts, all OK");
+    assert_eq!(run.finished.reason, "final_var");
+    assert_eq!((run.finished.iterations, run.turns), (2, 2));
+    assert_eq!(run.blocks[0], ("ok".into(), "str 50000 50 ['OK']\n".into()));
+    assert!(run.text.contains("I will split it."));
+    // The root model never saw the context whole: only a preview in its first turn.
+    let first = &root.requests()[root.requests().len() - 2];
+    let sent = first["messages"].to_string();
+    assert!(sent.contains("50000 characters"), "{sent}");
+    assert!(
+        sent.len() < 10_000,
+        "the prompt holds the context: {} bytes",
+        sent.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_way_to_end_a_run_ends_it_with_its_reason() {
+    let (cluster, root, _sub) = cluster().await;
+    // FINAL on a line of its own, with nested parentheses over two lines.
+    root.push(Step::answer(["Easy.\nFINAL(a (b (c)) d\nand more)\n"]));
+    let run = ask(&cluster, request("q", "ctx")).await;
+    assert_eq!(
+        (run.finished.reason.as_str(), run.finished.answer.as_str()),
+        ("final", "a (b (c)) d\nand more")
+    );
+    // The reference implementation's answer dict.
+    root.push(Step::answer([
+        "```repl\nanswer['content'] = 'from the dict'\nanswer['ready'] = True\n```\n",
+    ]));
+    let run = ask(&cluster, request("q", "ctx")).await;
+    assert_eq!(
+        (run.finished.reason.as_str(), run.finished.answer.as_str()),
+        ("answer", "from the dict")
+    );
+    // Out of turns: one more call asks for the best answer.
+    root.push(Step::answer(["Thinking, no code."]));
+    root.push(Step::answer(["Still thinking."]));
+    root.push(Step::answer(["FINAL(best guess)"]));
+    let run = ask(
+        &cluster,
+        AskRequest {
+            max_iterations: 2,
+            ..request("q", "ctx")
+        },
+    )
+    .await;
+    assert_eq!(
+        (
+            run.finished.reason.as_str(),
+            run.finished.answer.as_str(),
+            run.turns
+        ),
+        ("max_iterations", "best guess", 3)
+    );
+    // Broken code again and again ends the run instead of looping.
+    for _ in 0..3 {
+        root.push(Step::answer([
+            "```repl\nanswer['content'] = 'partial'\n1 / 0\n```\n",
+        ]));
+    }
+    let run = ask(&cluster, request("q", "ctx")).await;
+    assert_eq!(
+        (run.finished.reason.as_str(), run.finished.answer.as_str()),
+        ("failures", "partial")
+    );
+    assert!(
+        run.blocks[0].1.contains("ZeroDivisionError"),
+        "{:?}",
+        run.blocks
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_asks_over_a_json_context_and_prints_the_answer() {
+    let (cluster, root, _sub) = cluster().await;
+    root.push(Step::answer([
+        "```repl\ntotal = sum(item['n'] for item in context)\n```\nFINAL_VAR(total)\n",
+    ]));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("context.json");
+    std::fs::write(&file, r#"[{"n": 1}, {"n": 2}, {"n": 39}]"#).unwrap();
+    let (code, out, err) = outcome(
+        std::process::Command::new(binary("coordinator"))
+            .args([
+                "ask",
+                "--addr",
+                &cluster.coordinator.url(),
+                "--model",
+                "root",
+            ])
+            .arg("--context")
+            .arg(&file)
+            .args(["--context-json", "What is the total?"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!((code, out.as_str()), (Some(0), "42\n"), "{err}");
+    assert!(err.contains("final_var"), "{err}");
+    let (code, _, err) = outcome(
+        std::process::Command::new(binary("coordinator"))
+            .args([
+                "ask",
+                "--addr",
+                &cluster.coordinator.url(),
+                "--model",
+                "nope",
+                "q",
+            ])
+            .output()
+            .unwrap(),
+    );
+    // An unknown model is bad usage, as for `coordinator chat`.
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("no node serves the model 'nope'"), "{err}");
+}
