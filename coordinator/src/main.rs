@@ -182,9 +182,15 @@ enum Command {
         /// End the run after this many failing executions in a row.
         #[arg(long, default_value_t = kowalski_exo_coordinator::rlm::DEFAULT_MAX_FAILURES)]
         max_failures: u32,
+        /// Keep every event of the run in FILE as JSON lines (`coordinator trajectory FILE`
+        /// renders it).
+        #[arg(long, value_name = "FILE")]
+        trajectory: Option<PathBuf>,
         /// The question.
         question: String,
     },
+    /// Render a run kept with `ask --trajectory FILE` as a tree: turns, blocks, the answer.
+    Trajectory { file: PathBuf },
     /// List the open sessions.
     Sessions {
         #[command(flatten)]
@@ -542,6 +548,7 @@ async fn main() -> ExitCode {
             max_time,
             max_tokens,
             max_failures,
+            trajectory,
             question,
         } => {
             let context = match context {
@@ -562,7 +569,7 @@ async fn main() -> ExitCode {
                         ..Default::default()
                     };
                     with_client(&client.dial(), |c, addr| async move {
-                        ask::ask(c, &addr, request, client.json).await
+                        ask::ask(c, &addr, request, client.json, trajectory.as_deref()).await
                     })
                     .await
                 }
@@ -570,6 +577,7 @@ async fn main() -> ExitCode {
             };
             (result, client.json)
         }
+        Command::Trajectory { file } => (ask::render(&file), false),
         Command::Sessions { client } => (
             with_client(&client.dial(), |c, addr| async move {
                 sessions::list(c, &addr, client.json).await

@@ -159,12 +159,33 @@ async fn the_cli_asks_over_a_json_context_and_prints_the_answer() {
             ])
             .arg("--context")
             .arg(&file)
+            .arg("--trajectory")
+            .arg(dir.path().join("run.jsonl"))
             .args(["--context-json", "What is the total?"])
             .output()
             .unwrap(),
     );
     assert_eq!((code, out.as_str()), (Some(0), "42\n"), "{err}");
     assert!(err.contains("final_var"), "{err}");
+    let (code, tree, err) = outcome(
+        std::process::Command::new(binary("coordinator"))
+            .arg("trajectory")
+            .arg(dir.path().join("run.jsonl"))
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        tree.starts_with("ask: context of 3 in session ask-"),
+        "{tree}"
+    );
+    assert!(tree.contains("├─ turn 1 on agent-0"), "{tree}");
+    assert!(tree.contains("│  ├─ block 1 (python): ok"), "{tree}");
+    assert!(
+        tree.contains("└─ answer after 1 turns (final_var;"),
+        "{tree}"
+    );
+    assert!(tree.ends_with("): 42\n"), "{tree}");
     let (code, _, err) = outcome(
         std::process::Command::new(binary("coordinator"))
             .args([

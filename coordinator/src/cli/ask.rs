@@ -1,20 +1,25 @@
 //! `coordinator ask`: the Recursive Language Model loop from the command line. The root model's
 //! turns and the blocks it runs go to stderr as they happen, the final answer to stdout; with
-//! `--json`, one object per event.
+//! `--json`, one object per event; with `--trajectory FILE`, the same objects kept as JSONL,
+//! which `coordinator trajectory FILE` renders as a tree.
 
-use std::io::Write;
+use std::{
+    fs::File,
+    io::{BufWriter, Write},
+    path::Path,
+};
 
 use kowalski_exo_common::proto::{AskEvent, AskRequest, ask_event::Event};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Failure, PREFIX, connect::Client, print_json};
 
 /// One event as `coordinator ask --json` prints it. Field names are stable; absent fields are
 /// left out.
-#[derive(Serialize, Debug, Default, PartialEq)]
+#[derive(Serialize, Deserialize, Debug, Default, PartialEq)]
 pub struct AskLine {
     /// started, delta, turn, block or finished.
-    pub event: &'static str,
+    pub event: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -57,19 +62,19 @@ impl AskLine {
     pub fn from_event(event: &AskEvent) -> Option<AskLine> {
         Some(match event.event.as_ref()? {
             Event::Started(s) => AskLine {
-                event: "started",
+                event: "started".into(),
                 session: Some(s.session.clone()),
                 node: Some(s.node.clone()),
                 context_length: Some(s.context_length),
                 ..Default::default()
             },
             Event::Delta(d) => AskLine {
-                event: "delta",
+                event: "delta".into(),
                 text: Some(d.text.clone()),
                 ..Default::default()
             },
             Event::Turn(t) => AskLine {
-                event: "turn",
+                event: "turn".into(),
                 turn: Some(t.number),
                 node: Some(t.node.clone()),
                 prompt_tokens: Some(t.prompt_tokens.into()),
@@ -78,7 +83,7 @@ impl AskLine {
                 ..Default::default()
             },
             Event::Block(b) => AskLine {
-                event: "block",
+                event: "block".into(),
                 turn: Some(b.turn),
                 index: Some(b.index),
                 language: Some(b.language.clone()),
@@ -89,7 +94,7 @@ impl AskLine {
                 ..Default::default()
             },
             Event::Finished(f) => AskLine {
-                event: "finished",
+                event: "finished".into(),
                 answer: Some(f.answer.clone()),
                 reason: Some(f.reason.clone()),
                 iterations: Some(f.iterations),
@@ -102,14 +107,35 @@ impl AskLine {
     }
 }
 
+/// A trajectory file being written.
+#[derive(Debug)]
+struct Trajectory(BufWriter<File>);
+
+impl Trajectory {
+    fn create(path: &Path) -> Result<Self, Failure> {
+        File::create(path)
+            .map(|file| Trajectory(BufWriter::new(file)))
+            .map_err(|e| Failure::usage(format!("cannot write {}: {e}", path.display())))
+    }
+
+    fn keep(&mut self, line: &AskLine) {
+        if let Ok(text) = serde_json::to_string(line) {
+            let _ = writeln!(self.0, "{text}");
+            let _ = self.0.flush();
+        }
+    }
+}
+
 /// `coordinator ask`: runs the loop and prints it; exits 0 with an answer, 4 when the run
-/// could not go on.
+/// could not go on. `trajectory` keeps every event as a JSON line.
 pub async fn ask(
     mut client: Client,
     addr: &str,
     request: AskRequest,
     json: bool,
+    trajectory: Option<&Path>,
 ) -> Result<u8, Failure> {
+    let mut kept = trajectory.map(Trajectory::create).transpose()?;
     let mut stream = client
         .ask(request)
         .await
@@ -121,8 +147,13 @@ pub async fn ask(
         .await
         .map_err(|s| Failure::from_status(s, addr))?
     {
-        if json && let Some(line) = AskLine::from_event(&event) {
-            print_json(&line);
+        if let Some(line) = AskLine::from_event(&event) {
+            if json {
+                print_json(&line);
+            }
+            if let Some(kept) = &mut kept {
+                kept.keep(&line);
+            }
         }
         let Some(event) = event.event else { continue };
         match event {
@@ -173,4 +204,130 @@ pub async fn ask(
     Err(Failure::infrastructure(
         "the coordinator ended the run without an answer",
     ))
+}
+
+/// `coordinator trajectory FILE`: a kept run as a tree: turns, the blocks under them, their
+/// output's first lines, and the answer, with timings.
+pub fn render(path: &Path) -> Result<u8, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::usage(format!("cannot read {}: {e}", path.display())))?;
+    let mut lines = Vec::new();
+    for (number, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let line: AskLine = serde_json::from_str(line).map_err(|e| {
+            Failure::usage(format!(
+                "{} line {} is not a trajectory event: {e}",
+                path.display(),
+                number + 1
+            ))
+        })?;
+        lines.push(line);
+    }
+    print!("{}", tree(&lines));
+    Ok(0)
+}
+
+/// Output lines shown under a block in the tree.
+const OUTPUT_LINES: usize = 3;
+
+fn tree(events: &[AskLine]) -> String {
+    let mut out = String::new();
+    let mut said = String::new();
+    for line in events {
+        let number = |n: Option<u32>| n.unwrap_or_default();
+        match line.event.as_str() {
+            "started" => out.push_str(&format!(
+                "ask: context of {} in session {} on {}\n",
+                line.context_length.unwrap_or_default(),
+                line.session.as_deref().unwrap_or_default(),
+                line.node.as_deref().unwrap_or_default()
+            )),
+            "delta" => said.push_str(line.text.as_deref().unwrap_or_default()),
+            "turn" => {
+                out.push_str(&format!(
+                    "├─ turn {} on {}: {} + {} tokens, {} ms\n",
+                    number(line.turn),
+                    line.node.as_deref().unwrap_or_default(),
+                    line.prompt_tokens.unwrap_or_default(),
+                    line.completion_tokens.unwrap_or_default(),
+                    line.wall_ms.unwrap_or_default()
+                ));
+                if let Some(first) = said.lines().find(|l| !l.trim().is_empty()) {
+                    out.push_str(&format!("│  │ {}\n", first.trim()));
+                }
+                said.clear();
+            }
+            "block" => {
+                out.push_str(&format!(
+                    "│  ├─ block {} ({}): {}, {} ms\n",
+                    number(line.index),
+                    line.language.as_deref().unwrap_or_default(),
+                    line.status.as_deref().unwrap_or_default(),
+                    line.wall_ms.unwrap_or_default()
+                ));
+                let output = line.output.as_deref().unwrap_or_default();
+                for text in output.lines().take(OUTPUT_LINES) {
+                    out.push_str(&format!("│  │  │ {text}\n"));
+                }
+            }
+            "finished" => out.push_str(&format!(
+                "└─ {} after {} turns ({}; {} + {} tokens): {}\n",
+                if line.error.is_some() {
+                    "failed"
+                } else {
+                    "answer"
+                },
+                line.iterations.unwrap_or_default(),
+                line.reason.as_deref().unwrap_or_default(),
+                line.prompt_tokens.unwrap_or_default(),
+                line.completion_tokens.unwrap_or_default(),
+                line.error
+                    .as_deref()
+                    .or(line.answer.as_deref())
+                    .unwrap_or_default()
+            )),
+            _ => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(json: &str) -> AskLine {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn a_trajectory_renders_as_turns_with_their_blocks_and_the_answer() {
+        let events = [
+            line(r#"{"event":"started","session":"ask-1","node":"a","context_length":9}"#),
+            line(r#"{"event":"delta","text":"Looking.\n```repl"}"#),
+            line(
+                r#"{"event":"turn","turn":1,"node":"a","prompt_tokens":10,"completion_tokens":5,"wall_ms":40}"#,
+            ),
+            line(
+                r#"{"event":"block","turn":1,"index":1,"language":"python","status":"ok","wall_ms":3,"output":"9\nmore\nlines\nhidden"}"#,
+            ),
+            line(
+                r#"{"event":"finished","answer":"nine","reason":"final","iterations":1,"prompt_tokens":10,"completion_tokens":5}"#,
+            ),
+        ];
+        assert_eq!(
+            tree(&events),
+            "ask: context of 9 in session ask-1 on a\n\
+├─ turn 1 on a: 10 + 5 tokens, 40 ms\n\
+│  │ Looking.\n\
+│  ├─ block 1 (python): ok, 3 ms\n\
+│  │  │ 9\n\
+│  │  │ more\n\
+│  │  │ lines\n\
+└─ answer after 1 turns (final; 10 + 5 tokens): nine\n"
+        );
+    }
 }
