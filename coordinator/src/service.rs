@@ -21,7 +21,7 @@ use crate::{
     error::CoordinatorError,
     inference::{Chats, models},
     registry::NodeRegistry,
-    rlm::Rlm,
+    rlm::{self, Rlm},
     scheduling::{
         dispatch::{Dispatcher, Outcome, RunSpec, bounded_timeout},
         document::{self, BlockDefaults, DocumentSession},
@@ -114,6 +114,12 @@ impl ClusterService {
         }
         if request.messages.is_empty() {
             return Err(CoordinatorError::MissingField("messages"));
+        }
+        if let Some(ask) = rlm::chat::ask_request(&request) {
+            let asked = self.ask(ask?)?;
+            let (events, receiver) = mpsc::channel(EVENT_BUFFER);
+            rlm::chat::as_chat(asked, events);
+            return Ok(receiver);
         }
         let wanted = Requirements {
             model: Some(&request.model),

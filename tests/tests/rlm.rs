@@ -203,3 +203,45 @@ async fn the_cli_asks_over_a_json_context_and_prints_the_answer() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("no node serves the model 'nope'"), "{err}");
 }
+
+/// The loop through the OpenAI SDK, as the model `rlm:root`: the earlier message is the
+/// context, the last the question.
+const OPENAI_CLIENT: &str = r#"
+import sys, openai
+client = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused")
+messages = [{"role": "user", "content": "alpha beta gamma"}, {"role": "user", "content": "How many words?"}]
+whole = client.chat.completions.create(model="rlm:root", messages=messages)
+text = whole.choices[0].message.content
+assert text.endswith("Final answer:\n3"), text
+assert "Counting." in text, text
+streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+    model="rlm:root", messages=messages, stream=True) if c.choices)
+assert streamed.endswith("Final answer:\n3"), streamed
+print("rlm ok")
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_model_is_also_served_as_rlm_model_on_the_chat_apis() {
+    let has_sdk = std::process::Command::new("python3")
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_sdk {
+        println!("skipped: the openai Python package is not installed (.ci/run installs it)");
+        return;
+    }
+    let (cluster, root, _sub) = cluster().await;
+    for _ in 0..2 {
+        root.push(Step::answer([
+            "Counting.\n```repl\nwords = len(context.split())\n```\nFINAL_VAR(words)\n",
+        ]));
+    }
+    let (status, stdout, stderr) = outcome(
+        std::process::Command::new("python3")
+            .args(["-c", OPENAI_CLIENT, &cluster.http_url()])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(status, Some(0), "{stdout}{stderr}");
+    assert_eq!(stdout.trim(), "rlm ok");
+}

@@ -6,7 +6,9 @@
 //!
 //! - [`prompt`]: what the root model is told, and block output cut to size.
 //! - [`final_answer`]: `FINAL(...)` and `FINAL_VAR(name)` in a reply.
+//! - [`chat`]: the loop behind the chat APIs, as the model `rlm:MODEL`.
 
+pub mod chat;
 pub mod final_answer;
 pub mod prompt;
 
