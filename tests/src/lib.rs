@@ -461,8 +461,15 @@ impl LlamaServer {
     /// The model name it serves.
     pub const MODEL: &'static str = "tiny";
 
-    /// Starts the server, or says why it cannot (`llama_cpp.server` not installed).
+    /// Starts the server with a 512-token window, or says why it cannot (`llama_cpp.server`
+    /// not installed).
     pub fn start() -> Result<LlamaServer, String> {
+        Self::start_with_window(512)
+    }
+
+    /// The same with a window of `tokens` (the tiny model's vocabulary is bytes: a token a
+    /// byte).
+    pub fn start_with_window(tokens: u32) -> Result<LlamaServer, String> {
         let installed = Command::new("python3")
             .args(["-c", "import llama_cpp.server, gguf"])
             .output()
@@ -492,7 +499,7 @@ impl LlamaServer {
                 "--host",
                 "127.0.0.1",
                 "--n_ctx",
-                "512",
+                &tokens.to_string(),
             ])
             .args(["--port", &port.to_string()])
             .stdin(Stdio::null())

@@ -2,8 +2,12 @@
 //! a root model that writes code on cue (a scripted backend on one agent) and a sub-call model
 //! (another scripted backend on another agent), the context in a session.
 
-use kowalski_exo_common::proto::{AskFinished, AskRequest, ask_event::Event};
-use kowalski_exo_tests::{InferenceCluster, ScriptedBackend, Step, binary, outcome};
+use kowalski_exo_common::proto::{
+    AskFinished, AskRequest, ClusterOpenSessionRequest, OpenSessionRequest, SamplingOptions,
+    ask_event::Event,
+};
+use kowalski_exo_tests::{InferenceCluster, LlamaServer, ScriptedBackend, Step, binary, outcome};
+use nix::sys::signal::Signal;
 
 /// What one run streamed: the blocks' outputs and statuses, the turns, and its end.
 #[derive(Debug, Default)]
@@ -244,4 +248,103 @@ async fn every_model_is_also_served_as_rlm_model_on_the_chat_apis() {
     );
     assert_eq!(status, Some(0), "{stdout}{stderr}");
     assert_eq!(stdout.trim(), "rlm ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loop_runs_end_to_end_against_a_real_llama_cpp_server() {
+    // The system prompt alone is some 2,500 bytes, so tokens.
+    let backend = match LlamaServer::start_with_window(8192) {
+        Ok(backend) => backend,
+        Err(why) => {
+            println!("skipped: {why}");
+            return;
+        }
+    };
+    let cluster = InferenceCluster::start(&[&backend.api_base], &[], 1);
+    cluster.served_by(LlamaServer::MODEL, 1).await;
+    // The tiny model's words are nonsense: the loop runs its turns and ends by its limit.
+    let run = ask(
+        &cluster,
+        AskRequest {
+            model: LlamaServer::MODEL.into(),
+            max_iterations: 2,
+            options: Some(SamplingOptions {
+                max_tokens: 16,
+                ..Default::default()
+            }),
+            ..request("What is in the context?", "a small context")
+        },
+    )
+    .await;
+    assert_eq!(run.finished.error, "", "{run:?}");
+    assert_eq!(run.finished.reason, "max_iterations", "{run:?}");
+    assert_eq!(run.turns, 3);
+    assert!(run.finished.completion_tokens > 0, "{run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loop_goes_on_with_the_same_answer_when_the_root_sessions_node_is_killed() {
+    let root = ScriptedBackend::start(&["root"]);
+    let subs: Vec<ScriptedBackend> = (0..2).map(|_| ScriptedBackend::start(&["sub"])).collect();
+    let cluster = InferenceCluster::start(
+        &[&root.api_base(), &subs[0].api_base(), &subs[1].api_base()],
+        &[],
+        1,
+    );
+    cluster.served_by("root", 1).await;
+    cluster.served_by("sub", 2).await;
+    let mut client = cluster.client().await;
+    // Sessions go to the node holding the fewest: with one each on agent-0 and agent-1, the
+    // run's own session goes to agent-2.
+    for name in ["hold-0", "hold-1"] {
+        client
+            .open_session(ClusterOpenSessionRequest {
+                session: Some(OpenSessionRequest {
+                    session_id: name.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    root.push(Step::answer([
+        "```repl\nparts = llm_query_batched([context[i:i + 4] for i in range(0, len(context), 4)], model='sub')\nprint(len(parts))\n```\n",
+    ]));
+    root.push(Step::answer([
+        "```repl\nsummary = f'{len(parts)} parts: ' + ','.join(parts)\n```\nFINAL_VAR(summary)\n",
+    ]));
+    let mut stream = client
+        .ask(request("q", "abcdefghijkl"))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut node, mut finished, mut killed) = (String::new(), None, false);
+    while let Some(event) = stream.message().await.unwrap() {
+        match event.event {
+            Some(Event::Started(started)) => node = started.node,
+            Some(Event::Block(block)) if !killed => {
+                assert_eq!(block.output, "3\n");
+                assert_eq!(node, "agent-2");
+                cluster.agent(&node).signal(Signal::SIGKILL);
+                killed = true;
+            }
+            Some(Event::Finished(f)) => finished = Some(f),
+            _ => {}
+        }
+    }
+    let finished = finished.unwrap();
+    assert_eq!(finished.error, "", "{finished:?}");
+    assert_eq!(
+        (finished.reason.as_str(), finished.answer.as_str()),
+        ("final_var", "3 parts: OK,OK,OK")
+    );
+    let asked: usize = subs
+        .iter()
+        .map(|s| s.requests().iter().filter(|r| r["max_tokens"] != 1).count())
+        .sum();
+    assert_eq!(
+        asked, 3,
+        "the replay took the sub-calls' answers from the cache"
+    );
 }
