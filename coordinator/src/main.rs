@@ -182,6 +182,10 @@ enum Command {
         /// End the run after this many failing executions in a row.
         #[arg(long, default_value_t = kowalski_exo_coordinator::rlm::DEFAULT_MAX_FAILURES)]
         max_failures: u32,
+        /// Prompts the code may send to the cluster's models; past it they fail and the run
+        /// ends with the best answer so far.
+        #[arg(long)]
+        max_subcalls: Option<u64>,
         /// Keep every event of the run in FILE as JSON lines (`coordinator trajectory FILE`
         /// renders it).
         #[arg(long, value_name = "FILE")]
@@ -548,6 +552,7 @@ async fn main() -> ExitCode {
             max_time,
             max_tokens,
             max_failures,
+            max_subcalls,
             trajectory,
             question,
         } => {
@@ -566,6 +571,7 @@ async fn main() -> ExitCode {
                         max_time_ms: max_time.map_or(0, |s| s.saturating_mul(1000)),
                         max_tokens: max_tokens.unwrap_or(0),
                         max_failures,
+                        max_subcalls: max_subcalls.unwrap_or(0),
                         ..Default::default()
                     };
                     with_client(&client.dial(), |c, addr| async move {

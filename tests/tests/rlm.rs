@@ -3,8 +3,8 @@
 //! (another scripted backend on another agent), the context in a session.
 
 use kowalski_exo_common::proto::{
-    AskFinished, AskRequest, ClusterOpenSessionRequest, OpenSessionRequest, SamplingOptions,
-    ask_event::Event,
+    AskFinished, AskRequest, AskSubcall, ClusterOpenSessionRequest, OpenSessionRequest,
+    SamplingOptions, ask_event::Event,
 };
 use kowalski_exo_tests::{InferenceCluster, LlamaServer, ScriptedBackend, Step, binary, outcome};
 use nix::sys::signal::Signal;
@@ -13,6 +13,7 @@ use nix::sys::signal::Signal;
 #[derive(Debug, Default)]
 struct Run {
     blocks: Vec<(String, String)>,
+    subcalls: Vec<AskSubcall>,
     turns: u32,
     text: String,
     finished: AskFinished,
@@ -31,6 +32,7 @@ async fn ask(cluster: &InferenceCluster, request: AskRequest) -> Run {
         match event.event {
             Some(Event::Block(b)) => run.blocks.push((b.status, b.output)),
             Some(Event::Turn(_)) => run.turns += 1,
+            Some(Event::Subcall(c)) => run.subcalls.push(c),
             Some(Event::Delta(d)) => run.text.push_str(&d.text),
             Some(Event::Finished(f)) => run.finished = f,
             _ => {}
@@ -74,6 +76,15 @@ async fn a_context_is_read_in_pieces_by_sub_calls_and_answered_from_a_variable()
     assert_eq!(run.finished.reason, "final_var");
     assert_eq!((run.finished.iterations, run.turns), (2, 2));
     assert_eq!(run.blocks[0], ("ok".into(), "str 50000 50 ['OK']\n".into()));
+    assert_eq!(run.subcalls.len(), 50);
+    assert!(
+        run.subcalls
+            .iter()
+            .all(|c| c.node == "agent-1" && c.model == "sub" && c.turn == 1 && c.block == 1),
+        "{:?}",
+        run.subcalls[0]
+    );
+    assert_eq!(run.finished.subcalls, 50);
     assert!(run.text.contains("I will split it."));
     // The root model never saw the context whole: only a preview in its first turn.
     let first = &root.requests()[root.requests().len() - 2];
@@ -125,6 +136,24 @@ async fn each_way_to_end_a_run_ends_it_with_its_reason() {
         ),
         ("max_iterations", "best guess", 3)
     );
+    // The sub-call budget: prompts past it fail, and the run ends at the next turn.
+    root.push(Step::answer([
+        "```repl\nanswers = llm_query_batched(['a', 'b', 'c', 'd', 'e'], model='sub')\nprint(sum(a == 'OK' for a in answers))\nanswer['content'] = 'three of five'\n```\n",
+    ]));
+    let run = ask(
+        &cluster,
+        AskRequest {
+            max_subcalls: 3,
+            ..request("q", "ctx")
+        },
+    )
+    .await;
+    assert_eq!(run.blocks[0].1, "3\n");
+    assert_eq!(
+        (run.finished.reason.as_str(), run.finished.answer.as_str()),
+        ("max_subcalls", "three of five")
+    );
+    assert_eq!((run.finished.subcalls, run.subcalls.len()), (3, 3));
     // Broken code again and again ends the run instead of looping.
     for _ in 0..3 {
         root.push(Step::answer([

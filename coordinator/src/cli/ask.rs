@@ -18,7 +18,7 @@ use super::{Failure, PREFIX, connect::Client, print_json};
 /// left out.
 #[derive(Serialize, Deserialize, Debug, Default, PartialEq)]
 pub struct AskLine {
-    /// started, delta, turn, block or finished.
+    /// started, delta, turn, block, subcall or finished.
     pub event: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
@@ -46,6 +46,18 @@ pub struct AskLine {
     pub completion_tokens: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wall_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cached: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subcalls: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subcall_tokens: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub answer: Option<String>,
     /// Why the run ended: final, final_var, answer, max_iterations, max_time, max_tokens,
@@ -93,8 +105,22 @@ impl AskLine {
                 wall_ms: Some(b.wall_ms),
                 ..Default::default()
             },
+            Event::Subcall(c) => AskLine {
+                event: "subcall".into(),
+                turn: Some(c.turn),
+                block: Some(c.block),
+                node: (!c.node.is_empty()).then(|| c.node.clone()),
+                model: Some(c.model.clone()),
+                wall_ms: Some(c.wall_ms),
+                cached: Some(c.cached),
+                tokens: Some(c.tokens),
+                error: (!c.error.is_empty()).then(|| c.error.clone()),
+                ..Default::default()
+            },
             Event::Finished(f) => AskLine {
                 event: "finished".into(),
+                subcalls: Some(f.subcalls),
+                subcall_tokens: Some(f.subcall_tokens),
                 answer: Some(f.answer.clone()),
                 reason: Some(f.reason.clone()),
                 iterations: Some(f.iterations),
@@ -164,11 +190,13 @@ pub async fn ask(
                 if !json {
                     let _ = writeln!(
                         err,
-                        "{PREFIX} answered after {} turns ({}; {} prompt and {} completion tokens)",
+                        "{PREFIX} answered after {} turns ({}; {} prompt and {} completion tokens, {} sub-calls with {} tokens)",
                         finished.iterations,
                         finished.reason,
                         finished.prompt_tokens,
-                        finished.completion_tokens
+                        finished.completion_tokens,
+                        finished.subcalls,
+                        finished.subcall_tokens
                     );
                     println!("{}", finished.answer);
                 }
@@ -199,6 +227,7 @@ pub async fn ask(
                     b.index, b.turn, b.status, b.wall_ms, b.output
                 );
             }
+            Event::Subcall(_) => {}
         }
     }
     Err(Failure::infrastructure(
@@ -273,6 +302,18 @@ fn tree(events: &[AskLine]) -> String {
                     out.push_str(&format!("│  │  │ {text}\n"));
                 }
             }
+            "subcall" => out.push_str(&format!(
+                "│  │  ├─ sub-call {}: {}, {} ms{}\n",
+                line.model.as_deref().unwrap_or_default(),
+                match (&line.error, line.cached, &line.node) {
+                    (Some(error), _, _) => format!("failed ({error})"),
+                    (None, Some(true), _) => "from the cache".to_string(),
+                    (None, _, node) => format!("on {}", node.as_deref().unwrap_or("?")),
+                },
+                line.wall_ms.unwrap_or_default(),
+                line.tokens
+                    .map_or(String::new(), |t| format!(", {t} tokens"))
+            )),
             "finished" => out.push_str(&format!(
                 "└─ {} after {} turns ({}; {} + {} tokens): {}\n",
                 if line.error.is_some() {
@@ -315,6 +356,12 @@ mod tests {
                 r#"{"event":"block","turn":1,"index":1,"language":"python","status":"ok","wall_ms":3,"output":"9\nmore\nlines\nhidden"}"#,
             ),
             line(
+                r#"{"event":"subcall","turn":1,"block":1,"node":"b","model":"m","wall_ms":7,"cached":false,"tokens":12}"#,
+            ),
+            line(
+                r#"{"event":"subcall","turn":1,"block":1,"model":"m","wall_ms":0,"cached":true,"tokens":0}"#,
+            ),
+            line(
                 r#"{"event":"finished","answer":"nine","reason":"final","iterations":1,"prompt_tokens":10,"completion_tokens":5}"#,
             ),
         ];
@@ -327,6 +374,8 @@ mod tests {
 │  │  │ 9\n\
 │  │  │ more\n\
 │  │  │ lines\n\
+│  │  ├─ sub-call m: on b, 7 ms, 12 tokens\n\
+│  │  ├─ sub-call m: from the cache, 0 ms, 0 tokens\n\
 └─ answer after 1 turns (final; 10 + 5 tokens): nine\n"
         );
     }

@@ -21,9 +21,9 @@ use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 use kowalski_exo_common::{
     Language,
     proto::{
-        AskBlock, AskEvent, AskFinished, AskRequest, AskStarted, AskTurn, ChatEvent, ChatMessage,
-        ChatRequest, ClusterOpenSessionRequest, OpenSessionRequest, RuntimeHealth, ask_event,
-        chat_event,
+        AskBlock, AskEvent, AskFinished, AskRequest, AskStarted, AskSubcall, AskTurn, ChatEvent,
+        ChatMessage, ChatRequest, ClusterOpenSessionRequest, OpenSessionRequest, RuntimeHealth,
+        ask_event, chat_event,
     },
 };
 use serde::Deserialize;
@@ -34,7 +34,7 @@ use crate::{
     inference::Chats,
     json_events::status_name,
     registry::NodeRegistry,
-    sessions::{ClusterSessions, Collected},
+    sessions::{ClusterSessions, Collected, SubcallNote},
 };
 use final_answer::Final;
 
@@ -86,7 +86,9 @@ impl Rlm {
             std::process::id(),
             RUNS.fetch_add(1, Ordering::Relaxed)
         );
-        let finished = match self.run(&request, &session, events).await {
+        let budget = (request.max_subcalls > 0).then_some(request.max_subcalls);
+        let notes = self.sessions.watch_subcalls(&session, budget);
+        let finished = match self.run(&request, &session, notes, events).await {
             Ok(finished) => finished,
             Err(error) => AskFinished {
                 reason: "error".to_string(),
@@ -94,6 +96,7 @@ impl Rlm {
                 ..Default::default()
             },
         };
+        self.sessions.unwatch_subcalls(&session);
         let _ = self.sessions.close(&session).await;
         let _ = send(events, ask_event::Event::Finished(finished)).await;
     }
@@ -102,6 +105,7 @@ impl Rlm {
         &self,
         request: &AskRequest,
         session: &str,
+        mut notes: mpsc::UnboundedReceiver<SubcallNote>,
         events: &AskSender,
     ) -> Result<AskFinished, String> {
         let started = Instant::now();
@@ -180,6 +184,21 @@ impl Rlm {
                     }),
                 )
                 .await?;
+                while let Ok(note) = notes.try_recv() {
+                    totals.subcalls += 1;
+                    totals.subcall_tokens += note.tokens;
+                    let subcall = AskSubcall {
+                        turn,
+                        block: index as u32 + 1,
+                        node: note.node,
+                        model: note.model,
+                        wall_ms: note.wall_ms,
+                        cached: note.cached,
+                        error: note.error,
+                        tokens: note.tokens,
+                    };
+                    send(events, ask_event::Event::Subcall(subcall)).await?;
+                }
                 failures = if ran.ok() { 0 } else { failures + 1 };
                 outputs.push(prompt::block_output(index + 1, blocks.len(), &output));
                 if failures >= limits.failures {
@@ -391,6 +410,7 @@ struct Limits {
     failures: u32,
     time: Option<Duration>,
     tokens: Option<u64>,
+    subcalls: Option<u64>,
 }
 
 impl Limits {
@@ -403,6 +423,7 @@ impl Limits {
             time: (request.max_time_ms > 0)
                 .then(|| Duration::from_millis(request.max_time_ms.into())),
             tokens: (request.max_tokens > 0).then_some(request.max_tokens),
+            subcalls: (request.max_subcalls > 0).then_some(request.max_subcalls),
         }
     }
 
@@ -411,19 +432,24 @@ impl Limits {
         if self.time.is_some_and(|time| started.elapsed() >= time) {
             return Some("max_time");
         }
-        let used = totals.prompt_tokens + totals.completion_tokens;
+        let used = totals.prompt_tokens + totals.completion_tokens + totals.subcall_tokens;
         if self.tokens.is_some_and(|tokens| used >= tokens) {
             return Some("max_tokens");
+        }
+        if self.subcalls.is_some_and(|most| totals.subcalls >= most) {
+            return Some("max_subcalls");
         }
         None
     }
 }
 
-/// Tokens of the root model's turns.
+/// Tokens of the root model's turns, and the sub-calls.
 #[derive(Default)]
 struct Totals {
     prompt_tokens: u64,
     completion_tokens: u64,
+    subcalls: u64,
+    subcall_tokens: u64,
 }
 
 impl Totals {
@@ -435,6 +461,8 @@ impl Totals {
             prompt_tokens: self.prompt_tokens,
             completion_tokens: self.completion_tokens,
             error: String::new(),
+            subcalls: self.subcalls,
+            subcall_tokens: self.subcall_tokens,
         }
     }
 }

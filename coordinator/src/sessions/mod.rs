@@ -11,7 +11,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicI64, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -52,6 +52,28 @@ const MAX_NAME_BYTES: usize = 128;
 pub struct ClusterSessions {
     dispatcher: Dispatcher,
     table: Arc<Mutex<HashMap<String, Entry>>>,
+    /// Sessions whose sub-calls someone follows (an RLM run), by name.
+    watched: Arc<Mutex<HashMap<String, SubcallWatch>>>,
+}
+
+/// What follows a session's sub-calls: where each answered prompt is told, and what the
+/// budget leaves (none when unbounded).
+#[derive(Clone, Debug)]
+pub struct SubcallWatch {
+    pub notes: mpsc::UnboundedSender<SubcallNote>,
+    pub remaining: Option<Arc<AtomicI64>>,
+}
+
+/// One prompt a session's code sent, answered.
+#[derive(Clone, Debug, Default)]
+pub struct SubcallNote {
+    /// The node that generated it; empty from the cache.
+    pub node: String,
+    pub model: String,
+    pub wall_ms: u64,
+    pub cached: bool,
+    pub error: String,
+    pub tokens: u64,
 }
 
 #[derive(Clone)]
@@ -124,6 +146,7 @@ impl ClusterSessions {
         ClusterSessions {
             dispatcher,
             table: Arc::default(),
+            watched: Arc::default(),
         }
     }
 
@@ -426,6 +449,38 @@ impl ClusterSessions {
             tracing::info!(session = %name, node = %home.node_name, %status, "the node could not close the session");
         }
         Ok(described)
+    }
+
+    /// Follows the named session's sub-calls from now on, with at most `budget` prompts.
+    pub fn watch_subcalls(
+        &self,
+        session: &str,
+        budget: Option<u64>,
+    ) -> mpsc::UnboundedReceiver<SubcallNote> {
+        let (notes, receiver) = mpsc::unbounded_channel();
+        let remaining = budget.map(|b| Arc::new(AtomicI64::new(b.min(i64::MAX as u64) as i64)));
+        self.watched
+            .lock()
+            .expect("watches poisoned")
+            .insert(session.to_string(), SubcallWatch { notes, remaining });
+        receiver
+    }
+
+    /// Stops following the named session's sub-calls.
+    pub fn unwatch_subcalls(&self, session: &str) {
+        self.watched
+            .lock()
+            .expect("watches poisoned")
+            .remove(session);
+    }
+
+    /// Who follows the named session's sub-calls, if anyone.
+    pub fn subcall_watch(&self, session: &str) -> Option<SubcallWatch> {
+        self.watched
+            .lock()
+            .expect("watches poisoned")
+            .get(session)
+            .cloned()
     }
 
     /// Which opening of the named session is live, if the coordinator holds it.

@@ -23,7 +23,7 @@ use crate::{
     cluster_metrics,
     inference::{Chats, models},
     registry::NodeRegistry,
-    sessions::ClusterSessions,
+    sessions::{ClusterSessions, SubcallNote},
 };
 
 /// Answers kept, over every session.
@@ -74,10 +74,35 @@ impl SubcallRelay {
             Some(incarnation) => format!("cluster:{incarnation}"),
             None => format!("node:{node_id}:{}", call.session_id),
         };
-        let answers = call
-            .prompts
-            .into_iter()
-            .map(|prompt| self.one(&session, &model, prompt, &options));
+        let watch = self.sessions.subcall_watch(&call.session_id);
+        let answers = call.prompts.into_iter().map(|prompt| {
+            let (session, model, options, watch) = (&session, &model, &options, watch.clone());
+            async move {
+                // A run with a sub-call budget refuses the prompts past it.
+                let spent = watch
+                    .as_ref()
+                    .and_then(|w| w.remaining.as_ref())
+                    .is_some_and(|remaining| {
+                        remaining.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) <= 0
+                    });
+                if spent {
+                    return PromptAnswer {
+                        text: String::new(),
+                        error: "the run's budget of sub-calls (--max-subcalls) is spent".into(),
+                    };
+                }
+                let at = Instant::now();
+                let (answer, note) = self.one(session, model, prompt, options).await;
+                if let Some(watch) = watch {
+                    let _ = watch.notes.send(SubcallNote {
+                        wall_ms: at.elapsed().as_millis() as u64,
+                        error: answer.error.clone(),
+                        ..note
+                    });
+                }
+                answer
+            }
+        });
         SubcallAnswer {
             call_id: call.call_id,
             answers: join_all(answers).await,
@@ -108,13 +133,18 @@ impl SubcallRelay {
         }
     }
 
+    /// Answers one prompt (from the cache when it can); says where and with how many tokens.
     async fn one(
         &self,
         session: &str,
         model: &str,
         prompt: String,
         options: &SamplingOptions,
-    ) -> PromptAnswer {
+    ) -> (PromptAnswer, SubcallNote) {
+        let mut note = SubcallNote {
+            model: model.to_string(),
+            ..Default::default()
+        };
         let mut hash = Sha256::new();
         for part in [
             model.as_bytes(),
@@ -128,10 +158,12 @@ impl SubcallRelay {
         if let Some(text) = self.cache.lock().expect("cache poisoned").get(&key) {
             counter!(cluster_metrics::SUBCALLS, "model" => model.to_string(), "outcome" => "cached")
                 .increment(1);
-            return PromptAnswer {
+            note.cached = true;
+            let answer = PromptAnswer {
                 text: text.clone(),
                 error: String::new(),
             };
+            return (answer, note);
         }
         let request = ChatRequest {
             model: model.to_string(),
@@ -148,9 +180,16 @@ impl SubcallRelay {
         let (mut text, mut error) = (String::new(), None);
         while let Some(event) = receiver.recv().await {
             match event.map(|e| e.event) {
+                Ok(Some(chat_event::Event::Answering(answering))) => {
+                    note.node = answering.node_name
+                }
                 Ok(Some(chat_event::Event::Delta(delta))) => text.push_str(&delta.text),
-                Ok(Some(chat_event::Event::Finished(finished))) if !finished.error.is_empty() => {
-                    error = Some(finished.error)
+                Ok(Some(chat_event::Event::Finished(finished))) => {
+                    note.tokens =
+                        u64::from(finished.prompt_tokens) + u64::from(finished.completion_tokens);
+                    if !finished.error.is_empty() {
+                        error = Some(finished.error);
+                    }
                 }
                 Ok(_) => {}
                 Err(status) => error = Some(status.message().to_string()),
@@ -163,7 +202,7 @@ impl SubcallRelay {
         };
         counter!(cluster_metrics::SUBCALLS, "model" => model.to_string(), "outcome" => outcome)
             .increment(1);
-        match error {
+        let answer = match error {
             Some(error) => PromptAnswer {
                 text: String::new(),
                 error,
@@ -178,6 +217,7 @@ impl SubcallRelay {
                     error: String::new(),
                 }
             }
-        }
+        };
+        (answer, note)
     }
 }
