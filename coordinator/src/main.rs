@@ -186,6 +186,9 @@ enum Command {
         /// ends with the best answer so far.
         #[arg(long)]
         max_subcalls: Option<u64>,
+        /// How deep rlm_query may start child runs (at the limit it asks as llm_query does).
+        #[arg(long, default_value_t = kowalski_exo_coordinator::rlm::DEFAULT_MAX_DEPTH)]
+        max_depth: u32,
         /// Keep every event of the run in FILE as JSON lines (`coordinator trajectory FILE`
         /// renders it).
         #[arg(long, value_name = "FILE")]
@@ -553,6 +556,7 @@ async fn main() -> ExitCode {
             max_tokens,
             max_failures,
             max_subcalls,
+            max_depth,
             trajectory,
             question,
         } => {
@@ -572,6 +576,7 @@ async fn main() -> ExitCode {
                         max_tokens: max_tokens.unwrap_or(0),
                         max_failures,
                         max_subcalls: max_subcalls.unwrap_or(0),
+                        max_depth,
                         ..Default::default()
                     };
                     with_client(&client.dial(), |c, addr| async move {

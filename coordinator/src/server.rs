@@ -233,7 +233,12 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Star
     };
     let chats = Chats::new(registry.clone(), agents.clone(), stall_timeout);
     let cluster = ClusterService::new(Dispatcher::new(registry.clone(), agents), chats.clone());
-    let relay = SubcallRelay::new(chats, registry.clone(), cluster.sessions().clone());
+    let relay = SubcallRelay::new(
+        chats,
+        registry.clone(),
+        cluster.sessions().clone(),
+        cluster.rlm().clone(),
+    );
     let mut server = ServerBase::new(&[
         AgentRegistryServer::<RegistryService>::NAME,
         CoordinatorServer::<ClientService>::NAME,

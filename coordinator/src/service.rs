@@ -92,6 +92,11 @@ impl ClusterService {
         Ok(receiver)
     }
 
+    /// The Recursive Language Model loop.
+    pub fn rlm(&self) -> &Rlm {
+        &self.rlm
+    }
+
     /// The cluster's named sessions.
     pub fn sessions(&self) -> &ClusterSessions {
         &self.sessions

@@ -98,6 +98,29 @@ async fn a_context_is_read_in_pieces_by_sub_calls_and_answered_from_a_variable()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rlm_query_starts_a_child_run_with_its_own_session_and_context() {
+    let (cluster, root, _sub) = cluster().await;
+    root.push(Step::answer([
+        "```repl\nr = rlm_query('How many words?', context='one two three')\nprint('child said', r)\n```\n",
+    ]));
+    // The child's own turn: it sees its context, not the parent's.
+    root.push(Step::answer([
+        "```repl\nn = len(context.split())\n```\nFINAL_VAR(n)\n",
+    ]));
+    root.push(Step::answer(["FINAL(the child counted 3)"]));
+    let run = ask(&cluster, request("q", "the parent's own context")).await;
+    assert_eq!(run.finished.error, "", "{run:?}");
+    assert_eq!(run.blocks[0], ("ok".into(), "child said 3\n".into()));
+    assert_eq!(run.finished.answer, "the child counted 3");
+    let child_prompt = root.requests().iter().find_map(|r| {
+        let sent = r["messages"].to_string();
+        sent.contains("How many words?").then_some(sent)
+    });
+    let child_prompt = child_prompt.expect("the child run asked the root model");
+    assert!(child_prompt.contains("13 characters"), "{child_prompt}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_way_to_end_a_run_ends_it_with_its_reason() {
     let (cluster, root, _sub) = cluster().await;
     // FINAL on a line of its own, with nested parentheses over two lines.

@@ -13,7 +13,10 @@ pub mod final_answer;
 pub mod prompt;
 
 use std::{
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicI64, AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -44,6 +47,8 @@ pub const DEFAULT_MAX_ITERATIONS: u32 = 30;
 pub const DEFAULT_MAX_OUTPUT_CHARS: u32 = 20_000;
 /// Executions failing in a row that end the run, unless the request says.
 pub const DEFAULT_MAX_FAILURES: u32 = 3;
+/// How deep rlm_query starts child runs, unless the request says.
+pub const DEFAULT_MAX_DEPTH: u32 = 1;
 /// Raw context bytes loaded per execution (base64 in the code; under the code size limit).
 const CONTEXT_CHUNK: usize = 512 * 1024;
 /// Chat events buffered per turn.
@@ -81,13 +86,67 @@ impl Rlm {
 
     /// Runs `request` to its final answer, streaming events; the last is `finished`.
     pub async fn ask(&self, request: AskRequest, events: &AskSender) {
+        let budget = (request.max_subcalls > 0).then(|| {
+            Arc::new(AtomicI64::new(
+                request.max_subcalls.min(i64::MAX as u64) as i64
+            ))
+        });
+        self.ask_at(request, 0, budget, events).await;
+    }
+
+    /// A child run (rlm_query) at `depth`, sharing its parent's sub-call budget; returns its
+    /// final answer, or `Error: ...`.
+    pub async fn child(
+        &self,
+        template: &AskRequest,
+        depth: u32,
+        remaining: Option<Arc<AtomicI64>>,
+        question: String,
+        context: String,
+    ) -> Result<String, String> {
+        let request = AskRequest {
+            question,
+            context: context.into_bytes(),
+            context_is_json: false,
+            ..template.clone()
+        };
+        let (events, mut receiver) = mpsc::channel(EVENT_BUFFER);
+        let rlm = self.clone();
+        tokio::spawn(async move { rlm.ask_at(request, depth, remaining, &events).await });
+        while let Some(event) = receiver.recv().await {
+            if let Ok(AskEvent {
+                event: Some(ask_event::Event::Finished(finished)),
+            }) = event
+            {
+                return match finished.error.as_str() {
+                    "" => Ok(finished.answer),
+                    error => Err(error.to_string()),
+                };
+            }
+        }
+        Err("the child run ended without an answer".to_string())
+    }
+
+    async fn ask_at(
+        &self,
+        request: AskRequest,
+        depth: u32,
+        remaining: Option<Arc<AtomicI64>>,
+        events: &AskSender,
+    ) {
         let session = format!(
             "ask-{}-{}",
             std::process::id(),
             RUNS.fetch_add(1, Ordering::Relaxed)
         );
-        let budget = (request.max_subcalls > 0).then_some(request.max_subcalls);
-        let notes = self.sessions.watch_subcalls(&session, budget);
+        let children = AskRequest {
+            question: String::new(),
+            context: Vec::new(),
+            ..request.clone()
+        };
+        let notes = self
+            .sessions
+            .watch_subcalls(&session, remaining, depth, children);
         let finished = match self.run(&request, &session, notes, events).await {
             Ok(finished) => finished,
             Err(error) => AskFinished {

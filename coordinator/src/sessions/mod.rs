@@ -19,7 +19,7 @@ use std::{
 use kowalski_exo_common::{
     Language,
     proto::{
-        ClusterFinished, ClusterOpenSessionRequest, ClusterSessionExecuteRequest,
+        AskRequest, ClusterFinished, ClusterOpenSessionRequest, ClusterSessionExecuteRequest,
         ClusterSessionInfo, ExecFinished, ExecStatus, IsolationLayer, OpenSessionRequest,
         OutputStream, SessionExecuteRequest, cluster_event::Event,
     },
@@ -62,6 +62,9 @@ pub struct ClusterSessions {
 pub struct SubcallWatch {
     pub notes: mpsc::UnboundedSender<SubcallNote>,
     pub remaining: Option<Arc<AtomicI64>>,
+    /// The run's depth (0 for a root run) and how its children are asked (rlm_query).
+    pub depth: u32,
+    pub children: AskRequest,
 }
 
 /// One prompt a session's code sent, answered.
@@ -451,18 +454,26 @@ impl ClusterSessions {
         Ok(described)
     }
 
-    /// Follows the named session's sub-calls from now on, with at most `budget` prompts.
+    /// Follows the named session's sub-calls from now on: at most `remaining` prompts (shared
+    /// with the run's parent and children), at `depth`, children asked like `children`.
     pub fn watch_subcalls(
         &self,
         session: &str,
-        budget: Option<u64>,
+        remaining: Option<Arc<AtomicI64>>,
+        depth: u32,
+        children: AskRequest,
     ) -> mpsc::UnboundedReceiver<SubcallNote> {
         let (notes, receiver) = mpsc::unbounded_channel();
-        let remaining = budget.map(|b| Arc::new(AtomicI64::new(b.min(i64::MAX as u64) as i64)));
+        let watch = SubcallWatch {
+            notes,
+            remaining,
+            depth,
+            children,
+        };
         self.watched
             .lock()
             .expect("watches poisoned")
-            .insert(session.to_string(), SubcallWatch { notes, remaining });
+            .insert(session.to_string(), watch);
         receiver
     }
 

@@ -11,7 +11,8 @@ use std::{
 
 use futures_util::future::join_all;
 use kowalski_exo_common::proto::{
-    ChatMessage, ChatRequest, PromptAnswer, SamplingOptions, Subcall, SubcallAnswer, chat_event,
+    AskRequest, ChatMessage, ChatRequest, PromptAnswer, SamplingOptions, Subcall, SubcallAnswer,
+    chat_event,
 };
 use lru::LruCache;
 use metrics::counter;
@@ -23,6 +24,7 @@ use crate::{
     cluster_metrics,
     inference::{Chats, models},
     registry::NodeRegistry,
+    rlm::Rlm,
     sessions::{ClusterSessions, SubcallNote},
 };
 
@@ -40,15 +42,18 @@ pub struct SubcallRelay {
     chats: Chats,
     registry: NodeRegistry,
     sessions: ClusterSessions,
+    /// Starts the child runs of rlm_query.
+    rlm: Rlm,
     cache: Arc<Mutex<LruCache<CacheKey, String>>>,
 }
 
 impl SubcallRelay {
-    pub fn new(chats: Chats, registry: NodeRegistry, sessions: ClusterSessions) -> Self {
+    pub fn new(chats: Chats, registry: NodeRegistry, sessions: ClusterSessions, rlm: Rlm) -> Self {
         SubcallRelay {
             chats,
             registry,
             sessions,
+            rlm,
             cache: Arc::new(Mutex::new(LruCache::new(CACHED_ANSWERS))),
         }
     }
@@ -75,6 +80,51 @@ impl SubcallRelay {
             None => format!("node:{node_id}:{}", call.session_id),
         };
         let watch = self.sessions.subcall_watch(&call.session_id);
+        // rlm_query within the run's depth limit starts child runs; past it, or outside a run,
+        // its prompts are asked as llm_query's are.
+        let children = watch.as_ref().filter(|w| {
+            let most = match w.children.max_depth {
+                0 => crate::rlm::DEFAULT_MAX_DEPTH,
+                n => n,
+            };
+            call.recursive && w.depth < most
+        });
+        if let Some(watch) = children {
+            let runs = call.prompts.into_iter().enumerate().map(|(i, prompt)| {
+                let context = call.contexts.get(i).cloned().unwrap_or_default();
+                let template = AskRequest {
+                    model: model.clone(),
+                    ..watch.children.clone()
+                };
+                async move {
+                    let answered = self
+                        .rlm
+                        .child(
+                            &template,
+                            watch.depth + 1,
+                            watch.remaining.clone(),
+                            prompt,
+                            context,
+                        )
+                        .await;
+                    match answered {
+                        Ok(text) => PromptAnswer {
+                            text,
+                            error: String::new(),
+                        },
+                        Err(error) => PromptAnswer {
+                            text: String::new(),
+                            error,
+                        },
+                    }
+                }
+            });
+            return SubcallAnswer {
+                call_id: call.call_id,
+                answers: join_all(runs).await,
+                error: String::new(),
+            };
+        }
         let answers = call.prompts.into_iter().map(|prompt| {
             let (session, model, options, watch) = (&session, &model, &options, watch.clone());
             async move {

@@ -43,6 +43,9 @@ struct Call {
     model: Option<String>,
     #[serde(default)]
     options: Map<String, Value>,
+    /// rlm_query: each prompt's context.
+    #[serde(default)]
+    contexts: Vec<String>,
 }
 
 /// The JSON answer to an `llm` frame.
@@ -84,8 +87,9 @@ impl Subcalls {
                 prompts: vec![String::from_utf8_lossy(&payload).into_owned()],
                 model: None,
                 options: Map::new(),
+                contexts: Vec::new(),
             }),
-            "llm" => serde_json::from_slice::<Call>(&payload)
+            "llm" | "rlm" => serde_json::from_slice::<Call>(&payload)
                 .map_err(|e| format!("the call is not valid JSON: {e}")),
             other => Err(format!("'{other}' is not a call the agent knows")),
         };
@@ -99,6 +103,8 @@ impl Subcalls {
                     .unwrap_or_else(|| self.model.clone()),
                 options: Some(sampling(&call.options)?),
                 prompts: call.prompts,
+                recursive: kind == "rlm",
+                contexts: call.contexts,
             })
         });
         let subcall = match subcall {

@@ -55,7 +55,7 @@ class Channel:
             for slot in self.pending.values():
                 slot[0].set()
 
-    def ask(self, request):
+    def ask(self, request, kind="llm"):
         payload = json.dumps(request).encode()
         if len(payload) > MAX_FRAME:
             raise ValueError(
@@ -67,7 +67,7 @@ class Channel:
         with self.pending_lock:
             self.pending[frame_id] = slot
         try:
-            self.send("llm", frame_id, payload)
+            self.send(kind, frame_id, payload)
             slot[0].wait()
         finally:
             with self.pending_lock:
@@ -92,7 +92,29 @@ def llm_functions(channel):
             return []
         return channel.ask({"prompts": prompts, "model": model or "", "options": options})
 
-    return llm_query, llm_query_batched
+    def context_text(context):
+        if context is None:
+            return ""
+        return context if isinstance(context, str) else json.dumps(context)
+
+    def rlm_query(prompt, context=None, model=None):
+        """Starts a child Recursive Language Model run on the cluster, with its own session,
+        over `context`; returns its final answer. At the run's depth limit it asks as
+        llm_query does."""
+        request = {"prompts": [str(prompt)], "contexts": [context_text(context)], "model": model or ""}
+        return channel.ask(request, "rlm")[0]
+
+    def rlm_query_batched(prompts, contexts=None, model=None):
+        """Starts a child run per prompt, all at once over the cluster; answers in order."""
+        prompts = [str(p) for p in prompts]
+        if not prompts:
+            return []
+        contexts = [context_text(c) for c in (contexts or [None] * len(prompts))]
+        if len(contexts) != len(prompts):
+            raise ValueError("rlm_query_batched: give one context per prompt")
+        return channel.ask({"prompts": prompts, "contexts": contexts, "model": model or ""}, "rlm")
+
+    return llm_query, llm_query_batched, rlm_query, rlm_query_batched
 
 
 in_cell = False
@@ -158,12 +180,14 @@ def run_cell(namespace, number, code):
 
 def main():
     channel = Channel(int(sys.argv[1]))
-    llm_query, llm_query_batched = llm_functions(channel)
+    llm_query, llm_query_batched, rlm_query, rlm_query_batched = llm_functions(channel)
     namespace = {
         "__name__": "__main__",
         "__builtins__": builtins,
         "llm_query": llm_query,
         "llm_query_batched": llm_query_batched,
+        "rlm_query": rlm_query,
+        "rlm_query_batched": rlm_query_batched,
     }
     signal.signal(signal.SIGINT, on_interrupt)
     sys.argv = [""]
