@@ -189,6 +189,10 @@ enum Command {
         /// How deep rlm_query may start child runs (at the limit it asks as llm_query does).
         #[arg(long, default_value_t = kowalski_exo_coordinator::rlm::DEFAULT_MAX_DEPTH)]
         max_depth: u32,
+        /// The root model's window in tokens, past 85% of which older turns are summarised
+        /// [default: as its backend reports it; no folding when unknown]
+        #[arg(long, value_name = "TOKENS")]
+        context_window: Option<u32>,
         /// Keep every event of the run in FILE as JSON lines (`coordinator trajectory FILE`
         /// renders it).
         #[arg(long, value_name = "FILE")]
@@ -557,6 +561,7 @@ async fn main() -> ExitCode {
             max_failures,
             max_subcalls,
             max_depth,
+            context_window,
             trajectory,
             question,
         } => {
@@ -577,6 +582,7 @@ async fn main() -> ExitCode {
                         max_failures,
                         max_subcalls: max_subcalls.unwrap_or(0),
                         max_depth,
+                        context_window: context_window.unwrap_or(0),
                         ..Default::default()
                     };
                     with_client(&client.dial(), |c, addr| async move {

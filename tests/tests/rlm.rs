@@ -3,7 +3,7 @@
 //! (another scripted backend on another agent), the context in a session.
 
 use kowalski_exo_common::proto::{
-    AskFinished, AskRequest, AskSubcall, ClusterOpenSessionRequest, OpenSessionRequest,
+    AskFinished, AskFolded, AskRequest, AskSubcall, ClusterOpenSessionRequest, OpenSessionRequest,
     SamplingOptions, ask_event::Event,
 };
 use kowalski_exo_tests::{InferenceCluster, LlamaServer, ScriptedBackend, Step, binary, outcome};
@@ -14,6 +14,7 @@ use nix::sys::signal::Signal;
 struct Run {
     blocks: Vec<(String, String)>,
     subcalls: Vec<AskSubcall>,
+    folded: Vec<AskFolded>,
     turns: u32,
     text: String,
     finished: AskFinished,
@@ -33,6 +34,7 @@ async fn ask(cluster: &InferenceCluster, request: AskRequest) -> Run {
             Some(Event::Block(b)) => run.blocks.push((b.status, b.output)),
             Some(Event::Turn(_)) => run.turns += 1,
             Some(Event::Subcall(c)) => run.subcalls.push(c),
+            Some(Event::Folded(f)) => run.folded.push(f),
             Some(Event::Delta(d)) => run.text.push_str(&d.text),
             Some(Event::Finished(f)) => run.finished = f,
             _ => {}
@@ -118,6 +120,44 @@ async fn rlm_query_starts_a_child_run_with_its_own_session_and_context() {
     });
     let child_prompt = child_prompt.expect("the child run asked the root model");
     assert!(child_prompt.contains("13 characters"), "{child_prompt}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_near_the_window_is_folded_and_its_history_kept() {
+    let (cluster, root, _sub) = cluster().await;
+    root.push(Step::answer([
+        "```repl\nprint(' '.join(f'w{i}' for i in range(2000)))\n```\n",
+    ]));
+    root.push(Step::answer(["```repl\nprint('small')\n```\n"]));
+    root.push(Step::answer([
+        "SUMMARY: the first block printed 2000 words",
+    ]));
+    root.push(Step::answer([
+        "```repl\nn = len(history)\n```\nFINAL_VAR(n)\n",
+    ]));
+    let run = ask(
+        &cluster,
+        AskRequest {
+            context_window: 5000,
+            ..request("q", "ctx")
+        },
+    )
+    .await;
+    assert_eq!(run.finished.error, "", "{run:?}");
+    // Folded before the third turn (before the second only the last turn was there to keep).
+    assert_eq!(run.folded.len(), 1, "{:?}", run.folded);
+    let folded = &run.folded[0];
+    assert_eq!((folded.turn, folded.messages_folded), (3, 2));
+    assert!(folded.tokens_before > 4250, "{folded:?}");
+    assert!(folded.tokens_after < 1500, "{folded:?}");
+    // The whole conversation stays in the session: system, question, two turns and outputs.
+    assert_eq!(run.finished.answer, "6");
+    let last = root.requests().last().unwrap()["messages"].to_string();
+    assert!(last.contains("SUMMARY: the first block printed"), "{last}");
+    assert!(
+        !last.contains("w1999"),
+        "the folded output is gone from the conversation"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

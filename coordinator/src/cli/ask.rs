@@ -18,7 +18,7 @@ use super::{Failure, PREFIX, connect::Client, print_json};
 /// left out.
 #[derive(Serialize, Deserialize, Debug, Default, PartialEq)]
 pub struct AskLine {
-    /// started, delta, turn, block, subcall or finished.
+    /// started, delta, turn, block, subcall, folded or finished.
     pub event: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
@@ -58,6 +58,10 @@ pub struct AskLine {
     pub subcalls: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subcall_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_before: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_after: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub answer: Option<String>,
     /// Why the run ended: final, final_var, answer, max_iterations, max_time, max_tokens,
@@ -103,6 +107,13 @@ impl AskLine {
                 output: Some(b.output.clone()),
                 status: Some(b.status.clone()),
                 wall_ms: Some(b.wall_ms),
+                ..Default::default()
+            },
+            Event::Folded(f) => AskLine {
+                event: "folded".into(),
+                turn: Some(f.turn),
+                tokens_before: Some(f.tokens_before),
+                tokens_after: Some(f.tokens_after),
                 ..Default::default()
             },
             Event::Subcall(c) => AskLine {
@@ -228,6 +239,13 @@ pub async fn ask(
                 );
             }
             Event::Subcall(_) => {}
+            Event::Folded(f) => {
+                let _ = writeln!(
+                    err,
+                    "{PREFIX} the conversation was folded before turn {}: {} tokens, now {}",
+                    f.turn, f.tokens_before, f.tokens_after
+                );
+            }
         }
     }
     Err(Failure::infrastructure(
@@ -302,6 +320,12 @@ fn tree(events: &[AskLine]) -> String {
                     out.push_str(&format!("│  │  │ {text}\n"));
                 }
             }
+            "folded" => out.push_str(&format!(
+                "├─ folded before turn {}: {} tokens, now {}\n",
+                number(line.turn),
+                line.tokens_before.unwrap_or_default(),
+                line.tokens_after.unwrap_or_default()
+            )),
             "subcall" => out.push_str(&format!(
                 "│  │  ├─ sub-call {}: {}, {} ms{}\n",
                 line.model.as_deref().unwrap_or_default(),

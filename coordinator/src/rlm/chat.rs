@@ -60,7 +60,9 @@ pub fn as_chat(
                     ask_event::Event::Turn(_) => Ok(chat_event::Event::Delta(GenerateDelta {
                         text: "\n\n".to_string(),
                     })),
-                    ask_event::Event::Block(_) | ask_event::Event::Subcall(_) => continue,
+                    ask_event::Event::Block(_)
+                    | ask_event::Event::Subcall(_)
+                    | ask_event::Event::Folded(_) => continue,
                     ask_event::Event::Finished(finished) => {
                         if finished.error.is_empty() {
                             let text = format!("{SEPARATOR}{}", finished.answer);

@@ -7,9 +7,11 @@
 //! - [`prompt`]: what the root model is told, and block output cut to size.
 //! - [`final_answer`]: `FINAL(...)` and `FINAL_VAR(name)` in a reply.
 //! - [`chat`]: the loop behind the chat APIs, as the model `rlm:MODEL`.
+//! - [`folding`]: older turns summarised when the conversation nears the model's window.
 
 pub mod chat;
 pub mod final_answer;
+pub mod folding;
 pub mod prompt;
 
 use std::{
@@ -24,9 +26,9 @@ use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 use kowalski_exo_common::{
     Language,
     proto::{
-        AskBlock, AskEvent, AskFinished, AskRequest, AskStarted, AskSubcall, AskTurn, ChatEvent,
-        ChatMessage, ChatRequest, ClusterOpenSessionRequest, OpenSessionRequest, RuntimeHealth,
-        ask_event, chat_event,
+        AskBlock, AskEvent, AskFinished, AskFolded, AskRequest, AskStarted, AskSubcall, AskTurn,
+        ChatEvent, ChatMessage, ChatRequest, ClusterOpenSessionRequest, OpenSessionRequest,
+        RuntimeHealth, ask_event, chat_event,
     },
 };
 use serde::Deserialize;
@@ -208,15 +210,31 @@ impl Rlm {
         ];
         let mut totals = Totals::default();
         let mut failures = 0;
+        let window = self.window(request);
+        // Every message, folded or not; the conversation sent is `messages`.
+        let mut history = messages.clone();
         for turn in 1..=limits.iterations {
             if let Some(reason) = limits.exceeded(started, &totals) {
                 let answer = self.answer_so_far(session).await.unwrap_or_default();
                 return Ok(totals.finished(answer, reason, turn - 1));
             }
+            if let Some(window) = window {
+                self.fold(
+                    request,
+                    session,
+                    window,
+                    &mut messages,
+                    &history,
+                    turn,
+                    events,
+                )
+                .await?;
+            }
             let reply = self
                 .turn(request, &messages, turn, events, &mut totals)
                 .await?;
             messages.push(message("assistant", reply.clone()));
+            history.push(message("assistant", reply.clone()));
             let blocks = runnable_blocks(&reply);
             let mut outputs = Vec::new();
             for (index, (language, code)) in blocks.iter().enumerate() {
@@ -281,7 +299,8 @@ impl Rlm {
             } else {
                 outputs.join("\n\n")
             };
-            messages.push(message("user", next));
+            messages.push(message("user", next.clone()));
+            history.push(message("user", next));
         }
         messages.push(message("user", prompt::LAST_TURN.to_string()));
         let reply = self
@@ -365,40 +384,147 @@ impl Rlm {
         request: &AskRequest,
         session: &str,
     ) -> Result<(String, u64, String), String> {
-        let mut cells = vec!["_kx_context = []".to_string()];
-        for chunk in request.context.chunks(CONTEXT_CHUNK) {
-            cells.push(format!("_kx_context.append('{}')", BASE64.encode(chunk)));
-        }
-        let decode = if request.context_is_json {
-            "json.loads(_kx_raw)"
-        } else {
-            "_kx_raw.decode('utf-8', 'replace')"
-        };
-        cells.push(format!(
-            "import base64, json\n_kx_raw = b''.join(base64.b64decode(p) for p in _kx_context)\n\
-context = {decode}\ndel _kx_context, _kx_raw\nanswer = {{'content': '', 'ready': False}}\n\
+        self.store(
+            session,
+            "context",
+            &request.context,
+            request.context_is_json,
+        )
+        .await
+        .map_err(|e| format!("cannot load the context: {e}"))?;
+        let describe = format!(
+            "import json\nanswer = {{'content': '', 'ready': False}}\n\
 print(json.dumps([type(context).__name__, len(context), context[:{chars}] if isinstance(context, str) else json.dumps(context)[:{chars}]]))",
             chars = 400,
-        ));
-        let mut described = Collected::default();
-        for cell in cells {
-            described = self
-                .sessions
-                .run_collected(session, "python", cell)
-                .await
-                .map_err(|status| format!("cannot load the context: {}", status.message()))?;
-            if !described.ok() {
-                return Err(format!(
-                    "cannot load the context: {}{}",
-                    described.stderr.trim(),
-                    described.error
-                ));
-            }
-        }
+        );
+        let described = self.python(session, describe).await?;
         let (kind, length, preview): (String, u64, String) =
             serde_json::from_str(described.stdout.trim())
                 .map_err(|e| format!("cannot describe the context: {e}"))?;
         Ok((kind, length, prompt::preview(&preview).to_string()))
+    }
+
+    /// Sets the session variable `name` to `bytes`: text, or the value they hold as JSON. Sent
+    /// in base64 cells of [`CONTEXT_CHUNK`] bytes, so values of many MiB fit.
+    async fn store(
+        &self,
+        session: &str,
+        name: &str,
+        bytes: &[u8],
+        json: bool,
+    ) -> Result<(), String> {
+        self.python(session, "_kx_parts = []".to_string()).await?;
+        for chunk in bytes.chunks(CONTEXT_CHUNK) {
+            let cell = format!("_kx_parts.append('{}')", BASE64.encode(chunk));
+            self.python(session, cell).await?;
+        }
+        let decode = if json {
+            "json.loads(_kx_raw)"
+        } else {
+            "_kx_raw.decode('utf-8', 'replace')"
+        };
+        let cell = format!(
+            "import base64, json\n_kx_raw = b''.join(base64.b64decode(p) for p in _kx_parts)\n\
+{name} = {decode}\ndel _kx_parts, _kx_raw"
+        );
+        self.python(session, cell).await.map(|_| ())
+    }
+
+    /// Runs Python the loop itself needs in the session; it must succeed.
+    async fn python(&self, session: &str, code: String) -> Result<Collected, String> {
+        let ran = self
+            .sessions
+            .run_collected(session, "python", code)
+            .await
+            .map_err(|status| status.message().to_string())?;
+        if !ran.ok() {
+            return Err(format!("{}{}", ran.stderr.trim(), ran.error));
+        }
+        Ok(ran)
+    }
+
+    /// Folds the conversation when it passes 85% of the root model's window: the turns between
+    /// the opening and the last one are summarised by the model, and the whole history is kept
+    /// in the session as `history`.
+    #[allow(clippy::too_many_arguments)]
+    async fn fold(
+        &self,
+        request: &AskRequest,
+        session: &str,
+        window: u32,
+        messages: &mut Vec<ChatMessage>,
+        history: &[ChatMessage],
+        turn: u32,
+        events: &AskSender,
+    ) -> Result<(), String> {
+        let before = folding::tokens(messages);
+        if !folding::over(before, window) {
+            return Ok(());
+        }
+        let Some(turns) = folding::foldable(messages) else {
+            return Ok(());
+        };
+        let count = turns.len() as u32;
+        let summary = self
+            .quietly(request, folding::summary_request(turns))
+            .await
+            .map_err(|e| format!("cannot fold the conversation: {e}"))?;
+        let all: Vec<serde_json::Value> = history
+            .iter()
+            .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+            .collect();
+        let all = serde_json::to_vec(&all).map_err(|e| e.to_string())?;
+        self.store(session, "history", &all, true)
+            .await
+            .map_err(|e| format!("cannot keep the history: {e}"))?;
+        *messages = folding::folded(messages, &summary);
+        let folded = AskFolded {
+            turn,
+            tokens_before: before as u64,
+            tokens_after: folding::tokens(messages) as u64,
+            messages_folded: count,
+        };
+        send(events, ask_event::Event::Folded(folded)).await
+    }
+
+    /// One answer of the root model, not streamed to the caller.
+    async fn quietly(
+        &self,
+        request: &AskRequest,
+        messages: Vec<ChatMessage>,
+    ) -> Result<String, String> {
+        let (chat_events, mut receiver) = mpsc::channel(EVENT_BUFFER);
+        let chats = self.chats.clone();
+        let chat = ChatRequest {
+            model: request.model.clone(),
+            messages,
+            options: request.options.clone(),
+            ..Default::default()
+        };
+        tokio::spawn(async move { chats.answer(chat, None, &chat_events).await });
+        let mut text = String::new();
+        while let Some(event) = receiver.recv().await {
+            match event.map_err(|status| status.message().to_string())?.event {
+                Some(chat_event::Event::Delta(delta)) => text.push_str(&delta.text),
+                Some(chat_event::Event::Finished(f)) if !f.error.is_empty() => return Err(f.error),
+                _ => {}
+            }
+        }
+        Ok(text)
+    }
+
+    /// The root model's window: as the request says, else as its backends report it.
+    fn window(&self, request: &AskRequest) -> Option<u32> {
+        if request.context_window > 0 {
+            return Some(request.context_window);
+        }
+        crate::inference::models::list(&self.registry, Instant::now())
+            .into_iter()
+            .filter(|m| m.name == request.model)
+            .flat_map(|m| m.served_by)
+            .filter_map(|p| p.offer.map(|o| o.context_window))
+            .filter(|w| *w > 0)
+            .min()
     }
 
     /// The `answer` dict's content when code set it ready.

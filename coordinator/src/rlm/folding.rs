@@ -1,0 +1,109 @@
+//! Context folding: when the conversation passes 85% of the root model's window, the turns
+//! between the opening and the last one are summarised by the model, and the conversation goes
+//! on with the summary in their place. Tokens are counted with a real BPE tokenizer (cl100k,
+//! through tiktoken-rs), never words.
+
+use kowalski_exo_common::proto::ChatMessage;
+
+/// The share of the window past which the conversation is folded.
+const FOLD_AT: f64 = 0.85;
+/// Tokens each message costs beyond its content (role and framing), as chat templates add.
+const PER_MESSAGE: usize = 4;
+/// Messages kept at the start (the system prompt and the question) and at the end (the last
+/// turn and its output).
+const KEEP_HEAD: usize = 2;
+const KEEP_TAIL: usize = 2;
+
+/// Tokens of a conversation.
+pub fn tokens(messages: &[ChatMessage]) -> usize {
+    let bpe = tiktoken_rs::cl100k_base_singleton();
+    messages
+        .iter()
+        .map(|m| bpe.encode_ordinary(&m.content).len() + PER_MESSAGE)
+        .sum()
+}
+
+/// Whether `tokens` passes the share of `window` that calls for folding.
+pub fn over(tokens: usize, window: u32) -> bool {
+    tokens as f64 > FOLD_AT * f64::from(window)
+}
+
+/// The messages a fold summarises (between the kept head and tail), if there are any.
+pub fn foldable(messages: &[ChatMessage]) -> Option<&[ChatMessage]> {
+    let end = messages.len().checked_sub(KEEP_TAIL)?;
+    (end > KEEP_HEAD).then(|| &messages[KEEP_HEAD..end])
+}
+
+/// The request that asks the model to summarise `turns`.
+pub fn summary_request(turns: &[ChatMessage]) -> Vec<ChatMessage> {
+    let transcript: String = turns
+        .iter()
+        .map(|m| format!("[{}]\n{}\n\n", m.role, m.content))
+        .collect();
+    vec![
+        ChatMessage {
+            role: "system".to_string(),
+            content:
+                "Summarise these earlier turns of work on a question for the one doing the work. \
+Keep every finding, number, variable name and function defined in the session, and what is \
+left to do; drop the rest."
+                    .to_string(),
+        },
+        ChatMessage {
+            role: "user".to_string(),
+            content: transcript,
+        },
+    ]
+}
+
+/// The conversation with `summary` in place of the folded turns.
+pub fn folded(messages: &[ChatMessage], summary: &str) -> Vec<ChatMessage> {
+    let end = messages.len() - KEEP_TAIL;
+    let mut out = messages[..KEEP_HEAD].to_vec();
+    out.push(ChatMessage {
+        role: "user".to_string(),
+        content: format!(
+            "Summary of the earlier turns (the whole conversation is in the session as `history`):\n{summary}"
+        ),
+    });
+    out.extend_from_slice(&messages[end..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(role: &str, content: &str) -> ChatMessage {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+
+    #[test]
+    fn tokens_are_counted_by_the_tokenizer_not_by_words() {
+        let words = [message("user", "hello world")];
+        assert_eq!(tokens(&words), 2 + PER_MESSAGE);
+        let long_word = [message("user", "antidisestablishmentarianism")];
+        assert!(tokens(&long_word) > 1 + PER_MESSAGE);
+        assert!(over(90, 100) && !over(80, 100));
+    }
+
+    #[test]
+    fn the_turns_between_the_opening_and_the_last_one_are_folded() {
+        let conversation: Vec<ChatMessage> =
+            ["system", "user", "assistant", "user", "assistant", "user"]
+                .iter()
+                .enumerate()
+                .map(|(i, role)| message(role, &format!("m{i}")))
+                .collect();
+        assert_eq!(foldable(&conversation).unwrap().len(), 2);
+        assert!(foldable(&conversation[..4]).is_none());
+        let after = folded(&conversation, "S");
+        let contents: Vec<&str> = after.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(contents[..2], ["m0", "m1"]);
+        assert!(contents[2].ends_with("\nS"));
+        assert_eq!(contents[3..], ["m4", "m5"]);
+    }
+}
