@@ -196,6 +196,14 @@ impl ScriptedBackend {
         self.shared.requests.lock().unwrap().clone()
     }
 
+    /// The chat requests received so far that were not health probes, in order.
+    pub fn chats(&self) -> Vec<Value> {
+        self.requests()
+            .into_iter()
+            .filter(|r| !is_probe(r))
+            .collect()
+    }
+
     /// How many answers were cut short because their client went away (the response body was
     /// dropped before its end), as when an agent cancels a generation.
     pub fn abandoned(&self) -> usize {

@@ -89,8 +89,7 @@ async fn a_context_is_read_in_pieces_by_sub_calls_and_answered_from_a_variable()
     assert_eq!(run.finished.subcalls, 50);
     assert!(run.text.contains("I will split it."));
     // The root model never saw the context whole: only a preview in its first turn.
-    let first = &root.requests()[root.requests().len() - 2];
-    let sent = first["messages"].to_string();
+    let sent = root.chats()[0]["messages"].to_string();
     assert!(sent.contains("50000 characters"), "{sent}");
     assert!(
         sent.len() < 10_000,
@@ -114,7 +113,7 @@ async fn rlm_query_starts_a_child_run_with_its_own_session_and_context() {
     assert_eq!(run.finished.error, "", "{run:?}");
     assert_eq!(run.blocks[0], ("ok".into(), "child said 3\n".into()));
     assert_eq!(run.finished.answer, "the child counted 3");
-    let child_prompt = root.requests().iter().find_map(|r| {
+    let child_prompt = root.chats().iter().find_map(|r| {
         let sent = r["messages"].to_string();
         sent.contains("How many words?").then_some(sent)
     });
@@ -152,7 +151,7 @@ async fn a_conversation_near_the_window_is_folded_and_its_history_kept() {
     assert!(folded.tokens_after < 1500, "{folded:?}");
     // The whole conversation stays in the session: system, question, two turns and outputs.
     assert_eq!(run.finished.answer, "6");
-    let last = root.requests().last().unwrap()["messages"].to_string();
+    let last = root.chats().last().unwrap()["messages"].to_string();
     assert!(last.contains("SUMMARY: the first block printed"), "{last}");
     assert!(
         !last.contains("w1999"),
@@ -431,10 +430,7 @@ async fn the_loop_goes_on_with_the_same_answer_when_the_root_sessions_node_is_ki
         (finished.reason.as_str(), finished.answer.as_str()),
         ("final_var", "3 parts: OK,OK,OK")
     );
-    let asked: usize = subs
-        .iter()
-        .map(|s| s.requests().iter().filter(|r| r["max_tokens"] != 1).count())
-        .sum();
+    let asked: usize = subs.iter().map(|s| s.chats().len()).sum();
     assert_eq!(
         asked, 3,
         "the replay took the sub-calls' answers from the cache"
