@@ -218,17 +218,14 @@ impl Rlm {
                 let answer = self.answer_so_far(session).await.unwrap_or_default();
                 return Ok(totals.finished(answer, reason, turn - 1));
             }
-            if let Some(window) = window {
-                self.fold(
-                    request,
-                    session,
-                    window,
-                    &mut messages,
-                    &history,
-                    turn,
-                    events,
-                )
-                .await?;
+            if let Some(window) = window
+                && let Some((folded, report)) = self
+                    .fold(request, session, window, &messages, &history)
+                    .await?
+            {
+                messages = folded;
+                let report = AskFolded { turn, ..report };
+                send(events, ask_event::Event::Folded(report)).await?;
             }
             let reply = self
                 .turn(request, &messages, turn, events, &mut totals)
@@ -443,28 +440,24 @@ print(json.dumps([type(context).__name__, len(context), context[:{chars}] if isi
         Ok(ran)
     }
 
-    /// Folds the conversation when it passes 85% of the root model's window: the turns between
-    /// the opening and the last one are summarised by the model, and the whole history is kept
-    /// in the session as `history`.
-    #[allow(clippy::too_many_arguments)]
+    /// The conversation folded when it passes 85% of the root model's window: the turns
+    /// between the opening and the last one summarised by the model, the whole history kept in
+    /// the session as `history`. `None` when it needs no folding or has nothing to fold.
     async fn fold(
         &self,
         request: &AskRequest,
         session: &str,
         window: u32,
-        messages: &mut Vec<ChatMessage>,
+        messages: &[ChatMessage],
         history: &[ChatMessage],
-        turn: u32,
-        events: &AskSender,
-    ) -> Result<(), String> {
+    ) -> Result<Option<(Vec<ChatMessage>, AskFolded)>, String> {
         let before = folding::tokens(messages);
         if !folding::over(before, window) {
-            return Ok(());
+            return Ok(None);
         }
         let Some(turns) = folding::foldable(messages) else {
-            return Ok(());
+            return Ok(None);
         };
-        let count = turns.len() as u32;
         let summary = self
             .quietly(request, folding::summary_request(turns))
             .await
@@ -477,14 +470,14 @@ print(json.dumps([type(context).__name__, len(context), context[:{chars}] if isi
         self.store(session, "history", &all, true)
             .await
             .map_err(|e| format!("cannot keep the history: {e}"))?;
-        *messages = folding::folded(messages, &summary);
-        let folded = AskFolded {
-            turn,
+        let folded = folding::folded(messages, &summary);
+        let report = AskFolded {
+            turn: 0,
             tokens_before: before as u64,
-            tokens_after: folding::tokens(messages) as u64,
-            messages_folded: count,
+            tokens_after: folding::tokens(&folded) as u64,
+            messages_folded: turns.len() as u32,
         };
-        send(events, ask_event::Event::Folded(folded)).await
+        Ok(Some((folded, report)))
     }
 
     /// One answer of the root model, not streamed to the caller.
