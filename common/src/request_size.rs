@@ -16,6 +16,18 @@ pub const MAX_STDIN_BYTES: usize = 16 * 1024 * 1024;
 /// rest of its fields. (tonic's own default, 4 MiB, would refuse stdin the limits allow.)
 pub const MAX_MESSAGE_BYTES: usize = MAX_CODE_BYTES + MAX_ARGS_BYTES + MAX_STDIN_BYTES + 64 * 1024;
 
+/// Longest session name, on agents and the coordinator alike.
+pub const MAX_SESSION_NAME_BYTES: usize = 128;
+
+/// A session name: 1 to 128 letters, digits, `.`, `_` and `-` (it names files and cgroups).
+pub fn is_session_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_SESSION_NAME_BYTES
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// What makes a request too large or malformed to run anywhere.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum OversizedRequest {

@@ -9,7 +9,7 @@ use kowalski_exo_common::{
     error_text::error_chain,
     isolation,
     proto::{
-        AskRequest, ClusterEvent, ClusterExecuteRequest, ClusterOpenSessionRequest,
+        ClusterEvent, ClusterExecuteRequest, ClusterOpenSessionRequest,
         ClusterSessionExecuteRequest, ExecLimits, ExecuteRequest, IsolationLayer,
         OpenSessionRequest, PlacementConstraints, PlanRequest, RunBlocksRequest,
         SessionExecuteRequest,
@@ -24,7 +24,7 @@ use kowalski_exo_coordinator::{
         connect::{Client, Dial, local_agent_config, with_client},
         follow::{FollowOptions, follow},
         inference, nodes, plan,
-        request::{check_markdown, limits, parse_timeout, program_stdin, read_bytes, read_text},
+        request::{check_markdown, limits, parse_timeout, program_stdin, read_text},
         sessions, trust,
     },
     inference::chat::DEFAULT_STALL_TIMEOUT,
@@ -161,44 +161,8 @@ enum Command {
     Ask {
         #[command(flatten)]
         client: ClientArgs,
-        /// The root model (see `coordinator models`).
-        #[arg(long)]
-        model: String,
-        /// The context: a file, or "-" for standard input [default: none]
-        #[arg(long, value_name = "FILE")]
-        context: Option<PathBuf>,
-        /// Read the context as JSON (it becomes a list or dict in the session).
-        #[arg(long)]
-        context_json: bool,
-        /// Turns before the model is asked for its best answer.
-        #[arg(long, default_value_t = kowalski_exo_coordinator::rlm::DEFAULT_MAX_ITERATIONS)]
-        max_iterations: u32,
-        /// End the run after this many seconds with the best answer so far.
-        #[arg(long, value_name = "SECONDS")]
-        max_time: Option<u32>,
-        /// End the run once the root model's turns used this many tokens.
-        #[arg(long)]
-        max_tokens: Option<u64>,
-        /// End the run after this many failing executions in a row.
-        #[arg(long, default_value_t = kowalski_exo_coordinator::rlm::DEFAULT_MAX_FAILURES)]
-        max_failures: u32,
-        /// Prompts the code may send to the cluster's models; past it they fail and the run
-        /// ends with the best answer so far.
-        #[arg(long)]
-        max_subcalls: Option<u64>,
-        /// How deep rlm_query may start child runs (at the limit it asks as llm_query does).
-        #[arg(long, default_value_t = kowalski_exo_coordinator::rlm::DEFAULT_MAX_DEPTH)]
-        max_depth: u32,
-        /// The root model's window in tokens, past 85% of which older turns are summarised
-        /// [default: as its backend reports it; no folding when unknown]
-        #[arg(long, value_name = "TOKENS")]
-        context_window: Option<u32>,
-        /// Keep every event of the run in FILE as JSON lines (`coordinator trajectory FILE`
-        /// renders it).
-        #[arg(long, value_name = "FILE")]
-        trajectory: Option<PathBuf>,
-        /// The question.
-        question: String,
+        #[command(flatten)]
+        ask: ask::AskArgs,
     },
     /// Render a run kept with `ask --trajectory FILE` as a tree: turns, blocks, the answer.
     Trajectory { file: PathBuf },
@@ -550,43 +514,11 @@ async fn main() -> ExitCode {
             };
             (result, client.json)
         }
-        Command::Ask {
-            client,
-            model,
-            context,
-            context_json,
-            max_iterations,
-            max_time,
-            max_tokens,
-            max_failures,
-            max_subcalls,
-            max_depth,
-            context_window,
-            trajectory,
-            question,
-        } => {
-            let context = match context {
-                Some(file) => read_bytes(&file),
-                None => Ok(Vec::new()),
-            };
-            let result = match context {
-                Ok(context) => {
-                    let request = AskRequest {
-                        model,
-                        question,
-                        context,
-                        context_is_json: context_json,
-                        max_iterations,
-                        max_time_ms: max_time.map_or(0, |s| s.saturating_mul(1000)),
-                        max_tokens: max_tokens.unwrap_or(0),
-                        max_failures,
-                        max_subcalls: max_subcalls.unwrap_or(0),
-                        max_depth,
-                        context_window: context_window.unwrap_or(0),
-                        ..Default::default()
-                    };
+        Command::Ask { client, ask } => {
+            let result = match ask.request() {
+                Ok(request) => {
                     with_client(&client.dial(), |c, addr| async move {
-                        ask::ask(c, &addr, request, client.json, trajectory.as_deref()).await
+                        ask::ask(c, &addr, request, client.json, ask.trajectory.as_deref()).await
                     })
                     .await
                 }

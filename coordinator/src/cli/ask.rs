@@ -6,13 +6,82 @@
 use std::{
     fs::File,
     io::{BufWriter, Write},
-    path::Path,
+    path::{Path, PathBuf},
 };
+
+use clap::Args;
 
 use kowalski_exo_common::proto::{AskEvent, AskRequest, ask_event::Event};
 use serde::{Deserialize, Serialize};
 
-use super::{Failure, PREFIX, connect::Client, print_json};
+use super::{Failure, PREFIX, connect::Client, print_json, request::read_bytes};
+
+/// What `coordinator ask` takes besides the connection.
+#[derive(Args, Debug)]
+pub struct AskArgs {
+    /// The root model (see `coordinator models`).
+    #[arg(long)]
+    pub model: String,
+    /// The context: a file, or "-" for standard input [default: none]
+    #[arg(long, value_name = "FILE")]
+    pub context: Option<PathBuf>,
+    /// Read the context as JSON (it becomes a list or dict in the session).
+    #[arg(long)]
+    pub context_json: bool,
+    /// Turns before the model is asked for its best answer.
+    #[arg(long, default_value_t = crate::rlm::DEFAULT_MAX_ITERATIONS)]
+    pub max_iterations: u32,
+    /// End the run after this many seconds with the best answer so far.
+    #[arg(long, value_name = "SECONDS")]
+    pub max_time: Option<u32>,
+    /// End the run once the root model's turns and the sub-calls used this many tokens.
+    #[arg(long)]
+    pub max_tokens: Option<u64>,
+    /// End the run after this many failing executions in a row.
+    #[arg(long, default_value_t = crate::rlm::DEFAULT_MAX_FAILURES)]
+    pub max_failures: u32,
+    /// Prompts the code may send to the cluster's models; past it they fail and the run
+    /// ends with the best answer so far.
+    #[arg(long)]
+    pub max_subcalls: Option<u64>,
+    /// How deep rlm_query may start child runs (at the limit it asks as llm_query does).
+    #[arg(long, default_value_t = crate::rlm::DEFAULT_MAX_DEPTH)]
+    pub max_depth: u32,
+    /// The root model's window in tokens, past 85% of which older turns are summarised
+    /// [default: as its backend reports it; no folding when unknown]
+    #[arg(long, value_name = "TOKENS")]
+    pub context_window: Option<u32>,
+    /// Keep every event of the run in FILE as JSON lines (`coordinator trajectory FILE`
+    /// renders it).
+    #[arg(long, value_name = "FILE")]
+    pub trajectory: Option<PathBuf>,
+    /// The question.
+    pub question: String,
+}
+
+impl AskArgs {
+    /// The request these flags ask for, the context read from its file.
+    pub fn request(&self) -> Result<AskRequest, Failure> {
+        let context = match &self.context {
+            Some(file) => read_bytes(file)?,
+            None => Vec::new(),
+        };
+        Ok(AskRequest {
+            model: self.model.clone(),
+            question: self.question.clone(),
+            context,
+            context_is_json: self.context_json,
+            max_iterations: self.max_iterations,
+            max_time_ms: self.max_time.map_or(0, |s| s.saturating_mul(1000)),
+            max_tokens: self.max_tokens.unwrap_or(0),
+            max_failures: self.max_failures,
+            max_subcalls: self.max_subcalls.unwrap_or(0),
+            max_depth: self.max_depth,
+            context_window: self.context_window.unwrap_or(0),
+            ..Default::default()
+        })
+    }
+}
 
 /// One event as `coordinator ask --json` prints it. Field names are stable; absent fields are
 /// left out.

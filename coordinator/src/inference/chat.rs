@@ -42,6 +42,21 @@ const CONVERSATIONS_KEPT: NonZeroUsize = NonZeroUsize::new(10_000).expect("not z
 /// Where a chat's events go.
 pub type ChatSender = mpsc::Sender<Result<ChatEvent, Status>>;
 
+/// Chat events buffered while an answer is collected whole.
+const WHOLE_BUFFER: usize = 64;
+
+/// An answer collected whole rather than streamed.
+#[derive(Debug, Default)]
+pub struct WholeAnswer {
+    pub text: String,
+    /// The node that answered last.
+    pub node: String,
+    /// Prompt plus completion tokens.
+    pub tokens: u64,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+}
+
 /// Places chat answers and moves them when nodes fail.
 #[derive(Clone)]
 pub struct Chats {
@@ -66,6 +81,32 @@ impl Chats {
             stall_timeout,
             conversations: Arc::new(Mutex::new(LruCache::new(CONVERSATIONS_KEPT))),
         }
+    }
+
+    /// Answers `request` to its end, with failover, and collects it.
+    pub async fn whole(&self, request: ChatRequest) -> WholeAnswer {
+        let (events, mut receiver) = mpsc::channel(WHOLE_BUFFER);
+        let chats = self.clone();
+        tokio::spawn(async move { chats.answer(request, None, &events).await });
+        let mut whole = WholeAnswer::default();
+        while let Some(event) = receiver.recv().await {
+            match event.map(|e| e.event) {
+                Ok(Some(chat_event::Event::Answering(answering))) => {
+                    whole.node = answering.node_name
+                }
+                Ok(Some(chat_event::Event::Delta(delta))) => whole.text.push_str(&delta.text),
+                Ok(Some(chat_event::Event::Finished(finished))) => {
+                    whole.tokens =
+                        u64::from(finished.prompt_tokens) + u64::from(finished.completion_tokens);
+                    if !finished.error.is_empty() {
+                        whole.error = Some(finished.error);
+                    }
+                }
+                Ok(_) => {}
+                Err(status) => whole.error = Some(status.message().to_string()),
+            }
+        }
+        whole
     }
 
     pub fn registry(&self) -> &NodeRegistry {

@@ -486,24 +486,17 @@ print(json.dumps([type(context).__name__, len(context), context[:{chars}] if isi
         request: &AskRequest,
         messages: Vec<ChatMessage>,
     ) -> Result<String, String> {
-        let (chat_events, mut receiver) = mpsc::channel(EVENT_BUFFER);
-        let chats = self.chats.clone();
         let chat = ChatRequest {
             model: request.model.clone(),
             messages,
             options: request.options.clone(),
             ..Default::default()
         };
-        tokio::spawn(async move { chats.answer(chat, None, &chat_events).await });
-        let mut text = String::new();
-        while let Some(event) = receiver.recv().await {
-            match event.map_err(|status| status.message().to_string())?.event {
-                Some(chat_event::Event::Delta(delta)) => text.push_str(&delta.text),
-                Some(chat_event::Event::Finished(f)) if !f.error.is_empty() => return Err(f.error),
-                _ => {}
-            }
+        let whole = self.chats.whole(chat).await;
+        match whole.error {
+            Some(error) => Err(error),
+            None => Ok(whole.text),
         }
-        Ok(text)
     }
 
     /// The root model's window: as the request says, else as its backends report it.

@@ -23,7 +23,7 @@ use kowalski_exo_common::{
         ClusterSessionInfo, ExecFinished, ExecStatus, IsolationLayer, OpenSessionRequest,
         OutputStream, SessionExecuteRequest, cluster_event::Event,
     },
-    request_size::{MAX_CODE_BYTES, OversizedRequest},
+    request_size::{self, MAX_CODE_BYTES, OversizedRequest},
 };
 use tokio::{sync::mpsc, time::Instant};
 use tonic::Status;
@@ -44,8 +44,6 @@ pub use subcalls::SubcallRelay;
 pub const IDLE: Duration = Duration::from_secs(600);
 /// Events buffered per execution before a slow client holds it back.
 const EVENT_BUFFER: usize = 64;
-/// Longest session name (as on the agents).
-const MAX_NAME_BYTES: usize = 128;
 
 /// The cluster's sessions.
 #[derive(Clone)]
@@ -534,12 +532,7 @@ fn info(name: &str, entry: &Entry) -> ClusterSessionInfo {
 
 /// A session name: letters, digits, `.`, `_` and `-`, at most 128 bytes.
 fn check_name(name: &str) -> Result<(), CoordinatorError> {
-    let fine = !name.is_empty()
-        && name.len() <= MAX_NAME_BYTES
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if fine {
+    if request_size::is_session_name(name) {
         Ok(())
     } else {
         Err(CoordinatorError::SessionName(name.to_string()))

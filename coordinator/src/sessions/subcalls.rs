@@ -12,13 +12,12 @@ use std::{
 use futures_util::future::join_all;
 use kowalski_exo_common::proto::{
     AskRequest, ChatMessage, ChatRequest, PromptAnswer, SamplingOptions, Subcall, SubcallAnswer,
-    chat_event,
 };
 use lru::LruCache;
 use metrics::counter;
 use prost::Message;
 use sha2::{Digest, Sha256};
-use tokio::{sync::mpsc, time::Instant};
+use tokio::time::Instant;
 
 use crate::{
     cluster_metrics,
@@ -30,8 +29,6 @@ use crate::{
 
 /// Answers kept, over every session.
 const CACHED_ANSWERS: NonZeroUsize = NonZeroUsize::new(10_000).expect("not zero");
-/// Chat events buffered per prompt.
-const EVENT_BUFFER: usize = 64;
 
 /// What makes two prompts the same call: the session, then a hash of model, prompt and options.
 type CacheKey = (String, [u8; 32]);
@@ -224,27 +221,10 @@ impl SubcallRelay {
             options: Some(options.clone()),
             ..Default::default()
         };
-        let (events, mut receiver) = mpsc::channel(EVENT_BUFFER);
-        let chats = self.chats.clone();
-        tokio::spawn(async move { chats.answer(request, None, &events).await });
-        let (mut text, mut error) = (String::new(), None);
-        while let Some(event) = receiver.recv().await {
-            match event.map(|e| e.event) {
-                Ok(Some(chat_event::Event::Answering(answering))) => {
-                    note.node = answering.node_name
-                }
-                Ok(Some(chat_event::Event::Delta(delta))) => text.push_str(&delta.text),
-                Ok(Some(chat_event::Event::Finished(finished))) => {
-                    note.tokens =
-                        u64::from(finished.prompt_tokens) + u64::from(finished.completion_tokens);
-                    if !finished.error.is_empty() {
-                        error = Some(finished.error);
-                    }
-                }
-                Ok(_) => {}
-                Err(status) => error = Some(status.message().to_string()),
-            }
-        }
+        let whole = self.chats.whole(request).await;
+        note.node = whole.node;
+        note.tokens = whole.tokens;
+        let (text, error) = (whole.text, whole.error);
         let outcome = if error.is_some() {
             "failed"
         } else {

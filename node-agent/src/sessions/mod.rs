@@ -26,7 +26,7 @@ use std::{
 use kowalski_exo_common::{
     Language,
     proto::{self, ExecStatus},
-    request_size::{MAX_CODE_BYTES, OversizedRequest},
+    request_size::{self, MAX_CODE_BYTES, OversizedRequest},
 };
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -54,8 +54,6 @@ pub const DEFAULT_IDLE: Duration = Duration::from_secs(600);
 pub const DEFAULT_MAX_SESSIONS: usize = 32;
 /// CPU seconds a session's interpreter may use over its life, unless it asks for other.
 const SESSION_CPU_SECONDS: u32 = 3600;
-/// Longest session name.
-const MAX_NAME_BYTES: usize = 128;
 
 /// What the owner lets sessions be.
 #[derive(Clone, Copy, Debug)]
@@ -489,11 +487,7 @@ fn session_language(name: &str) -> Result<Language, SessionError> {
 
 /// A session name: letters, digits, `.`, `_` and `-`, at most 128 bytes.
 fn check_name(name: &str) -> Result<&str, SessionError> {
-    let fine = name.len() <= MAX_NAME_BYTES
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if fine {
+    if request_size::is_session_name(name) {
         Ok(name)
     } else {
         Err(SessionError::InvalidName(name.to_string()))
