@@ -2,10 +2,12 @@
 //! backend whose every answer (and every way of failing) is chosen in advance.
 //!
 //! It is a real HTTP server: `GET /v1/models` lists its models and `POST /v1/chat/completions`
-//! streams OpenAI server-sent chunks, so whatever talks to it (a node agent, reqwest) goes
+//! streams OpenAI server-sent chunks (or, for a request without `"stream": true`, answers with
+//! one chat completion), so whatever talks to it (a node agent, reqwest, the OpenAI SDK) goes
 //! through the genuine protocol. Each chat request takes the next [`Step`] from a queue the test
-//! fills; an empty queue, and every health probe (a request for one token, as node agents send
-//! at start and every poll), gets the default step. The server keeps every chat request body
+//! fills, else the step its responder picks from the request (a model answering on cue); what
+//! is left, and every health probe (a request for one token, as node agents send at start and
+//! every poll), gets the default step. The server keeps every chat request body
 //! it received and counts the answers whose client went away before their end.
 
 use std::{
@@ -84,6 +86,9 @@ fn numbered(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("t{i} ")).collect()
 }
 
+/// Picks the step for a chat request from its body, or leaves it to the default step.
+pub type Responder = Box<dyn Fn(&Value) -> Option<Step> + Send + Sync>;
+
 /// A running scripted backend; stopped on drop.
 pub struct ScriptedBackend {
     addr: SocketAddr,
@@ -106,6 +111,8 @@ struct Shared {
     requests: Mutex<Vec<Value>>,
     /// Answers whose body was dropped before it ended: the client went away.
     abandoned: AtomicUsize,
+    /// Picks the step for a request the queue has none for, from the request itself.
+    responder: Mutex<Option<Responder>>,
     /// Answer one request at a time, as a server with one slot does (probes aside).
     one_at_a_time: AtomicBool,
     /// Held by the answer being sent while `one_at_a_time`.
@@ -132,6 +139,7 @@ impl ScriptedBackend {
             queue: Mutex::default(),
             default: Mutex::new(default_step()),
             requests: Mutex::default(),
+            responder: Mutex::default(),
             abandoned: AtomicUsize::new(0),
             one_at_a_time: AtomicBool::new(false),
             turn: Arc::default(),
@@ -183,6 +191,12 @@ impl ScriptedBackend {
     /// Sets the step for requests arriving while the queue is empty, and for health probes.
     pub fn set_default(&self, step: Step) {
         *self.shared.default.lock().unwrap() = step;
+    }
+
+    /// Answers the requests the queue has no step for with the step `responder` picks from
+    /// each request's body, where it picks one: a model that writes code on cue.
+    pub fn respond_with(&self, responder: impl Fn(&Value) -> Option<Step> + Send + Sync + 'static) {
+        *self.shared.responder.lock().unwrap() = Some(Box::new(responder));
     }
 
     /// Answers one request at a time from now on: the others wait their turn (health probes
@@ -258,25 +272,17 @@ async fn chat_completions(State(shared): State<Arc<Shared>>, Json(body): Json<Va
             Some("model_not_found"),
         );
     }
-    if body["stream"] != true {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "this scripted backend only streams: send \"stream\": true",
-            None,
-        );
-    }
     let probe = is_probe(&body);
     let turn = if !probe && shared.one_at_a_time.load(Ordering::SeqCst) {
         Some(shared.turn.clone().lock_owned().await)
     } else {
         None
     };
-    let queued = if probe {
-        None
-    } else {
-        shared.queue.lock().unwrap().pop_front()
-    };
-    let step = queued.unwrap_or_else(|| shared.default.lock().unwrap().clone());
+    let step = if probe { None } else { shared.next_step(&body) };
+    let step = step.unwrap_or_else(|| shared.default.lock().unwrap().clone());
+    if body["stream"] != true {
+        return whole(step, &body).await;
+    }
     let (frames, ending) = match plan(step, &body) {
         Ok(planned) => planned,
         Err((status, message)) => return error(status, &message, None),
@@ -292,6 +298,59 @@ async fn chat_completions(State(shared): State<Arc<Shared>>, Json(body): Json<Va
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(body))
         .expect("a valid response")
+}
+
+impl Shared {
+    /// The queued step for a chat request, else the one its responder picks.
+    fn next_step(&self, request: &Value) -> Option<Step> {
+        let queued = self.queue.lock().unwrap().pop_front();
+        queued.or_else(|| {
+            let responder = self.responder.lock().unwrap();
+            responder.as_ref().and_then(|respond| respond(request))
+        })
+    }
+}
+
+/// The answer to a request that did not ask to stream: one chat completion, sent once every
+/// token's wait has passed. Steps that fail mid-stream have no such form and are refused.
+async fn whole(step: Step, request: &Value) -> Response {
+    let (tokens, delay) = match step {
+        Step::Refuse { .. } => {
+            let refused = plan(step, request).err().expect("a refusal");
+            return error(refused.0, &refused.1, None);
+        }
+        Step::Answer { tokens, delay } => (tokens, delay),
+        other => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("the scripted step {other:?} only streams: send \"stream\": true"),
+                None,
+            );
+        }
+    };
+    let said = &tokens[..tokens.len().min(max_tokens(request).unwrap_or(usize::MAX))];
+    tokio::time::sleep(delay * said.len() as u32).await;
+    let reason = if said.len() < tokens.len() {
+        "length"
+    } else {
+        "stop"
+    };
+    let answer = Answer::new(request);
+    let prompt_tokens = prompt_words(request);
+    Json(json!({
+        "id": "chatcmpl-scripted", "object": "chat.completion",
+        "created": answer.created, "model": request["model"],
+        "choices": [{
+            "index": 0, "finish_reason": reason,
+            "message": {"role": "assistant", "content": said.concat()},
+        }],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": said.len(),
+            "total_tokens": prompt_tokens + said.len(),
+        },
+    }))
+    .into_response()
 }
 
 /// The events `step` sends in answer to `request` and how its body ends, or the status and
