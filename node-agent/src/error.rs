@@ -129,6 +129,9 @@ impl From<InferenceError> for Status {
                 ..
             }) => Status::invalid_argument(message),
             InferenceError::Backend(BackendError::Malformed { .. }) => Status::internal(message),
+            InferenceError::Backend(BackendError::NoTokenizer { .. }) => {
+                Status::unimplemented(message)
+            }
             InferenceError::Model(ModelUnavailable::Down { .. })
             | InferenceError::Backend(_)
             | InferenceError::ShuttingDown => Status::unavailable(message),

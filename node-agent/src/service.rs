@@ -269,6 +269,22 @@ impl NodeAgent for NodeAgentService {
         Ok(Response::new(ReceiverStream::new(stream)))
     }
 
+    async fn count_tokens(
+        &self,
+        request: Request<proto::CountTokensRequest>,
+    ) -> Result<Response<proto::CountTokensResponse>, Status> {
+        let request = request.into_inner();
+        let backend = self
+            .catalog
+            .backend_for(&request.model)
+            .map_err(InferenceError::from)?;
+        let counts = backend
+            .count_tokens(&request.model, &request.texts)
+            .await
+            .map_err(InferenceError::from)?;
+        Ok(Response::new(proto::CountTokensResponse { counts }))
+    }
+
     async fn open_session(
         &self,
         request: Request<proto::OpenSessionRequest>,

@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use kowalski_exo_common::proto::{
-    BackendKind, BackendState, ChatMessage, ChatRequest, GenerateRequest, ModelOffer,
-    SamplingOptions, chat_event, generate_event::Event, node_agent_client::NodeAgentClient,
+    BackendKind, BackendState, ChatMessage, ChatRequest, CountTokensRequest, GenerateRequest,
+    ModelOffer, SamplingOptions, chat_event, generate_event::Event,
+    node_agent_client::NodeAgentClient,
 };
 use kowalski_exo_tests::{
     CEILING, Daemon, InferenceCluster, LlamaServer, binary, describe, outcome,
@@ -119,6 +120,39 @@ async fn an_agent_streams_a_real_backends_answer_and_reports_its_state() {
         unknown.message(),
         "no model 'no-such-model' here; this node serves: tiny"
     );
+
+    // Tokens are counted by the model's own tokenizer, as the server itself counts them.
+    let texts = vec![
+        "hello world".to_string(),
+        "a longer text, with more bytes".into(),
+    ];
+    let counted = client
+        .count_tokens(CountTokensRequest {
+            model: LlamaServer::MODEL.into(),
+            texts: texts.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .counts;
+    let http = reqwest::Client::new();
+    let root = backend.api_base.trim_end_matches("/v1");
+    let mut direct = Vec::new();
+    for text in &texts {
+        let answer: serde_json::Value = http
+            .post(format!("{root}/extras/tokenize"))
+            .json(&serde_json::json!({"model": LlamaServer::MODEL, "input": text}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        direct.push(answer["tokens"].as_array().unwrap().len() as u64);
+    }
+    assert_eq!(counted, direct);
+    // A byte-level vocabulary: about a token a byte, where cl100k makes 2 of "hello world".
+    assert!(counted[0] >= 11, "{counted:?}");
 
     backend.kill();
     let offer = offer_in_state(&agent.url(), BackendState::Down).await;

@@ -3,8 +3,8 @@
 //! (another scripted backend on another agent), the context in a session.
 
 use kowalski_exo_common::proto::{
-    AskFinished, AskFolded, AskRequest, AskSubcall, ClusterOpenSessionRequest, OpenSessionRequest,
-    SamplingOptions, ask_event::Event,
+    AskFinished, AskFolded, AskRequest, AskSubcall, ClusterOpenSessionRequest, CountTokensRequest,
+    OpenSessionRequest, SamplingOptions, ask_event::Event, node_agent_client::NodeAgentClient,
 };
 use kowalski_exo_tests::{InferenceCluster, LlamaServer, ScriptedBackend, Step, binary, outcome};
 use nix::sys::signal::Signal;
@@ -149,6 +149,22 @@ async fn a_conversation_near_the_window_is_folded_and_its_history_kept() {
     assert_eq!((folded.turn, folded.messages_folded), (3, 2));
     assert!(folded.tokens_before > 4250, "{folded:?}");
     assert!(folded.tokens_after < 1500, "{folded:?}");
+    // The scripted backend offers no tokenizer of its own, so a BPE counted.
+    assert_eq!(folded.tokenizer, "cl100k");
+    let refused = NodeAgentClient::connect(cluster.agent("agent-0").url())
+        .await
+        .unwrap()
+        .count_tokens(CountTokensRequest {
+            model: "root".into(),
+            texts: vec!["hello".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unimplemented, "{refused:?}");
+    assert!(
+        refused.message().contains("offers no tokenizer"),
+        "{refused:?}"
+    );
     // The whole conversation stays in the session: system, question, two turns and outputs.
     assert_eq!(run.finished.answer, "6");
     let last = root.chats().last().unwrap()["messages"].to_string();
@@ -353,12 +369,16 @@ async fn the_loop_runs_end_to_end_against_a_real_llama_cpp_server() {
     };
     let cluster = InferenceCluster::start(&[&backend.api_base], &[], 1);
     cluster.served_by(LlamaServer::MODEL, 1).await;
-    // The tiny model's words are nonsense: the loop runs its turns and ends by its limit.
+    // The tiny model's words are nonsense: the loop runs its turns and ends by its limit. Its
+    // vocabulary is bytes, so by its own tokenizer the conversation (some 1,750 tokens at the
+    // first turn, 140 more a turn) passes 85% of a 2,200-token window by the third turn, where
+    // cl100k would count under 500 tokens and not fold.
     let run = ask(
         &cluster,
         AskRequest {
             model: LlamaServer::MODEL.into(),
-            max_iterations: 2,
+            max_iterations: 3,
+            context_window: 2200,
             options: Some(SamplingOptions {
                 max_tokens: 16,
                 ..Default::default()
@@ -369,7 +389,10 @@ async fn the_loop_runs_end_to_end_against_a_real_llama_cpp_server() {
     .await;
     assert_eq!(run.finished.error, "", "{run:?}");
     assert_eq!(run.finished.reason, "max_iterations", "{run:?}");
-    assert_eq!(run.turns, 3);
+    assert_eq!(run.turns, 4);
+    let folded = run.folded.first().expect("the conversation was folded");
+    assert_eq!((folded.turn, folded.tokenizer.as_str()), (3, "model"));
+    assert!(folded.tokens_before > 1870, "{folded:?}");
     assert!(run.finished.completion_tokens > 0, "{run:?}");
 }
 

@@ -131,6 +131,9 @@ pub struct AskLine {
     pub tokens_before: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens_after: Option<u64>,
+    /// What counted the tokens: model (its own tokenizer) or cl100k.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub answer: Option<String>,
     /// Why the run ended: final, final_var, answer, max_iterations, max_time, max_tokens,
@@ -183,6 +186,7 @@ impl AskLine {
                 turn: Some(f.turn),
                 tokens_before: Some(f.tokens_before),
                 tokens_after: Some(f.tokens_after),
+                tokenizer: Some(f.tokenizer.clone()),
                 ..Default::default()
             },
             Event::Subcall(c) => AskLine {
@@ -311,8 +315,8 @@ pub async fn ask(
             Event::Folded(f) => {
                 let _ = writeln!(
                     err,
-                    "{PREFIX} the conversation was folded before turn {}: {} tokens, now {}",
-                    f.turn, f.tokens_before, f.tokens_after
+                    "{PREFIX} the conversation was folded before turn {}: {} tokens, now {} ({})",
+                    f.turn, f.tokens_before, f.tokens_after, f.tokenizer
                 );
             }
         }
@@ -390,10 +394,11 @@ fn tree(events: &[AskLine]) -> String {
                 }
             }
             "folded" => out.push_str(&format!(
-                "├─ folded before turn {}: {} tokens, now {}\n",
+                "├─ folded before turn {}: {} tokens, now {} ({})\n",
                 number(line.turn),
                 line.tokens_before.unwrap_or_default(),
-                line.tokens_after.unwrap_or_default()
+                line.tokens_after.unwrap_or_default(),
+                line.tokenizer.as_deref().unwrap_or("cl100k")
             )),
             "subcall" => out.push_str(&format!(
                 "│  │  ├─ sub-call {}: {}, {} ms{}\n",

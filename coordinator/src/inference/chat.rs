@@ -15,8 +15,8 @@ use std::{
 };
 
 use kowalski_exo_common::proto::{
-    Answering, ChatEvent, ChatFinished, ChatMessage, ChatRequest, Failover, GenerateDelta,
-    GenerateRequest, chat_event, generate_event,
+    Answering, BackendState, ChatEvent, ChatFinished, ChatMessage, ChatRequest, CountTokensRequest,
+    Failover, GenerateDelta, GenerateRequest, chat_event, generate_event,
 };
 use lru::LruCache;
 use metrics::{counter, histogram};
@@ -41,6 +41,9 @@ const CONVERSATIONS_KEPT: NonZeroUsize = NonZeroUsize::new(10_000).expect("not z
 
 /// Where a chat's events go.
 pub type ChatSender = mpsc::Sender<Result<ChatEvent, Status>>;
+
+/// A node that has not counted tokens within this is not waited for.
+const COUNT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Chat events buffered while an answer is collected whole.
 const WHOLE_BUFFER: usize = 64;
@@ -111,6 +114,43 @@ impl Chats {
 
     pub fn registry(&self) -> &NodeRegistry {
         &self.registry
+    }
+
+    /// The tokens of each of `texts` as `model`'s own tokenizer counts them, asked of a node
+    /// whose backend serves the model and works; why not, when none could count them.
+    pub async fn count_tokens(&self, model: &str, texts: Vec<String>) -> Result<Vec<u64>, String> {
+        let serving = super::models::list(&self.registry, Instant::now())
+            .into_iter()
+            .filter(|m| m.name == model)
+            .flat_map(|m| m.served_by)
+            .find(|p| {
+                p.offer
+                    .as_ref()
+                    .is_some_and(|o| o.state() == BackendState::Ready)
+            })
+            .ok_or_else(|| format!("no node serves {model} with a working backend"))?;
+        let address = self
+            .registry
+            .address(&serving.node_id)
+            .ok_or_else(|| format!("{} left the cluster", serving.node_name))?;
+        let attempt = Attempt {
+            node_id: serving.node_id,
+            node_name: serving.node_name,
+            address,
+            number: 1,
+        };
+        let request = CountTokensRequest {
+            model: model.to_string(),
+            texts,
+        };
+        match tokio::time::timeout(COUNT_TIMEOUT, self.agents.count_tokens(&attempt, request)).await
+        {
+            Ok(counted) => counted.map_err(|status| status.message().to_string()),
+            Err(_) => Err(format!(
+                "{} did not count within {COUNT_TIMEOUT:?}",
+                attempt.node_name
+            )),
+        }
     }
 
     /// Answers `request` to its end, streaming events; the last is `finished`, unless the
@@ -597,6 +637,14 @@ mod tests {
                     Box::pin(tokio_stream::iter(deltas(texts)).chain(tokio_stream::pending()))
                 }
             })
+        }
+
+        async fn count_tokens(
+            &self,
+            _agent: &Attempt,
+            _request: kowalski_exo_common::proto::CountTokensRequest,
+        ) -> Result<Vec<u64>, Status> {
+            Err(Status::unimplemented("these agents only generate"))
         }
 
         async fn open_session(

@@ -8,11 +8,13 @@
 //! - [`final_answer`]: `FINAL(...)` and `FINAL_VAR(name)` in a reply.
 //! - [`chat`]: the loop behind the chat APIs, as the model `rlm:MODEL`.
 //! - [`folding`]: older turns summarised when the conversation nears the model's window.
+//! - [`tokens`]: the conversation's tokens, by the model's own tokenizer where it has one.
 
 pub mod chat;
 pub mod final_answer;
 pub mod folding;
 pub mod prompt;
+pub mod tokens;
 
 use std::{
     sync::{
@@ -42,6 +44,7 @@ use crate::{
     sessions::{ClusterSessions, Collected, SubcallNote},
 };
 use final_answer::Final;
+use tokens::TokenCounter;
 
 /// Turns before the model is asked for its best answer, unless the request says.
 pub const DEFAULT_MAX_ITERATIONS: u32 = 30;
@@ -211,6 +214,7 @@ impl Rlm {
         let mut totals = Totals::default();
         let mut failures = 0;
         let window = self.window(request);
+        let mut counter = TokenCounter::new(self.chats.clone(), &request.model);
         // Every message, folded or not; the conversation sent is `messages`.
         let mut history = messages.clone();
         for turn in 1..=limits.iterations {
@@ -220,7 +224,7 @@ impl Rlm {
             }
             if let Some(window) = window
                 && let Some((folded, report)) = self
-                    .fold(request, session, window, &messages, &history)
+                    .fold(request, session, window, &mut counter, &messages, &history)
                     .await?
             {
                 messages = folded;
@@ -448,10 +452,11 @@ print(json.dumps([type(context).__name__, len(context), context[:{chars}] if isi
         request: &AskRequest,
         session: &str,
         window: u32,
+        counter: &mut TokenCounter,
         messages: &[ChatMessage],
         history: &[ChatMessage],
     ) -> Result<Option<(Vec<ChatMessage>, AskFolded)>, String> {
-        let before = folding::tokens(messages);
+        let before = counter.count(messages).await;
         if !folding::over(before, window) {
             return Ok(None);
         }
@@ -473,9 +478,10 @@ print(json.dumps([type(context).__name__, len(context), context[:{chars}] if isi
         let folded = folding::folded(messages, &summary);
         let report = AskFolded {
             turn: 0,
-            tokens_before: before as u64,
-            tokens_after: folding::tokens(&folded) as u64,
+            tokens_before: before,
+            tokens_after: counter.count(&folded).await,
             messages_folded: turns.len() as u32,
+            tokenizer: counter.tokenizer().to_string(),
         };
         Ok(Some((folded, report)))
     }

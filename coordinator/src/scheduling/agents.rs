@@ -9,8 +9,9 @@ use std::{
 
 use kowalski_exo_common::{
     proto::{
-        CloseSessionRequest, ExecEvent, ExecuteRequest, GenerateEvent, GenerateRequest,
-        OpenSessionRequest, SessionExecuteRequest, SessionInfo, node_agent_client::NodeAgentClient,
+        CloseSessionRequest, CountTokensRequest, ExecEvent, ExecuteRequest, GenerateEvent,
+        GenerateRequest, OpenSessionRequest, SessionExecuteRequest, SessionInfo,
+        node_agent_client::NodeAgentClient,
     },
     security::node_dns_name,
     transport::{self, ClientTls},
@@ -39,6 +40,13 @@ pub trait AgentConnector: Send + Sync + 'static {
         agent: &Attempt,
         request: GenerateRequest,
     ) -> Result<GenerateStream, Status>;
+
+    /// Calls `NodeAgent.CountTokens` on the attempt's agent.
+    async fn count_tokens(
+        &self,
+        agent: &Attempt,
+        request: CountTokensRequest,
+    ) -> Result<Vec<u64>, Status>;
 
     /// Calls `NodeAgent.OpenSession` on the attempt's agent.
     async fn open_session(
@@ -116,6 +124,15 @@ impl AgentConnector for GrpcAgents {
         let mut client = self.client(agent)?;
         let stream = client.generate(request).await?.into_inner();
         Ok(Box::pin(stream))
+    }
+
+    async fn count_tokens(
+        &self,
+        agent: &Attempt,
+        request: CountTokensRequest,
+    ) -> Result<Vec<u64>, Status> {
+        let counted = self.client(agent)?.count_tokens(request).await?;
+        Ok(counted.into_inner().counts)
     }
 
     async fn open_session(

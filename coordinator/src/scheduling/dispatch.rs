@@ -461,6 +461,14 @@ mod tests {
             Err(Status::unimplemented("these agents only run code"))
         }
 
+        async fn count_tokens(
+            &self,
+            _agent: &Attempt,
+            _request: kowalski_exo_common::proto::CountTokensRequest,
+        ) -> Result<Vec<u64>, Status> {
+            Err(Status::unimplemented("these agents only run code"))
+        }
+
         async fn open_session(
             &self,
             _agent: &Attempt,

@@ -46,6 +46,8 @@ pub enum BackendError {
     },
     #[error("the backend at {url} sent what it should not: {reason}")]
     Malformed { url: String, reason: String },
+    #[error("the backend at {url} offers no tokenizer")]
+    NoTokenizer { url: String },
 }
 
 /// One local LLM server.
@@ -86,6 +88,24 @@ impl Backend {
         match self {
             Backend::Ollama(b) => b.models().await,
             Backend::OpenAi(b) => b.models().await,
+        }
+    }
+
+    /// The tokens of each of `texts` as `model`'s own tokenizer counts them, where the backend
+    /// offers its tokenizer (Ollama's API does not).
+    pub async fn count_tokens(
+        &self,
+        model: &str,
+        texts: &[String],
+    ) -> Result<Vec<u64>, BackendError> {
+        match self {
+            Backend::Ollama(b) => Err(BackendError::NoTokenizer {
+                url: b.url().to_string(),
+            }),
+            Backend::OpenAi(b) => {
+                futures_util::future::try_join_all(texts.iter().map(|t| b.count_tokens(model, t)))
+                    .await
+            }
         }
     }
 

@@ -2,6 +2,7 @@
 //! server-sent events, parsed by `eventsource-stream`. Which server it is (from the models'
 //! `owned_by`) decides how a trailing assistant message is treated: llama.cpp's server continues
 //! it, vLLM does when asked to, others (llama-cpp-python, LM Studio) answer it as a new turn.
+//! It also decides where the server's own tokenizer is asked to count tokens.
 
 use std::{
     collections::HashMap,
@@ -70,6 +71,13 @@ struct ModelEntry {
     /// llama.cpp's server reports the training context here.
     meta: Option<Value>,
     owned_by: Option<String>,
+}
+
+/// A tokenizer's answer: vLLM and llama-cpp-python count, llama.cpp lists the tokens.
+#[derive(Deserialize)]
+struct Tokenized {
+    count: Option<u64>,
+    tokens: Option<Vec<Value>>,
 }
 
 /// One streamed chunk of a chat completion.
@@ -144,17 +152,63 @@ impl OpenAi {
             .collect())
     }
 
+    /// The server behind `model`, as the model list last said.
+    fn server(&self, model: &str) -> Server {
+        self.servers
+            .read()
+            .expect("servers lock poisoned")
+            .get(model)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// The tokens of `text` in `model`, counted by the server's own tokenizer beside the API
+    /// base: `POST /tokenize` on llama.cpp's server and vLLM, `POST /extras/tokenize/count` on
+    /// llama-cpp-python. A server that has no such route has no tokenizer to offer.
+    pub async fn count_tokens(&self, model: &str, text: &str) -> Result<u64, BackendError> {
+        let root = self.base.strip_suffix("/v1").unwrap_or(&self.base);
+        let (path, body) = match self.server(model) {
+            Server::LlamaCpp => ("/tokenize", json!({"content": text})),
+            Server::Vllm => ("/tokenize", json!({"model": model, "prompt": text})),
+            Server::Other => (
+                "/extras/tokenize/count",
+                json!({"model": model, "input": text}),
+            ),
+        };
+        let response = self
+            .client
+            .post(format!("{root}{path}"))
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| unreachable(&self.base, e))?;
+        if matches!(response.status().as_u16(), 404 | 405) {
+            return Err(BackendError::NoTokenizer {
+                url: self.base.clone(),
+            });
+        }
+        if !response.status().is_success() {
+            return Err(refused(&self.base, response).await);
+        }
+        let malformed = |reason: String| BackendError::Malformed {
+            url: self.base.clone(),
+            reason,
+        };
+        let answer: Tokenized = response
+            .json()
+            .await
+            .map_err(|e| malformed(format!("the tokenizer's answer is not what it sends: {e}")))?;
+        answer
+            .count
+            .or(answer.tokens.map(|t| t.len() as u64))
+            .ok_or_else(|| malformed("the tokenizer's answer has no count and no tokens".into()))
+    }
+
     pub async fn generate(
         &self,
         request: &GenerateRequest,
     ) -> Result<GenerationStream, BackendError> {
-        let server = self
-            .servers
-            .read()
-            .expect("servers lock poisoned")
-            .get(&request.model)
-            .copied()
-            .unwrap_or_default();
+        let server = self.server(&request.model);
         let response = self
             .client
             .post(format!("{}/chat/completions", self.base))
