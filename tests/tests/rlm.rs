@@ -251,6 +251,90 @@ async fn each_way_to_end_a_run_ends_it_with_its_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn children_spend_what_is_left_of_their_parents_tokens_and_time() {
+    let (cluster, root, _sub) = cluster().await;
+    // One turn's prompt tokens (the scripted server counts words), to set budgets by.
+    root.push(Step::answer(["FINAL(x)"]));
+    let one_turn = ask(&cluster, request("q", "ctx"))
+        .await
+        .finished
+        .prompt_tokens;
+    assert!(one_turn > 100, "{one_turn}");
+
+    // Tokens: the parent's first turn leaves room for a child's turn, not for what follows it.
+    root.push(Step::answer(["```repl
+r = rlm_query('Count', context='a b c')
+print(r)
+```
+"]));
+    root.push(Step::answer(["```repl
+x = 1
+```
+"]));
+    let run = ask(
+        &cluster,
+        AskRequest {
+            max_tokens: one_turn * 3 / 2,
+            ..request("q", "ctx")
+        },
+    )
+    .await;
+    assert_eq!(run.finished.reason, "max_tokens", "{run:?}");
+    assert!(
+        run.blocks[0]
+            .1
+            .contains("Error: the run's budget ran out (max_tokens) before the child answered"),
+        "{:?}",
+        run.blocks
+    );
+    // The child run shows in the parent's trajectory, with its turns and tokens.
+    let [child] = run.subcalls.as_slice() else {
+        panic!("{:?}", run.subcalls)
+    };
+    assert!(child.child && child.iterations == 1, "{child:?}");
+    assert!(
+        child.tokens > one_turn && !child.node.is_empty(),
+        "{child:?}"
+    );
+    assert!(run.finished.subcall_tokens >= child.tokens, "{run:?}");
+
+    // Time: one deadline for the tree. The parent's block spends 1 s before the child starts,
+    // the child's first block 0.8 s; the child, on a clock of its own, would ask a second turn.
+    root.push(Step::answer(["```repl
+import time
+time.sleep(1)
+r = rlm_query('Wait', context='x')
+print(r)
+```
+"]));
+    root.push(Step::answer(["```repl
+import time
+time.sleep(0.8)
+```
+"]));
+    root.push(Step::answer(["FINAL(the child's own clock)"]));
+    let run = ask(
+        &cluster,
+        AskRequest {
+            max_time_ms: 1500,
+            ..request("q", "ctx")
+        },
+    )
+    .await;
+    assert_eq!(run.finished.reason, "max_time", "{run:?}");
+    assert!(
+        run.blocks[0].1.contains("budget ran out (max_time)"),
+        "{:?}",
+        run.blocks
+    );
+    let last = root.chats().last().unwrap()["messages"].to_string();
+    assert!(
+        !last.contains("time.sleep(0.8)"),
+        "the child asked another turn past the deadline"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_asks_over_a_json_context_and_prints_the_answer() {
     let (cluster, root, _sub) = cluster().await;
     root.push(Step::answer([

@@ -123,6 +123,9 @@ pub struct AskLine {
     pub cached: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens: Option<u64>,
+    /// A sub-call that was a child run (rlm_query); its turns are `iterations`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub child: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subcalls: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -199,6 +202,9 @@ impl AskLine {
                 cached: Some(c.cached),
                 tokens: Some(c.tokens),
                 error: (!c.error.is_empty()).then(|| c.error.clone()),
+                child: c.child.then_some(true),
+                iterations: c.child.then_some(c.iterations),
+                subcalls: c.child.then_some(c.subcalls),
                 ..Default::default()
             },
             Event::Finished(f) => AskLine {
@@ -401,7 +407,16 @@ fn tree(events: &[AskLine]) -> String {
                 line.tokenizer.as_deref().unwrap_or("cl100k")
             )),
             "subcall" => out.push_str(&format!(
-                "│  │  ├─ sub-call {}: {}, {} ms{}\n",
+                "│  │  ├─ {} {}: {}, {} ms{}\n",
+                if line.child == Some(true) {
+                    format!(
+                        "child run ({} turns, {} sub-calls)",
+                        line.iterations.unwrap_or_default(),
+                        line.subcalls.unwrap_or_default()
+                    )
+                } else {
+                    "sub-call".to_string()
+                },
                 line.model.as_deref().unwrap_or_default(),
                 match (&line.error, line.cached, &line.node) {
                     (Some(error), _, _) => format!("failed ({error})"),

@@ -4,24 +4,23 @@
 //! serving the model), and their output goes back as the next turn, until a final answer or a
 //! budget ends the run.
 //!
+//! - [`budget`]: time, tokens and sub-calls, shared by a run and its children.
 //! - [`prompt`]: what the root model is told, and block output cut to size.
 //! - [`final_answer`]: `FINAL(...)` and `FINAL_VAR(name)` in a reply.
 //! - [`chat`]: the loop behind the chat APIs, as the model `rlm:MODEL`.
 //! - [`folding`]: older turns summarised when the conversation nears the model's window.
 //! - [`tokens`]: the conversation's tokens, by the model's own tokenizer where it has one.
 
+pub mod budget;
 pub mod chat;
 pub mod final_answer;
 pub mod folding;
 pub mod prompt;
 pub mod tokens;
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicI64, AtomicU64, Ordering},
-    },
-    time::Duration,
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
 };
 
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
@@ -43,6 +42,7 @@ use crate::{
     registry::NodeRegistry,
     sessions::{ClusterSessions, Collected, SubcallNote},
 };
+use budget::Budget;
 use final_answer::Final;
 use tokens::TokenCounter;
 
@@ -91,24 +91,19 @@ impl Rlm {
 
     /// Runs `request` to its final answer, streaming events; the last is `finished`.
     pub async fn ask(&self, request: AskRequest, events: &AskSender) {
-        let budget = (request.max_subcalls > 0).then(|| {
-            Arc::new(AtomicI64::new(
-                request.max_subcalls.min(i64::MAX as u64) as i64
-            ))
-        });
+        let budget = Arc::new(Budget::of(&request));
         self.ask_at(request, 0, budget, events).await;
     }
 
-    /// A child run (rlm_query) at `depth`, sharing its parent's sub-call budget; returns its
-    /// final answer, or `Error: ...`.
+    /// A child run (rlm_query) at `depth`, spending its parent's budgets.
     pub async fn child(
         &self,
         template: &AskRequest,
         depth: u32,
-        remaining: Option<Arc<AtomicI64>>,
+        budget: Arc<Budget>,
         question: String,
         context: String,
-    ) -> Result<String, String> {
+    ) -> ChildRun {
         let request = AskRequest {
             question,
             context: context.into_bytes(),
@@ -117,26 +112,30 @@ impl Rlm {
         };
         let (events, mut receiver) = mpsc::channel(EVENT_BUFFER);
         let rlm = self.clone();
-        tokio::spawn(async move { rlm.ask_at(request, depth, remaining, &events).await });
+        tokio::spawn(async move { rlm.ask_at(request, depth, budget, &events).await });
+        let mut node = String::new();
         while let Some(event) = receiver.recv().await {
-            if let Ok(AskEvent {
-                event: Some(ask_event::Event::Finished(finished)),
-            }) = event
-            {
-                return match finished.error.as_str() {
-                    "" => Ok(finished.answer),
-                    error => Err(error.to_string()),
-                };
+            match event.ok().and_then(|e| e.event) {
+                Some(ask_event::Event::Started(started)) => node = started.node,
+                Some(ask_event::Event::Finished(finished)) => return ChildRun { finished, node },
+                _ => {}
             }
         }
-        Err("the child run ended without an answer".to_string())
+        ChildRun {
+            finished: AskFinished {
+                reason: "error".to_string(),
+                error: "the child run ended without an answer".to_string(),
+                ..Default::default()
+            },
+            node,
+        }
     }
 
     async fn ask_at(
         &self,
         request: AskRequest,
         depth: u32,
-        remaining: Option<Arc<AtomicI64>>,
+        budget: Arc<Budget>,
         events: &AskSender,
     ) {
         let session = format!(
@@ -151,8 +150,8 @@ impl Rlm {
         };
         let notes = self
             .sessions
-            .watch_subcalls(&session, remaining, depth, children);
-        let finished = match self.run(&request, &session, notes, events).await {
+            .watch_subcalls(&session, budget.clone(), depth, children);
+        let finished = match self.run(&request, &session, &budget, notes, events).await {
             Ok(finished) => finished,
             Err(error) => AskFinished {
                 reason: "error".to_string(),
@@ -169,10 +168,10 @@ impl Rlm {
         &self,
         request: &AskRequest,
         session: &str,
+        budget: &Budget,
         mut notes: mpsc::UnboundedReceiver<SubcallNote>,
         events: &AskSender,
     ) -> Result<AskFinished, String> {
-        let started = Instant::now();
         let limits = Limits::of(request);
         let node = self
             .sessions
@@ -218,7 +217,7 @@ impl Rlm {
         // Every message, folded or not; the conversation sent is `messages`.
         let mut history = messages.clone();
         for turn in 1..=limits.iterations {
-            if let Some(reason) = limits.exceeded(started, &totals) {
+            if let Some(reason) = budget.exceeded() {
                 let answer = self.answer_so_far(session).await.unwrap_or_default();
                 return Ok(totals.finished(answer, reason, turn - 1));
             }
@@ -232,7 +231,7 @@ impl Rlm {
                 send(events, ask_event::Event::Folded(report)).await?;
             }
             let reply = self
-                .turn(request, &messages, turn, events, &mut totals)
+                .turn(request, &messages, turn, events, (&mut totals, budget))
                 .await?;
             messages.push(message("assistant", reply.clone()));
             history.push(message("assistant", reply.clone()));
@@ -274,6 +273,9 @@ impl Rlm {
                         cached: note.cached,
                         error: note.error,
                         tokens: note.tokens,
+                        child: note.child,
+                        iterations: note.iterations,
+                        subcalls: note.subcalls,
                     };
                     send(events, ask_event::Event::Subcall(subcall)).await?;
                 }
@@ -310,7 +312,7 @@ impl Rlm {
                 &messages,
                 limits.iterations + 1,
                 events,
-                &mut totals,
+                (&mut totals, budget),
             )
             .await?;
         let answer = match final_answer::find(&reply) {
@@ -328,7 +330,7 @@ impl Rlm {
         messages: &[ChatMessage],
         number: u32,
         events: &AskSender,
-        totals: &mut Totals,
+        (totals, budget): (&mut Totals, &Budget),
     ) -> Result<String, String> {
         let at = Instant::now();
         let (chat_events, mut receiver) = mpsc::channel(EVENT_BUFFER);
@@ -360,6 +362,9 @@ impl Rlm {
                     }
                     totals.prompt_tokens += u64::from(finished.prompt_tokens);
                     totals.completion_tokens += u64::from(finished.completion_tokens);
+                    budget.spend_tokens(
+                        u64::from(finished.prompt_tokens) + u64::from(finished.completion_tokens),
+                    );
                     send(
                         events,
                         ask_event::Event::Turn(AskTurn {
@@ -580,14 +585,11 @@ if isinstance(answer, dict) else {'ready': False, 'content': ''}))";
     }
 }
 
-/// What the request allows.
+/// What the request allows each run (the budgets shared by the tree are in [`Budget`]).
 struct Limits {
     iterations: u32,
     output_chars: usize,
     failures: u32,
-    time: Option<Duration>,
-    tokens: Option<u64>,
-    subcalls: Option<u64>,
 }
 
 impl Limits {
@@ -597,26 +599,37 @@ impl Limits {
             iterations: or(request.max_iterations, DEFAULT_MAX_ITERATIONS),
             output_chars: or(request.max_output_chars, DEFAULT_MAX_OUTPUT_CHARS) as usize,
             failures: or(request.max_failures, DEFAULT_MAX_FAILURES),
-            time: (request.max_time_ms > 0)
-                .then(|| Duration::from_millis(request.max_time_ms.into())),
-            tokens: (request.max_tokens > 0).then_some(request.max_tokens),
-            subcalls: (request.max_subcalls > 0).then_some(request.max_subcalls),
         }
     }
+}
 
-    /// The budget used up, if one is.
-    fn exceeded(&self, started: Instant, totals: &Totals) -> Option<&'static str> {
-        if self.time.is_some_and(|time| started.elapsed() >= time) {
-            return Some("max_time");
+/// How a child run ended, and the node its session was on.
+pub struct ChildRun {
+    pub finished: AskFinished,
+    pub node: String,
+}
+
+impl ChildRun {
+    /// Its final answer, or why there is none: a child whose budget ran out has only a partial
+    /// answer, which its parent's code should not take for the answer.
+    pub fn answer(&self) -> Result<String, String> {
+        let f = &self.finished;
+        if !f.error.is_empty() {
+            return Err(f.error.clone());
         }
-        let used = totals.prompt_tokens + totals.completion_tokens + totals.subcall_tokens;
-        if self.tokens.is_some_and(|tokens| used >= tokens) {
-            return Some("max_tokens");
+        if budget::is_budget(&f.reason) {
+            return Err(format!(
+                "the run's budget ran out ({}) before the child answered",
+                f.reason
+            ));
         }
-        if self.subcalls.is_some_and(|most| totals.subcalls >= most) {
-            return Some("max_subcalls");
-        }
-        None
+        Ok(f.answer.clone())
+    }
+
+    /// Tokens of all its turns and sub-calls.
+    pub fn tokens(&self) -> u64 {
+        let f = &self.finished;
+        f.prompt_tokens + f.completion_tokens + f.subcall_tokens
     }
 }
 

@@ -11,7 +11,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicI64, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -31,6 +31,7 @@ use tonic::Status;
 use crate::{
     error::CoordinatorError,
     registry::NodeState,
+    rlm::budget::Budget,
     scheduling::{
         dispatch::{Dispatcher, RunEvents},
         failover::{self, Attempt, Outcome},
@@ -54,12 +55,12 @@ pub struct ClusterSessions {
     watched: Arc<Mutex<HashMap<String, SubcallWatch>>>,
 }
 
-/// What follows a session's sub-calls: where each answered prompt is told, and what the
-/// budget leaves (none when unbounded).
+/// What follows a session's sub-calls: where each answered prompt is told, and the budgets
+/// of the run they spend.
 #[derive(Clone, Debug)]
 pub struct SubcallWatch {
     pub notes: mpsc::UnboundedSender<SubcallNote>,
-    pub remaining: Option<Arc<AtomicI64>>,
+    pub budget: Arc<Budget>,
     /// The run's depth (0 for a root run) and how its children are asked (rlm_query).
     pub depth: u32,
     pub children: AskRequest,
@@ -75,6 +76,10 @@ pub struct SubcallNote {
     pub cached: bool,
     pub error: String,
     pub tokens: u64,
+    /// A child run (rlm_query), with its turns and its own sub-calls.
+    pub child: bool,
+    pub iterations: u32,
+    pub subcalls: u64,
 }
 
 #[derive(Clone)]
@@ -452,19 +457,19 @@ impl ClusterSessions {
         Ok(described)
     }
 
-    /// Follows the named session's sub-calls from now on: at most `remaining` prompts (shared
-    /// with the run's parent and children), at `depth`, children asked like `children`.
+    /// Follows the named session's sub-calls from now on: spending `budget` (shared with the
+    /// run's parent and children), at `depth`, children asked like `children`.
     pub fn watch_subcalls(
         &self,
         session: &str,
-        remaining: Option<Arc<AtomicI64>>,
+        budget: Arc<Budget>,
         depth: u32,
         children: AskRequest,
     ) -> mpsc::UnboundedReceiver<SubcallNote> {
         let (notes, receiver) = mpsc::unbounded_channel();
         let watch = SubcallWatch {
             notes,
-            remaining,
+            budget,
             depth,
             children,
         };

@@ -94,17 +94,18 @@ impl SubcallRelay {
                     ..watch.children.clone()
                 };
                 async move {
-                    let answered = self
+                    let at = Instant::now();
+                    let run = self
                         .rlm
                         .child(
                             &template,
                             watch.depth + 1,
-                            watch.remaining.clone(),
+                            watch.budget.clone(),
                             prompt,
                             context,
                         )
                         .await;
-                    match answered {
+                    let answer = match run.answer() {
                         Ok(text) => PromptAnswer {
                             text,
                             error: String::new(),
@@ -113,7 +114,19 @@ impl SubcallRelay {
                             text: String::new(),
                             error,
                         },
-                    }
+                    };
+                    let _ = watch.notes.send(SubcallNote {
+                        node: run.node.clone(),
+                        model: template.model.clone(),
+                        wall_ms: at.elapsed().as_millis() as u64,
+                        error: answer.error.clone(),
+                        tokens: run.tokens(),
+                        child: true,
+                        iterations: run.finished.iterations,
+                        subcalls: run.finished.subcalls,
+                        ..Default::default()
+                    });
+                    answer
                 }
             });
             return SubcallAnswer {
@@ -125,22 +138,17 @@ impl SubcallRelay {
         let answers = call.prompts.into_iter().map(|prompt| {
             let (session, model, options, watch) = (&session, &model, &options, watch.clone());
             async move {
-                // A run with a sub-call budget refuses the prompts past it.
-                let spent = watch
-                    .as_ref()
-                    .and_then(|w| w.remaining.as_ref())
-                    .is_some_and(|remaining| {
-                        remaining.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) <= 0
-                    });
-                if spent {
+                // A run refuses the prompts past its budgets.
+                if let Some(Err(error)) = watch.as_ref().map(|w| w.budget.take_subcall()) {
                     return PromptAnswer {
                         text: String::new(),
-                        error: "the run's budget of sub-calls (--max-subcalls) is spent".into(),
+                        error,
                     };
                 }
                 let at = Instant::now();
                 let (answer, note) = self.one(session, model, prompt, options).await;
                 if let Some(watch) = watch {
+                    watch.budget.spend_tokens(note.tokens);
                     let _ = watch.notes.send(SubcallNote {
                         wall_ms: at.elapsed().as_millis() as u64,
                         error: answer.error.clone(),
