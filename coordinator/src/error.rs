@@ -27,6 +27,10 @@ pub enum CoordinatorError {
     NoSessionLanguage(Language),
     #[error("'{0}' cannot name a session: use 1 to 128 letters, digits, '.', '_' and '-'")]
     SessionName(String),
+    #[error(
+        "`context` is read by the Recursive Language Model loop only: ask rlm:{0} to answer over it, or send it as a message to {0}"
+    )]
+    ContextWithoutLoop(String),
     /// An agent's registry stream broke the protocol.
     #[error("{0}")]
     Registration(&'static str),
@@ -42,6 +46,7 @@ impl From<CoordinatorError> for Status {
             | CoordinatorError::Registration(_)
             | CoordinatorError::NoSessionLanguage(_)
             | CoordinatorError::SessionName(_)
+            | CoordinatorError::ContextWithoutLoop(_)
             | CoordinatorError::NodeLookup(NodeLookupError::Ambiguous(_)) => {
                 Status::invalid_argument(message)
             }

@@ -69,8 +69,21 @@ impl ClusterService {
     }
 
     /// Checks a question and starts the Recursive Language Model loop on it, streaming its
-    /// events.
-    pub fn ask(&self, request: AskRequest) -> Result<AskReceiver, CoordinatorError> {
+    /// events. Without a time budget of its own, the run ends with its best answer so far at
+    /// `deadline`, when the client stops listening.
+    pub fn ask(
+        &self,
+        mut request: AskRequest,
+        deadline: Option<Instant>,
+    ) -> Result<AskReceiver, CoordinatorError> {
+        if let Some(deadline) = deadline
+            && request.max_time_ms == 0
+        {
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .as_millis();
+            request.max_time_ms = left.clamp(1, u128::from(u32::MAX)) as u32;
+        }
         if request.model.is_empty() {
             return Err(CoordinatorError::MissingField("model"));
         }
@@ -102,6 +115,11 @@ impl ClusterService {
         &self.sessions
     }
 
+    /// The model names the chat APIs list: each model served, then each as `rlm:MODEL`.
+    pub fn chat_model_names(&self) -> Vec<String> {
+        rlm::chat::listed(self.list_models().into_iter().map(|m| m.name).collect())
+    }
+
     /// Every model some node serves, with the nodes serving it.
     pub fn list_models(&self) -> Vec<ClusterModel> {
         models::list(self.registry(), Instant::now())
@@ -121,10 +139,13 @@ impl ClusterService {
             return Err(CoordinatorError::MissingField("messages"));
         }
         if let Some(ask) = rlm::chat::ask_request(&request) {
-            let asked = self.ask(ask?)?;
+            let asked = self.ask(ask?, deadline)?;
             let (events, receiver) = mpsc::channel(EVENT_BUFFER);
             rlm::chat::as_chat(asked, events);
             return Ok(receiver);
+        }
+        if !request.context.is_empty() {
+            return Err(CoordinatorError::ContextWithoutLoop(request.model));
         }
         let wanted = Requirements {
             model: Some(&request.model),

@@ -492,7 +492,7 @@ streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.complet
 assert streamed == whole.choices[0].message.content, (streamed, whole)
 assert whole.usage.completion_tokens == 4, whole.usage
 local = ollama.Client(host=base)
-assert [m.model for m in local.list().models] == ["tiny"]
+assert [m.model for m in local.list().models] == ["tiny", "rlm:tiny"]
 chunks = list(local.chat(model="tiny", messages=[{"role": "user", "content": "hi"}], stream=True, options={"num_predict": 4, "temperature": 0}))
 assert chunks[-1].done and chunks[-1].eval_count == 4, chunks[-1]
 said = "".join(c.message.content for c in chunks)

@@ -399,10 +399,10 @@ async fn the_cli_asks_over_a_json_context_and_prints_the_answer() {
     assert!(err.contains("no node serves the model 'nope'"), "{err}");
 }
 
-/// The loop through the OpenAI SDK, as the model `rlm:root`: the earlier message is the
-/// context, the last the question.
+/// The loop through the OpenAI SDK and the Ollama client, as the model `rlm:root`: the earlier
+/// message is the context, the last the question; or a `context` field in the body.
 const OPENAI_CLIENT: &str = r#"
-import sys, openai
+import sys, openai, ollama
 client = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused")
 messages = [{"role": "user", "content": "alpha beta gamma"}, {"role": "user", "content": "How many words?"}]
 whole = client.chat.completions.create(model="rlm:root", messages=messages)
@@ -412,25 +412,46 @@ assert "Counting." in text, text
 streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
     model="rlm:root", messages=messages, stream=True) if c.choices)
 assert streamed.endswith("Final answer:\n3"), streamed
+listed = [m.id for m in client.models.list()]
+assert listed == ["root", "sub", "rlm:root", "rlm:sub"], listed
+# A context field in the body (JSON here) stands in for the earlier messages.
+summed = client.chat.completions.create(model="rlm:root", messages=[{"role": "user", "content": "Sum?"}],
+    extra_body={"context": {"items": [1, 2, 39]}})
+assert summed.choices[0].message.content.endswith("Final answer:\n42"), summed
+try:
+    client.chat.completions.create(model="root", messages=messages, extra_body={"context": "x"})
+    raise SystemExit("a context was taken by a model without the loop")
+except openai.BadRequestError as e:
+    assert "rlm:root" in str(e), e
+local = ollama.Client(host=sys.argv[1])
+assert "rlm:root" in [m.model for m in local.list().models]
+said = local.chat(model="rlm:root", messages=messages, stream=False)
+assert said.message.content.endswith("Final answer:\n3"), said
 print("rlm ok")
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_model_is_also_served_as_rlm_model_on_the_chat_apis() {
     let has_sdk = std::process::Command::new("python3")
-        .args(["-c", "import openai"])
+        .args(["-c", "import openai, ollama"])
         .output()
         .is_ok_and(|o| o.status.success());
     if !has_sdk {
-        println!("skipped: the openai Python package is not installed (.ci/run installs it)");
+        println!(
+            "skipped: the openai and ollama Python packages are not installed (.ci/run installs them)"
+        );
         return;
     }
     let (cluster, root, _sub) = cluster().await;
-    for _ in 0..2 {
-        root.push(Step::answer([
-            "Counting.\n```repl\nwords = len(context.split())\n```\nFINAL_VAR(words)\n",
-        ]));
-    }
+    let count = || {
+        Step::answer(["Counting.\n```repl\nwords = len(context.split())\n```\nFINAL_VAR(words)\n"])
+    };
+    root.push(count());
+    root.push(count());
+    root.push(Step::answer([
+        "```repl\nn = sum(context['items'])\n```\nFINAL_VAR(n)\n",
+    ]));
+    root.push(count());
     let (status, stdout, stderr) = outcome(
         std::process::Command::new("python3")
             .args(["-c", OPENAI_CLIENT, &cluster.http_url()])

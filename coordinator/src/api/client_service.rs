@@ -165,7 +165,8 @@ impl Coordinator for ClientService {
     }
 
     async fn ask(&self, request: Request<AskRequest>) -> Result<Response<Self::AskStream>, Status> {
-        let events = self.cluster.ask(request.into_inner())?;
+        let deadline = deadline_at(request.metadata());
+        let events = self.cluster.ask(request.into_inner(), deadline)?;
         Ok(Response::new(Box::pin(ReceiverStream::new(events))))
     }
 }

@@ -142,7 +142,7 @@ pub fn request(
             ..Default::default()
         }),
         conversation_id: conversation.unwrap_or_default(),
-        max_attempts: 0,
+        ..Default::default()
     })
 }
 

@@ -79,6 +79,8 @@ struct MessagesRequest {
     #[serde(default)]
     stream: bool,
     tools: Option<Value>,
+    /// Ours, for `rlm:` models: the context the loop reads.
+    context: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -127,7 +129,10 @@ async fn messages(
         content: m.content.text(),
     }));
     let model = body.model.clone();
+    let (context, context_is_json) = crate::rlm::chat::context_field(body.context);
     let request = ChatRequest {
+        context,
+        context_is_json,
         model: body.model,
         messages,
         options: Some(SamplingOptions {

@@ -61,10 +61,10 @@ impl From<CoordinatorError> for ApiError {
 
 async fn tags(State(cluster): State<ClusterService>) -> Json<Value> {
     let models: Vec<Value> = cluster
-        .list_models()
+        .chat_model_names()
         .into_iter()
-        .map(|m| {
-            json!({"name": m.name, "model": m.name, "modified_at": "1970-01-01T00:00:00Z",
+        .map(|name| {
+            json!({"name": name, "model": name, "modified_at": "1970-01-01T00:00:00Z",
                    "size": 0, "digest": "", "details": {}})
         })
         .collect();
@@ -104,6 +104,8 @@ struct OllamaMessage {
 struct ChatBody {
     model: String,
     messages: Vec<OllamaMessage>,
+    /// Ours, for `rlm:` models: the context the loop reads.
+    context: Option<Value>,
     stream: Option<bool>,
     options: Option<Options>,
     tools: Option<Value>,
@@ -155,7 +157,10 @@ async fn chat(
     if offers_tools(&body.tools) {
         return Err(ApiError(StatusCode::BAD_REQUEST, NO_TOOLS.into()));
     }
+    let (context, context_is_json) = crate::rlm::chat::context_field(body.context);
     let request = ChatRequest {
+        context,
+        context_is_json,
         model: body.model,
         messages: body
             .messages

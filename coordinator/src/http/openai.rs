@@ -104,9 +104,11 @@ impl From<CoordinatorError> for ApiError {
 
 async fn models(State(cluster): State<ClusterService>) -> Json<Value> {
     let data: Vec<Value> = cluster
-        .list_models()
+        .chat_model_names()
         .into_iter()
-        .map(|m| json!({"id": m.name, "object": "model", "created": 0, "owned_by": "kowalski-exo"}))
+        .map(
+            |name| json!({"id": name, "object": "model", "created": 0, "owned_by": "kowalski-exo"}),
+        )
         .collect();
     Json(json!({"object": "list", "data": data}))
 }
@@ -116,6 +118,8 @@ async fn models(State(cluster): State<ClusterService>) -> Json<Value> {
 struct CompletionRequest {
     model: String,
     messages: Vec<Message>,
+    /// Ours, for `rlm:` models: the context the loop reads.
+    context: Option<Value>,
     #[serde(default)]
     stream: bool,
     stream_options: Option<StreamOptions>,
@@ -159,6 +163,7 @@ impl CompletionRequest {
             return Err(ApiError::invalid(NO_TOOLS));
         }
         let include_usage = self.stream_options.is_some_and(|o| o.include_usage);
+        let (context, context_is_json) = crate::rlm::chat::context_field(self.context);
         let request = ChatRequest {
             model: self.model,
             messages: self
@@ -182,6 +187,8 @@ impl CompletionRequest {
             }),
             conversation_id: String::new(),
             max_attempts: 0,
+            context,
+            context_is_json,
         };
         Ok((request, self.stream, include_usage))
     }

@@ -1,7 +1,7 @@
 //! The loop behind the chat APIs: every model is also served as `rlm:MODEL`. A chat request to
-//! it runs the loop with the last user message as the question and the earlier messages'
-//! content as the context; the root model's turns stream as the answer's text, and the final
-//! answer ends it, after a separator.
+//! it runs the loop with the last user message as the question and the request's `context`
+//! (else the earlier messages' content) as the context; the root model's turns stream as the
+//! answer's text, and the final answer ends it, after a separator.
 
 use kowalski_exo_common::proto::{
     Answering, AskEvent, AskRequest, ChatEvent, ChatFinished, ChatRequest, GenerateDelta,
@@ -25,18 +25,40 @@ pub fn ask_request(chat: &ChatRequest) -> Option<Result<AskRequest, CoordinatorE
             "messages (a user message)",
         )));
     };
-    let context: Vec<&str> = chat.messages[..last]
-        .iter()
-        .filter(|m| m.role != "system")
-        .map(|m| m.content.as_str())
-        .collect();
+    let context = if chat.context.is_empty() {
+        let earlier: Vec<&str> = chat.messages[..last]
+            .iter()
+            .filter(|m| m.role != "system")
+            .map(|m| m.content.as_str())
+            .collect();
+        earlier.join("\n\n").into_bytes()
+    } else {
+        chat.context.clone()
+    };
     Some(Ok(AskRequest {
         model: model.to_string(),
         question: chat.messages[last].content.clone(),
-        context: context.join("\n\n").into_bytes(),
+        context,
+        context_is_json: chat.context_is_json && !chat.context.is_empty(),
         options: chat.options.clone(),
         ..Default::default()
     }))
+}
+
+/// The `context` field of an HTTP request body as a chat request carries it: a string is text,
+/// any other JSON value is JSON; absent or null, none.
+pub fn context_field(value: Option<serde_json::Value>) -> (Vec<u8>, bool) {
+    match value {
+        None | Some(serde_json::Value::Null) => (Vec::new(), false),
+        Some(serde_json::Value::String(text)) => (text.into_bytes(), false),
+        Some(json) => (json.to_string().into_bytes(), true),
+    }
+}
+
+/// The names the chat APIs list: every model the cluster serves, then each as `rlm:MODEL`.
+pub fn listed(models: Vec<String>) -> Vec<String> {
+    let loops: Vec<String> = models.iter().map(|m| format!("{PREFIX}{m}")).collect();
+    models.into_iter().chain(loops).collect()
 }
 
 /// The loop's events as a chat answer's.
@@ -128,8 +150,36 @@ mod tests {
         assert_eq!(ask.context, b"first document\n\nnoted");
         let plain = ChatRequest {
             model: "tiny".into(),
-            ..chat
+            ..chat.clone()
         };
         assert!(ask_request(&plain).is_none());
+        // A context field stands in for the earlier messages.
+        let (context, context_is_json) = context_field(Some(serde_json::json!([1, 2])));
+        let with_field = ChatRequest {
+            context,
+            context_is_json,
+            ..chat
+        };
+        let ask = ask_request(&with_field).unwrap().unwrap();
+        assert_eq!(
+            (ask.context.as_slice(), ask.context_is_json),
+            (&b"[1,2]"[..], true)
+        );
+        assert_eq!(
+            context_field(Some("text".into())),
+            (b"text".to_vec(), false)
+        );
+        assert_eq!(
+            context_field(Some(serde_json::Value::Null)),
+            (Vec::new(), false)
+        );
+    }
+
+    #[test]
+    fn every_model_is_listed_also_as_its_loop() {
+        assert_eq!(
+            listed(vec!["a".into(), "b".into()]),
+            ["a", "b", "rlm:a", "rlm:b"]
+        );
     }
 }
