@@ -397,6 +397,26 @@ async fn the_cli_asks_over_a_json_context_and_prints_the_answer() {
     // An unknown model is bad usage, as for `coordinator chat`.
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("no node serves the model 'nope'"), "{err}");
+    // A JSON value on the command line.
+    root.push(Step::answer([
+        "```repl\nkeys = ','.join(sorted(context))\n```\nFINAL_VAR(keys)\n",
+    ]));
+    let ask_with = |value: &str| {
+        let addr = cluster.coordinator.url();
+        let args = ["ask", "--addr", &addr, "--model", "root"];
+        outcome(
+            std::process::Command::new(binary("coordinator"))
+                .args(args)
+                .args(["--context-value", value, "Which keys?"])
+                .output()
+                .unwrap(),
+        )
+    };
+    let (code, out, err) = ask_with(r#"{"b": 1, "a": [2]}"#);
+    assert_eq!((code, out.as_str()), (Some(0), "a,b\n"), "{err}");
+    let (code, _, err) = ask_with("{not json");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--context-value is not JSON"), "{err}");
 }
 
 /// The loop through the OpenAI SDK and the Ollama client, as the model `rlm:root`: the earlier

@@ -28,6 +28,10 @@ pub struct AskArgs {
     /// Read the context as JSON (it becomes a list or dict in the session).
     #[arg(long)]
     pub context_json: bool,
+    /// The context as a JSON value on the command line: a list or dict in the session, a
+    /// JSON string as text.
+    #[arg(long, value_name = "JSON", conflicts_with_all = ["context", "context_json"])]
+    pub context_value: Option<String>,
     /// Turns before the model is asked for its best answer.
     #[arg(long, default_value_t = crate::rlm::DEFAULT_MAX_ITERATIONS)]
     pub max_iterations: u32,
@@ -62,15 +66,23 @@ pub struct AskArgs {
 impl AskArgs {
     /// The request these flags ask for, the context read from its file.
     pub fn request(&self) -> Result<AskRequest, Failure> {
-        let context = match &self.context {
-            Some(file) => read_bytes(file)?,
-            None => Vec::new(),
+        let (context, context_is_json) = match (&self.context, &self.context_value) {
+            (Some(file), _) => (read_bytes(file)?, self.context_json),
+            (None, Some(value)) => {
+                let value: serde_json::Value = serde_json::from_str(value).map_err(|e| {
+                    Failure::usage(format!(
+                        "--context-value is not JSON ({e}); a text context is a JSON string, as in '\"some text\"'"
+                    ))
+                })?;
+                crate::rlm::chat::context_field(Some(value))
+            }
+            (None, None) => (Vec::new(), false),
         };
         Ok(AskRequest {
             model: self.model.clone(),
             question: self.question.clone(),
             context,
-            context_is_json: self.context_json,
+            context_is_json,
             max_iterations: self.max_iterations,
             max_time_ms: self.max_time.map_or(0, |s| s.saturating_mul(1000)),
             max_tokens: self.max_tokens.unwrap_or(0),
