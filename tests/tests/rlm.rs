@@ -119,6 +119,22 @@ async fn rlm_query_starts_a_child_run_with_its_own_session_and_context() {
     });
     let child_prompt = child_prompt.expect("the child run asked the root model");
     assert!(child_prompt.contains("13 characters"), "{child_prompt}");
+
+    // From bash and JavaScript blocks too; each child counts its own context's words.
+    root.push(Step::answer([
+        "```bash\necho \"bash child: $(rlm_query 'Count' 'one two three')\"\n```\n```js\nrlm_query('Count', 'x y').then((r) => console.log('js child:', r))\n```\n",
+    ]));
+    for _ in 0..2 {
+        root.push(Step::answer([
+            "```repl\nn = len(context.split())\n```\nFINAL_VAR(n)\n",
+        ]));
+    }
+    root.push(Step::answer(["FINAL(done)"]));
+    let run = ask(&cluster, request("q", "ctx")).await;
+    assert_eq!(run.finished.answer, "done", "{run:?}");
+    assert_eq!(run.blocks[0], ("ok".into(), "bash child: 3\n".into()));
+    assert_eq!(run.blocks[1], ("ok".into(), "js child: 2\n".into()));
+    assert_eq!(run.subcalls.iter().filter(|c| c.child).count(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,7 +24,12 @@ prompt; use it to read, extract from or summarise a piece of the context.
 - llm_query_batched(prompts, model=None, **options) -> list[str]: asks every prompt at once, \
 spread over every device of the cluster; far faster than calling llm_query in a loop. A prompt \
 that fails comes back as a string starting with \"Error:\".
-Options are temperature, top_p, max_tokens, stop and seed.
+- rlm_query(prompt, context=None, model=None) -> str: starts a child run like this one, with a \
+session of its own holding `context`, and returns its final answer; for a piece too hard for one \
+llm_query. rlm_query_batched(prompts, contexts=None, model=None) -> list[str] runs children at \
+once over the cluster.
+Options are temperature, top_p, max_tokens, stop and seed. In JavaScript blocks these functions \
+return promises; in bash, `llm_query PROMPT` and `rlm_query PROMPT [CONTEXT]` print the answer.
 
 Work in steps: look at the context's structure, split it into pieces, ask about the pieces with \
 llm_query_batched, keep the answers in variables, then combine them.

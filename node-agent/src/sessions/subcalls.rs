@@ -89,6 +89,12 @@ impl Subcalls {
                 options: Map::new(),
                 contexts: Vec::new(),
             }),
+            "recurse" => recursion(&payload).map(|(prompt, context)| Call {
+                prompts: vec![prompt],
+                model: None,
+                options: Map::new(),
+                contexts: vec![context],
+            }),
             "llm" | "rlm" => serde_json::from_slice::<Call>(&payload)
                 .map_err(|e| format!("the call is not valid JSON: {e}")),
             other => Err(format!("'{other}' is not a call the agent knows")),
@@ -103,7 +109,7 @@ impl Subcalls {
                     .unwrap_or_else(|| self.model.clone()),
                 options: Some(sampling(&call.options)?),
                 prompts: call.prompts,
-                recursive: kind == "rlm",
+                recursive: matches!(kind, "rlm" | "recurse"),
                 contexts: call.contexts,
             })
         });
@@ -123,7 +129,7 @@ impl Subcalls {
             let reason = "this node runs stand-alone, without a coordinator, so code here cannot ask the cluster's models";
             return self.refuse(kind, id, reason, writer);
         };
-        let (writer, bash) = (writer.clone(), kind == "ask");
+        let (writer, bash) = (writer.clone(), is_bash(kind));
         tokio::spawn(async move {
             let answered = link.ask(subcall).await;
             let _ = writer.send("result", id, &reply(answered, bash)).await;
@@ -148,13 +154,41 @@ impl Subcalls {
             tracing::debug!(session = %self.session_id, "dropping a refusal: too many unread");
             return;
         }
-        let payload = reply(Err(reason.to_string()), kind == "ask");
+        let payload = reply(Err(reason.to_string()), is_bash(kind));
         let (writer, refusals) = (writer.clone(), self.refusals.clone());
         tokio::spawn(async move {
             let _ = writer.send("result", id, &payload).await;
             refusals.fetch_sub(1, Ordering::AcqRel);
         });
     }
+}
+
+/// Whether frames of `kind` come from bash, which sends and reads plain text.
+fn is_bash(kind: &str) -> bool {
+    matches!(kind, "ask" | "recurse")
+}
+
+/// The prompt and context of bash's `rlm_query`: the prompt's length in bytes on a line of its
+/// own, then the prompt, then the context.
+fn recursion(payload: &[u8]) -> Result<(String, String), String> {
+    let malformed = || "rlm_query's call is not a length, a prompt and a context".to_string();
+    let line = payload
+        .iter()
+        .position(|b| *b == b'\n')
+        .ok_or_else(malformed)?;
+    let length: usize = std::str::from_utf8(&payload[..line])
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(malformed)?;
+    let rest = &payload[line + 1..];
+    if length > rest.len() {
+        return Err(malformed());
+    }
+    let (prompt, context) = rest.split_at(length);
+    Ok((
+        String::from_utf8_lossy(prompt).into_owned(),
+        String::from_utf8_lossy(context).into_owned(),
+    ))
 }
 
 /// The payload of a `result` frame: JSON, or for bash the text (or `Error: ...`).
@@ -231,6 +265,20 @@ mod tests {
     use kowalski_exo_common::proto::PromptAnswer;
 
     use super::*;
+
+    #[test]
+    fn bash_rlm_query_sends_a_length_a_prompt_and_a_context() {
+        // "héllo" is 6 bytes: the length counts bytes, not characters.
+        let call = "6\nhéllocontext\n".as_bytes();
+        assert_eq!(
+            recursion(call).unwrap(),
+            ("héllo".to_string(), "context\n".to_string())
+        );
+        assert_eq!(recursion(b"0\n").unwrap(), (String::new(), String::new()));
+        for malformed in [&b"no length"[..], b"x\nabc", b"9\nshort"] {
+            assert!(recursion(malformed).is_err(), "{malformed:?}");
+        }
+    }
 
     #[test]
     fn options_are_read_by_name_and_unknown_ones_refused() {

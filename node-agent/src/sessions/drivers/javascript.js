@@ -1,6 +1,6 @@
 // Kowalski Exo session driver for JavaScript (Node.js): runs the cells the node agent sends over
 // the channel (a socket at the descriptor given as the first argument) in one global scope, and
-// relays llm_query calls to the agent over the same channel. Frames as in the Python driver:
+// relays llm_query and rlm_query calls to the agent over the same channel. Frames as in the Python driver:
 // a header line "KIND ID LENGTH\n", then LENGTH bytes of payload.
 'use strict';
 const net = require('net');
@@ -21,7 +21,7 @@ function send(kind, id, payload) {
   channel.write(Buffer.concat([Buffer.from(`${kind} ${id} ${payload.length}\n`), payload]));
 }
 
-function ask(request) {
+function ask(request, kind = 'llm') {
   const payload = Buffer.from(JSON.stringify(request));
   if (payload.length > maxFrame) {
     return Promise.reject(new Error(
@@ -30,7 +30,7 @@ function ask(request) {
   const id = nextId++;
   return new Promise((resolve, reject) => {
     pending.set(id, { resolve, reject });
-    send('llm', id, payload);
+    send(kind, id, payload);
   }).then((answer) => {
     if (answer.error !== undefined) throw new Error(`llm_query: ${answer.error}`);
     return answer.results.map((r) => (r.text !== undefined ? r.text : `Error: ${r.error}`));
@@ -42,6 +42,22 @@ globalThis.llm_query = async (prompt, model, options) =>
 globalThis.llm_query_batched = async (prompts, model, options) =>
   prompts.length === 0 ? [] :
     ask({ prompts: prompts.map(String), model: model || '', options: options || {} });
+
+// A child run's context: a string as it is, anything else as JSON.
+const contextText = (context) =>
+  (context === undefined || context === null ? '' :
+    typeof context === 'string' ? context : JSON.stringify(context));
+globalThis.rlm_query = async (prompt, context, model) =>
+  (await ask({ prompts: [String(prompt)], contexts: [contextText(context)], model: model || '' },
+    'rlm'))[0];
+globalThis.rlm_query_batched = async (prompts, contexts, model) => {
+  if (prompts.length === 0) return [];
+  const texts = (contexts || prompts.map(() => null)).map(contextText);
+  if (texts.length !== prompts.length) {
+    throw new Error('rlm_query_batched: give one context per prompt');
+  }
+  return ask({ prompts: prompts.map(String), contexts: texts, model: model || '' }, 'rlm');
+};
 
 // Between cells an interrupt does nothing; during an awaited cell it ends the wait.
 process.on('SIGINT', () => {
