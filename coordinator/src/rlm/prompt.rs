@@ -118,4 +118,19 @@ mod tests {
         assert_eq!(preview(&long).chars().count(), PREVIEW_CHARS);
         assert_eq!(preview("tiny"), "tiny");
     }
+
+    #[test]
+    fn the_system_prompt_lists_every_function_and_the_other_languages() {
+        let prompt = system(&["javascript", "bash"]);
+        for function in [
+            "llm_query(",
+            "llm_query_batched(",
+            "rlm_query(",
+            "rlm_query_batched(",
+            "`rlm_query PROMPT [CONTEXT]`",
+        ] {
+            assert!(prompt.contains(function), "{function}");
+        }
+        assert!(prompt.contains("runs javascript, bash blocks"), "{prompt}");
+    }
 }
