@@ -575,9 +575,11 @@ async fn the_loop_goes_on_with_the_same_answer_when_the_root_sessions_node_is_ki
         .unwrap()
         .into_inner();
     let (mut node, mut finished, mut killed) = (String::new(), None, false);
+    let mut failovers = Vec::new();
     while let Some(event) = stream.message().await.unwrap() {
         match event.event {
             Some(Event::Started(started)) => node = started.node,
+            Some(Event::Failover(failover)) => failovers.push(failover),
             Some(Event::Block(block)) if !killed => {
                 assert_eq!(block.output, "3\n");
                 assert_eq!(node, "agent-2");
@@ -599,4 +601,15 @@ async fn the_loop_goes_on_with_the_same_answer_when_the_root_sessions_node_is_ki
         asked, 3,
         "the replay took the sub-calls' answers from the cache"
     );
+    // The move is in the trajectory (at the check for an answer after the block that saw the
+    // node die): the context's loading and the first block replayed.
+    let [moved] = failovers.as_slice() else {
+        panic!("{failovers:?}")
+    };
+    assert_eq!(
+        (moved.turn, moved.what.as_str(), moved.from_node.as_str()),
+        (1, "session", "agent-2")
+    );
+    assert!(moved.executions_replayed >= 2, "{moved:?}");
+    assert!(!moved.to_node.is_empty() && moved.to_node != "agent-2");
 }

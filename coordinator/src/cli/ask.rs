@@ -135,6 +135,20 @@ pub struct AskLine {
     pub cached: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens: Option<u64>,
+    /// The budgets' use after a turn: tokens of the whole run, and time since it started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_used: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub elapsed_ms: Option<u64>,
+    /// What a failover moved: turn (the root model's answer) or session.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub what: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_node: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to_node: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub executions_replayed: Option<u32>,
     /// A sub-call that was a child run (rlm_query); its turns are `iterations`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub child: Option<bool>,
@@ -183,6 +197,18 @@ impl AskLine {
                 prompt_tokens: Some(t.prompt_tokens.into()),
                 completion_tokens: Some(t.completion_tokens.into()),
                 wall_ms: Some(t.wall_ms),
+                tokens_used: Some(t.tokens_used),
+                elapsed_ms: Some(t.elapsed_ms),
+                ..Default::default()
+            },
+            Event::Failover(f) => AskLine {
+                event: "failover".into(),
+                turn: Some(f.turn),
+                what: Some(f.what.clone()),
+                from_node: Some(f.from_node.clone()),
+                to_node: Some(f.to_node.clone()),
+                reason: (!f.reason.is_empty()).then(|| f.reason.clone()),
+                executions_replayed: (f.what == "session").then_some(f.executions_replayed),
                 ..Default::default()
             },
             Event::Block(b) => AskLine {
@@ -330,6 +356,19 @@ pub async fn ask(
                 );
             }
             Event::Subcall(_) => {}
+            Event::Failover(f) => {
+                let _ = writeln!(
+                    err,
+                    "{PREFIX} {}",
+                    moved(
+                        &f.what,
+                        &f.from_node,
+                        &f.to_node,
+                        &f.reason,
+                        f.executions_replayed
+                    )
+                );
+            }
             Event::Folded(f) => {
                 let _ = writeln!(
                     err,
@@ -368,6 +407,20 @@ pub fn render(path: &Path) -> Result<u8, Failure> {
     Ok(0)
 }
 
+/// What a failover event says: what moved, from where to where, and why or what it replayed.
+fn moved(what: &str, from: &str, to: &str, reason: &str, replayed: u32) -> String {
+    let from = if from.is_empty() {
+        "a node that forgot it"
+    } else {
+        from
+    };
+    if what == "session" {
+        format!("the session moved from {from} to {to} ({replayed} executions replayed)")
+    } else {
+        format!("the root model's answer moved from {from} to {to}: {reason}")
+    }
+}
+
 /// Output lines shown under a block in the tree.
 const OUTPUT_LINES: usize = 3;
 
@@ -386,12 +439,17 @@ fn tree(events: &[AskLine]) -> String {
             "delta" => said.push_str(line.text.as_deref().unwrap_or_default()),
             "turn" => {
                 out.push_str(&format!(
-                    "├─ turn {} on {}: {} + {} tokens, {} ms\n",
+                    "├─ turn {} on {}: {} + {} tokens, {} ms{}\n",
                     number(line.turn),
                     line.node.as_deref().unwrap_or_default(),
                     line.prompt_tokens.unwrap_or_default(),
                     line.completion_tokens.unwrap_or_default(),
-                    line.wall_ms.unwrap_or_default()
+                    line.wall_ms.unwrap_or_default(),
+                    match (line.tokens_used, line.elapsed_ms) {
+                        (Some(tokens), Some(ms)) =>
+                            format!(" (run so far: {tokens} tokens, {ms} ms)"),
+                        _ => String::new(),
+                    }
                 ));
                 if let Some(first) = said.lines().find(|l| !l.trim().is_empty()) {
                     out.push_str(&format!("│  │ {}\n", first.trim()));
@@ -417,6 +475,16 @@ fn tree(events: &[AskLine]) -> String {
                 line.tokens_before.unwrap_or_default(),
                 line.tokens_after.unwrap_or_default(),
                 line.tokenizer.as_deref().unwrap_or("cl100k")
+            )),
+            "failover" => out.push_str(&format!(
+                "├─ {}\n",
+                moved(
+                    line.what.as_deref().unwrap_or_default(),
+                    line.from_node.as_deref().unwrap_or_default(),
+                    line.to_node.as_deref().unwrap_or_default(),
+                    line.reason.as_deref().unwrap_or_default(),
+                    line.executions_replayed.unwrap_or_default()
+                )
             )),
             "subcall" => out.push_str(&format!(
                 "│  │  ├─ {} {}: {}, {} ms{}\n",
@@ -487,6 +555,19 @@ mod tests {
                 r#"{"event":"subcall","turn":1,"block":1,"model":"m","wall_ms":0,"cached":true,"tokens":0}"#,
             ),
             line(
+                r#"{"event":"subcall","turn":1,"block":1,"node":"c","model":"m","wall_ms":90,"cached":false,"tokens":300,"child":true,"iterations":2,"subcalls":4}"#,
+            ),
+            line(
+                r#"{"event":"failover","turn":1,"what":"session","from_node":"a","to_node":"b","executions_replayed":2}"#,
+            ),
+            line(r#"{"event":"delta","text":"Done."}"#),
+            line(
+                r#"{"event":"turn","turn":2,"node":"b","prompt_tokens":20,"completion_tokens":2,"wall_ms":30,"tokens_used":337,"elapsed_ms":250}"#,
+            ),
+            line(
+                r#"{"event":"failover","turn":2,"what":"turn","from_node":"b","to_node":"a","reason":"node b was lost"}"#,
+            ),
+            line(
                 r#"{"event":"finished","answer":"nine","reason":"final","iterations":1,"prompt_tokens":10,"completion_tokens":5}"#,
             ),
         ];
@@ -501,6 +582,11 @@ mod tests {
 │  │  │ lines\n\
 │  │  ├─ sub-call m: on b, 7 ms, 12 tokens\n\
 │  │  ├─ sub-call m: from the cache, 0 ms, 0 tokens\n\
+│  │  ├─ child run (2 turns, 4 sub-calls) m: on c, 90 ms, 300 tokens\n\
+├─ the session moved from a to b (2 executions replayed)\n\
+├─ turn 2 on b: 20 + 2 tokens, 30 ms (run so far: 337 tokens, 250 ms)\n\
+│  │ Done.\n\
+├─ the root model's answer moved from b to a: node b was lost\n\
 └─ answer after 1 turns (final; 10 + 5 tokens): nine\n"
         );
     }

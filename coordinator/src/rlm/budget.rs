@@ -12,6 +12,7 @@ use tokio::time::Instant;
 /// The budgets of one root run, shared with its children.
 #[derive(Debug)]
 pub struct Budget {
+    started: Instant,
     deadline: Option<Instant>,
     tokens: Option<u64>,
     tokens_used: AtomicU64,
@@ -22,9 +23,11 @@ pub struct Budget {
 impl Budget {
     /// The budgets `request` sets, starting now; unbounded where it sets none.
     pub fn of(request: &AskRequest) -> Self {
+        let started = Instant::now();
         Budget {
+            started,
             deadline: (request.max_time_ms > 0)
-                .then(|| Instant::now() + Duration::from_millis(request.max_time_ms.into())),
+                .then(|| started + Duration::from_millis(request.max_time_ms.into())),
             tokens: (request.max_tokens > 0).then_some(request.max_tokens),
             tokens_used: AtomicU64::new(0),
             subcalls_left: (request.max_subcalls > 0)
@@ -35,6 +38,16 @@ impl Budget {
     /// Counts tokens some run of the tree used.
     pub fn spend_tokens(&self, tokens: u64) {
         self.tokens_used.fetch_add(tokens, Ordering::AcqRel);
+    }
+
+    /// Tokens the tree has spent so far.
+    pub fn tokens_used(&self) -> u64 {
+        self.tokens_used.load(Ordering::Acquire)
+    }
+
+    /// Time since the root run started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
     }
 
     /// Takes one sub-call, or says which budget is spent (and the flag that sets it).

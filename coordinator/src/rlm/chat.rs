@@ -84,7 +84,8 @@ pub fn as_chat(
                     })),
                     ask_event::Event::Block(_)
                     | ask_event::Event::Subcall(_)
-                    | ask_event::Event::Folded(_) => continue,
+                    | ask_event::Event::Folded(_)
+                    | ask_event::Event::Failover(_) => continue,
                     ask_event::Event::Finished(finished) => {
                         if finished.error.is_empty() {
                             let text = format!("{SEPARATOR}{}", finished.answer);

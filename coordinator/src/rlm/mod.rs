@@ -15,6 +15,7 @@ pub mod budget;
 pub mod chat;
 pub mod final_answer;
 pub mod folding;
+mod notes;
 pub mod prompt;
 pub mod tokens;
 
@@ -27,7 +28,7 @@ use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 use kowalski_exo_common::{
     Language,
     proto::{
-        AskBlock, AskEvent, AskFinished, AskFolded, AskRequest, AskStarted, AskSubcall, AskTurn,
+        AskBlock, AskEvent, AskFailover, AskFinished, AskFolded, AskRequest, AskStarted, AskTurn,
         ChatEvent, ChatMessage, ChatRequest, ClusterOpenSessionRequest, OpenSessionRequest,
         RuntimeHealth, ask_event, chat_event,
     },
@@ -40,10 +41,11 @@ use crate::{
     inference::Chats,
     json_events::status_name,
     registry::NodeRegistry,
-    sessions::{ClusterSessions, Collected, SubcallNote},
+    sessions::{ClusterSessions, Collected},
 };
 use budget::Budget;
 use final_answer::Final;
+use notes::Notes;
 use tokens::TokenCounter;
 
 /// Turns before the model is asked for its best answer, unless the request says.
@@ -151,6 +153,7 @@ impl Rlm {
         let notes = self
             .sessions
             .watch_subcalls(&session, budget.clone(), depth, children);
+        let notes = Notes(notes);
         let finished = match self.run(&request, &session, &budget, notes, events).await {
             Ok(finished) => finished,
             Err(error) => AskFinished {
@@ -169,7 +172,7 @@ impl Rlm {
         request: &AskRequest,
         session: &str,
         budget: &Budget,
-        mut notes: mpsc::UnboundedReceiver<SubcallNote>,
+        mut notes: Notes,
         events: &AskSender,
     ) -> Result<AskFinished, String> {
         let limits = Limits::of(request);
@@ -261,24 +264,9 @@ impl Rlm {
                     }),
                 )
                 .await?;
-                while let Ok(note) = notes.try_recv() {
-                    totals.subcalls += 1;
-                    totals.subcall_tokens += note.tokens;
-                    let subcall = AskSubcall {
-                        turn,
-                        block: index as u32 + 1,
-                        node: note.node,
-                        model: note.model,
-                        wall_ms: note.wall_ms,
-                        cached: note.cached,
-                        error: note.error,
-                        tokens: note.tokens,
-                        child: note.child,
-                        iterations: note.iterations,
-                        subcalls: note.subcalls,
-                    };
-                    send(events, ask_event::Event::Subcall(subcall)).await?;
-                }
+                notes
+                    .pass_on(turn, index as u32 + 1, &mut totals, events)
+                    .await?;
                 failures = if ran.ok() { 0 } else { failures + 1 };
                 outputs.push(prompt::block_output(index + 1, blocks.len(), &output));
                 if failures >= limits.failures {
@@ -286,7 +274,10 @@ impl Rlm {
                     return Ok(totals.finished(answer, "failures", turn));
                 }
             }
-            if let Some(answer) = self.ready_answer(session).await {
+            let ready = self.ready_answer(session).await;
+            // The check may have moved the session (its node lost after the last block).
+            notes.pass_on(turn, 0, &mut totals, events).await?;
+            if let Some(answer) = ready {
                 return Ok(totals.finished(answer, "answer", turn));
             }
             match final_answer::find(&reply) {
@@ -349,6 +340,19 @@ impl Rlm {
                     event: Some(chat_event::Event::Answering(answering)),
                 } => node = answering.node_name,
                 ChatEvent {
+                    event: Some(chat_event::Event::Failover(moved)),
+                } => {
+                    let failover = AskFailover {
+                        turn: number,
+                        what: "turn".to_string(),
+                        from_node: moved.from_node,
+                        to_node: moved.to_node,
+                        reason: moved.reason,
+                        executions_replayed: 0,
+                    };
+                    send(events, ask_event::Event::Failover(failover)).await?;
+                }
+                ChatEvent {
                     event: Some(chat_event::Event::Delta(delta)),
                 } => {
                     text.push_str(&delta.text);
@@ -365,6 +369,8 @@ impl Rlm {
                     budget.spend_tokens(
                         u64::from(finished.prompt_tokens) + u64::from(finished.completion_tokens),
                     );
+                    let (tokens_used, elapsed_ms) =
+                        (budget.tokens_used(), budget.elapsed().as_millis() as u64);
                     send(
                         events,
                         ask_event::Event::Turn(AskTurn {
@@ -373,6 +379,8 @@ impl Rlm {
                             prompt_tokens: finished.prompt_tokens,
                             completion_tokens: finished.completion_tokens,
                             wall_ms: at.elapsed().as_millis() as u64,
+                            tokens_used,
+                            elapsed_ms,
                         }),
                     )
                     .await?;

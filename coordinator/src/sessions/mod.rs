@@ -21,7 +21,7 @@ use kowalski_exo_common::{
     proto::{
         AskRequest, ClusterFinished, ClusterOpenSessionRequest, ClusterSessionExecuteRequest,
         ClusterSessionInfo, ExecFinished, ExecStatus, IsolationLayer, OpenSessionRequest,
-        OutputStream, SessionExecuteRequest, cluster_event::Event,
+        OutputStream, SessionExecuteRequest, SessionMoved, cluster_event::Event,
     },
     request_size::{self, MAX_CODE_BYTES, OversizedRequest},
 };
@@ -59,11 +59,18 @@ pub struct ClusterSessions {
 /// of the run they spend.
 #[derive(Clone, Debug)]
 pub struct SubcallWatch {
-    pub notes: mpsc::UnboundedSender<SubcallNote>,
+    pub notes: mpsc::UnboundedSender<RunNote>,
     pub budget: Arc<Budget>,
     /// The run's depth (0 for a root run) and how its children are asked (rlm_query).
     pub depth: u32,
     pub children: AskRequest,
+}
+
+/// What a run hears of its session besides its executions' output.
+#[derive(Debug)]
+pub enum RunNote {
+    Subcall(SubcallNote),
+    Moved(SessionMoved),
 }
 
 /// One prompt a session's code sent, answered.
@@ -318,6 +325,11 @@ impl ClusterSessions {
                     }
                 }
                 Some(Event::Retrying(_)) => collected = Collected::default(),
+                Some(Event::SessionMoved(moved)) => {
+                    if let Some(watch) = self.subcall_watch(session) {
+                        let _ = watch.notes.send(RunNote::Moved(moved));
+                    }
+                }
                 Some(Event::Finished(finished)) => {
                     collected.error = finished.error;
                     collected.result = finished.result;
@@ -465,7 +477,7 @@ impl ClusterSessions {
         budget: Arc<Budget>,
         depth: u32,
         children: AskRequest,
-    ) -> mpsc::UnboundedReceiver<SubcallNote> {
+    ) -> mpsc::UnboundedReceiver<RunNote> {
         let (notes, receiver) = mpsc::unbounded_channel();
         let watch = SubcallWatch {
             notes,

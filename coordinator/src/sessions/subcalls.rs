@@ -24,7 +24,7 @@ use crate::{
     inference::{Chats, models},
     registry::NodeRegistry,
     rlm::Rlm,
-    sessions::{ClusterSessions, SubcallNote},
+    sessions::{ClusterSessions, RunNote, SubcallNote},
 };
 
 /// Answers kept, over every session.
@@ -115,7 +115,7 @@ impl SubcallRelay {
                             error,
                         },
                     };
-                    let _ = watch.notes.send(SubcallNote {
+                    let _ = watch.notes.send(RunNote::Subcall(SubcallNote {
                         node: run.node.clone(),
                         model: template.model.clone(),
                         wall_ms: at.elapsed().as_millis() as u64,
@@ -125,7 +125,7 @@ impl SubcallRelay {
                         iterations: run.finished.iterations,
                         subcalls: run.finished.subcalls,
                         ..Default::default()
-                    });
+                    }));
                     answer
                 }
             });
@@ -149,11 +149,11 @@ impl SubcallRelay {
                 let (answer, note) = self.one(session, model, prompt, options).await;
                 if let Some(watch) = watch {
                     watch.budget.spend_tokens(note.tokens);
-                    let _ = watch.notes.send(SubcallNote {
+                    let _ = watch.notes.send(RunNote::Subcall(SubcallNote {
                         wall_ms: at.elapsed().as_millis() as u64,
                         error: answer.error.clone(),
                         ..note
-                    });
+                    }));
                 }
                 answer
             }
