@@ -20,7 +20,7 @@ use kowalski_exo_common::{
 };
 use kowalski_exo_coordinator::{
     cli::{
-        Failure, ask,
+        Failure, ask, batch,
         connect::{Client, Dial, local_agent_config, with_client},
         follow::{FollowOptions, follow},
         inference, nodes, plan,
@@ -163,6 +163,15 @@ enum Command {
         client: ClientArgs,
         #[command(flatten)]
         ask: ask::AskArgs,
+    },
+    /// Run every task of a JSONL file (exec or ask) over the cluster, N at a time, one result
+    /// line per task as it finishes; state in a database, so `--resume` goes on after an
+    /// interruption without running finished tasks again.
+    Batch {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        batch: batch::BatchArgs,
     },
     /// Render a run kept with `ask --trajectory FILE` as a tree: turns, blocks, the answer.
     Trajectory { file: PathBuf },
@@ -526,6 +535,13 @@ async fn main() -> ExitCode {
             };
             (result, client.json)
         }
+        Command::Batch { client, batch } => (
+            with_client(&client.dial(), |c, _| async move {
+                batch::batch(c, &batch).await
+            })
+            .await,
+            client.json,
+        ),
         Command::Trajectory { file } => (ask::render(&file), false),
         Command::Sessions { client } => (
             with_client(&client.dial(), |c, addr| async move {

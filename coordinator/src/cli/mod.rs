@@ -3,6 +3,7 @@
 //! shape in [`crate::json_events`]) for scripts, and the exit status.
 
 pub mod ask;
+pub mod batch;
 pub mod connect;
 pub mod follow;
 pub mod inference;
