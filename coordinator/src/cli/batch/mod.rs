@@ -169,7 +169,9 @@ impl Output {
         match self {
             Output::File(file, path) => writeln!(file, "{line}")
                 .and_then(|()| file.flush())
-                .map_err(|e| Failure::infrastructure(format!("cannot write {}: {e}", path.display()))),
+                .map_err(|e| {
+                    Failure::infrastructure(format!("cannot write {}: {e}", path.display()))
+                }),
             Output::Stdout => {
                 let mut stdout = std::io::stdout().lock();
                 writeln!(stdout, "{line}")

@@ -56,11 +56,9 @@ impl Store {
         let recorded = store.count().map_err(failed)?;
         let known: Option<String> = store
             .conn
-            .query_row(
-                "SELECT value FROM batch WHERE key = 'digest'",
-                [],
-                |row| row.get(0),
-            )
+            .query_row("SELECT value FROM batch WHERE key = 'digest'", [], |row| {
+                row.get(0)
+            })
             .optional()
             .map_err(failed)?;
         if recorded > 0 && !resume {
@@ -133,7 +131,10 @@ mod tests {
         drop(store);
 
         let refused = Store::open(&path, "d1", false).err().unwrap();
-        assert!(refused.message.contains("already holds 2 results"), "{refused:?}");
+        assert!(
+            refused.message.contains("already holds 2 results"),
+            "{refused:?}"
+        );
         let store = Store::open(&path, "d2", true).unwrap();
         let results = store.results().unwrap();
         assert_eq!(

@@ -85,7 +85,11 @@ fn task(raw: &str) -> Result<Task, String> {
     let id = match line.id {
         Value::String(id) if !id.is_empty() => id,
         Value::Number(n) => n.to_string(),
-        other => return Err(format!("the id must be a non-empty string or a number, not {other}")),
+        other => {
+            return Err(format!(
+                "the id must be a non-empty string or a number, not {other}"
+            ));
+        }
     };
     let work = match (line.code, line.ask) {
         (Some(_), Some(_)) => return Err("a task has `code` or `ask`, not both".into()),

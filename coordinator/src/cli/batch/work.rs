@@ -146,7 +146,12 @@ impl Runner {
                 "a task in a warm session takes no stdin or args: run the batch without --sessions",
             ));
         }
-        let session = pool.lock().await.recv().await.expect("the pool outlives its runner");
+        let session = pool
+            .lock()
+            .await
+            .recv()
+            .await
+            .expect("the pool outlives its runner");
         let request = ClusterSessionExecuteRequest {
             execution: Some(kowalski_exo_common::proto::SessionExecuteRequest {
                 session_id: session.clone(),
