@@ -3,6 +3,7 @@
 //! - [`proto`]: the generated `kowalski.exo.v1` messages, clients and servers.
 //! - [`error_text`]: errors with their causes, each said once, for people.
 //! - [`exit`]: exit statuses both binaries share.
+//! - [`lan`]: what coordinators announce on the LAN (mDNS/DNS-SD) and agents look for.
 //! - [`language`]: the one alias table that turns `py`, `js`, `rs`, ... into canonical names.
 //! - [`cli_args`]: command-line values both binaries take (labels, the coordinator URL).
 //! - [`defaults`]: ports and addresses every binary agrees on.
@@ -19,6 +20,7 @@ pub mod defaults;
 pub mod error_text;
 pub mod exit;
 pub mod isolation;
+pub mod lan;
 pub mod language;
 pub mod request_size;
 pub mod security;

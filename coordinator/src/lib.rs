@@ -17,9 +17,11 @@
 //! - [`cluster_metrics`]: Prometheus metrics of runs, answers and nodes, for `GET /metrics`.
 //! - [`error`]: the coordinator's refusals, mapped to gRPC status in one place.
 //! - [`server`]: everything assembled, optionally with an in-process node agent.
+//! - [`announce`]: the coordinator's announcement on the LAN (mDNS/DNS-SD).
 //! - [`cli`]: the client subcommands: connecting (or a local cluster), requests from flags,
 //!   following event streams, tables and JSON lines, exit statuses.
 
+pub mod announce;
 pub mod api;
 pub mod cli;
 pub mod cluster_metrics;

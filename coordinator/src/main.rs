@@ -58,6 +58,14 @@ enum Command {
         /// default).
         #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_timeout)]
         stall_timeout: u32,
+        /// The cluster's name, announced on the LAN (mDNS, `_kowalski-exo._tcp`) so agents
+        /// find the coordinator with no --coordinator; tells clusters on one LAN apart
+        /// [default: the host name]
+        #[arg(long, value_name = "NAME")]
+        cluster_name: Option<String>,
+        /// Do not announce the coordinator on the LAN.
+        #[arg(long)]
+        no_announce: bool,
         #[command(flatten)]
         security: SecurityArgs,
     },
@@ -421,6 +429,8 @@ async fn main() -> ExitCode {
             http,
             local_agent,
             stall_timeout,
+            cluster_name,
+            no_announce,
             security,
         } => {
             telemetry::init();
@@ -444,6 +454,9 @@ async fn main() -> ExitCode {
                     0 => DEFAULT_STALL_TIMEOUT,
                     ms => Duration::from_millis(ms.into()),
                 },
+                announce: (!no_announce).then(|| {
+                    cluster_name.unwrap_or_else(kowalski_exo_node_agent::agent::default_name)
+                }),
                 ..CoordinatorConfig::new(&listen)
             };
             (serve(config).await, false)

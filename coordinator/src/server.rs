@@ -19,6 +19,7 @@ use tonic::{server::NamedService, service::interceptor::InterceptedService};
 use kowalski_exo_common::security::{api_keys::KeyCheck, gate::Gate, trust::ClusterTrust};
 
 use crate::{
+    announce::Announcement,
     api::{client_service::ClientService, registry_service::RegistryService},
     cluster_metrics,
     http::{self, https::HttpsListener},
@@ -54,6 +55,8 @@ pub struct RunningCoordinator {
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), ServeError>>,
     local_agent: Option<RunningAgent>,
+    /// Withdrawn when the coordinator stops.
+    _announcement: Option<Announcement>,
 }
 
 impl RunningCoordinator {
@@ -108,6 +111,9 @@ pub struct CoordinatorConfig {
     /// Cluster identity over TLS; none: plaintext, for a coordinator on loopback (or one told
     /// `--insecure`).
     pub tls: Option<TlsSetup>,
+    /// The cluster's name, announced on the LAN (mDNS/DNS-SD) when the coordinator listens
+    /// beyond loopback; none: no announcement.
+    pub announce: Option<String>,
 }
 
 /// Where the cluster's authority is kept, and the names the coordinator's certificate carries
@@ -129,6 +135,7 @@ impl CoordinatorConfig {
             local_agent: None,
             stall_timeout: DEFAULT_STALL_TIMEOUT,
             tls: None,
+            announce: None,
         }
     }
 }
@@ -207,6 +214,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Star
         local_agent,
         stall_timeout,
         tls,
+        announce,
     } = config;
     // Counted from the start, whether or not anyone scrapes them.
     cluster_metrics::install();
@@ -286,6 +294,19 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Star
         }
         None => None,
     };
+    let announcement = match announce {
+        Some(cluster) if !addr.ip().is_loopback() => {
+            let authority = trust.as_ref().map(|(trust, _, _)| trust.fingerprint());
+            match Announcement::start(&cluster, addr.port(), authority.as_deref()) {
+                Ok(announcement) => Some(announcement),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot announce the coordinator on the LAN; agents need --coordinator");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     let local_agent = match local_agent {
         Some(config) => {
             let dial = if addr.ip().is_unspecified() {
@@ -320,5 +341,6 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Star
         shutdown,
         task,
         local_agent,
+        _announcement: announcement,
     })
 }

@@ -23,6 +23,7 @@ use tonic::{Request, Status, server::NamedService, service::interceptor::Interce
 use crate::{
     admission::Admission,
     backends::{Backend, Catalog, DEFAULT_OLLAMA_URL, catalog::DEFAULT_POLL_INTERVAL},
+    discovery::{self, DiscoveryError, Wanted},
     exec::{ExecDirs, ExecPolicy, Executor},
     fingerprint::{self, SearchPath},
     link::CoordinatorLink,
@@ -47,8 +48,12 @@ pub struct AgentConfig {
     pub listen: String,
     /// Address the coordinator should dial; derived from the listen address when absent.
     pub advertise: Option<String>,
-    /// Coordinator to register with, in the background; `None` runs stand-alone.
+    /// Coordinator to register with, in the background; `None` runs stand-alone, unless
+    /// `discover` says which coordinator to find on the LAN.
     pub coordinator: Option<String>,
+    /// The coordinator to find on the LAN (mDNS) when `coordinator` is none; it is looked for
+    /// while the agent starts.
+    pub discover: Option<Wanted>,
     pub labels: HashMap<String, String>,
     /// Runs executed at once.
     pub capacity: usize,
@@ -86,6 +91,7 @@ impl Default for AgentConfig {
             listen: defaults::NODE_AGENT_LISTEN.to_string(),
             advertise: None,
             coordinator: None,
+            discover: None,
             labels: HashMap::new(),
             capacity: cores,
             queue: cores * 4,
@@ -193,6 +199,8 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Membership(#[from] MembershipError),
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
     #[error(
         "without a cluster certificate this agent would run code for anyone who reaches {0}: join a cluster with --join TOKEN, listen on loopback (--listen 127.0.0.1:50052), or pass --insecure"
     )]
@@ -266,14 +274,11 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     let shutdown = CancellationToken::new();
     // Bound first, so a taken port or a bad address leaves nothing behind.
     let (listener, addr) = transport::bind(&config.listen).await?;
-    let membership = Membership::resolve(
-        &config.data_dir,
-        config.coordinator.as_deref(),
-        config.join.as_deref(),
-        &config.name,
-    )
-    .await?;
-    check_exposure(addr, membership.is_some(), config.insecure)?;
+    // Looked for while the sandbox is set up and runtimes are probed.
+    let looking = match (&config.coordinator, config.discover.clone()) {
+        (None, Some(wanted)) => Some(tokio::spawn(async move { discovery::find(&wanted).await })),
+        _ => None,
+    };
     if config.dirs.work_root == default_work_root() {
         remove_dead_agents_work_roots(&config.dirs.work_root);
     }
@@ -322,6 +327,25 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
             source,
         }
     })?;
+    let joined = async {
+        let coordinator = match looking {
+            Some(task) => Some(task.await.map_err(|e| AgentError::Io {
+                what: "the search for the coordinator".to_string(),
+                source: std::io::Error::other(e),
+            })??),
+            None => config.coordinator.clone(),
+        };
+        let membership = Membership::resolve(
+            &config.data_dir,
+            coordinator.as_deref(),
+            config.join.as_deref(),
+            &config.name,
+        )
+        .await?;
+        check_exposure(addr, membership.is_some(), config.insecure)?;
+        Ok::<_, AgentError>((coordinator, membership))
+    };
+    let (coordinator, membership) = joined.await.inspect_err(|_| sandbox.tear_down())?;
     let admission = Admission::new(config.capacity, config.queue);
     let runs = TaskTracker::new();
     let identity = Identity {
@@ -333,10 +357,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         .spawn_refresh(config.model_poll_interval, shutdown.clone())
         .await;
     let executor = Arc::new(executor);
-    let link = config
-        .coordinator
-        .as_ref()
-        .map(|_| CoordinatorLink::default());
+    let link = coordinator.as_ref().map(|_| CoordinatorLink::default());
     let sessions = Sessions::new(
         executor.clone(),
         admission.clone(),
@@ -378,7 +399,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         tls = membership.is_some(),
         "node agent listening"
     );
-    if let Some(coordinator) = config.coordinator.clone() {
+    if let Some(coordinator) = coordinator {
         let advertise = config
             .advertise
             .clone()

@@ -10,12 +10,14 @@
 //! - [`service`]: the NodeAgent gRPC service, a thin layer over the executor and the backends.
 //! - [`membership`]: the node's certificate in a cluster that runs with TLS, got by joining.
 //! - [`link`]: what other parts of the agent send the coordinator over the registry stream.
+//! - [`discovery`]: finding the coordinator on the LAN (mDNS/DNS-SD) when given none.
 //! - [`registration`]: the background stream that joins the coordinator, with heartbeats.
 //! - [`agent`]: everything assembled into a server that shuts down cleanly.
 
 pub mod admission;
 pub mod agent;
 pub mod backends;
+pub mod discovery;
 pub mod error;
 pub mod exec;
 pub mod fingerprint;

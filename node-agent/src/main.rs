@@ -4,14 +4,19 @@ use std::{collections::HashMap, path::PathBuf, process::ExitCode, time::Duration
 
 use clap::{Parser, Subcommand};
 use kowalski_exo_common::{
-    cli_args, defaults, exit, security::files, shutdown::ShutdownSignals, telemetry,
+    cli_args, defaults, exit,
+    security::{JoinToken, files},
+    shutdown::ShutdownSignals,
+    telemetry,
 };
 use kowalski_exo_node_agent::{
     AgentConfig,
     agent::AgentError,
     backends::Backend,
+    discovery,
     exec::{ExecLimits, ExecPolicy},
     fingerprint::{RuntimeHealth, SearchPath, probe_all},
+    membership::Membership,
     sessions::{self, SessionConfig},
 };
 
@@ -38,10 +43,14 @@ enum Command {
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
     /// Coordinator to join, kept trying in the background until it answers (also read from
-    /// COORDINATOR_ADDR, the older name)
-    #[arg(long, env = cli_args::COORDINATOR_ENV, default_value_t = cli_args::default_coordinator_url(),
-          value_parser = cli_args::parse_coordinator_url)]
-    coordinator: String,
+    /// COORDINATOR_ADDR, the older name) [default: found on the LAN when the agent has a join
+    /// token, a membership or --cluster; else http://127.0.0.1:50051]
+    #[arg(long, env = cli_args::COORDINATOR_ENV, value_parser = cli_args::parse_coordinator_url)]
+    coordinator: Option<String>,
+    /// The cluster to find on the LAN when no --coordinator is given: its coordinator's
+    /// `--cluster-name`.
+    #[arg(long, value_name = "NAME", conflicts_with = "coordinator")]
+    cluster: Option<String>,
     /// Run stand-alone: do not try to join a coordinator.
     #[arg(long, conflicts_with = "coordinator")]
     standalone: bool,
@@ -197,13 +206,44 @@ async fn print_runtimes(json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// The coordinator of an agent given none: found on the LAN when the agent knows its cluster (a
+/// join token, a membership, a cluster name), else the one on this machine.
+fn coordinator_to_join(
+    data_dir: &std::path::Path,
+    join: Option<&str>,
+    cluster: Option<String>,
+) -> anyhow::Result<(Option<String>, Option<discovery::Wanted>)> {
+    let authority = match join {
+        Some(token) => Some(
+            JoinToken::parse(token)
+                .map_err(anyhow::Error::msg)?
+                .authority,
+        ),
+        None => Membership::load(data_dir)?
+            .map(|held| held.authority_fingerprint())
+            .transpose()?,
+    };
+    if authority.is_none() && cluster.is_none() {
+        return Ok((Some(cli_args::default_coordinator_url()), None));
+    }
+    Ok((None, Some(discovery::Wanted { authority, cluster })))
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let (coordinator, discover) = match (args.standalone, args.coordinator.clone()) {
+        (true, _) => (None, None),
+        (false, Some(url)) => (Some(url), None),
+        (false, None) => {
+            coordinator_to_join(&args.data_dir, args.join.as_deref(), args.cluster.clone())?
+        }
+    };
     let mut config = AgentConfig {
         policy: args.policy(),
         run_uid_base: args.run_uid_base,
         listen: args.listen,
         advertise: args.advertise,
-        coordinator: (!args.standalone).then_some(args.coordinator),
+        coordinator,
+        discover,
         labels: args.labels.into_iter().collect::<HashMap<_, _>>(),
         fingerprint_interval: Duration::from_secs(args.fingerprint_interval.max(1)),
         use_cgroups: !args.no_cgroups,

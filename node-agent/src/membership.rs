@@ -56,7 +56,7 @@ impl Membership {
     }
 
     /// SHA-256 of the cluster authority this node belongs to, as a join token carries it.
-    fn authority_fingerprint(&self) -> Result<String, TlsError> {
+    pub fn authority_fingerprint(&self) -> Result<String, TlsError> {
         security::pem_fingerprint(&self.authority_pem)
     }
 

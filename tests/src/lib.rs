@@ -11,6 +11,7 @@
 
 pub mod bench;
 mod inference_cluster;
+pub mod lan;
 mod scripted_backend;
 pub mod tls_cluster;
 
@@ -81,6 +82,25 @@ impl Daemon {
             std::os::unix::process::CommandExt::uid(&mut command, uid);
             std::os::unix::process::CommandExt::gid(&mut command, uid);
         }
+        Self::launch(command, bin, args, env, Some(ready))
+    }
+
+    /// Starts `bin` in the network namespace `netns` (a host of a [`lan::Lan`]); waits for
+    /// `ready` as [`Daemon::start`] does, or not at all without it (its `addr` is then
+    /// unspecified).
+    pub fn start_in(netns: &lan::Host, bin: &str, args: &[&str], ready: Option<&str>) -> Daemon {
+        let mut command = Command::new(binary(bin));
+        netns.enter_on_exec(&mut command);
+        Self::launch(command, bin, args, &[], ready)
+    }
+
+    fn launch(
+        mut command: Command,
+        bin: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        ready: Option<&str>,
+    ) -> Daemon {
         command
             .args(args)
             .env("RUST_LOG", "info")
@@ -99,6 +119,13 @@ impl Daemon {
                 sink.lock().unwrap().push(line);
             }
         });
+        let Some(ready) = ready else {
+            return Daemon {
+                child,
+                log,
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            };
+        };
         let start = Instant::now();
         let addr = loop {
             let found = log

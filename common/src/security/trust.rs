@@ -119,6 +119,11 @@ impl ClusterTrust {
         self.authority.cert_pem()
     }
 
+    /// SHA-256 of the authority's certificate, hex, as join tokens carry it.
+    pub fn fingerprint(&self) -> String {
+        self.authority.fingerprint()
+    }
+
     /// The join token now in force.
     pub fn token(&self) -> Result<JoinToken, TlsError> {
         let text = files::read(&self.path(TOKEN))?.unwrap_or_default();
