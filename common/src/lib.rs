@@ -12,6 +12,7 @@
 //!   way clients dial them.
 //! - [`security`]: cluster identity and access: the certificate authority, join tokens, peer
 //!   certificates, the coordinator's data directory, API keys and the gRPC key check.
+//! - [`service_unit`]: the systemd units the binaries install as.
 //! - [`shutdown`]: the signals that stop a server, caught from before it starts.
 //! - [`telemetry`]: tracing set-up for the binaries.
 
@@ -24,6 +25,7 @@ pub mod lan;
 pub mod language;
 pub mod request_size;
 pub mod security;
+pub mod service_unit;
 pub mod shutdown;
 pub mod telemetry;
 pub mod transport;

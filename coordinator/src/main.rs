@@ -25,7 +25,7 @@ use kowalski_exo_coordinator::{
         follow::{FollowOptions, follow},
         inference, nodes, plan,
         request::{check_markdown, limits, parse_timeout, program_stdin, read_text},
-        sessions, trust,
+        service_unit, sessions, trust,
     },
     inference::chat::DEFAULT_STALL_TIMEOUT,
     server::{self, CoordinatorConfig, TlsSetup},
@@ -68,6 +68,16 @@ enum Command {
         no_announce: bool,
         #[command(flatten)]
         security: SecurityArgs,
+    },
+    /// Print the systemd unit that runs the coordinator as a service (`scripts/install.sh
+    /// --coordinator` installs it), then exit.
+    InstallService {
+        /// The binary the unit runs [default: this one]
+        #[arg(long, value_name = "PATH")]
+        bin: Option<PathBuf>,
+        /// Flags the unit passes `coordinator serve`, after `--` (e.g. -- --cluster-name home).
+        #[arg(last = true)]
+        args: Vec<String>,
     },
     /// Print the token a device joins the cluster with (`node-agent --join TOKEN`).
     Token {
@@ -460,6 +470,13 @@ async fn main() -> ExitCode {
                 ..CoordinatorConfig::new(&listen)
             };
             (serve(config).await, false)
+        }
+        Command::InstallService { bin, args } => {
+            let bin = bin
+                .or_else(|| std::env::current_exe().ok())
+                .unwrap_or_default();
+            print!("{}", service_unit::unit(&bin, &args));
+            (Ok(0), false)
         }
         Command::Token { new, data } => (trust::token(&data.data_dir, new), false),
         Command::Apikey { action, data } => (trust::api_key(&data.data_dir, &action), false),

@@ -12,6 +12,7 @@
 //! - [`link`]: what other parts of the agent send the coordinator over the registry stream.
 //! - [`discovery`]: finding the coordinator on the LAN (mDNS/DNS-SD) when given none.
 //! - [`registration`]: the background stream that joins the coordinator, with heartbeats.
+//! - [`service_unit`]: the systemd unit an installed agent runs as.
 //! - [`agent`]: everything assembled into a server that shuts down cleanly.
 
 pub mod admission;
@@ -27,6 +28,7 @@ pub mod membership;
 pub mod registration;
 pub mod sandbox;
 pub mod service;
+pub mod service_unit;
 pub mod sessions;
 
 pub use agent::{AgentConfig, RunningAgent, start};

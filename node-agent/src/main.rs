@@ -32,6 +32,16 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Print the systemd unit that runs this agent as a service (`scripts/install.sh`
+    /// installs it), then exit.
+    InstallService {
+        /// The binary the unit runs [default: this one]
+        #[arg(long, value_name = "PATH")]
+        bin: Option<PathBuf>,
+        /// Flags the unit passes the agent, after `--` (e.g. -- --name laptop --label gpu=none).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Print the runtimes this device has, then exit.
     Runtimes {
         /// Print JSON instead of a table.
@@ -166,6 +176,16 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Runtimes { json }) => print_runtimes(json).await,
+        Some(Command::InstallService { bin, args }) => {
+            let bin = bin
+                .or_else(|| std::env::current_exe().ok())
+                .unwrap_or_default();
+            print!(
+                "{}",
+                kowalski_exo_node_agent::service_unit::unit(&bin, &args)
+            );
+            ExitCode::SUCCESS
+        }
         None => {
             telemetry::init();
             match serve(cli.serve).await {

@@ -10,6 +10,7 @@ pub mod inference;
 pub mod nodes;
 pub mod plan;
 pub mod request;
+pub mod service_unit;
 pub mod sessions;
 pub mod trust;
 
