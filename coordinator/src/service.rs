@@ -21,7 +21,7 @@ use crate::{
     error::CoordinatorError,
     inference::{Chats, models},
     registry::NodeRegistry,
-    rlm::{self, Rlm},
+    rlm::{self, Rlm, recent::RecentRuns},
     scheduling::{
         dispatch::{Dispatcher, Outcome, RunSpec, bounded_timeout},
         document::{self, BlockDefaults, DocumentSession},
@@ -51,6 +51,7 @@ pub struct ClusterService {
     chats: Chats,
     sessions: ClusterSessions,
     rlm: Rlm,
+    recent: RecentRuns,
 }
 
 impl ClusterService {
@@ -65,6 +66,7 @@ impl ClusterService {
             sessions,
             dispatcher,
             chats,
+            recent: RecentRuns::default(),
         }
     }
 
@@ -100,9 +102,28 @@ impl ClusterService {
             return Err(reason.into());
         }
         let (events, receiver) = mpsc::channel(EVENT_BUFFER);
+        let (loop_events, mut from_loop) = mpsc::channel(EVENT_BUFFER);
         let rlm = self.rlm.clone();
-        tokio::spawn(async move { rlm.ask(request, &events).await });
+        let run = self.recent.begin(&request.model, &request.question);
+        tokio::spawn(async move { rlm.ask(request, &loop_events).await });
+        // Kept for the dashboard on the way; a caller gone ends the run, as it would anyway.
+        let recent = self.recent.clone();
+        tokio::spawn(async move {
+            while let Some(event) = from_loop.recv().await {
+                if let Ok(event) = &event {
+                    recent.record(run, event);
+                }
+                if events.send(event).await.is_err() {
+                    return;
+                }
+            }
+        });
         Ok(receiver)
+    }
+
+    /// The last few runs of the loop.
+    pub fn recent_runs(&self) -> &RecentRuns {
+        &self.recent
     }
 
     /// The Recursive Language Model loop.

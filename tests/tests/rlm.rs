@@ -397,6 +397,23 @@ async fn the_cli_asks_over_a_json_context_and_prints_the_answer() {
         "{tree}"
     );
     assert!(tree.ends_with("): 42\n"), "{tree}");
+    // The dashboard keeps the run, rendered as the same tree.
+    let state: serde_json::Value = reqwest::get(format!("{}/dashboard/state", cluster.http_url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let runs = state["trajectories"].as_array().unwrap();
+    let kept = runs
+        .iter()
+        .find(|r| r["question"] == "What is the total?")
+        .unwrap_or_else(|| panic!("{runs:?}"));
+    assert_eq!(
+        (&kept["model"], &kept["finished"]),
+        (&"root".into(), &true.into())
+    );
+    assert_eq!(kept["tree"].as_str().unwrap(), tree);
     let (code, _, err) = outcome(
         std::process::Command::new(binary("coordinator"))
             .args([

@@ -97,7 +97,7 @@ impl AskArgs {
 
 /// One event as `coordinator ask --json` prints it. Field names are stable; absent fields are
 /// left out.
-#[derive(Serialize, Deserialize, Debug, Default, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct AskLine {
     /// started, delta, turn, block, subcall, folded or finished.
     pub event: String,
@@ -424,7 +424,7 @@ fn moved(what: &str, from: &str, to: &str, reason: &str, replayed: u32) -> Strin
 /// Output lines shown under a block in the tree.
 const OUTPUT_LINES: usize = 3;
 
-fn tree(events: &[AskLine]) -> String {
+pub fn tree(events: &[AskLine]) -> String {
     let mut out = String::new();
     let mut said = String::new();
     for line in events {

@@ -1,9 +1,11 @@
-//! The coordinator's HTTP API (axum): health, metrics, and the OpenAI-, Ollama- and
-//! Anthropic-compatible APIs over the cluster's models. With TLS, every route but `/healthz`
-//! sits behind the API keys (`Authorization: Bearer KEY`, or Anthropic's `x-api-key`), a
-//! refusal answered with 401 in the route's own API's error format.
+//! The coordinator's HTTP API (axum): health, metrics, the dashboard, and the OpenAI-, Ollama-
+//! and Anthropic-compatible APIs over the cluster's models. With TLS, every route but `/healthz`
+//! sits behind the API keys (`Authorization: Bearer KEY`, Basic with the key as password, as a
+//! browser sends it to the dashboard, or Anthropic's `x-api-key`), a refusal answered with 401
+//! in the route's own API's error format.
 
 mod anthropic;
+mod dashboard;
 mod health;
 pub mod https;
 mod ollama;
@@ -32,6 +34,7 @@ use crate::service::{ChatReceiver, ClusterService};
 /// Every route of the HTTP API; with `keys`, all but `/healthz` need one, within its rate.
 pub fn router(cluster: ClusterService, keys: Option<Arc<Gate>>) -> Router {
     Router::new()
+        .merge(dashboard::routes(&cluster))
         .merge(health::metrics_routes())
         .merge(openai::routes())
         .merge(ollama::routes())
@@ -54,10 +57,13 @@ async fn require_key(
         return next.run(request).await;
     };
     let headers = request.headers();
-    let presented = headers
+    let authorization = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(kowalski_exo_common::security::bearer)
+        .and_then(|v| v.to_str().ok());
+    let basic = authorization.and_then(basic_password);
+    let presented = basic
+        .as_deref()
+        .or_else(|| authorization.map(kowalski_exo_common::security::bearer))
         .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
     match gate.admit(presented) {
         Ok(_) => next.run(request).await,
@@ -69,6 +75,18 @@ async fn require_key(
             turned_away(&path, &refusal)
         }
     }
+}
+
+/// The password of `Basic BASE64(USER:PASSWORD)`: the key a browser was given for the dashboard.
+fn basic_password(authorization: &str) -> Option<String> {
+    use base64::Engine;
+    let encoded = authorization.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    text.split_once(':')
+        .map(|(_, password)| password.to_string())
 }
 
 /// The most of a refused request's body read before answering it.
@@ -101,7 +119,15 @@ fn turned_away(path: &str, refusal: &gate::Refusal) -> axum::response::Response 
         let body = serde_json::json!({"error": {"message": message, "type": openai_type, "param": null, "code": openai_code}});
         (status, axum::Json(body)).into_response()
     } else {
-        (status, message).into_response()
+        let mut response = (status, message).into_response();
+        // The dashboard's pages: a browser asks its user for the key (as the password).
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Basic realm=\"Kowalski Exo\", charset=\"UTF-8\""),
+            );
+        }
+        response
     };
     if let gate::Refusal::Rate { retry_after, .. } = refusal {
         let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
@@ -300,5 +326,38 @@ mod tests {
         assert_eq!(unknown.status(), StatusCode::UNAUTHORIZED);
         assert!(unknown.headers().get(header::RETRY_AFTER).is_none());
         assert_eq!(body(unknown).await["error"]["code"], "invalid_api_key");
+        assert!(unknown_has_no_basic_prompt());
+        let page = turned_away(
+            "/",
+            &gate::Refusal::Key(kowalski_exo_common::security::trust::KeyRefused::Unknown),
+        );
+        assert_eq!(page.status(), StatusCode::UNAUTHORIZED);
+        assert!(
+            page.headers()[header::WWW_AUTHENTICATE]
+                .to_str()
+                .unwrap()
+                .starts_with("Basic realm=")
+        );
+    }
+
+    /// The APIs' refusals do not make a browser prompt for a password.
+    fn unknown_has_no_basic_prompt() -> bool {
+        let refused = turned_away(
+            "/v1/models",
+            &gate::Refusal::Key(kowalski_exo_common::security::trust::KeyRefused::Unknown),
+        );
+        refused.headers().get(header::WWW_AUTHENTICATE).is_none()
+    }
+
+    #[test]
+    fn a_browser_sends_the_key_as_the_basic_password() {
+        use base64::Engine;
+        let encoded = base64::engine::general_purpose::STANDARD.encode("anyone:kx_key:with:colons");
+        assert_eq!(
+            basic_password(&format!("Basic {encoded}")).as_deref(),
+            Some("kx_key:with:colons")
+        );
+        assert_eq!(basic_password("Bearer kx_key"), None);
+        assert_eq!(basic_password("Basic !!!"), None);
     }
 }

@@ -9,6 +9,7 @@
 //! - [`final_answer`]: `FINAL(...)` and `FINAL_VAR(name)` in a reply.
 //! - [`chat`]: the loop behind the chat APIs, as the model `rlm:MODEL`.
 //! - [`folding`]: older turns summarised when the conversation nears the model's window.
+//! - [`recent`]: the last few runs, for the dashboard.
 //! - [`tokens`]: the conversation's tokens, by the model's own tokenizer where it has one.
 
 pub mod budget;
@@ -17,6 +18,7 @@ pub mod final_answer;
 pub mod folding;
 mod notes;
 pub mod prompt;
+pub mod recent;
 pub mod tokens;
 
 use std::sync::{
