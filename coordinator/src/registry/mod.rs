@@ -54,6 +54,31 @@ pub struct NodeSnapshot {
     pub generations: HashMap<String, u32>,
 }
 
+/// A node as it stands now, borrowed from the registry: what placement reads without copying
+/// every node's registration.
+#[derive(Clone, Copy, Debug)]
+pub struct NodeView<'a> {
+    pub id: &'a str,
+    pub state: NodeState,
+    pub registration: &'a proto::Register,
+    pub load: &'a proto::NodeLoad,
+    pub in_flight: u32,
+    pub generations: &'a HashMap<String, u32>,
+}
+
+impl NodeSnapshot {
+    pub fn view(&self) -> NodeView<'_> {
+        NodeView {
+            id: &self.id,
+            state: self.state,
+            registration: &self.registration,
+            load: &self.load,
+            in_flight: self.in_flight,
+            generations: &self.generations,
+        }
+    }
+}
+
 /// What a piece of work counts against its node while it runs.
 #[derive(Clone, Copy, Debug)]
 pub enum Load<'a> {
@@ -287,18 +312,33 @@ impl NodeRegistry {
 
     /// Every node as it stands now, ordered by name then id.
     pub fn snapshot(&self, now: Instant) -> Vec<NodeSnapshot> {
+        self.each(now, |node| NodeSnapshot {
+            id: node.id.to_string(),
+            state: node.state,
+            registration: node.registration.clone(),
+            load: *node.load,
+            in_flight: node.in_flight,
+            generations: node.generations.clone(),
+        })
+    }
+
+    /// `read` of every node as it stands now, ordered by name then id, under the registry's
+    /// lock (so `read` must be quick).
+    pub fn each<T>(&self, now: Instant, mut read: impl FnMut(NodeView<'_>) -> T) -> Vec<T> {
         let inner = self.lock();
         let mut nodes: Vec<&Node> = inner.nodes.values().collect();
         nodes.sort_by(|a, b| (&a.registration.name, &a.id).cmp(&(&b.registration.name, &b.id)));
         nodes
             .into_iter()
-            .map(|n| NodeSnapshot {
-                id: n.id.clone(),
-                state: assess(&n.observation, now, &self.config),
-                registration: n.registration.clone(),
-                load: n.load,
-                in_flight: n.in_flight,
-                generations: n.generations.clone(),
+            .map(|n| {
+                read(NodeView {
+                    id: &n.id,
+                    state: assess(&n.observation, now, &self.config),
+                    registration: &n.registration,
+                    load: &n.load,
+                    in_flight: n.in_flight,
+                    generations: &n.generations,
+                })
             })
             .collect()
     }

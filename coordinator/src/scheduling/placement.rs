@@ -10,7 +10,7 @@ use kowalski_exo_common::{
 };
 use tokio::time::Instant;
 
-use crate::registry::{NodeRegistry, NodeSnapshot, NodeState};
+use crate::registry::{NodeRegistry, NodeSnapshot, NodeState, NodeView};
 
 /// What a node can take on, as it reports it.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -36,7 +36,7 @@ pub struct ServedModel {
 }
 
 impl Capabilities {
-    fn of(node: &NodeSnapshot) -> Self {
+    fn of(node: &NodeView<'_>) -> Self {
         Capabilities {
             languages: node
                 .registration
@@ -118,8 +118,9 @@ pub struct Candidate {
     pub allows_network: bool,
 }
 
-impl From<NodeSnapshot> for Candidate {
-    fn from(node: NodeSnapshot) -> Self {
+impl Candidate {
+    /// The node as placement sees it, read from the registry without copying the rest.
+    fn of(node: NodeView<'_>) -> Self {
         Candidate {
             capabilities: Capabilities::of(&node),
             layers: node
@@ -128,10 +129,10 @@ impl From<NodeSnapshot> for Candidate {
                 .filter(|l| *l != IsolationLayer::Unspecified)
                 .collect(),
             allows_network: node.registration.allows_network,
-            id: node.id,
-            name: node.registration.name,
+            id: node.id.to_string(),
+            name: node.registration.name.clone(),
             state: node.state,
-            labels: node.registration.labels,
+            labels: node.registration.labels.clone(),
             in_flight: node.in_flight,
             capacity: node.registration.capacity,
             cpu_percent: node.load.cpu_percent,
@@ -139,13 +140,15 @@ impl From<NodeSnapshot> for Candidate {
     }
 }
 
+impl From<NodeSnapshot> for Candidate {
+    fn from(node: NodeSnapshot) -> Self {
+        Candidate::of(node.view())
+    }
+}
+
 /// Every node as placement sees it now, ordered by name then id.
 pub fn candidates(registry: &NodeRegistry, now: Instant) -> Vec<Candidate> {
-    registry
-        .snapshot(now)
-        .into_iter()
-        .map(Candidate::from)
-        .collect()
+    registry.each(now, Candidate::of)
 }
 
 /// What a piece of work needs of its node.
@@ -385,13 +388,16 @@ pub fn place<'c>(
             });
         }
     }
+    // Each filter keeps the nodes it was given (references: cheap), to explain an empty result
+    // from them; the explanation is built only then.
     if let Some(language) = wanted.language {
-        let offered = fitting
-            .iter()
-            .map(|c| (c.name.clone(), c.capabilities.languages.clone()))
-            .collect();
+        let before = fitting.clone();
         fitting.retain(|c| c.capabilities.runs(language));
         if fitting.is_empty() {
+            let offered = before
+                .iter()
+                .map(|c| (c.name.clone(), c.capabilities.languages.clone()))
+                .collect();
             return Err(Unplaceable::NoRuntime {
                 language: language.name().to_string(),
                 offered,
@@ -400,59 +406,67 @@ pub fn place<'c>(
         }
     }
     if let Some(model) = wanted.model {
-        let offered = fitting
-            .iter()
-            .map(|c| (c.name.clone(), c.capabilities.model_names()))
-            .collect();
-        let down: Vec<(String, String)> = fitting
-            .iter()
-            .filter_map(|c| Some((c.name.clone(), c.capabilities.down_reason(model)?)))
-            .collect();
+        let before = fitting.clone();
         fitting.retain(|c| c.capabilities.serving(model).is_some());
-        if fitting.is_empty() && !down.is_empty() {
-            return Err(Unplaceable::ModelDown {
-                model: model.to_string(),
-                down,
-            });
-        }
         if fitting.is_empty() {
+            let down: Vec<(String, String)> = before
+                .iter()
+                .filter_map(|c| Some((c.name.clone(), c.capabilities.down_reason(model)?)))
+                .collect();
+            if !down.is_empty() {
+                return Err(Unplaceable::ModelDown {
+                    model: model.to_string(),
+                    down,
+                });
+            }
+            let offered = before
+                .iter()
+                .map(|c| (c.name.clone(), c.capabilities.model_names()))
+                .collect();
             return Err(Unplaceable::NoModel {
                 model: model.to_string(),
                 offered,
             });
         }
     }
-    let carried = fitting
-        .iter()
-        .map(|c| (c.name.clone(), c.labels.clone().into_iter().collect()))
-        .collect();
-    fitting.retain(|c| {
-        wanted
-            .labels
-            .iter()
-            .all(|(k, v)| c.labels.get(k) == Some(v))
-    });
-    if fitting.is_empty() {
-        return Err(Unplaceable::NoLabelMatch {
-            labels: wanted.labels.clone(),
-            carried,
+    if !wanted.labels.is_empty() {
+        let before = fitting.clone();
+        fitting.retain(|c| {
+            wanted
+                .labels
+                .iter()
+                .all(|(k, v)| c.labels.get(k) == Some(v))
         });
+        if fitting.is_empty() {
+            let carried = before
+                .iter()
+                .map(|c| (c.name.clone(), c.labels.clone().into_iter().collect()))
+                .collect();
+            return Err(Unplaceable::NoLabelMatch {
+                labels: wanted.labels.clone(),
+                carried,
+            });
+        }
     }
-    let offered = fitting
-        .iter()
-        .map(|c| (c.name.clone(), c.layers.clone()))
-        .collect();
-    fitting.retain(|c| wanted.isolation.iter().all(|l| c.layers.contains(l)));
-    if fitting.is_empty() {
-        return Err(Unplaceable::NoIsolation {
-            required: wanted.isolation.to_vec(),
-            offered,
-        });
+    if !wanted.isolation.is_empty() {
+        let before = fitting.clone();
+        fitting.retain(|c| wanted.isolation.iter().all(|l| c.layers.contains(l)));
+        if fitting.is_empty() {
+            let offered = before
+                .iter()
+                .map(|c| (c.name.clone(), c.layers.clone()))
+                .collect();
+            return Err(Unplaceable::NoIsolation {
+                required: wanted.isolation.to_vec(),
+                offered,
+            });
+        }
     }
     if wanted.network {
-        let nodes = fitting.iter().map(|c| c.name.clone()).collect();
+        let before = fitting.clone();
         fitting.retain(|c| c.allows_network);
         if fitting.is_empty() {
+            let nodes = before.iter().map(|c| c.name.clone()).collect();
             return Err(Unplaceable::NoNetwork { nodes });
         }
     }
@@ -462,10 +476,11 @@ pub fn place<'c>(
             tried: wanted.exclude.len(),
         });
     }
-    let states: Vec<(String, NodeState)> =
-        fitting.iter().map(|c| (c.name.clone(), c.state)).collect();
+    let before = fitting.clone();
     fitting.retain(|c| c.state == NodeState::Ready);
     if fitting.is_empty() {
+        let states: Vec<(String, NodeState)> =
+            before.iter().map(|c| (c.name.clone(), c.state)).collect();
         if states
             .iter()
             .all(|(_, state)| *state == NodeState::Draining)
