@@ -324,10 +324,25 @@ impl NodeRegistry {
 
     /// `read` of every node as it stands now, ordered by name then id, under the registry's
     /// lock (so `read` must be quick).
-    pub fn each<T>(&self, now: Instant, mut read: impl FnMut(NodeView<'_>) -> T) -> Vec<T> {
+    pub fn each<T>(&self, now: Instant, read: impl FnMut(NodeView<'_>) -> T) -> Vec<T> {
         let inner = self.lock();
         let mut nodes: Vec<&Node> = inner.nodes.values().collect();
         nodes.sort_by(|a, b| (&a.registration.name, &a.id).cmp(&(&b.registration.name, &b.id)));
+        self.read_all(nodes, now, read)
+    }
+
+    /// The same in no particular order, for callers whose result does not depend on it.
+    pub fn each_unordered<T>(&self, now: Instant, read: impl FnMut(NodeView<'_>) -> T) -> Vec<T> {
+        let inner = self.lock();
+        self.read_all(inner.nodes.values().collect(), now, read)
+    }
+
+    fn read_all<T>(
+        &self,
+        nodes: Vec<&Node>,
+        now: Instant,
+        mut read: impl FnMut(NodeView<'_>) -> T,
+    ) -> Vec<T> {
         nodes
             .into_iter()
             .map(|n| {

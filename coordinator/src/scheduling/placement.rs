@@ -146,9 +146,10 @@ impl From<NodeSnapshot> for Candidate {
     }
 }
 
-/// Every node as placement sees it now, ordered by name then id.
+/// Every node as placement sees it now, in no particular order: placement's choice does not
+/// depend on it (ties end on name and id), and refusals list nodes by name.
 pub fn candidates(registry: &NodeRegistry, now: Instant) -> Vec<Candidate> {
-    registry.each(now, Candidate::of)
+    registry.each_unordered(now, Candidate::of)
 }
 
 /// What a piece of work needs of its node.
@@ -384,7 +385,10 @@ pub fn place<'c>(
         if fitting.is_empty() {
             return Err(Unplaceable::UnknownNode {
                 node: node.to_string(),
-                known: candidates.iter().map(|c| c.name.clone()).collect(),
+                known: in_name_order(&candidates.iter().collect::<Vec<_>>())
+                    .iter()
+                    .map(|c| c.name.clone())
+                    .collect(),
             });
         }
     }
@@ -394,7 +398,7 @@ pub fn place<'c>(
         let before = fitting.clone();
         fitting.retain(|c| c.capabilities.runs(language));
         if fitting.is_empty() {
-            let offered = before
+            let offered = in_name_order(&before)
                 .iter()
                 .map(|c| (c.name.clone(), c.capabilities.languages.clone()))
                 .collect();
@@ -409,7 +413,7 @@ pub fn place<'c>(
         let before = fitting.clone();
         fitting.retain(|c| c.capabilities.serving(model).is_some());
         if fitting.is_empty() {
-            let down: Vec<(String, String)> = before
+            let down: Vec<(String, String)> = in_name_order(&before)
                 .iter()
                 .filter_map(|c| Some((c.name.clone(), c.capabilities.down_reason(model)?)))
                 .collect();
@@ -419,7 +423,7 @@ pub fn place<'c>(
                     down,
                 });
             }
-            let offered = before
+            let offered = in_name_order(&before)
                 .iter()
                 .map(|c| (c.name.clone(), c.capabilities.model_names()))
                 .collect();
@@ -438,7 +442,7 @@ pub fn place<'c>(
                 .all(|(k, v)| c.labels.get(k) == Some(v))
         });
         if fitting.is_empty() {
-            let carried = before
+            let carried = in_name_order(&before)
                 .iter()
                 .map(|c| (c.name.clone(), c.labels.clone().into_iter().collect()))
                 .collect();
@@ -452,7 +456,7 @@ pub fn place<'c>(
         let before = fitting.clone();
         fitting.retain(|c| wanted.isolation.iter().all(|l| c.layers.contains(l)));
         if fitting.is_empty() {
-            let offered = before
+            let offered = in_name_order(&before)
                 .iter()
                 .map(|c| (c.name.clone(), c.layers.clone()))
                 .collect();
@@ -466,7 +470,10 @@ pub fn place<'c>(
         let before = fitting.clone();
         fitting.retain(|c| c.allows_network);
         if fitting.is_empty() {
-            let nodes = before.iter().map(|c| c.name.clone()).collect();
+            let nodes = in_name_order(&before)
+                .iter()
+                .map(|c| c.name.clone())
+                .collect();
             return Err(Unplaceable::NoNetwork { nodes });
         }
     }
@@ -479,8 +486,10 @@ pub fn place<'c>(
     let before = fitting.clone();
     fitting.retain(|c| c.state == NodeState::Ready);
     if fitting.is_empty() {
-        let states: Vec<(String, NodeState)> =
-            before.iter().map(|c| (c.name.clone(), c.state)).collect();
+        let states: Vec<(String, NodeState)> = in_name_order(&before)
+            .iter()
+            .map(|c| (c.name.clone(), c.state))
+            .collect();
         if states
             .iter()
             .all(|(_, state)| *state == NodeState::Draining)
@@ -531,6 +540,13 @@ pub fn place<'c>(
         .into_iter()
         .min_by(|a, b| load_order(a, b))
         .ok_or(Unplaceable::AllBusy)
+}
+
+/// `nodes` ordered by name then id, as refusals list them (candidates come in no order).
+fn in_name_order<'c>(nodes: &[&'c Candidate]) -> Vec<&'c Candidate> {
+    let mut ordered = nodes.to_vec();
+    ordered.sort_by(|a, b| (&a.name, &a.id).cmp(&(&b.name, &b.id)));
+    ordered
 }
 
 /// Least loaded first: share of capacity in use, then CPU, then name and id.
@@ -590,7 +606,7 @@ mod tests {
             place(&nodes, &online)
                 .unwrap_err()
                 .to_string()
-                .contains("no node lets runs use the network (weak, strong do not")
+                .contains("no node lets runs use the network (strong, weak do not")
         );
         let mut open = nodes.clone();
         open[1].allows_network = true;
