@@ -4,12 +4,40 @@
 //! cluster name it was given. The match on the authority only picks a coordinator; joining
 //! still checks its whole fingerprint before saying anything.
 
-use std::{net::IpAddr, time::Duration};
+use std::{net::IpAddr, path::Path, time::Duration};
 
-use kowalski_exo_common::lan::{
-    AUTHORITY_PREFIX, SERVICE_TYPE, TXT_AUTHORITY, TXT_CLUSTER, TXT_TLS,
+use kowalski_exo_common::{
+    cli_args,
+    lan::{AUTHORITY_PREFIX, SERVICE_TYPE, TXT_AUTHORITY, TXT_CLUSTER, TXT_TLS},
+    security::JoinToken,
 };
 use mdns_sd::{ResolvedService, ServiceDaemon, ServiceEvent};
+
+use crate::membership::{Membership, MembershipError};
+
+/// How an agent given no `--coordinator` finds one: on the LAN when it knows its cluster (a
+/// join token, a membership in `data_dir`, a cluster name), else the one on this machine.
+/// Returns the coordinator's URL, or what to look for.
+pub fn coordinator_to_join(
+    data_dir: &Path,
+    join: Option<&str>,
+    cluster: Option<String>,
+) -> Result<(Option<String>, Option<Wanted>), MembershipError> {
+    let authority = match join {
+        Some(token) => Some(
+            JoinToken::parse(token)
+                .map_err(MembershipError::Token)?
+                .authority,
+        ),
+        None => Membership::load(data_dir)?
+            .map(|held| held.authority_fingerprint())
+            .transpose()?,
+    };
+    if authority.is_none() && cluster.is_none() {
+        return Ok((Some(cli_args::default_coordinator_url()), None));
+    }
+    Ok((None, Some(Wanted { authority, cluster })))
+}
 
 /// Between two log lines saying the agent is still looking.
 const STILL_LOOKING: Duration = Duration::from_secs(10);

@@ -4,10 +4,7 @@ use std::{collections::HashMap, path::PathBuf, process::ExitCode, time::Duration
 
 use clap::{Parser, Subcommand};
 use kowalski_exo_common::{
-    cli_args, defaults, exit,
-    security::{JoinToken, files},
-    shutdown::ShutdownSignals,
-    telemetry,
+    cli_args, defaults, exit, security::files, shutdown::ShutdownSignals, telemetry,
 };
 use kowalski_exo_node_agent::{
     AgentConfig,
@@ -16,7 +13,6 @@ use kowalski_exo_node_agent::{
     discovery,
     exec::{ExecLimits, ExecPolicy},
     fingerprint::{RuntimeHealth, SearchPath, probe_all},
-    membership::Membership,
     sessions::{self, SessionConfig},
 };
 
@@ -226,36 +222,15 @@ async fn print_runtimes(json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// The coordinator of an agent given none: found on the LAN when the agent knows its cluster (a
-/// join token, a membership, a cluster name), else the one on this machine.
-fn coordinator_to_join(
-    data_dir: &std::path::Path,
-    join: Option<&str>,
-    cluster: Option<String>,
-) -> anyhow::Result<(Option<String>, Option<discovery::Wanted>)> {
-    let authority = match join {
-        Some(token) => Some(
-            JoinToken::parse(token)
-                .map_err(anyhow::Error::msg)?
-                .authority,
-        ),
-        None => Membership::load(data_dir)?
-            .map(|held| held.authority_fingerprint())
-            .transpose()?,
-    };
-    if authority.is_none() && cluster.is_none() {
-        return Ok((Some(cli_args::default_coordinator_url()), None));
-    }
-    Ok((None, Some(discovery::Wanted { authority, cluster })))
-}
-
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (coordinator, discover) = match (args.standalone, args.coordinator.clone()) {
         (true, _) => (None, None),
         (false, Some(url)) => (Some(url), None),
-        (false, None) => {
-            coordinator_to_join(&args.data_dir, args.join.as_deref(), args.cluster.clone())?
-        }
+        (false, None) => discovery::coordinator_to_join(
+            &args.data_dir,
+            args.join.as_deref(),
+            args.cluster.clone(),
+        )?,
     };
     let mut config = AgentConfig {
         policy: args.policy(),

@@ -22,8 +22,7 @@ use std::{
 
 use clap::Args;
 use futures_util::StreamExt;
-use kowalski_exo_common::security::files;
-use sha2::{Digest, Sha256};
+use kowalski_exo_common::security::{self, files};
 
 use super::{EXIT_CANCELLED, Failure, PREFIX, connect::Client, request::read_text};
 use progress::Progress;
@@ -65,7 +64,7 @@ pub struct BatchArgs {
 pub async fn batch(client: Client, args: &BatchArgs) -> Result<u8, Failure> {
     let text = read_text(&args.file)?;
     let tasks = tasks::parse(&text)?;
-    let digest = hex(Sha256::digest(text.as_bytes()).as_slice());
+    let digest = security::fingerprint(text.as_bytes());
     let db = match &args.db {
         Some(db) => db.clone(),
         None => default_db(&args.file)?,
@@ -191,13 +190,9 @@ fn default_db(file: &Path) -> Result<PathBuf, Failure> {
     }
     let absolute = std::fs::canonicalize(file)
         .map_err(|e| Failure::usage(format!("cannot read {}: {e}", file.display())))?;
-    let place = hex(Sha256::digest(absolute.as_os_str().as_encoded_bytes()).as_slice());
+    let place = security::fingerprint(absolute.as_os_str().as_encoded_bytes());
     let stem = file
         .file_stem()
         .map_or("batch".into(), |s| s.to_string_lossy());
     Ok(files::default_dir("batches").join(format!("{stem}-{}.sqlite", &place[..12])))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
