@@ -20,12 +20,12 @@ use crate::{
     cluster_metrics, codeblocks,
     error::CoordinatorError,
     inference::{Chats, models},
-    registry::NodeRegistry,
+    registry::{NodeRegistry, moves::RecentMoves},
     rlm::{self, Rlm, recent::RecentRuns},
     scheduling::{
         dispatch::{Dispatcher, Outcome, RunSpec, bounded_timeout},
         document::{self, BlockDefaults, DocumentSession},
-        placement::{Requirements, candidates, place},
+        placement::{Requirements, place, with_candidates},
     },
     sessions::ClusterSessions,
 };
@@ -96,8 +96,9 @@ impl ClusterService {
             model: Some(&request.model),
             ..Default::default()
         };
-        if let Err(reason) = place(&candidates(self.registry(), Instant::now()), &wanted)
-            && !reason.is_transient()
+        if let Err(reason) = with_candidates(self.registry(), Instant::now(), |nodes| {
+            place(nodes, &wanted).map(|_| ())
+        }) && !reason.is_transient()
         {
             return Err(reason.into());
         }
@@ -124,6 +125,11 @@ impl ClusterService {
     /// The last few runs of the loop.
     pub fn recent_runs(&self) -> &RecentRuns {
         &self.recent
+    }
+
+    /// The work lately moved off nodes that failed it.
+    pub fn recent_moves(&self) -> &RecentMoves {
+        self.registry().moves()
     }
 
     /// The Recursive Language Model loop.
@@ -172,8 +178,9 @@ impl ClusterService {
             model: Some(&request.model),
             ..Default::default()
         };
-        if let Err(reason) = place(&candidates(self.registry(), Instant::now()), &wanted)
-            && !reason.is_transient()
+        if let Err(reason) = with_candidates(self.registry(), Instant::now(), |nodes| {
+            place(nodes, &wanted).map(|_| ())
+        }) && !reason.is_transient()
         {
             metrics::counter!(cluster_metrics::ANSWERS, "model" => request.model.clone(), "outcome" => "refused")
                 .increment(1);

@@ -410,6 +410,13 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
             service.clone(),
             membership.as_ref().map(Membership::client_tls),
             link.unwrap_or_default(),
+        )
+        .found_as(
+            config
+                .coordinator
+                .is_none()
+                .then_some(config.discover)
+                .flatten(),
         );
         tokio::spawn(registration.run(shutdown.clone()));
     }

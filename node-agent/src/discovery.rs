@@ -98,22 +98,60 @@ pub struct DiscoveryError(#[from] mdns_sd::Error);
 /// The URL (`http://IP:PORT`) of the first coordinator announcing what `wanted` asks; waits as
 /// long as it takes, saying so now and then.
 pub async fn find(wanted: &Wanted) -> Result<String, DiscoveryError> {
-    let daemon = ServiceDaemon::new()?;
     tracing::info!(
         "looking for {} on the LAN ({SERVICE_TYPE})",
         wanted.describe()
     );
+    let found = search(wanted, None).await?;
+    let found = found.expect("a search with no time limit ends only when it finds one");
+    tracing::info!(coordinator = %found, "found the coordinator on the LAN");
+    Ok(found)
+}
+
+/// The same, looking for `limit` at most: where the coordinator an agent lost touch with
+/// announces itself now (it may have come back at another address), if it does.
+pub async fn look_again(
+    wanted: &Wanted,
+    limit: Duration,
+) -> Result<Option<String>, DiscoveryError> {
+    search(wanted, Some(limit)).await
+}
+
+async fn search(
+    wanted: &Wanted,
+    limit: Option<Duration>,
+) -> Result<Option<String>, DiscoveryError> {
+    let daemon = ServiceDaemon::new()?;
+    let found = browse(&daemon, wanted, limit).await;
+    let _ = daemon.stop_browse(SERVICE_TYPE);
+    let _ = daemon.shutdown();
+    found
+}
+
+async fn browse(
+    daemon: &ServiceDaemon,
+    wanted: &Wanted,
+    limit: Option<Duration>,
+) -> Result<Option<String>, DiscoveryError> {
+    let until = limit.map(|limit| tokio::time::Instant::now() + limit);
     let mut events = daemon.browse(SERVICE_TYPE)?;
     let mut asked = 1;
     let mut waited = Duration::ZERO;
-    let found = loop {
+    loop {
         // A coordinator's answer can be lost among others' on a busy LAN, and mDNS asks again
         // only a second later: the first few questions go out sooner.
-        let patience = if asked < QUICK_QUESTIONS {
+        let mut patience = if asked < QUICK_QUESTIONS {
             QUICK_REPEAT
         } else {
             STILL_LOOKING
         };
+        if let Some(until) = until {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            patience = patience.min(left);
+        }
         let event = match tokio::time::timeout(patience, events.recv_async()).await {
             Ok(Ok(event)) => event,
             Ok(Err(_)) => {
@@ -127,6 +165,7 @@ pub async fn find(wanted: &Wanted) -> Result<String, DiscoveryError> {
                 asked += 1;
                 continue;
             }
+            Err(_) if until.is_some() => continue,
             Err(_) => {
                 waited += patience;
                 tracing::info!(
@@ -140,13 +179,9 @@ pub async fn find(wanted: &Wanted) -> Result<String, DiscoveryError> {
             continue;
         };
         if let Some(url) = coordinator_url(wanted, &service) {
-            break url;
+            return Ok(Some(url));
         }
-    };
-    let _ = daemon.stop_browse(SERVICE_TYPE);
-    let _ = daemon.shutdown();
-    tracing::info!(coordinator = %found, "found the coordinator on the LAN");
-    Ok(found)
+    }
 }
 
 /// The announced coordinator's URL, if it is the one wanted and has an address to dial.

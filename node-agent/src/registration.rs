@@ -1,6 +1,7 @@
 //! Joining the cluster: one AgentRegistry.Attach stream to the coordinator, opened in the
 //! background and reopened with backoff whenever it breaks, so the agent works stand-alone and
-//! joins as soon as a coordinator exists.
+//! joins as soon as a coordinator exists; a coordinator found on the LAN is looked for there
+//! again when it cannot be reached.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -17,7 +18,12 @@ use tokio::{sync::mpsc, time::Instant};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::{link::CoordinatorLink, load::LoadSampler, service::NodeAgentService};
+use crate::{
+    discovery::{self, Wanted},
+    link::CoordinatorLink,
+    load::LoadSampler,
+    service::NodeAgentService,
+};
 
 /// Heartbeat interval used until the coordinator names its own.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(500);
@@ -26,6 +32,10 @@ const UNREACHABLE_LOG_EVERY: Duration = Duration::from_secs(60);
 /// Reconnect backoff bounds.
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// A coordinator found on the LAN that fails this many attempts in a row is looked for again,
+/// for at most `LOOK_AGAIN_FOR` each time: it may be back at another address.
+const LOOK_AGAIN_AFTER: u32 = 3;
+const LOOK_AGAIN_FOR: Duration = Duration::from_millis(1500);
 
 /// The address to advertise for a listen address. An unspecified host (0.0.0.0) is kept: the
 /// coordinator then dials the host the stream came from.
@@ -68,6 +78,8 @@ pub struct Registration {
     load: LoadSampler,
     /// What other parts of the agent send the coordinator while attached.
     link: CoordinatorLink,
+    /// The coordinator was found on the LAN: what to look for when it cannot be reached.
+    found_as: Option<Wanted>,
 }
 
 /// Why one registry stream ended.
@@ -97,6 +109,16 @@ impl Registration {
             node_id: String::new(),
             load: LoadSampler::default(),
             link,
+            found_as: None,
+        }
+    }
+
+    /// The coordinator was found on the LAN as `wanted`: look for it again when it cannot be
+    /// reached (a device that came back with another address, say).
+    pub fn found_as(self, wanted: Option<Wanted>) -> Self {
+        Registration {
+            found_as: wanted,
+            ..self
         }
     }
 
@@ -112,6 +134,7 @@ impl Registration {
         };
         let mut delays = backoff();
         let mut unreachable = UnreachableLog::default();
+        let mut failed_in_a_row = 0;
         loop {
             let attached = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -121,20 +144,55 @@ impl Registration {
                 Ok(true) => {
                     delays = backoff();
                     unreachable.attached();
+                    failed_in_a_row = 0;
                 }
                 Ok(false) => return,
-                Err(e) if unreachable.failed(Instant::now()) => tracing::warn!(
-                    coordinator = %self.coordinator,
-                    "{e}; retrying in the background (said again at most once a minute)"
-                ),
                 Err(e) => {
-                    tracing::debug!(coordinator = %self.coordinator, error = %e, "not attached")
+                    failed_in_a_row += 1;
+                    if unreachable.failed(Instant::now()) {
+                        tracing::warn!(
+                            coordinator = %self.coordinator,
+                            "{e}; retrying in the background (said again at most once a minute)"
+                        );
+                    } else {
+                        tracing::debug!(coordinator = %self.coordinator, error = %e, "not attached");
+                    }
+                }
+            }
+            if failed_in_a_row >= LOOK_AGAIN_AFTER {
+                let moved = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    moved = self.look_again() => moved,
+                };
+                if moved {
+                    delays = backoff();
+                    continue;
                 }
             }
             let delay = delays.next().unwrap_or(RECONNECT_MAX);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Looks on the LAN for the coordinator it found there before; true when it announces
+    /// another address now, which the next attempt dials.
+    async fn look_again(&mut self) -> bool {
+        let Some(wanted) = &self.found_as else {
+            return false;
+        };
+        match discovery::look_again(wanted, LOOK_AGAIN_FOR).await {
+            Ok(Some(url)) if url != self.coordinator => {
+                tracing::info!(from = %self.coordinator, to = %url, "the coordinator announces another address now");
+                self.coordinator = url;
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not look for the coordinator again");
+                false
             }
         }
     }

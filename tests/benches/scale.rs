@@ -213,7 +213,7 @@ async fn not_ready(client: &mut CoordinatorClient<Channel>) -> (usize, usize) {
 fn decision(agents: usize) -> (f64, f64) {
     use kowalski_exo_coordinator::{
         registry::NodeRegistry,
-        scheduling::placement::{Requirements, candidates, place},
+        scheduling::placement::{Requirements, place, with_candidates},
     };
     let registry = NodeRegistry::default();
     let now = tokio::time::Instant::now();
@@ -227,8 +227,11 @@ fn decision(agents: usize) -> (f64, f64) {
     let mut times: Vec<f64> = (0..1000)
         .map(|_| {
             let started = Instant::now();
-            let fitting = candidates(&registry, now);
-            std::hint::black_box(place(&fitting, &wanted).expect("a node fits"));
+            let chosen = with_candidates(&registry, now, |nodes| {
+                let chosen = place(nodes, &wanted).expect("a node fits");
+                (chosen.id().to_string(), chosen.name().to_string())
+            });
+            std::hint::black_box(chosen);
             ms(started.elapsed())
         })
         .collect();

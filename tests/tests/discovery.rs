@@ -1,7 +1,8 @@
 //! Finding the coordinator on the LAN (mDNS/DNS-SD) with real processes in network namespaces
 //! the test makes (a bridge and veth pairs), never on the host's own network: agents given a
 //! join token and no `--coordinator` join their own cluster's coordinator, whether started
-//! before or after it, and pass over another cluster's coordinator on the same LAN.
+//! before or after it, pass over another cluster's coordinator on the same LAN, and find their
+//! coordinator again when it comes back at another address.
 
 use std::time::{Duration, Instant};
 
@@ -49,8 +50,8 @@ fn agent_args<'a>(name: &'a str, token: &'a str, dir: &'a str) -> Vec<&'a str> {
 }
 
 #[test]
-fn agents_find_their_own_coordinator_on_the_lan_started_before_or_after_it() {
-    let lan = match Lan::create(4) {
+fn agents_find_their_own_coordinator_on_the_lan_started_before_or_after_it_and_when_it_moves() {
+    let lan = match Lan::create(5) {
         Ok(lan) => lan,
         Err(why) => {
             println!("skipped: {why}");
@@ -103,7 +104,7 @@ fn agents_find_their_own_coordinator_on_the_lan_started_before_or_after_it() {
     );
 
     let home_serve = serve("home", &home);
-    let home = Daemon::start_in(
+    let mut home = Daemon::start_in(
         lan.host(0),
         "coordinator",
         &args(&home_serve),
@@ -135,6 +136,39 @@ fn agents_find_their_own_coordinator_on_the_lan_started_before_or_after_it() {
     println!(
         "joined the coordinator: an agent started before it {early_joined:?} after it was up, one started after it {late_joined:?} after the agent started (goal: within 1 s)"
     );
+    assert!(
+        !lab.log().iter().any(|l| l.contains("node registered")),
+        "an agent joined the other cluster: {:?}",
+        lab.log()
+    );
+
+    // The coordinator's device goes away and comes back with another address (its state, and
+    // so its authority, kept): both agents find it there.
+    home.signal(nix::sys::signal::Signal::SIGKILL);
+    home.wait_exit();
+    std::thread::sleep(Duration::from_millis(1000));
+    let moved = Daemon::start_in(
+        lan.host(4),
+        "coordinator",
+        &args(&home_serve),
+        Some("coordinator listening"),
+    );
+    let up = Instant::now();
+    let early_back = registered(&moved, &early_agent, "early").duration_since(up);
+    let late_back = registered(&moved, &late_agent, "late").duration_since(up);
+    println!(
+        "the coordinator came back at another address: the agents joined it again {early_back:?} and {late_back:?} after it was up"
+    );
+    for agent in [&early_agent, &late_agent] {
+        assert!(
+            agent
+                .log()
+                .iter()
+                .any(|l| l.contains("announces another address") && l.contains("10.77.0.5:50051")),
+            "{:?}",
+            agent.log()
+        );
+    }
     assert!(
         !lab.log().iter().any(|l| l.contains("node registered")),
         "an agent joined the other cluster: {:?}",

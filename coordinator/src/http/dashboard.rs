@@ -154,6 +154,7 @@ fn snapshot(cluster: &ClusterService, history: &LoadHistory) -> Value {
         .map(SessionLine::from)
         .collect();
     let metrics = cluster.metrics();
+    let moves = cluster.recent_moves().list();
     let trajectories: Vec<Value> = cluster
         .recent_runs()
         .list()
@@ -176,6 +177,7 @@ fn snapshot(cluster: &ClusterService, history: &LoadHistory) -> Value {
             "runs": counter(&metrics, cluster_metrics::RUN_RETRIES),
             "answers": counter(&metrics, cluster_metrics::FAILOVERS),
             "sessions": counter(&metrics, cluster_metrics::SESSION_MOVES),
+            "recent": moves,
         },
         "trajectories": trajectories,
     })

@@ -30,7 +30,7 @@ use crate::{
     scheduling::{
         agents::AgentConnector,
         failover::{self, Attempt, AttemptEnd, CallerGone, Departure, Outcome, Work, loss_reason},
-        placement::{Requirements, candidates},
+        placement::Requirements,
     },
 };
 
@@ -342,11 +342,13 @@ impl Answer<'_> {
 
     /// Whether `node` continues a trailing assistant message of this model.
     fn continues_prefix(&self, node_id: &str) -> bool {
-        candidates(self.registry, Instant::now())
-            .iter()
-            .find(|c| c.id == node_id)
-            .and_then(|c| c.capabilities.serving(&self.request.model))
-            .is_some_and(|m| m.continues_prefix)
+        self.registry
+            .profile(node_id)
+            .and_then(|p| {
+                let model = p.capabilities.serving(&self.request.model)?;
+                Some(model.continues_prefix)
+            })
+            .unwrap_or(false)
     }
 
     /// The request for the next attempt: the conversation, then what was already said as the
@@ -381,6 +383,10 @@ impl Answer<'_> {
 impl Work for Answer<'_> {
     /// The finish reason.
     type Result = String;
+
+    fn what(&self) -> String {
+        format!("answer of {}", self.request.model)
+    }
 
     fn requirements<'b>(&'b self, exclude: &'b [String]) -> Requirements<'b> {
         Requirements {

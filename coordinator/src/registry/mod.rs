@@ -1,8 +1,11 @@
 //! The live view of the cluster: every node that registered, what it runs, how loaded it is,
-//! and (through [`liveness`]) whether it is alive. Changes are published on a watch channel so
+//! (through [`liveness`]) whether it is alive, and (through [`moves`]) the work lately moved
+//! off nodes that failed it. Changes are published on a watch channel so
 //! dispatch can wake when a node comes, goes, or frees a slot.
 
 pub mod liveness;
+pub mod moves;
+pub mod profile;
 
 use std::{
     collections::HashMap,
@@ -15,29 +18,75 @@ use tokio::{sync::watch, time::Instant};
 
 pub use liveness::{LivenessConfig, NodeState};
 use liveness::{Observation, assess, in_flight_lost};
+use moves::RecentMoves;
+use profile::NameKey;
+pub use profile::{Profile, Sketch};
 
 /// A node whose stream has been closed this long, with nothing in flight, is forgotten.
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
 /// How often states are re-assessed for silence.
 const ASSESS_PERIOD: Duration = Duration::from_millis(100);
 
-/// One node as last reported.
+thread_local! {
+    /// Set while [`NodeRegistry::with_nodes`] reads under the lock: calling the registry then
+    /// would wait for itself forever (checked in debug builds, as tests run).
+    static READING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// [`READING`] set until dropped, on every path out.
+struct Reading;
+
+impl Reading {
+    fn begin() -> Self {
+        READING.set(true);
+        Reading
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        READING.set(false);
+    }
+}
+
+/// One node as last reported. Placement reads every node on each decision: what it does not
+/// read is boxed, to keep the nodes small and close together in memory.
 #[derive(Clone, Debug)]
 struct Node {
-    id: String,
-    registration: proto::Register,
-    load: proto::NodeLoad,
+    about: Box<About>,
+    /// The CPU use its last heartbeat reported.
+    cpu_percent: f32,
     observation: Observation,
     /// The state as last published.
     state: NodeState,
     /// Runs placed here and not finished.
     in_flight: u32,
+    /// Which registry stream is the current one (a reconnect opens a new one).
+    stream: u64,
+    /// What placement reads of it, rebuilt when the registration or `generations` change.
+    profile: Box<Profile>,
+    sketch: Sketch,
+}
+
+/// What placement does not read of a node.
+#[derive(Clone, Debug)]
+struct About {
+    id: String,
+    registration: proto::Register,
+    load: proto::NodeLoad,
     /// Generations placed here and not finished, by every model this coordinator has placed
     /// here (zero included). Heartbeats report the node's own count, up to a beat late either
     /// way; this one is right the moment a generation starts or ends.
     generations: HashMap<String, u32>,
-    /// Which registry stream is the current one (a reconnect opens a new one).
-    stream: u64,
+}
+
+impl Node {
+    fn refresh_profile(&mut self) {
+        let about = &self.about;
+        let profile = Profile::of(&about.id, &about.registration, &about.generations);
+        self.sketch = profile.sketch();
+        *self.profile = profile;
+    }
 }
 
 /// A node as it stands at one moment, for whoever decides where work goes.
@@ -62,21 +111,12 @@ pub struct NodeView<'a> {
     pub state: NodeState,
     pub registration: &'a proto::Register,
     pub load: &'a proto::NodeLoad,
+    /// The load's CPU use, read without following `load`.
+    pub cpu_percent: f32,
     pub in_flight: u32,
     pub generations: &'a HashMap<String, u32>,
-}
-
-impl NodeSnapshot {
-    pub fn view(&self) -> NodeView<'_> {
-        NodeView {
-            id: &self.id,
-            state: self.state,
-            registration: &self.registration,
-            load: &self.load,
-            in_flight: self.in_flight,
-            generations: &self.generations,
-        }
-    }
+    pub profile: &'a Profile,
+    pub sketch: Sketch,
 }
 
 /// What a piece of work counts against its node while it runs.
@@ -94,6 +134,7 @@ pub struct NodeRegistry {
     inner: Arc<Mutex<Inner>>,
     config: LivenessConfig,
     changes: Arc<watch::Sender<u64>>,
+    moves: RecentMoves,
 }
 
 #[derive(Default)]
@@ -126,7 +167,13 @@ impl NodeRegistry {
             inner: Arc::new(Mutex::new(Inner::default())),
             config,
             changes: Arc::new(changes),
+            moves: RecentMoves::default(),
         }
+    }
+
+    /// The work lately moved off nodes that failed it.
+    pub fn moves(&self) -> &RecentMoves {
+        &self.moves
     }
 
     pub fn config(&self) -> LivenessConfig {
@@ -139,6 +186,10 @@ impl NodeRegistry {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        debug_assert!(
+            !READING.get(),
+            "the registry was called while its nodes were being read under its lock"
+        );
         self.inner.lock().expect("registry lock poisoned")
     }
 
@@ -155,16 +206,19 @@ impl NodeRegistry {
     pub fn register(&self, registration: proto::Register, now: Instant) -> (String, u64) {
         let mut inner = self.lock();
         let name = registration.name.clone();
-        let live_elsewhere = |n: &Node| n.observation.stream_open && n.registration.name != name;
+        let live_elsewhere =
+            |n: &Node| n.observation.stream_open && n.about.registration.name != name;
         let presented = Some(registration.node_id.clone())
             .filter(|id| !id.is_empty())
             .filter(|id| !inner.nodes.get(id).is_some_and(live_elsewhere));
+        let key = NameKey::of(&name);
         let same_name_gone = || {
             inner
                 .nodes
-                .values()
-                .filter(|n| n.registration.name == name && !n.observation.stream_open)
-                .map(|n| n.id.clone())
+                .iter()
+                .filter(|(_, n)| !n.observation.stream_open && n.sketch.name_key == key)
+                .filter(|(_, n)| n.about.registration.name == name)
+                .map(|(id, _)| id.clone())
                 .min()
         };
         let id = match presented.or_else(same_name_gone) {
@@ -182,22 +236,31 @@ impl NodeRegistry {
         let previous = inner
             .nodes
             .remove(&id)
-            .filter(|p| p.registration.name == name);
+            .filter(|p| p.about.registration.name == name);
         let observation = Observation {
             last_seen: now,
             stream_open: true,
             draining: previous.as_ref().is_some_and(|p| p.observation.draining),
         };
-        let node = Node {
-            id: id.clone(),
-            registration,
-            load: proto::NodeLoad::default(),
+        let mut node = Node {
+            about: Box::new(About {
+                id: id.clone(),
+                registration,
+                load: proto::NodeLoad::default(),
+                generations: previous
+                    .as_ref()
+                    .map(|p| p.about.generations.clone())
+                    .unwrap_or_default(),
+            }),
+            cpu_percent: 0.0,
             observation,
             state: assess(&observation, now, &self.config),
             in_flight: previous.as_ref().map_or(0, |p| p.in_flight),
-            generations: previous.map(|p| p.generations).unwrap_or_default(),
             stream,
+            profile: Box::default(),
+            sketch: Sketch::default(),
         };
+        node.refresh_profile();
         inner.nodes.insert(id.clone(), node);
         self.publish(&mut inner);
         (id, stream)
@@ -211,13 +274,18 @@ impl NodeRegistry {
         };
         node.observation.last_seen = now;
         if let Some(load) = heartbeat.load {
-            node.load = load;
+            node.cpu_percent = load.cpu_percent;
+            node.about.load = load;
         }
+        let described = heartbeat.runtimes.is_some() || heartbeat.models.is_some();
         if let Some(runtimes) = heartbeat.runtimes {
-            node.registration.runtimes = Some(runtimes);
+            node.about.registration.runtimes = Some(runtimes);
         }
         if let Some(models) = heartbeat.models {
-            node.registration.models = Some(models);
+            node.about.registration.models = Some(models);
+        }
+        if described {
+            node.refresh_profile();
         }
         let fresh = assess(&node.observation, now, &self.config);
         let changed = fresh != node.state;
@@ -244,11 +312,11 @@ impl NodeRegistry {
         let before = inner.nodes.len();
         inner.nodes.retain(|_, n| {
             let gone = n.in_flight == 0
-                && n.generations.values().all(|g| *g == 0)
+                && n.about.generations.values().all(|g| *g == 0)
                 && !n.observation.stream_open
                 && now.saturating_duration_since(n.observation.last_seen) >= FORGET_AFTER;
             if gone {
-                tracing::info!(node_id = %n.id, name = %n.registration.name, "forgetting a node gone for {FORGET_AFTER:?}");
+                tracing::info!(node_id = %n.about.id, name = %n.about.registration.name, "forgetting a node gone for {FORGET_AFTER:?}");
             }
             !gone
         });
@@ -256,7 +324,7 @@ impl NodeRegistry {
         for node in inner.nodes.values_mut() {
             let fresh = assess(&node.observation, now, &self.config);
             if fresh != node.state {
-                tracing::info!(node_id = %node.id, name = %node.registration.name, state = fresh.name(), "node state changed");
+                tracing::info!(node_id = %node.about.id, name = %node.about.registration.name, state = fresh.name(), "node state changed");
                 node.state = fresh;
                 changed = true;
             }
@@ -281,7 +349,7 @@ impl NodeRegistry {
             let named: Vec<&Node> = inner
                 .nodes
                 .values()
-                .filter(|n| n.registration.name == node)
+                .filter(|n| n.about.registration.name == node)
                 .collect();
             let live: Vec<&Node> = named
                 .iter()
@@ -289,7 +357,7 @@ impl NodeRegistry {
                 .filter(|n| n.observation.stream_open)
                 .collect();
             match (live.as_slice(), named.as_slice()) {
-                ([one], _) | ([], [one]) => one.id.clone(),
+                ([one], _) | ([], [one]) => one.about.id.clone(),
                 ([], []) => return Err(NodeLookupError::Unknown(node.to_string())),
                 _ => return Err(NodeLookupError::Ambiguous(node.to_string())),
             }
@@ -324,38 +392,43 @@ impl NodeRegistry {
 
     /// `read` of every node as it stands now, ordered by name then id, under the registry's
     /// lock (so `read` must be quick).
-    pub fn each<T>(&self, now: Instant, read: impl FnMut(NodeView<'_>) -> T) -> Vec<T> {
+    pub fn each<T>(&self, now: Instant, mut read: impl FnMut(NodeView<'_>) -> T) -> Vec<T> {
         let inner = self.lock();
-        let mut nodes: Vec<&Node> = inner.nodes.values().collect();
-        nodes.sort_by(|a, b| (&a.registration.name, &a.id).cmp(&(&b.registration.name, &b.id)));
-        self.read_all(nodes, now, read)
-    }
-
-    /// The same in no particular order, for callers whose result does not depend on it.
-    pub fn each_unordered<T>(&self, now: Instant, read: impl FnMut(NodeView<'_>) -> T) -> Vec<T> {
-        let inner = self.lock();
-        self.read_all(inner.nodes.values().collect(), now, read)
-    }
-
-    fn read_all<T>(
-        &self,
-        nodes: Vec<&Node>,
-        now: Instant,
-        mut read: impl FnMut(NodeView<'_>) -> T,
-    ) -> Vec<T> {
+        let mut nodes: Vec<(&String, &Node)> = inner.nodes.iter().collect();
+        nodes.sort_by(|(a_id, a), (b_id, b)| {
+            (&a.about.registration.name, a_id).cmp(&(&b.about.registration.name, b_id))
+        });
         nodes
             .into_iter()
-            .map(|n| {
-                read(NodeView {
-                    id: &n.id,
-                    state: assess(&n.observation, now, &self.config),
-                    registration: &n.registration,
-                    load: &n.load,
-                    in_flight: n.in_flight,
-                    generations: &n.generations,
-                })
-            })
+            .map(|(id, n)| read(self.view(id, n, now)))
             .collect()
+    }
+
+    /// `read` of every node as it stands now, in no particular order, borrowed in place under
+    /// the registry's lock (so `read` must be quick).
+    pub fn with_nodes<T>(
+        &self,
+        now: Instant,
+        read: impl FnOnce(&mut dyn Iterator<Item = NodeView<'_>>) -> T,
+    ) -> T {
+        let inner = self.lock();
+        let _reading = Reading::begin();
+        read(&mut inner.nodes.iter().map(|(id, n)| self.view(id, n, now)))
+    }
+
+    /// Node `n`, known by `id` (the map's key: reading the node's own copy would follow its box).
+    fn view<'n>(&self, id: &'n str, n: &'n Node, now: Instant) -> NodeView<'n> {
+        NodeView {
+            id,
+            state: assess(&n.observation, now, &self.config),
+            registration: &n.about.registration,
+            load: &n.about.load,
+            cpu_percent: n.cpu_percent,
+            in_flight: n.in_flight,
+            generations: &n.about.generations,
+            profile: &n.profile,
+            sketch: n.sketch,
+        }
     }
 
     /// A node's state now, if the coordinator knows it.
@@ -365,12 +438,17 @@ impl NodeRegistry {
         Some(assess(&node.observation, Instant::now(), &self.config))
     }
 
+    /// What placement reads of a node, if the coordinator knows it.
+    pub fn profile(&self, id: &str) -> Option<Profile> {
+        self.lock().nodes.get(id).map(|n| (*n.profile).clone())
+    }
+
     /// The address to dial a node at.
     pub fn address(&self, id: &str) -> Option<String> {
         self.lock()
             .nodes
             .get(id)
-            .map(|n| n.registration.address.clone())
+            .map(|n| n.about.registration.address.clone())
     }
 
     /// When silence will have lasted past the deadline, if the node stays quiet.
@@ -409,7 +487,8 @@ impl NodeRegistry {
             match load {
                 Load::Run => step(&mut node.in_flight),
                 Load::Generation(model) => {
-                    step(node.generations.entry(model.to_string()).or_default());
+                    step(node.about.generations.entry(model.to_string()).or_default());
+                    node.refresh_profile();
                 }
             }
         }
@@ -421,6 +500,7 @@ impl NodeRegistry {
         let weak: Weak<Mutex<Inner>> = Arc::downgrade(&self.inner);
         let config = self.config;
         let changes = self.changes.clone();
+        let moves = self.moves.clone();
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(ASSESS_PERIOD);
             loop {
@@ -430,6 +510,7 @@ impl NodeRegistry {
                     inner,
                     config,
                     changes: changes.clone(),
+                    moves: moves.clone(),
                 }
                 .reassess(Instant::now());
             }
@@ -471,18 +552,18 @@ fn fresh_id(name: &str, serial: u64) -> String {
 
 fn info(n: &Node, now: Instant) -> NodeInfo {
     NodeInfo {
-        id: n.id.clone(),
-        name: n.registration.name.clone(),
-        address: n.registration.address.clone(),
+        id: n.about.id.clone(),
+        name: n.about.registration.name.clone(),
+        address: n.about.registration.address.clone(),
         state: n.state.name().to_string(),
-        labels: n.registration.labels.clone(),
-        runtimes: n.registration.runtimes.clone(),
-        capacity: n.registration.capacity,
-        load: Some(n.load),
-        isolation: n.registration.isolation,
-        isolation_layers: n.registration.isolation_layers.clone(),
-        allows_network: n.registration.allows_network,
-        version: n.registration.version.clone(),
+        labels: n.about.registration.labels.clone(),
+        runtimes: n.about.registration.runtimes.clone(),
+        capacity: n.about.registration.capacity,
+        load: Some(n.about.load),
+        isolation: n.about.registration.isolation,
+        isolation_layers: n.about.registration.isolation_layers.clone(),
+        allows_network: n.about.registration.allows_network,
+        version: n.about.registration.version.clone(),
         last_seen_ms_ago: now
             .saturating_duration_since(n.observation.last_seen)
             .as_millis() as u64,
@@ -501,6 +582,15 @@ mod tests {
             capacity: 2,
             ..Default::default()
         }
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "while its nodes were being read")]
+    fn calling_the_registry_while_reading_its_nodes_is_caught_not_a_hang() {
+        let registry = NodeRegistry::default();
+        let (id, _) = registry.register(register("box", ""), Instant::now());
+        registry.with_nodes(Instant::now(), |_| registry.state(&id));
     }
 
     #[tokio::test(start_paused = true)]

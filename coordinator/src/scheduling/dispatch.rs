@@ -20,7 +20,7 @@ use tonic::{Code, Status};
 use super::{
     agents::{AgentConnector, ExecStream},
     failover::{self, Attempt, AttemptEnd, CallerGone, Departure, Work, loss_reason},
-    placement::{Requirements, Unplaceable, candidates, place},
+    placement::{Requirements, Unplaceable, place, with_candidates},
 };
 use crate::{
     cluster_metrics,
@@ -113,13 +113,16 @@ impl Dispatcher {
         let mut changes = self.registry.subscribe();
         loop {
             changes.borrow_and_update();
-            let candidates = candidates(&self.registry, Instant::now());
-            let reason = match place(&candidates, &spec.requirements(&[])) {
-                Err(reason) if !reason.is_transient() => reason,
+            let wanted = spec.requirements(&[]);
+            let (reason, all_down) = with_candidates(&self.registry, Instant::now(), |nodes| {
+                let all_down = nodes.iter().all(|c| c.state == NodeState::Down);
+                (place(nodes, &wanted).err(), all_down)
+            });
+            let reason = match reason {
+                Some(reason) if !reason.is_transient() => reason,
                 _ => return Ok(()),
             };
-            let joining = matches!(reason, Unplaceable::UnknownNode { .. })
-                || candidates.iter().all(|c| c.state == NodeState::Down);
+            let joining = matches!(reason, Unplaceable::UnknownNode { .. }) || all_down;
             if !joining || Instant::now() >= wait_until {
                 return Err(reason);
             }
@@ -300,6 +303,10 @@ impl Work for CodeRun<'_> {
 
     fn requirements<'b>(&'b self, exclude: &'b [String]) -> Requirements<'b> {
         self.spec.requirements(exclude)
+    }
+
+    fn what(&self) -> String {
+        format!("{} run", self.spec.language)
     }
 
     fn max_attempts(&self) -> u32 {

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use super::{
     dispatch::{ClusterSender, Dispatcher, Outcome, RunEvents, RunSpec, bounded_timeout},
-    placement::{candidates, place},
+    placement::{Candidate, place, with_candidates},
 };
 use crate::{codeblocks::CodeBlock, sessions::ClusterSessions};
 
@@ -128,44 +128,52 @@ pub fn plan(
     blocks: &[CodeBlock],
     defaults: &BlockDefaults,
 ) -> Vec<PlannedBlock> {
-    let candidates = candidates(dispatcher.registry(), Instant::now());
-    blocks
-        .iter()
-        .map(|block| {
-            let mut planned = PlannedBlock {
-                block: block.index as u32,
-                line: block.line as u32,
-                language: block
-                    .language
-                    .map(|l| l.name().to_string())
-                    .unwrap_or_default(),
-                code: block.code.clone(),
-                ..Default::default()
-            };
-            let spec = match defaults.spec(block) {
-                Ok(spec) => spec,
-                Err(skip) => {
-                    planned.reason = skip.reason;
-                    planned.kind = skip.kind as i32;
-                    return planned;
-                }
-            };
-            match place(&candidates, &spec.requirements(&[])) {
-                Ok(chosen) => {
-                    planned.node_id = chosen.id.clone();
-                    planned.node_name = chosen.name.clone();
-                }
-                Err(reason) if reason.is_transient() => {
-                    planned.reason = format!("would wait: {reason}");
-                }
-                Err(reason) => {
-                    planned.reason = reason.to_string();
-                    planned.kind = SkipKind::NoNode as i32;
-                }
-            }
-            planned
-        })
-        .collect()
+    with_candidates(dispatcher.registry(), Instant::now(), |candidates| {
+        blocks
+            .iter()
+            .map(|block| plan_block(candidates, block, defaults))
+            .collect()
+    })
+}
+
+/// Where one block would run among `candidates`.
+fn plan_block(
+    candidates: &[Candidate<'_>],
+    block: &CodeBlock,
+    defaults: &BlockDefaults,
+) -> PlannedBlock {
+    let mut planned = PlannedBlock {
+        block: block.index as u32,
+        line: block.line as u32,
+        language: block
+            .language
+            .map(|l| l.name().to_string())
+            .unwrap_or_default(),
+        code: block.code.clone(),
+        ..Default::default()
+    };
+    let spec = match defaults.spec(block) {
+        Ok(spec) => spec,
+        Err(skip) => {
+            planned.reason = skip.reason;
+            planned.kind = skip.kind as i32;
+            return planned;
+        }
+    };
+    match place(candidates, &spec.requirements(&[])) {
+        Ok(chosen) => {
+            planned.node_id = chosen.id().to_string();
+            planned.node_name = chosen.name().to_string();
+        }
+        Err(reason) if reason.is_transient() => {
+            planned.reason = format!("would wait: {reason}");
+        }
+        Err(reason) => {
+            planned.reason = reason.to_string();
+            planned.kind = SkipKind::NoNode as i32;
+        }
+    }
+    planned
 }
 
 /// The session a document's blocks run in (those in languages sessions hold).

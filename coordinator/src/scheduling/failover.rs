@@ -14,7 +14,7 @@ use kowalski_exo_common::error_text::broken_transport;
 use tokio::{sync::watch, time::Instant};
 use tonic::{Code, Status};
 
-use super::placement::{Requirements, Unplaceable, candidates, place};
+use super::placement::{Requirements, Unplaceable, place, with_candidates};
 use crate::registry::{Load, NodeRegistry};
 
 /// Attempts unless the work says otherwise.
@@ -102,6 +102,9 @@ pub trait Work: Send {
     /// ready for the next one.
     async fn attempt(&mut self, attempt: &Attempt) -> AttemptEnd<Self::Result>;
 
+    /// What the work is, for the record of moves: `python run`, `answer of MODEL`.
+    fn what(&self) -> String;
+
     /// Tells the caller a lost attempt will be followed by another elsewhere.
     async fn retrying(&mut self, lost: &Attempt, reason: &str) -> Result<(), CallerGone>;
 }
@@ -139,6 +142,8 @@ async fn attempts<W: Work>(
     let mut failed: Vec<String> = Vec::new();
     let mut busy: Vec<String> = Vec::new();
     let mut losses: Vec<String> = Vec::new();
+    // The node that lost the last attempt, by name, and why, until the work is placed again.
+    let mut lost_on: Option<(String, String)> = None;
     for number in 1..=max_attempts {
         let (node_id, node_name) = match wait_for_node(registry, &*work, &failed, &busy).await {
             Ok(node) => node,
@@ -154,6 +159,10 @@ async fn attempts<W: Work>(
             node_name,
             number,
         };
+        if let Some((from, reason)) = lost_on.take() {
+            let moves = registry.moves();
+            moves.record(work.what(), &from, &attempt.node_name, &reason);
+        }
         *last = Some(attempt.clone());
         // Counted at once, so the next placement sees it even while this one is announced.
         let in_flight = registry.begin(&attempt.node_id, work.load());
@@ -176,6 +185,7 @@ async fn attempts<W: Work>(
             }
             AttemptEnd::Lost(reason) => {
                 failed.push(attempt.node_id.clone());
+                lost_on = Some((attempt.node_name.clone(), reason.clone()));
                 (reason, false)
             }
         };
@@ -227,13 +237,11 @@ async fn watched_attempt<W: Work>(
 
 /// Why no other node could take the work after the nodes in `failed`, if none can.
 fn no_retry<W: Work>(registry: &NodeRegistry, work: &W, failed: &[String]) -> Option<Unplaceable> {
-    match place(
-        &candidates(registry, Instant::now()),
-        &work.requirements(failed),
-    ) {
-        Err(reason) if !reason.is_transient() => Some(reason),
-        _ => None,
-    }
+    let wanted = work.requirements(failed);
+    with_candidates(registry, Instant::now(), |nodes| {
+        place(nodes, &wanted).err()
+    })
+    .filter(|reason| !reason.is_transient())
 }
 
 /// Waits until placement chooses a node: `Err(None)` when the caller left, `Err(Some)` when
@@ -250,16 +258,18 @@ async fn wait_for_node<W: Work>(
     let mut departure = work.departure();
     loop {
         changes.borrow_and_update();
-        let candidates = candidates(registry, Instant::now());
-        let choice = match place(&candidates, &work.requirements(&avoid)) {
-            // Only full nodes remain: one of them, once it has room, beats failing.
-            Err(Unplaceable::Exhausted { .. }) if !busy.is_empty() => {
-                place(&candidates, &work.requirements(failed))
-            }
-            other => other,
-        };
+        // Worked out before the registry's lock is taken: a session's asks the registry.
+        let (untried, not_failed) = (work.requirements(&avoid), work.requirements(failed));
+        let choice = with_candidates(registry, Instant::now(), |nodes| {
+            let chosen = match place(nodes, &untried) {
+                // Only full nodes remain: one of them, once it has room, beats failing.
+                Err(Unplaceable::Exhausted { .. }) if !busy.is_empty() => place(nodes, &not_failed),
+                other => other,
+            };
+            chosen.map(|node| (node.id().to_string(), node.name().to_string()))
+        });
         match choice {
-            Ok(node) => return Ok((node.id.clone(), node.name.clone())),
+            Ok(chosen) => return Ok(chosen),
             Err(reason @ Unplaceable::NoneReady { .. }) => {
                 let since = *none_ready_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= NONE_READY_WAIT {

@@ -1,155 +1,77 @@
 //! Placement: hard filters (the capability the work needs, node pin, labels, not already tried,
 //! ready, room), then the least loaded node, with a deterministic tie-break. A pure function
-//! of the nodes and the requirements; [`candidates`] turns the registry's view into its input.
+//! of the nodes and the requirements; [`with_candidates`] turns the registry's view into its
+//! input.
 
-use std::{cmp::Ordering, collections::BTreeMap, collections::HashMap, fmt};
+use std::{cmp::Ordering, collections::BTreeMap, fmt};
 
-use kowalski_exo_common::{
-    Language, isolation,
-    proto::{BackendState, IsolationLayer, RuntimeHealth},
-};
+use kowalski_exo_common::{Language, isolation, proto::IsolationLayer};
 use tokio::time::Instant;
 
-use crate::registry::{NodeRegistry, NodeSnapshot, NodeState, NodeView};
+use crate::registry::{
+    NodeRegistry, NodeState, NodeView, Profile,
+    profile::{Capabilities, Sketch},
+};
 
-/// What a node can take on, as it reports it.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Capabilities {
-    /// Canonical names of the languages whose runtime is healthy on the node.
-    pub languages: Vec<String>,
-    /// Models its backends serve, working or not, in the node's order.
-    pub models: Vec<ServedModel>,
-}
-
-/// A model one of a node's backends serves.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct ServedModel {
-    pub name: String,
-    /// Generations in flight: the coordinator's own count once it has placed the model there
-    /// (a heartbeat is up to a beat late, both when one starts and when one ends), else the
-    /// node's last report (after a coordinator restart, say).
-    pub in_flight: u32,
-    /// Why its backend is down; none while it works.
-    pub down: Option<String>,
-    /// The backend continues a trailing assistant message.
-    pub continues_prefix: bool,
-}
-
-impl Capabilities {
-    fn of(node: &NodeView<'_>) -> Self {
-        Capabilities {
-            languages: node
-                .registration
-                .runtimes
-                .iter()
-                .flat_map(|f| &f.runtimes)
-                .filter(|r| r.health() == RuntimeHealth::Healthy)
-                .map(|r| r.language.clone())
-                .collect(),
-            models: node
-                .registration
-                .models
-                .iter()
-                .flat_map(|c| &c.models)
-                .map(|m| ServedModel {
-                    name: m.name.clone(),
-                    in_flight: node
-                        .generations
-                        .get(&m.name)
-                        .copied()
-                        .unwrap_or(m.in_flight),
-                    down: (m.state() != BackendState::Ready).then(|| m.reason.clone()),
-                    continues_prefix: m.continues_prefix,
-                })
-                .collect(),
-        }
-    }
-
-    fn runs(&self, language: Language) -> bool {
-        self.languages.iter().any(|l| l == language.name())
-    }
-
-    /// The working backend's offer of `model` that the node would generate with (its first).
-    pub fn serving(&self, model: &str) -> Option<&ServedModel> {
-        self.models
-            .iter()
-            .find(|m| m.name == model && m.down.is_none())
-    }
-
-    /// Why `model` cannot be generated with here although a backend lists it.
-    fn down_reason(&self, model: &str) -> Option<String> {
-        if self.serving(model).is_some() {
-            return None;
-        }
-        self.models
-            .iter()
-            .find(|m| m.name == model)
-            .and_then(|m| m.down.clone())
-    }
-
-    /// Names of the models a working backend serves.
-    fn model_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .models
-            .iter()
-            .filter(|m| m.down.is_none())
-            .map(|m| m.name.clone())
-            .collect();
-        names.sort();
-        names.dedup();
-        names
-    }
-}
-
-/// A node as placement sees it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Candidate {
-    pub id: String,
-    pub name: String,
+/// A node as placement sees it: its profile, kept by the registry, and how it stands now.
+/// What every decision reads of the profile is copied in, so that a decision among thousands
+/// of nodes reads one array.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Candidate<'a> {
+    pub profile: &'a Profile,
     pub state: NodeState,
-    pub labels: HashMap<String, String>,
-    pub capabilities: Capabilities,
     /// Runs placed there and not finished.
     pub in_flight: u32,
-    pub capacity: u32,
     pub cpu_percent: f32,
-    /// Isolation layers its runs get.
-    pub layers: Vec<IsolationLayer>,
-    pub allows_network: bool,
+    sketch: Sketch,
 }
 
-impl Candidate {
-    /// The node as placement sees it, read from the registry without copying the rest.
-    fn of(node: NodeView<'_>) -> Self {
+impl<'a> Candidate<'a> {
+    pub fn new(profile: &'a Profile, state: NodeState, in_flight: u32, cpu_percent: f32) -> Self {
         Candidate {
-            capabilities: Capabilities::of(&node),
-            layers: node
-                .registration
-                .isolation_layers()
-                .filter(|l| *l != IsolationLayer::Unspecified)
-                .collect(),
-            allows_network: node.registration.allows_network,
-            id: node.id.to_string(),
-            name: node.registration.name.clone(),
-            state: node.state,
-            labels: node.registration.labels.clone(),
-            in_flight: node.in_flight,
-            capacity: node.registration.capacity,
-            cpu_percent: node.load.cpu_percent,
+            profile,
+            state,
+            in_flight,
+            cpu_percent,
+            sketch: profile.sketch(),
         }
     }
-}
 
-impl From<NodeSnapshot> for Candidate {
-    fn from(node: NodeSnapshot) -> Self {
-        Candidate::of(node.view())
+    fn of(node: NodeView<'a>) -> Self {
+        Candidate {
+            profile: node.profile,
+            state: node.state,
+            in_flight: node.in_flight,
+            cpu_percent: node.cpu_percent,
+            sketch: node.sketch,
+        }
+    }
+
+    pub fn id(&self) -> &'a str {
+        &self.profile.id
+    }
+
+    pub fn name(&self) -> &'a str {
+        &self.profile.name
+    }
+
+    fn capabilities(&self) -> &'a Capabilities {
+        &self.profile.capabilities
     }
 }
 
-/// Every node as placement sees it now, in no particular order: placement's choice does not
-/// depend on it (ties end on name and id), and refusals list nodes by name.
-pub fn candidates(registry: &NodeRegistry, now: Instant) -> Vec<Candidate> {
-    registry.each_unordered(now, Candidate::of)
+/// `decide` with every node as placement sees it now, read in place under the registry's lock
+/// (so `decide` must be quick, and must not call the registry: work out the requirements
+/// first), in no particular order: placement's choice does not depend on it (ties end on name
+/// and id), and refusals list nodes by name.
+pub fn with_candidates<T>(
+    registry: &NodeRegistry,
+    now: Instant,
+    decide: impl FnOnce(&[Candidate<'_>]) -> T,
+) -> T {
+    registry.with_nodes(now, |nodes| {
+        decide(&nodes.map(Candidate::of).collect::<Vec<_>>())
+    })
 }
 
 /// What a piece of work needs of its node.
@@ -375,19 +297,19 @@ impl fmt::Display for Unplaceable {
 impl std::error::Error for Unplaceable {}
 
 /// Chooses the node for a run.
-pub fn place<'c>(
-    candidates: &'c [Candidate],
+pub fn place<'c, 'a>(
+    candidates: &'c [Candidate<'a>],
     wanted: &Requirements<'_>,
-) -> Result<&'c Candidate, Unplaceable> {
+) -> Result<&'c Candidate<'a>, Unplaceable> {
     let mut fitting: Vec<&Candidate> = candidates.iter().collect();
     if let Some(node) = wanted.node {
-        fitting.retain(|c| c.name == node || c.id == node);
+        fitting.retain(|c| c.name() == node || c.id() == node);
         if fitting.is_empty() {
             return Err(Unplaceable::UnknownNode {
                 node: node.to_string(),
                 known: in_name_order(&candidates.iter().collect::<Vec<_>>())
                     .iter()
-                    .map(|c| c.name.clone())
+                    .map(|c| c.name().to_string())
                     .collect(),
             });
         }
@@ -396,11 +318,11 @@ pub fn place<'c>(
     // from them; the explanation is built only then.
     if let Some(language) = wanted.language {
         let before = fitting.clone();
-        fitting.retain(|c| c.capabilities.runs(language));
+        fitting.retain(|c| c.sketch.languages.contains(language));
         if fitting.is_empty() {
             let offered = in_name_order(&before)
                 .iter()
-                .map(|c| (c.name.clone(), c.capabilities.languages.clone()))
+                .map(|c| (c.name().to_string(), c.capabilities().languages.names()))
                 .collect();
             return Err(Unplaceable::NoRuntime {
                 language: language.name().to_string(),
@@ -411,11 +333,11 @@ pub fn place<'c>(
     }
     if let Some(model) = wanted.model {
         let before = fitting.clone();
-        fitting.retain(|c| c.capabilities.serving(model).is_some());
+        fitting.retain(|c| c.capabilities().serving(model).is_some());
         if fitting.is_empty() {
             let down: Vec<(String, String)> = in_name_order(&before)
                 .iter()
-                .filter_map(|c| Some((c.name.clone(), c.capabilities.down_reason(model)?)))
+                .filter_map(|c| Some((c.name().to_string(), c.capabilities().down_reason(model)?)))
                 .collect();
             if !down.is_empty() {
                 return Err(Unplaceable::ModelDown {
@@ -425,7 +347,7 @@ pub fn place<'c>(
             }
             let offered = in_name_order(&before)
                 .iter()
-                .map(|c| (c.name.clone(), c.capabilities.model_names()))
+                .map(|c| (c.name().to_string(), c.capabilities().model_names()))
                 .collect();
             return Err(Unplaceable::NoModel {
                 model: model.to_string(),
@@ -439,12 +361,17 @@ pub fn place<'c>(
             wanted
                 .labels
                 .iter()
-                .all(|(k, v)| c.labels.get(k) == Some(v))
+                .all(|(k, v)| c.profile.labels.get(k) == Some(v))
         });
         if fitting.is_empty() {
             let carried = in_name_order(&before)
                 .iter()
-                .map(|c| (c.name.clone(), c.labels.clone().into_iter().collect()))
+                .map(|c| {
+                    (
+                        c.name().to_string(),
+                        c.profile.labels.clone().into_iter().collect(),
+                    )
+                })
                 .collect();
             return Err(Unplaceable::NoLabelMatch {
                 labels: wanted.labels.clone(),
@@ -454,11 +381,16 @@ pub fn place<'c>(
     }
     if !wanted.isolation.is_empty() {
         let before = fitting.clone();
-        fitting.retain(|c| wanted.isolation.iter().all(|l| c.layers.contains(l)));
+        fitting.retain(|c| {
+            wanted
+                .isolation
+                .iter()
+                .all(|l| c.profile.layers.contains(l))
+        });
         if fitting.is_empty() {
             let offered = in_name_order(&before)
                 .iter()
-                .map(|c| (c.name.clone(), c.layers.clone()))
+                .map(|c| (c.name().to_string(), c.profile.layers.clone()))
                 .collect();
             return Err(Unplaceable::NoIsolation {
                 required: wanted.isolation.to_vec(),
@@ -468,16 +400,16 @@ pub fn place<'c>(
     }
     if wanted.network {
         let before = fitting.clone();
-        fitting.retain(|c| c.allows_network);
+        fitting.retain(|c| c.profile.allows_network);
         if fitting.is_empty() {
             let nodes = in_name_order(&before)
                 .iter()
-                .map(|c| c.name.clone())
+                .map(|c| c.name().to_string())
                 .collect();
             return Err(Unplaceable::NoNetwork { nodes });
         }
     }
-    fitting.retain(|c| !wanted.exclude.contains(&c.id));
+    fitting.retain(|c| !wanted.exclude.iter().any(|tried| tried == c.id()));
     if fitting.is_empty() {
         return Err(Unplaceable::Exhausted {
             tried: wanted.exclude.len(),
@@ -488,7 +420,7 @@ pub fn place<'c>(
     if fitting.is_empty() {
         let states: Vec<(String, NodeState)> = in_name_order(&before)
             .iter()
-            .map(|c| (c.name.clone(), c.state))
+            .map(|c| (c.name().to_string(), c.state))
             .collect();
         if states
             .iter()
@@ -502,7 +434,7 @@ pub fn place<'c>(
     }
     if let Some(model) = wanted.model {
         let continues = |c: &&Candidate| {
-            c.capabilities
+            c.capabilities()
                 .serving(model)
                 .is_some_and(|m| m.continues_prefix)
         };
@@ -512,11 +444,12 @@ pub fn place<'c>(
         // Backends queue generations themselves: no slot to wait for, fewest in flight first.
         // A conversation's node keeps it while no other is less busy: a warm prompt cache is not
         // worth waiting behind another answer.
-        let generations = |c: &Candidate| c.capabilities.serving(model).map_or(0, |m| m.in_flight);
+        let generations =
+            |c: &Candidate| c.capabilities().serving(model).map_or(0, |m| m.in_flight);
         let least = fitting.iter().map(|c| generations(c)).min();
         if let Some(preferred) = fitting
             .iter()
-            .find(|c| Some(c.id.as_str()) == wanted.prefer && Some(generations(c)) == least)
+            .find(|c| Some(c.id()) == wanted.prefer && Some(generations(c)) == least)
         {
             return Ok(preferred);
         }
@@ -529,11 +462,8 @@ pub fn place<'c>(
             })
             .ok_or(Unplaceable::AllBusy);
     }
-    fitting.retain(|c| c.in_flight < c.capacity.max(1));
-    if let Some(preferred) = fitting
-        .iter()
-        .find(|c| Some(c.id.as_str()) == wanted.prefer)
-    {
+    fitting.retain(|c| c.in_flight < c.sketch.capacity);
+    if let Some(preferred) = fitting.iter().find(|c| Some(c.id()) == wanted.prefer) {
         return Ok(preferred);
     }
     fitting
@@ -543,56 +473,86 @@ pub fn place<'c>(
 }
 
 /// `nodes` ordered by name then id, as refusals list them (candidates come in no order).
-fn in_name_order<'c>(nodes: &[&'c Candidate]) -> Vec<&'c Candidate> {
+fn in_name_order<'c, 'a>(nodes: &[&'c Candidate<'a>]) -> Vec<&'c Candidate<'a>> {
     let mut ordered = nodes.to_vec();
-    ordered.sort_by(|a, b| (&a.name, &a.id).cmp(&(&b.name, &b.id)));
+    ordered.sort_by(|a, b| by_name(a, b));
     ordered
 }
 
 /// Least loaded first: share of capacity in use, then CPU, then name and id.
 fn load_order(a: &Candidate, b: &Candidate) -> Ordering {
-    let share = |c: &Candidate| f64::from(c.in_flight) / f64::from(c.capacity.max(1));
+    let share = |c: &Candidate| f64::from(c.in_flight) / f64::from(c.sketch.capacity);
     share(a)
         .total_cmp(&share(b))
         .then(a.cpu_percent.total_cmp(&b.cpu_percent))
-        .then_with(|| a.name.cmp(&b.name))
-        .then_with(|| a.id.cmp(&b.id))
+        .then_with(|| by_name(a, b))
+}
+
+/// By name then id, the names' keys first.
+fn by_name(a: &Candidate, b: &Candidate) -> Ordering {
+    a.sketch
+        .name_key
+        .cmp(&b.sketch.name_key)
+        .then_with(|| a.name().cmp(b.name()))
+        .then_with(|| a.id().cmp(b.id()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn node(name: &str, in_flight: u32, capacity: u32, cpu: f32) -> Candidate {
-        Candidate {
+    use crate::registry::profile::ServedModel;
+
+    /// A node as the registry holds it: its profile and how it stands.
+    #[derive(Clone, Debug)]
+    struct Node {
+        profile: Profile,
+        state: NodeState,
+        in_flight: u32,
+        cpu_percent: f32,
+    }
+
+    fn node(name: &str, in_flight: u32, capacity: u32, cpu: f32) -> Node {
+        let profile = Profile {
             id: format!("id-{name}"),
             name: name.to_string(),
-            state: NodeState::Ready,
-            labels: HashMap::new(),
             capabilities: Capabilities {
-                languages: vec!["python".into(), "bash".into()],
+                languages: [Language::Python, Language::Bash].into_iter().collect(),
                 models: Vec::new(),
             },
-            in_flight,
             capacity,
-            cpu_percent: cpu,
             layers: vec![IsolationLayer::Cgroup],
-            allows_network: false,
+            ..Default::default()
+        };
+        Node {
+            profile,
+            state: NodeState::Ready,
+            in_flight,
+            cpu_percent: cpu,
         }
+    }
+
+    /// The name of the node placement chooses among `nodes`.
+    fn choose(nodes: &[Node], wanted: &Requirements<'_>) -> Result<String, Unplaceable> {
+        let candidates: Vec<Candidate> = nodes
+            .iter()
+            .map(|n| Candidate::new(&n.profile, n.state, n.in_flight, n.cpu_percent))
+            .collect();
+        place(&candidates, wanted).map(|c| c.name().to_string())
     }
 
     #[test]
     fn required_layers_and_network_keep_work_off_weaker_nodes() {
         let mut strong = node("strong", 3, 4, 0.0);
-        strong.layers = isolation::ALL.to_vec();
+        strong.profile.layers = isolation::ALL.to_vec();
         let nodes = [node("weak", 0, 4, 0.0), strong];
         let layers = [IsolationLayer::Network, IsolationLayer::User];
         let contained = Requirements {
             isolation: &layers,
             ..python()
         };
-        assert_eq!(place(&nodes, &contained).unwrap().name, "strong");
-        let err = place(&nodes[..1], &contained).unwrap_err();
+        assert_eq!(choose(&nodes, &contained).unwrap(), "strong");
+        let err = choose(&nodes[..1], &contained).unwrap_err();
         assert!(!err.is_transient());
         assert_eq!(
             err.to_string(),
@@ -603,14 +563,14 @@ mod tests {
             ..python()
         };
         assert!(
-            place(&nodes, &online)
+            choose(&nodes, &online)
                 .unwrap_err()
                 .to_string()
                 .contains("no node lets runs use the network (strong, weak do not")
         );
         let mut open = nodes.clone();
-        open[1].allows_network = true;
-        assert_eq!(place(&open, &online).unwrap().name, "strong");
+        open[1].profile.allows_network = true;
+        assert_eq!(choose(&open, &online).unwrap(), "strong");
     }
 
     fn python() -> Requirements<'static> {
@@ -629,7 +589,7 @@ mod tests {
             (vec![node("b", 0, 2, 10.0), node("a", 0, 2, 10.0)], "a"),
         ];
         for (nodes, want) in table {
-            assert_eq!(place(&nodes, &python()).unwrap().name, want, "{nodes:?}");
+            assert_eq!(choose(&nodes, &python()).unwrap(), want, "{nodes:?}");
         }
     }
 
@@ -641,38 +601,38 @@ mod tests {
         draining.state = NodeState::Draining;
         let full = node("full", 2, 2, 0.0);
         let mut no_python = node("nopy", 0, 2, 0.0);
-        no_python.capabilities.languages = vec!["bash".into()];
+        no_python.profile.capabilities.languages = [Language::Bash].into_iter().collect();
         let busy_but_fit = node("fit", 1, 2, 99.0);
         let nodes = [suspect, draining, full, no_python, busy_but_fit];
-        assert_eq!(place(&nodes, &python()).unwrap().name, "fit");
+        assert_eq!(choose(&nodes, &python()).unwrap(), "fit");
     }
 
     #[test]
     fn pin_labels_and_exclusions_narrow_the_choice() {
         let mut gpu = node("gpu-box", 3, 4, 0.0);
-        gpu.labels.insert("gpu".into(), "yes".into());
+        gpu.profile.labels.insert("gpu".into(), "yes".into());
         let nodes = [node("laptop", 0, 4, 0.0), gpu];
         let pinned = Requirements {
             node: Some("gpu-box"),
             ..python()
         };
-        assert_eq!(place(&nodes, &pinned).unwrap().name, "gpu-box");
+        assert_eq!(choose(&nodes, &pinned).unwrap(), "gpu-box");
         let by_id = Requirements {
             node: Some("id-laptop"),
             ..python()
         };
-        assert_eq!(place(&nodes, &by_id).unwrap().name, "laptop");
+        assert_eq!(choose(&nodes, &by_id).unwrap(), "laptop");
         let labelled = Requirements {
             labels: [("gpu".to_string(), "yes".to_string())].into(),
             ..python()
         };
-        assert_eq!(place(&nodes, &labelled).unwrap().name, "gpu-box");
+        assert_eq!(choose(&nodes, &labelled).unwrap(), "gpu-box");
         let tried = vec!["id-laptop".to_string()];
         let retry = Requirements {
             exclude: &tried,
             ..python()
         };
-        assert_eq!(place(&nodes, &retry).unwrap().name, "gpu-box");
+        assert_eq!(choose(&nodes, &retry).unwrap(), "gpu-box");
     }
 
     #[test]
@@ -682,7 +642,7 @@ mod tests {
             language: Some(Language::Rust),
             ..Default::default()
         };
-        let err = place(&nodes, &rust).unwrap_err();
+        let err = choose(&nodes, &rust).unwrap_err();
         assert!(!err.is_transient());
         assert_eq!(
             err.to_string(),
@@ -693,7 +653,7 @@ mod tests {
             ..python()
         };
         assert_eq!(
-            place(&nodes, &pinned).unwrap_err().to_string(),
+            choose(&nodes, &pinned).unwrap_err().to_string(),
             "no node is called 'nas'; known nodes: laptop"
         );
         let pinned_rust = Requirements {
@@ -701,7 +661,7 @@ mod tests {
             ..rust.clone()
         };
         assert_eq!(
-            place(&nodes, &pinned_rust).unwrap_err().to_string(),
+            choose(&nodes, &pinned_rust).unwrap_err().to_string(),
             "the run is pinned to 'laptop', which cannot run rust: it offers python, bash"
         );
         let tried = vec!["id-laptop".to_string()];
@@ -710,14 +670,14 @@ mod tests {
             ..python()
         };
         assert_eq!(
-            place(&nodes, &retry).unwrap_err(),
+            choose(&nodes, &retry).unwrap_err(),
             Unplaceable::Exhausted { tried: 1 }
         );
         let busy = [node("laptop", 2, 2, 0.0)];
-        assert!(place(&busy, &python()).unwrap_err().is_transient());
+        assert!(choose(&busy, &python()).unwrap_err().is_transient());
         let mut down = node("laptop", 0, 2, 0.0);
         down.state = NodeState::Down;
-        let err = place(&[down], &python()).unwrap_err();
+        let err = choose(&[down], &python()).unwrap_err();
         assert!(err.is_transient());
         assert_eq!(err.to_string(), "no fitting node is ready: laptop is down");
     }
@@ -730,7 +690,7 @@ mod tests {
             node: Some("laptop"),
             ..python()
         };
-        let err = place(&[draining, node("desk", 0, 2, 0.0)], &pinned).unwrap_err();
+        let err = choose(&[draining, node("desk", 0, 2, 0.0)], &pinned).unwrap_err();
         assert!(!err.is_transient());
         assert_eq!(
             err.to_string(),
@@ -741,56 +701,23 @@ mod tests {
     #[test]
     fn unmatched_labels_list_the_labels_nodes_carry() {
         let mut gpu = node("gpu-box", 0, 2, 0.0);
-        gpu.labels.insert("gpu".into(), "no".into());
+        gpu.profile.labels.insert("gpu".into(), "no".into());
         let wanted = Requirements {
             labels: [("gpu".to_string(), "yes".to_string())].into(),
             ..python()
         };
         assert_eq!(
-            place(&[gpu, node("laptop", 0, 2, 0.0)], &wanted)
+            choose(&[gpu, node("laptop", 0, 2, 0.0)], &wanted)
                 .unwrap_err()
                 .to_string(),
             "no node with the runtime carries the labels gpu=yes (gpu-box has gpu=no; laptop has no labels)"
         );
     }
 
-    #[test]
-    fn only_healthy_runtimes_are_capabilities() {
-        use kowalski_exo_common::proto::{Register, Runtime, RuntimeFingerprint};
-        let runtime = |language: &str, health: RuntimeHealth| Runtime {
-            language: language.into(),
-            health: health as i32,
-            ..Default::default()
-        };
-        let snapshot = NodeSnapshot {
-            id: "id-box".into(),
-            state: NodeState::Ready,
-            registration: Register {
-                name: "box".into(),
-                capacity: 2,
-                runtimes: Some(RuntimeFingerprint {
-                    runtimes: vec![
-                        runtime("python", RuntimeHealth::Healthy),
-                        runtime("perl", RuntimeHealth::Broken),
-                        runtime("go", RuntimeHealth::Missing),
-                    ],
-                    probed_at_unix_ms: 0,
-                }),
-                ..Default::default()
-            },
-            load: Default::default(),
-            in_flight: 1,
-            generations: HashMap::new(),
-        };
-        let candidate = Candidate::from(snapshot);
-        assert_eq!(candidate.capabilities.languages, ["python"]);
-        assert_eq!((candidate.name.as_str(), candidate.in_flight), ("box", 1));
-    }
-
     /// A node serving model `m` with `in_flight` generations, its backend down with `down`.
-    fn serving(name: &str, in_flight: u32, down: Option<&str>) -> Candidate {
+    fn serving(name: &str, in_flight: u32, down: Option<&str>) -> Node {
         let mut node = node(name, 0, 2, 0.0);
-        node.capabilities.models = vec![ServedModel {
+        node.profile.capabilities.models = vec![ServedModel {
             name: "m".into(),
             in_flight,
             down: down.map(str::to_string),
@@ -810,21 +737,21 @@ mod tests {
     #[test]
     fn a_generation_goes_to_the_node_with_fewest_in_flight() {
         let nodes = [serving("a", 2, None), serving("b", 1, None)];
-        assert_eq!(place(&nodes, &model_m(None)).unwrap().name, "b");
+        assert_eq!(choose(&nodes, &model_m(None)).unwrap(), "b");
     }
 
     #[test]
     fn a_conversation_keeps_its_node_only_while_no_other_is_less_busy() {
         let idle = [serving("a", 0, None), serving("b", 0, None)];
-        assert_eq!(place(&idle, &model_m(Some("id-b"))).unwrap().name, "b");
+        assert_eq!(choose(&idle, &model_m(Some("id-b"))).unwrap(), "b");
         let busy = [serving("a", 0, None), serving("b", 1, None)];
-        assert_eq!(place(&busy, &model_m(Some("id-b"))).unwrap().name, "a");
+        assert_eq!(choose(&busy, &model_m(Some("id-b"))).unwrap(), "a");
     }
 
     #[test]
     fn a_model_whose_backends_are_down_is_unavailable_not_unknown() {
         let nodes = [serving("a", 0, Some("connection refused"))];
-        let down = place(&nodes, &model_m(None)).unwrap_err();
+        let down = choose(&nodes, &model_m(None)).unwrap_err();
         assert_eq!(
             down.to_string(),
             "every backend serving the model 'm' is down (a: connection refused)"
@@ -835,40 +762,8 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            place(&nodes, &unknown).unwrap_err().to_string(),
+            choose(&nodes, &unknown).unwrap_err().to_string(),
             "no node serves the model 'other': a serves none"
         );
-    }
-
-    #[test]
-    fn generations_the_coordinator_placed_count_over_what_a_late_heartbeat_says() {
-        use kowalski_exo_common::proto::{ModelCatalog, ModelOffer, Register};
-        let snapshot = |generations: Option<u32>| NodeSnapshot {
-            id: "id-box".into(),
-            state: NodeState::Ready,
-            registration: Register {
-                name: "box".into(),
-                models: Some(ModelCatalog {
-                    models: vec![ModelOffer {
-                        name: "m".into(),
-                        state: BackendState::Ready as i32,
-                        in_flight: 1,
-                        ..Default::default()
-                    }],
-                }),
-                ..Default::default()
-            },
-            load: Default::default(),
-            in_flight: 0,
-            generations: generations
-                .map(|g| ("m".to_string(), g))
-                .into_iter()
-                .collect(),
-        };
-        let in_flight = |c: Candidate| c.capabilities.serving("m").unwrap().in_flight;
-        // Placed just now, before a beat; ended just now, after one; never placed by us.
-        assert_eq!(in_flight(Candidate::from(snapshot(Some(3)))), 3);
-        assert_eq!(in_flight(Candidate::from(snapshot(Some(0)))), 0);
-        assert_eq!(in_flight(Candidate::from(snapshot(None))), 1);
     }
 }

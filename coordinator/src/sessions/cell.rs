@@ -112,6 +112,10 @@ impl SessionCell<'_> {
 impl Work for SessionCell<'_> {
     type Result = proto::ExecFinished;
 
+    fn what(&self) -> String {
+        format!("session {}", self.record.name)
+    }
+
     fn requirements<'b>(&'b self, exclude: &'b [String]) -> Requirements<'b> {
         // At home while its node lives (a full node is waited for, not left); placed anew
         // (within the session's constraints) when not.
