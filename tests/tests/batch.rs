@@ -1,7 +1,7 @@
 //! `coordinator batch` with real processes: a batch interrupted by Ctrl-C and by a SIGKILL of
 //! the CLI, an agent SIGKILLed under it and the coordinator restarted, each time resumed, with
 //! every task's result exactly once in the output and the database, and each the finishing
-//! attempt's own.
+//! attempt's own; a batch in warm sessions closes them however it ends.
 
 use std::{
     collections::HashMap,
@@ -224,4 +224,49 @@ async fn bad_tasks_are_named_and_a_failing_task_is_recorded_as_failed() {
             &Value::from("no\n")
         )
     );
+}
+
+/// The names of the sessions the coordinator holds.
+async fn sessions(cluster: &Cluster) -> Vec<String> {
+    cluster
+        .client()
+        .await
+        .list_sessions(kowalski_exo_common::proto::ListSessionsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions
+        .into_iter()
+        .map(|s| s.name)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_in_warm_sessions_closes_them_when_interrupted_and_when_done() {
+    let cluster = Cluster::start(2, 4, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let batch = Batch::new(cluster.url(), dir.path(), 60);
+    let warm = |resume: bool| {
+        let mut command = batch.command(resume);
+        command.args(["--sessions", "3"]);
+        command
+    };
+
+    // Interrupted while every session holds a task: none is left open.
+    let run = warm(false)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    batch.wait_for(10);
+    assert!(!sessions(&cluster).await.is_empty(), "no warm session");
+    signal_child(&run, signal::Signal::SIGINT);
+    let (status, _, err) = outcome(run.wait_with_output().unwrap());
+    assert_eq!(status, Some(130), "{err}");
+    assert_eq!(sessions(&cluster).await, Vec::<String>::new());
+
+    let (status, _, err) = outcome(warm(true).output().unwrap());
+    assert_eq!(status, Some(0), "{err}");
+    batch.assert_complete(60);
+    assert_eq!(sessions(&cluster).await, Vec::<String>::new());
 }

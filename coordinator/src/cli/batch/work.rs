@@ -46,6 +46,8 @@ pub struct Runner {
     /// The batch's warm sessions, each free one waiting in the pool.
     sessions: Option<Mutex<tokio::sync::mpsc::Receiver<String>>>,
     give_back: tokio::sync::mpsc::Sender<String>,
+    /// Every one of them, free or not, to close at the end.
+    session_names: Vec<String>,
 }
 
 /// How one try ended.
@@ -60,14 +62,17 @@ impl Runner {
     pub fn new(client: Client, defaults: ExecDefaults, sessions: Vec<String>) -> Self {
         let (give_back, pool) = tokio::sync::mpsc::channel(sessions.len().max(1));
         let warm = !sessions.is_empty();
-        for name in sessions {
-            give_back.try_send(name).expect("room for every session");
+        for name in &sessions {
+            give_back
+                .try_send(name.clone())
+                .expect("room for every session");
         }
         Runner {
             client,
             defaults,
             sessions: warm.then(|| Mutex::new(pool)),
             give_back,
+            session_names: sessions,
         }
     }
 
@@ -217,12 +222,13 @@ impl Runner {
         }
     }
 
-    /// Closes the batch's warm sessions.
+    /// Closes the batch's warm sessions, those a task held when the batch was interrupted too
+    /// (its calls are gone by then). A session never opened is not there to close.
     pub async fn close_sessions(&self) {
-        let Some(pool) = &self.sessions else { return };
-        let mut pool = pool.lock().await;
-        while let Ok(name) = pool.try_recv() {
-            let request = kowalski_exo_common::proto::CloseSessionRequest { session_id: name };
+        for name in &self.session_names {
+            let request = kowalski_exo_common::proto::CloseSessionRequest {
+                session_id: name.clone(),
+            };
             let _ = self.client.clone().close_session(request).await;
         }
     }
