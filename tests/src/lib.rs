@@ -28,10 +28,10 @@ use std::{
 };
 
 use kowalski_exo_common::proto::{
-    ClusterExecuteRequest, ClusterSessionExecuteRequest, DescribeRequest, ExecStatus,
-    ExecuteRequest, ListNodesRequest, NodeDescription, NodeInfo, SessionExecuteRequest,
-    SessionMoved, cluster_event::Event, coordinator_client::CoordinatorClient,
-    node_agent_client::NodeAgentClient,
+    ClusterExecuteRequest, ClusterSessionExecuteRequest, ClusterSessionInfo, DescribeRequest,
+    ExecStatus, ExecuteRequest, ListNodesRequest, ListSessionsRequest, NodeDescription, NodeInfo,
+    SessionExecuteRequest, SessionMoved, cluster_event::Event,
+    coordinator_client::CoordinatorClient, node_agent_client::NodeAgentClient,
 };
 use nix::{sys::signal::Signal, unistd::Pid};
 use tonic::transport::Channel;
@@ -356,6 +356,17 @@ impl Cluster {
                 .unwrap_or_default(),
             Err(_) => Vec::new(),
         }
+    }
+
+    /// Every named session the coordinator holds.
+    pub async fn sessions(&self) -> Vec<ClusterSessionInfo> {
+        self.client()
+            .await
+            .list_sessions(ListSessionsRequest {})
+            .await
+            .expect("ListSessions")
+            .into_inner()
+            .sessions
     }
 
     /// The state of the node called `name`, if listed.

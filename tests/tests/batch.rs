@@ -228,17 +228,8 @@ async fn bad_tasks_are_named_and_a_failing_task_is_recorded_as_failed() {
 
 /// The names of the sessions the coordinator holds.
 async fn sessions(cluster: &Cluster) -> Vec<String> {
-    cluster
-        .client()
-        .await
-        .list_sessions(kowalski_exo_common::proto::ListSessionsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .sessions
-        .into_iter()
-        .map(|s| s.name)
-        .collect()
+    let listed = cluster.sessions().await;
+    listed.into_iter().map(|s| s.name).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -156,14 +156,7 @@ async fn a_session_whose_node_is_killed_moves_with_its_variables() {
     assert_eq!((out.as_str(), ok, moves.len()), ("defining\n", true, 0));
     in_session(&cluster, "data.append(4)").await;
     in_session(&cluster, "this_fails = 1 / 0").await;
-    let listed = cluster
-        .client()
-        .await
-        .list_sessions(kowalski_exo_common::proto::ListSessionsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .sessions;
+    let listed = cluster.sessions().await;
     let home = listed[0].node_name.clone();
     cluster.agent(&home).signal(Signal::SIGKILL);
     let (out, ok, moves) = in_session(&cluster, "sum(data)").await;
