@@ -181,7 +181,7 @@ impl fmt::Display for Unplaceable {
                     .iter()
                     .map(|(name, languages)| format!("{name} offers {}", languages.join(", ")))
                     .collect();
-                write!(f, "no node can run {language}: {}", offers.join("; "))
+                write!(f, "no node can run {language}: {}", some(&offers, "; "))
             }
             Unplaceable::NoModel { model, offered } => {
                 let offers: Vec<String> = offered
@@ -203,7 +203,7 @@ impl fmt::Display for Unplaceable {
                     write!(
                         f,
                         "no node serves the model '{model}': {}",
-                        offers.join("; ")
+                        some(&offers, "; ")
                     )
                 }
             }
@@ -215,7 +215,7 @@ impl fmt::Display for Unplaceable {
                 write!(
                     f,
                     "every backend serving the model '{model}' is down ({})",
-                    down.join("; ")
+                    some(&down, "; ")
                 )
             }
             Unplaceable::UnknownNode { node, known } => write!(
@@ -224,7 +224,7 @@ impl fmt::Display for Unplaceable {
                 if known.is_empty() {
                     "none".to_string()
                 } else {
-                    known.join(", ")
+                    some(known, ", ")
                 }
             ),
             Unplaceable::NoLabelMatch { labels, carried } => {
@@ -245,7 +245,7 @@ impl fmt::Display for Unplaceable {
                     f,
                     "no node with the runtime carries the labels {} ({})",
                     pairs(labels),
-                    carried.join("; ")
+                    some(&carried, "; ")
                 )
             }
             Unplaceable::NoIsolation { required, offered } => {
@@ -261,13 +261,13 @@ impl fmt::Display for Unplaceable {
                     f,
                     "no node gives the isolation asked for ({}): {}",
                     names(required),
-                    offered.join("; ")
+                    some(&offered, "; ")
                 )
             }
             Unplaceable::NoNetwork { nodes } => write!(
                 f,
                 "no node lets runs use the network ({} do not; their owners can allow it with node-agent --allow-network)",
-                nodes.join(", ")
+                some(nodes, ", ")
             ),
             Unplaceable::Exhausted { tried } => {
                 write!(f, "no other node can take it after {tried} tried")
@@ -277,7 +277,7 @@ impl fmt::Display for Unplaceable {
                     .iter()
                     .map(|(name, state)| format!("{name} is {}", state.name()))
                     .collect();
-                write!(f, "no fitting node is ready: {}", states.join(", "))
+                write!(f, "no fitting node is ready: {}", some(&states, ", "))
             }
             Unplaceable::Draining { nodes } if nodes.len() == 1 => write!(
                 f,
@@ -287,7 +287,7 @@ impl fmt::Display for Unplaceable {
             Unplaceable::Draining { nodes } => write!(
                 f,
                 "every fitting node is draining and takes no new work: {}",
-                nodes.join(", ")
+                some(nodes, ", ")
             ),
             Unplaceable::AllBusy => write!(f, "every fitting node is busy"),
         }
@@ -295,6 +295,18 @@ impl fmt::Display for Unplaceable {
 }
 
 impl std::error::Error for Unplaceable {}
+
+/// Nodes a refusal names, in a message that stays readable on a large cluster.
+const NAMED_AT_MOST: usize = 12;
+
+/// The first `NAMED_AT_MOST` of `items` joined by `separator`, with how many more there are.
+fn some(items: &[String], separator: &str) -> String {
+    let shown = items[..items.len().min(NAMED_AT_MOST)].join(separator);
+    match items.len().saturating_sub(NAMED_AT_MOST) {
+        0 => shown,
+        more => format!("{shown}{separator}and {more} more"),
+    }
+}
 
 /// Chooses the node for a run.
 pub fn place<'c, 'a>(
@@ -680,6 +692,32 @@ mod tests {
         let err = choose(&[down], &python()).unwrap_err();
         assert!(err.is_transient());
         assert_eq!(err.to_string(), "no fitting node is ready: laptop is down");
+    }
+
+    #[test]
+    fn a_refusal_on_a_large_cluster_names_a_few_nodes_and_counts_the_rest() {
+        let nodes: Vec<Node> = (10..40)
+            .map(|i| node(&format!("n{i}"), 0, 2, 0.0))
+            .collect();
+        let rust = Requirements {
+            language: Some(Language::Rust),
+            ..Default::default()
+        };
+        let message = choose(&nodes, &rust).unwrap_err().to_string();
+        assert!(
+            message.starts_with("no node can run rust: n10 offers python, bash; n11 offers"),
+            "{message}"
+        );
+        assert!(
+            message.ends_with("; n21 offers python, bash; and 18 more"),
+            "{message}"
+        );
+        let unknown = Requirements {
+            node: Some("nas"),
+            ..python()
+        };
+        let message = choose(&nodes, &unknown).unwrap_err().to_string();
+        assert!(message.ends_with("n20, n21, and 18 more"), "{message}");
     }
 
     #[test]
