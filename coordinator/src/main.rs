@@ -58,6 +58,10 @@ enum Command {
         /// default).
         #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_timeout)]
         stall_timeout: u32,
+        /// Forget a named session after this long without an execution (e.g. 90s, 10m, 1h);
+        /// give agents the same `--session-idle`
+        #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+        session_idle: Duration,
         /// The cluster's name, announced on the LAN (mDNS, `_kowalski-exo._tcp`) so agents
         /// find the coordinator with no --coordinator; tells clusters on one LAN apart
         /// [default: the host name]
@@ -439,6 +443,7 @@ async fn main() -> ExitCode {
             http,
             local_agent,
             stall_timeout,
+            session_idle,
             cluster_name,
             no_announce,
             security,
@@ -459,7 +464,12 @@ async fn main() -> ExitCode {
                     ..setup
                 }),
                 http,
-                local_agent: local_agent.then(local_agent_config),
+                local_agent: local_agent.then(|| {
+                    let mut agent = local_agent_config();
+                    agent.sessions.idle = session_idle;
+                    agent
+                }),
+                session_idle,
                 stall_timeout: match stall_timeout {
                     0 => DEFAULT_STALL_TIMEOUT,
                     ms => Duration::from_millis(ms.into()),

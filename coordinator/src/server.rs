@@ -28,7 +28,7 @@ use crate::{
     scheduling::agents::{AgentConnector, GrpcAgents},
     scheduling::dispatch::Dispatcher,
     service::ClusterService,
-    sessions::SubcallRelay,
+    sessions::{self, SubcallRelay},
 };
 
 /// How long shutdown waits for open client streams.
@@ -108,6 +108,8 @@ pub struct CoordinatorConfig {
     pub local_agent: Option<AgentConfig>,
     /// A chat answer whose node sends no token for this long moves to another node.
     pub stall_timeout: Duration,
+    /// A named session unused this long is forgotten.
+    pub session_idle: Duration,
     /// Cluster identity over TLS; none: plaintext, for a coordinator on loopback (or one told
     /// `--insecure`).
     pub tls: Option<TlsSetup>,
@@ -134,6 +136,7 @@ impl CoordinatorConfig {
             http: None,
             local_agent: None,
             stall_timeout: DEFAULT_STALL_TIMEOUT,
+            session_idle: sessions::DEFAULT_IDLE,
             tls: None,
             announce: None,
         }
@@ -213,6 +216,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Star
         http,
         local_agent,
         stall_timeout,
+        session_idle,
         tls,
         announce,
     } = config;
@@ -240,7 +244,8 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Star
         None => Arc::new(GrpcAgents::default()),
     };
     let chats = Chats::new(registry.clone(), agents.clone(), stall_timeout);
-    let cluster = ClusterService::new(Dispatcher::new(registry.clone(), agents), chats.clone());
+    let dispatcher = Dispatcher::new(registry.clone(), agents);
+    let cluster = ClusterService::new(dispatcher, chats.clone(), session_idle);
     let relay = SubcallRelay::new(
         chats,
         registry.clone(),

@@ -55,8 +55,9 @@ pub struct ClusterService {
 }
 
 impl ClusterService {
-    pub fn new(dispatcher: Dispatcher, chats: Chats) -> Self {
-        let sessions = ClusterSessions::new(dispatcher.clone());
+    /// The service over `dispatcher` and `chats`, forgetting sessions unused for `session_idle`.
+    pub fn new(dispatcher: Dispatcher, chats: Chats, session_idle: Duration) -> Self {
+        let sessions = ClusterSessions::new(dispatcher.clone(), session_idle);
         ClusterService {
             rlm: Rlm::new(
                 chats.clone(),

@@ -1,13 +1,15 @@
 //! Sessions across a real cluster (a coordinator and agents, each its own process): the CLI's
-//! `exec --session`, `run --session`, `sessions` and `session close`, and a session that moves
-//! with its variables when its node is SIGKILLed.
+//! `exec --session`, `run --session`, `sessions` and `session close`, a session that moves
+//! with its variables when its node is SIGKILLed, and sessions forgotten after the idle time
+//! the coordinator is given.
 
-use std::process::Command;
+use std::{process::Command, time::Duration};
 
 use kowalski_exo_common::proto::{
-    ClusterOpenSessionRequest, ExecStatus, OpenSessionRequest, SessionMoved,
+    ClusterOpenSessionRequest, ExecStatus, ListNodesRequest, ListSessionsRequest,
+    OpenSessionRequest, SessionMoved, coordinator_client::CoordinatorClient,
 };
-use kowalski_exo_tests::{Cluster, binary, outcome, run_in_session};
+use kowalski_exo_tests::{CEILING, Cluster, Daemon, binary, channel, outcome, run_in_session};
 use nix::sys::signal::Signal;
 
 /// Runs the coordinator CLI against `cluster`; returns (exit code, stdout, stderr).
@@ -172,4 +174,62 @@ async fn a_session_whose_node_is_killed_moves_with_its_variables() {
     );
     let (out, _, moves) = in_session(&cluster, "len(data)").await;
     assert_eq!((out.as_str(), moves.len()), ("4\n", 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_told_a_session_idle_time_forgets_sessions_unused_that_long() {
+    let coordinator = Daemon::start(
+        "coordinator",
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "off",
+            "--local-agent",
+            "--session-idle",
+            "2s",
+        ],
+        &[],
+        "coordinator listening",
+    );
+    let url = coordinator.url();
+    let mut client = CoordinatorClient::new(channel(&url).await.unwrap());
+    let listed = |client: &mut CoordinatorClient<_>| {
+        let mut client = client.clone();
+        async move {
+            let listed = client.list_sessions(ListSessionsRequest {}).await.unwrap();
+            let sessions = listed.into_inner().sessions;
+            sessions.into_iter().map(|s| s.name).collect::<Vec<_>>()
+        }
+    };
+    // The agent in the coordinator's process registers just after the coordinator listens.
+    let started = std::time::Instant::now();
+    while client
+        .list_nodes(ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes
+        .is_empty()
+    {
+        assert!(
+            started.elapsed() < CEILING,
+            "the local agent never registered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let run = run_in_session(&mut client, "short", "python", "x = 1").await;
+    assert_eq!(run.status, Some(ExecStatus::Ok), "{}", run.stdout);
+    assert_eq!(listed(&mut client).await, ["short"]);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(listed(&mut client).await, Vec::<String>::new());
+    let (code, _, err) = outcome(
+        Command::new(binary("coordinator"))
+            .args(["session", "close", "short", "--addr", &url])
+            .output()
+            .unwrap(),
+    );
+    assert_ne!(code, Some(0));
+    assert!(err.contains("sessions unused for 2s are closed"), "{err}");
 }

@@ -41,8 +41,10 @@ use crate::{
 use cell::SessionCell;
 pub use subcalls::SubcallRelay;
 
-/// A session unused this long is forgotten (its node closes it after as long).
-pub const IDLE: Duration = Duration::from_secs(600);
+/// A session unused this long is forgotten, unless the coordinator is told otherwise (its node
+/// closes it after as long, by its own default: agents are told the same with
+/// `--session-idle`).
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(600);
 /// Events buffered per execution before a slow client holds it back.
 const EVENT_BUFFER: usize = 64;
 
@@ -50,6 +52,8 @@ const EVENT_BUFFER: usize = 64;
 #[derive(Clone)]
 pub struct ClusterSessions {
     dispatcher: Dispatcher,
+    /// A session unused this long is forgotten.
+    idle: Duration,
     table: Arc<Mutex<HashMap<String, Entry>>>,
     /// Sessions whose sub-calls someone follows (an RLM run), by name.
     watched: Arc<Mutex<HashMap<String, SubcallWatch>>>,
@@ -155,9 +159,10 @@ struct Facts {
 }
 
 impl ClusterSessions {
-    pub fn new(dispatcher: Dispatcher) -> Self {
+    pub fn new(dispatcher: Dispatcher, idle: Duration) -> Self {
         ClusterSessions {
             dispatcher,
+            idle,
             table: Arc::default(),
             watched: Arc::default(),
         }
@@ -167,11 +172,12 @@ impl ClusterSessions {
         self.table.lock().expect("session table poisoned")
     }
 
-    /// Forgets sessions idle past [`IDLE`] (their nodes close them after as long).
+    /// Forgets sessions idle past `idle` (their nodes close them after as long).
     fn forget_idle(&self) {
+        let idle = self.idle;
         self.table().retain(|_, entry| {
             let facts = entry.facts.lock().expect("session facts poisoned");
-            facts.idle_since.is_none_or(|since| since.elapsed() < IDLE)
+            facts.idle_since.is_none_or(|since| since.elapsed() < idle)
         });
     }
 
@@ -456,7 +462,8 @@ impl ClusterSessions {
     pub async fn close(&self, name: &str) -> Result<ClusterSessionInfo, Status> {
         let entry = self.table().remove(name).ok_or_else(|| {
             Status::not_found(format!(
-                "no session named '{name}' (sessions unused for {IDLE:?} are closed)"
+                "no session named '{name}' (sessions unused for {} are closed)",
+                humantime::format_duration(self.idle)
             ))
         })?;
         let described = info(name, &entry);
