@@ -274,7 +274,8 @@ struct Figures {
 async fn measure(agents: usize, runs: usize, quiet: Duration) -> Figures {
     let coordinator = Daemon::start(
         "coordinator",
-        &["serve", "--listen", "127.0.0.1:0", "--http", "off"],
+        // HTTP on, as by default: the dashboard samples every node's load every 2 s.
+        &["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"],
         &[],
         "coordinator listening",
     );

@@ -6,7 +6,7 @@
 //! browser asked for a key (HTTP Basic, the key as password) sends it with every request.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     convert::Infallible,
     sync::{Arc, Mutex, Weak},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -71,8 +71,9 @@ async fn sample(cluster: ClusterService, history: Weak<Samples>) {
         };
         let now = now_ms();
         let nodes = cluster.list_nodes();
+        let listed: HashSet<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
         let mut history = history.lock().expect("load history poisoned");
-        history.retain(|id, _| nodes.iter().any(|n| &n.id == id));
+        history.retain(|id, _| listed.contains(id.as_str()));
         for node in &nodes {
             let line = NodeLine::from(node);
             let samples = history.entry(node.id.clone()).or_default();
@@ -121,7 +122,7 @@ struct DashboardNode {
 /// Everything the page shows.
 fn snapshot(cluster: &ClusterService, history: &LoadHistory) -> Value {
     let models: Vec<ModelLine> = cluster.list_models().iter().map(ModelLine::from).collect();
-    let history = history.0.lock().expect("load history poisoned").clone();
+    let history = history.0.lock().expect("load history poisoned");
     let nodes: Vec<DashboardNode> = cluster
         .list_nodes()
         .iter()
@@ -141,6 +142,7 @@ fn snapshot(cluster: &ClusterService, history: &LoadHistory) -> Value {
             node: NodeLine::from(node),
         })
         .collect();
+    drop(history);
     let runs: u32 = nodes.iter().map(|n| n.node.running).sum();
     let generations: u32 = models
         .iter()
