@@ -91,6 +91,10 @@ pub struct EventLine {
     /// session_moved: executions replayed there, whose output is not shown again.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replayed: Option<u32>,
+    /// session_moved: replayed executions that did not succeed again ("execution N: STATUS
+    /// (last error line)"); absent when every one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay_failures: Option<Vec<String>>,
     /// finished, in a session: the interpreter started afresh; what it held is gone.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state_lost: Option<bool>,
@@ -178,6 +182,7 @@ impl EventLine {
                 from: Some(m.from_node.clone()),
                 to: Some(m.to_node.clone()),
                 replayed: Some(m.executions_replayed),
+                replay_failures: (!m.replay_failures.is_empty()).then(|| m.replay_failures.clone()),
                 ..base
             },
             Event::Skipped(s) => EventLine {
@@ -193,7 +198,7 @@ impl EventLine {
 
 #[cfg(test)]
 mod tests {
-    use kowalski_exo_common::proto::{BlockSkipped, Queued};
+    use kowalski_exo_common::proto::{BlockSkipped, Queued, SessionMoved};
 
     use super::*;
 
@@ -218,6 +223,29 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&line).unwrap(),
             r#"{"event":"skipped","block":3,"line":9,"reason":"","skip":"not_run"}"#
+        );
+    }
+
+    #[test]
+    fn a_session_move_lists_the_replays_that_failed_only_when_some_did() {
+        let moved = |failures: &[&str]| ClusterEvent {
+            block: 0,
+            event: Some(Event::SessionMoved(SessionMoved {
+                session: "nb".into(),
+                from_node: "a".into(),
+                to_node: "b".into(),
+                executions_replayed: 3,
+                replay_failures: failures.iter().map(|f| f.to_string()).collect(),
+            })),
+        };
+        let line = |event| serde_json::to_string(&EventLine::from_event(&event, false)).unwrap();
+        assert_eq!(
+            line(moved(&[])),
+            r#"{"event":"session_moved","session":"nb","from":"a","to":"b","replayed":3}"#
+        );
+        assert_eq!(
+            line(moved(&["execution 2: nonzero_exit (KeyError: 'x')"])),
+            r#"{"event":"session_moved","session":"nb","from":"a","to":"b","replayed":3,"replay_failures":["execution 2: nonzero_exit (KeyError: 'x')"]}"#
         );
     }
 }

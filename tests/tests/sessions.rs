@@ -1,7 +1,7 @@
 //! Sessions across a real cluster (a coordinator and agents, each its own process): the CLI's
 //! `exec --session`, `run --session`, `sessions` and `session close`, a session that moves
-//! with its variables when its node is SIGKILLed, and sessions forgotten after the idle time
-//! the coordinator is given.
+//! with its variables when its node is SIGKILLed (telling which replays did not succeed
+//! again), and sessions forgotten after the idle time the coordinator is given.
 
 use std::{process::Command, time::Duration};
 
@@ -158,6 +158,19 @@ async fn a_session_whose_node_is_killed_moves_with_its_variables() {
     assert_eq!((out.as_str(), ok, moves.len()), ("defining\n", true, 0));
     in_session(&cluster, "data.append(4)").await;
     in_session(&cluster, "this_fails = 1 / 0").await;
+    // Succeeds now, and no longer when it is replayed after the kill.
+    let deadline = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        + 1.0;
+    let (out, ok, _) = in_session(
+        &cluster,
+        &format!("import time\nassert time.time() < {deadline}, 'past its deadline'"),
+    )
+    .await;
+    assert!(ok, "{out}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let listed = cluster.sessions().await;
     let home = listed[0].node_name.clone();
     cluster.agent(&home).signal(Signal::SIGKILL);
@@ -169,8 +182,16 @@ async fn a_session_whose_node_is_killed_moves_with_its_variables() {
     assert_eq!(moves[0].from_node, home);
     assert_ne!(moves[0].to_node, home);
     assert_eq!(
-        moves[0].executions_replayed, 2,
+        moves[0].executions_replayed, 3,
         "the failed execution is not replayed"
+    );
+    let [failure] = moves[0].replay_failures.as_slice() else {
+        panic!("one replay should have failed: {:?}", moves[0]);
+    };
+    assert!(
+        failure.starts_with("execution 3: ")
+            && failure.ends_with("(AssertionError: past its deadline)"),
+        "{failure}"
     );
     let (out, _, moves) = in_session(&cluster, "len(data)").await;
     assert_eq!((out.as_str(), moves.len()), ("4\n", 0));

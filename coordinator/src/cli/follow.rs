@@ -163,9 +163,17 @@ impl<O: Write, E: Write> Follower<O, E> {
                     "" => String::new(),
                     from => format!(" from {from}"),
                 };
+                let failed = match m.replay_failures.as_slice() {
+                    [] => String::new(),
+                    failures => format!(
+                        "; {} did not succeed again, so the session's state there may differ: {}",
+                        failures.len(),
+                        failures.join("; ")
+                    ),
+                };
                 writeln!(
                     self.err,
-                    "{PREFIX} session {} moved{from} to {}: {} executions replayed there",
+                    "{PREFIX} session {} moved{from} to {}: {} executions replayed there{failed}",
                     m.session, m.to_node, m.executions_replayed
                 )?;
             }

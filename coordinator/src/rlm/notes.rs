@@ -44,7 +44,13 @@ impl Notes {
                     what: "session".to_string(),
                     from_node: moved.from_node,
                     to_node: moved.to_node,
-                    reason: String::new(),
+                    reason: match moved.replay_failures.as_slice() {
+                        [] => String::new(),
+                        failures => format!(
+                            "replays that did not succeed again: {}",
+                            failures.join("; ")
+                        ),
+                    },
                     executions_replayed: moved.executions_replayed,
                 }),
             };

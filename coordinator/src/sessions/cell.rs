@@ -1,9 +1,11 @@
 //! One execution in a cluster session as work for the failover loop: it goes to the session's
 //! node; on any other node (the first use, or after its node was lost) the session is opened
-//! there first and its successful executions replayed, silently, before the code runs.
+//! there first and its successful executions replayed before the code runs: their output is
+//! not shown again, but a replay that does not succeed again is told in the move.
 
 use kowalski_exo_common::proto::{
-    self, ExecStatus, OpenSessionRequest, SessionExecuteRequest, SessionMoved, cluster_event::Event,
+    self, ExecStatus, OpenSessionRequest, OutputStream, SessionExecuteRequest, SessionMoved,
+    cluster_event::Event,
 };
 use metrics::counter;
 use tokio_stream::StreamExt;
@@ -12,6 +14,7 @@ use tonic::Code;
 use super::Record;
 use crate::{
     cluster_metrics,
+    json_events::status_name,
     registry::{NodeRegistry, NodeState},
     scheduling::{
         agents::AgentConnector,
@@ -60,22 +63,29 @@ impl SessionCell<'_> {
             return Err(self.events.classify(status));
         }
         let from = self.record.home.clone();
-        for past in self.record.history.clone() {
+        let mut replay_failures = Vec::new();
+        for (number, past) in self.record.history.clone().into_iter().enumerate() {
             let stream = self.agents.execute_in_session(attempt, past).await;
             let mut stream = stream.map_err(|status| self.events.classify(status))?;
-            // Replayed output is not shown again; a replay that no longer succeeds is logged.
+            // Replayed output is not shown again; a replay that no longer succeeds is told.
             let mut status = None;
+            let mut stderr = Vec::new();
             while let Some(event) = stream.next().await {
                 match event {
                     Ok(proto::ExecEvent {
                         event: Some(proto::exec_event::Event::Finished(finished)),
                     }) => status = Some(finished.status()),
+                    Ok(proto::ExecEvent {
+                        event: Some(proto::exec_event::Event::Output(chunk)),
+                    }) if chunk.stream() == OutputStream::Stderr => stderr.extend(chunk.data),
                     Ok(_) => {}
                     Err(refused) => return Err(self.events.classify(refused)),
                 }
             }
             if status != Some(ExecStatus::Ok) {
-                tracing::warn!(session = %self.record.name, node = %attempt.node_name, ?status, "a replayed execution did not succeed again");
+                let failure = replay_failure(number + 1, status, &stderr);
+                tracing::warn!(session = %self.record.name, node = %attempt.node_name, %failure, "a replayed execution did not succeed again");
+                replay_failures.push(failure);
             }
         }
         let replayed = self.record.history.len() as u32;
@@ -88,6 +98,7 @@ impl SessionCell<'_> {
                 from_node: from.map(|home| home.node_name).unwrap_or_default(),
                 to_node: attempt.node_name.clone(),
                 executions_replayed: replayed,
+                replay_failures,
             };
             tracing::info!(session = %self.record.name, to = %attempt.node_name, replayed, "session moved");
             if self.events.send(Event::SessionMoved(moved)).await.is_err() {
@@ -107,6 +118,23 @@ impl SessionCell<'_> {
         self.events.follow(started, attempt).await
     }
 }
+
+/// How the replay of execution `number` (from 1) ended when it did not succeed again: its
+/// status and the last line it wrote to stderr (a Python exception's, say).
+fn replay_failure(number: usize, status: Option<ExecStatus>, stderr: &[u8]) -> String {
+    let status = status.map_or("no result".to_string(), status_name);
+    let stderr = String::from_utf8_lossy(stderr);
+    match stderr.lines().rev().map(str::trim).find(|l| !l.is_empty()) {
+        Some(last) => {
+            let last: String = last.chars().take(LAST_LINE_CHARS).collect();
+            format!("execution {number}: {status} ({last})")
+        }
+        None => format!("execution {number}: {status}"),
+    }
+}
+
+/// The most of a failed replay's last stderr line that is kept.
+const LAST_LINE_CHARS: usize = 200;
 
 #[tonic::async_trait]
 impl Work for SessionCell<'_> {
@@ -194,5 +222,30 @@ impl Work for SessionCell<'_> {
 
     async fn retrying(&mut self, lost: &Attempt, reason: &str) -> Result<(), CallerGone> {
         self.events.retrying(lost, reason).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_replay_is_told_by_its_number_status_and_last_error_line() {
+        let traceback = b"Traceback (most recent call last):\n  File \"<cell>\", line 1\nNameError: name 'x' is not defined\n\n";
+        assert_eq!(
+            replay_failure(2, Some(ExecStatus::NonzeroExit), traceback),
+            "execution 2: nonzero_exit (NameError: name 'x' is not defined)"
+        );
+        assert_eq!(
+            replay_failure(1, Some(ExecStatus::Timeout), b""),
+            "execution 1: timeout"
+        );
+        assert_eq!(replay_failure(4, None, b"  \n"), "execution 4: no result");
+        let long = "e".repeat(500);
+        let told = replay_failure(3, Some(ExecStatus::NonzeroExit), long.as_bytes());
+        assert_eq!(
+            told.len(),
+            "execution 3: nonzero_exit ()".len() + LAST_LINE_CHARS
+        );
     }
 }
