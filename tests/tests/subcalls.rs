@@ -1,10 +1,15 @@
 //! Code in a session asks the cluster's models (`llm_query`, `llm_query_batched`): from the
 //! interpreter to its agent over the session's channel, up the agent's registry stream, and out
-//! to every node serving the model. Real processes; the models are scripted OpenAI-compatible
-//! backends, one per agent.
+//! to every node serving the model; a node that dies takes its sub-calls with it. Real
+//! processes; the models are scripted OpenAI-compatible backends, one per agent.
 
-use kowalski_exo_common::proto::ExecStatus;
-use kowalski_exo_tests::{InferenceCluster, ScriptedBackend, Step, run_in_session};
+use std::time::Duration;
+
+use kowalski_exo_common::proto::{
+    ClusterOpenSessionRequest, ExecStatus, OpenSessionRequest, PlacementConstraints,
+};
+use kowalski_exo_tests::{InferenceCluster, ScriptedBackend, Step, eventually, run_in_session};
+use nix::sys::signal::Signal;
 
 /// Runs code in the session `session`; returns what it printed, asserting it finished ok.
 async fn run(cluster: &InferenceCluster, session: &str, language: &str, code: &str) -> String {
@@ -135,4 +140,47 @@ async fn a_failed_prompt_fails_alone_and_a_refused_call_raises_in_the_code() {
     )
     .await;
     assert!(out.contains("over the session's limit"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sub_calls_of_a_node_that_dies_stop_generating() {
+    let slow = ScriptedBackend::start(&["tiny"]);
+    let other = ScriptedBackend::start(&["other"]);
+    let cluster = InferenceCluster::start(&[&slow.api_base(), &other.api_base()], &[], 1);
+    cluster.served_by("tiny", 1).await;
+    cluster.served_by("other", 1).await;
+    // The session lives on agent-1; the model it asks is served on agent-0 alone, slowly.
+    let mut client = cluster.client().await;
+    client
+        .open_session(ClusterOpenSessionRequest {
+            session: Some(OpenSessionRequest {
+                session_id: "asker".into(),
+                languages: vec!["python".into()],
+                ..Default::default()
+            }),
+            placement: Some(PlacementConstraints {
+                node: "agent-1".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    slow.push(Step::tokens(2000, Duration::from_millis(20)));
+    let asking = tokio::spawn(async move {
+        run_in_session(
+            &mut client,
+            "asker",
+            "python",
+            "llm_query('q slow', model='tiny')",
+        )
+        .await
+    });
+    eventually("the prompt reaches the model", || {
+        prompts_seen(&slow).len() == 1
+    });
+    // The asking code dies with its node: the answer has nowhere to go, and stops.
+    cluster.agent("agent-1").signal(Signal::SIGKILL);
+    eventually("the generation is dropped", || slow.abandoned() == 1);
+    asking.abort();
 }

@@ -14,7 +14,7 @@ use kowalski_exo_common::{
     },
     security::{Peer, Role},
 };
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{sync::mpsc, task::JoinSet, time::Instant};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
@@ -183,7 +183,11 @@ impl AgentRegistry for RegistryService {
         }
         tokio::spawn(async move {
             let mut recheck = tokio::time::interval(REVOCATION_CHECK);
+            // The node's sub-calls being answered: dropped with the stream, as the agent fails
+            // the calls still waiting when its stream breaks, so their answers would go nowhere.
+            let mut subcalls = JoinSet::new();
             loop {
+                while subcalls.try_join_next().is_some() {}
                 let message = tokio::select! {
                     message = inbound.message() => message,
                     _ = shutdown.cancelled() => break,
@@ -208,7 +212,7 @@ impl AgentRegistry for RegistryService {
                     })) => {
                         let (relay, commands) = (service.relay.clone(), commands.clone());
                         let node_id = node_id.clone();
-                        tokio::spawn(async move {
+                        subcalls.spawn(async move {
                             let answer = relay.answer(call, &node_id).await;
                             let _ = commands
                                 .send(Ok(CoordinatorMessage {
@@ -226,6 +230,10 @@ impl AgentRegistry for RegistryService {
                 }
             }
             registry.stream_closed(&node_id, stream_number, Instant::now());
+            if !subcalls.is_empty() {
+                tracing::info!(%node_id, calls = subcalls.len(), "cancelling the sub-calls of a node whose stream closed");
+            }
+            drop(subcalls);
             tracing::info!(%node_id, %name, "node stream closed");
             drop(commands);
         });
