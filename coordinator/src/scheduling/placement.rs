@@ -27,16 +27,6 @@ pub struct Candidate<'a> {
 }
 
 impl<'a> Candidate<'a> {
-    pub fn new(profile: &'a Profile, state: NodeState, in_flight: u32, cpu_percent: f32) -> Self {
-        Candidate {
-            profile,
-            state,
-            in_flight,
-            cpu_percent,
-            sketch: profile.sketch(),
-        }
-    }
-
     fn of(node: NodeView<'a>) -> Self {
         Candidate {
             profile: node.profile,
@@ -548,7 +538,13 @@ mod tests {
     fn choose(nodes: &[Node], wanted: &Requirements<'_>) -> Result<String, Unplaceable> {
         let candidates: Vec<Candidate> = nodes
             .iter()
-            .map(|n| Candidate::new(&n.profile, n.state, n.in_flight, n.cpu_percent))
+            .map(|n| Candidate {
+                profile: &n.profile,
+                state: n.state,
+                in_flight: n.in_flight,
+                cpu_percent: n.cpu_percent,
+                sketch: n.profile.sketch(),
+            })
             .collect();
         place(&candidates, wanted).map(|c| c.name().to_string())
     }
