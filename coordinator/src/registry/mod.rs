@@ -1,7 +1,7 @@
 //! The live view of the cluster: every node that registered, what it runs, how loaded it is,
 //! (through [`liveness`]) whether it is alive, and (through [`moves`]) the work lately moved
-//! off nodes that failed it. Changes are published on a watch channel so
-//! dispatch can wake when a node comes, goes, or frees a slot.
+//! off nodes that failed it. Changes are published on a watch channel so dispatch can wake
+//! when a node comes, goes, or frees a slot.
 
 pub mod liveness;
 pub mod moves;
