@@ -29,6 +29,7 @@ use kowalski_exo_coordinator::{
     },
     inference::chat::DEFAULT_STALL_TIMEOUT,
     server::{self, CoordinatorConfig, TlsSetup},
+    sessions::SessionSettings,
 };
 use tonic::Streaming;
 
@@ -62,6 +63,10 @@ enum Command {
         /// give agents the same `--session-idle`
         #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
         session_idle: Duration,
+        /// The most a session's successful executions may take to be kept for replay where it
+        /// moves (e.g. 64M); past it the session starts afresh where it moves, and says so
+        #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = cli_args::parse_size)]
+        session_history: u64,
         /// The cluster's name, announced on the LAN (mDNS, `_kowalski-exo._tcp`) so agents
         /// find the coordinator with no --coordinator; tells clusters on one LAN apart
         /// [default: the host name]
@@ -444,6 +449,7 @@ async fn main() -> ExitCode {
             local_agent,
             stall_timeout,
             session_idle,
+            session_history,
             cluster_name,
             no_announce,
             security,
@@ -469,7 +475,10 @@ async fn main() -> ExitCode {
                     agent.sessions.idle = session_idle;
                     agent
                 }),
-                session_idle,
+                sessions: SessionSettings {
+                    idle: session_idle,
+                    history_bytes: session_history,
+                },
                 stall_timeout: match stall_timeout {
                     0 => DEFAULT_STALL_TIMEOUT,
                     ms => Duration::from_millis(ms.into()),

@@ -28,7 +28,7 @@ use crate::{
     scheduling::agents::{AgentConnector, GrpcAgents},
     scheduling::dispatch::Dispatcher,
     service::ClusterService,
-    sessions::{self, SubcallRelay},
+    sessions::{SessionSettings, SubcallRelay},
 };
 
 /// How long shutdown waits for open client streams.
@@ -108,8 +108,8 @@ pub struct CoordinatorConfig {
     pub local_agent: Option<AgentConfig>,
     /// A chat answer whose node sends no token for this long moves to another node.
     pub stall_timeout: Duration,
-    /// A named session unused this long is forgotten.
-    pub session_idle: Duration,
+    /// How named sessions are kept: how long unused, how much history.
+    pub sessions: SessionSettings,
     /// Cluster identity over TLS; none: plaintext, for a coordinator on loopback (or one told
     /// `--insecure`).
     pub tls: Option<TlsSetup>,
@@ -136,7 +136,7 @@ impl CoordinatorConfig {
             http: None,
             local_agent: None,
             stall_timeout: DEFAULT_STALL_TIMEOUT,
-            session_idle: sessions::DEFAULT_IDLE,
+            sessions: SessionSettings::default(),
             tls: None,
             announce: None,
         }
@@ -216,7 +216,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Star
         http,
         local_agent,
         stall_timeout,
-        session_idle,
+        sessions,
         tls,
         announce,
     } = config;
@@ -245,7 +245,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Star
     };
     let chats = Chats::new(registry.clone(), agents.clone(), stall_timeout);
     let dispatcher = Dispatcher::new(registry.clone(), agents);
-    let cluster = ClusterService::new(dispatcher, chats.clone(), session_idle);
+    let cluster = ClusterService::new(dispatcher, chats.clone(), sessions);
     let relay = SubcallRelay::new(
         chats,
         registry.clone(),

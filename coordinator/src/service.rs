@@ -27,7 +27,7 @@ use crate::{
         document::{self, BlockDefaults, DocumentSession},
         placement::{Requirements, place, with_candidates},
     },
-    sessions::ClusterSessions,
+    sessions::{ClusterSessions, SessionSettings},
 };
 
 /// Events buffered per stream before a slow client holds the run back.
@@ -55,9 +55,9 @@ pub struct ClusterService {
 }
 
 impl ClusterService {
-    /// The service over `dispatcher` and `chats`, forgetting sessions unused for `session_idle`.
-    pub fn new(dispatcher: Dispatcher, chats: Chats, session_idle: Duration) -> Self {
-        let sessions = ClusterSessions::new(dispatcher.clone(), session_idle);
+    /// The service over `dispatcher` and `chats`, keeping sessions as `sessions` says.
+    pub fn new(dispatcher: Dispatcher, chats: Chats, sessions: SessionSettings) -> Self {
+        let sessions = ClusterSessions::new(dispatcher.clone(), sessions);
         ClusterService {
             rlm: Rlm::new(
                 chats.clone(),

@@ -286,6 +286,8 @@ pub fn python_request(code: &str) -> ClusterExecuteRequest {
 /// A coordinator and agents, each a real process on loopback.
 pub struct Cluster {
     pub coordinator: Daemon,
+    /// What `coordinator serve` was given besides its addresses.
+    coordinator_args: Vec<String>,
     /// Agents named `agent-0`, `agent-1`, ...
     pub agents: Vec<Daemon>,
     pub port: u16,
@@ -296,14 +298,27 @@ impl Cluster {
     /// Starts a coordinator and `agents` agents (each with `capacity` slots and `env` added to
     /// its environment), and waits until every agent is ready.
     pub async fn start(agents: usize, capacity: usize, env: &[(&str, &str)]) -> Cluster {
+        Cluster::start_with(agents, capacity, env, &[]).await
+    }
+
+    /// The same, with `coordinator_args` added to `coordinator serve`'s (kept for restarts).
+    pub async fn start_with(
+        agents: usize,
+        capacity: usize,
+        env: &[(&str, &str)],
+        coordinator_args: &[&str],
+    ) -> Cluster {
         let port = free_port();
-        let coordinator = start_coordinator(port);
+        let coordinator_args: Vec<String> =
+            coordinator_args.iter().map(|a| a.to_string()).collect();
+        let coordinator = start_coordinator(port, &coordinator_args);
         let dirs = tempfile::tempdir().expect("temp dir");
         let agents = (0..agents)
             .map(|i| start_agent(port, i, capacity, dirs.path(), env))
             .collect();
         let cluster = Cluster {
             coordinator,
+            coordinator_args,
             agents,
             port,
             dirs,
@@ -402,7 +417,7 @@ impl Cluster {
     pub fn restart_coordinator(&mut self) {
         self.coordinator.signal(Signal::SIGKILL);
         self.coordinator.wait_exit();
-        self.coordinator = start_coordinator(self.port);
+        self.coordinator = start_coordinator(self.port, &self.coordinator_args);
     }
 
     /// The agent called `name`.
@@ -420,14 +435,11 @@ impl Cluster {
     }
 }
 
-fn start_coordinator(port: u16) -> Daemon {
+fn start_coordinator(port: u16, extra: &[String]) -> Daemon {
     let listen = format!("127.0.0.1:{port}");
-    Daemon::start(
-        "coordinator",
-        &["serve", "--listen", &listen, "--http", "127.0.0.1:0"],
-        &[],
-        "coordinator listening",
-    )
+    let mut args = vec!["serve", "--listen", &listen, "--http", "127.0.0.1:0"];
+    args.extend(extra.iter().map(String::as_str));
+    Daemon::start("coordinator", &args, &[], "coordinator listening")
 }
 
 fn start_agent(

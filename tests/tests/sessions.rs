@@ -254,3 +254,37 @@ async fn a_coordinator_told_a_session_idle_time_forgets_sessions_unused_that_lon
     assert_ne!(code, Some(0));
     assert!(err.contains("sessions unused for 2s are closed"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_history_outgrew_its_limit_starts_afresh_where_it_moves_and_says_so() {
+    let cluster = Cluster::start_with(3, 2, &[], &["--session-history", "1K"]).await;
+    in_session(&cluster, "x = 1").await;
+    let big = format!("y = '{}'", "a".repeat(2000));
+    let (out, ok, _) = in_session(&cluster, &big).await;
+    assert!(ok, "{out}");
+    in_session(&cluster, "z = 3").await;
+    let home = cluster.sessions().await[0].node_name.clone();
+    cluster.agent(&home).signal(Signal::SIGKILL);
+    let (out, ok, moves) = in_session(&cluster, "print('x' in dir(), 'z' in dir())").await;
+    assert!(ok, "{out}");
+    assert_eq!(out, "False False\n", "nothing was replayed");
+    assert_eq!(moves.len(), 1, "{moves:?}");
+    assert_eq!(moves[0].executions_replayed, 0);
+    let [why] = moves[0].replay_failures.as_slice() else {
+        panic!("the move should say why: {:?}", moves[0]);
+    };
+    assert!(
+        why.contains("more than the 1K kept for a session (coordinator serve --session-history)")
+            && why.ends_with("the session starts afresh here"),
+        "{why}"
+    );
+    // It keeps its executions again from there.
+    in_session(&cluster, "w = 5").await;
+    let home = cluster.sessions().await[0].node_name.clone();
+    cluster.agent(&home).signal(Signal::SIGKILL);
+    let (out, _, moves) = in_session(&cluster, "print(w)").await;
+    assert_eq!(out, "5\n");
+    assert_eq!(moves.len(), 1, "{moves:?}");
+    assert_eq!(moves[0].executions_replayed, 2);
+    assert!(moves[0].replay_failures.is_empty(), "{:?}", moves[0]);
+}

@@ -166,8 +166,7 @@ impl<O: Write, E: Write> Follower<O, E> {
                 let failed = match m.replay_failures.as_slice() {
                     [] => String::new(),
                     failures => format!(
-                        "; {} did not succeed again, so the session's state there may differ: {}",
-                        failures.len(),
+                        "; the session's state there may differ: {}",
                         failures.join("; ")
                     ),
                 };

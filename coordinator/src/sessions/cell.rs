@@ -64,6 +64,11 @@ impl SessionCell<'_> {
         }
         let from = self.record.home.clone();
         let mut replay_failures = Vec::new();
+        // A history given up on has nothing to replay: the session starts afresh, and keeps
+        // its executions again from here.
+        if let Some(why) = self.record.history_given_up.take() {
+            replay_failures.push(format!("{why}: the session starts afresh here"));
+        }
         for (number, past) in self.record.history.clone().into_iter().enumerate() {
             let stream = self.agents.execute_in_session(attempt, past).await;
             let mut stream = stream.map_err(|status| self.events.classify(status))?;

@@ -25,6 +25,7 @@ use kowalski_exo_common::{
     },
     request_size::{self, MAX_CODE_BYTES, OversizedRequest},
 };
+use prost::Message;
 use tokio::{sync::mpsc, time::Instant};
 use tonic::Status;
 
@@ -45,6 +46,28 @@ pub use subcalls::SubcallRelay;
 /// closes it after as long, by its own default: agents are told the same with
 /// `--session-idle`).
 pub const DEFAULT_IDLE: Duration = Duration::from_secs(600);
+/// The most a session's kept executions may take (their encoded requests), unless the
+/// coordinator is told otherwise.
+pub const DEFAULT_HISTORY_BYTES: u64 = 64 << 20;
+
+/// How the coordinator keeps its sessions.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionSettings {
+    /// A session unused this long is forgotten.
+    pub idle: Duration,
+    /// A session whose successful executions take more than this stops keeping them: it
+    /// starts afresh where it moves (and says so) instead of growing without end.
+    pub history_bytes: u64,
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        SessionSettings {
+            idle: DEFAULT_IDLE,
+            history_bytes: DEFAULT_HISTORY_BYTES,
+        }
+    }
+}
 /// Events buffered per execution before a slow client holds it back.
 const EVENT_BUFFER: usize = 64;
 
@@ -52,8 +75,7 @@ const EVENT_BUFFER: usize = 64;
 #[derive(Clone)]
 pub struct ClusterSessions {
     dispatcher: Dispatcher,
-    /// A session unused this long is forgotten.
-    idle: Duration,
+    settings: SessionSettings,
     table: Arc<Mutex<HashMap<String, Entry>>>,
     /// Sessions whose sub-calls someone follows (an RLM run), by name.
     watched: Arc<Mutex<HashMap<String, SubcallWatch>>>,
@@ -142,7 +164,52 @@ pub struct Record {
     home: Option<Attempt>,
     /// Its successful executions, in order, replayed where it moves.
     history: Vec<SessionExecuteRequest>,
+    /// What `history` takes, encoded.
+    history_bytes: u64,
+    /// Why `history` was given up on this node (it went past its limit): the session starts
+    /// afresh where it moves, and says so.
+    history_given_up: Option<String>,
     moves: u32,
+}
+
+impl Record {
+    /// Keeps a successful execution for replay, unless the history would go past `limit`:
+    /// then it is given up on, until the session moves.
+    fn remember(&mut self, execution: &SessionExecuteRequest, limit: u64) {
+        if self.history_given_up.is_some() {
+            return;
+        }
+        let size = execution.encoded_len() as u64;
+        if self.history_bytes + size > limit {
+            tracing::warn!(session = %self.name, limit, "a session's history went past its limit: it will start afresh where it moves");
+            self.history.clear();
+            self.history_bytes = 0;
+            self.history_given_up = Some(format!(
+                "its executions took more than the {} kept for a session (coordinator serve --session-history), so none were kept",
+                size_text(limit)
+            ));
+            return;
+        }
+        self.history.push(execution.clone());
+        self.history_bytes += size;
+    }
+
+    /// Drops the kept executions of `language`: its interpreter started afresh.
+    fn forget_language(&mut self, language: &str) {
+        self.history
+            .retain(|past| !same_language(&past.language, language));
+        self.history_bytes = self.history.iter().map(|e| e.encoded_len() as u64).sum();
+    }
+}
+
+/// `bytes` as `64M`, `1K`, or in bytes when not a whole number of either.
+fn size_text(bytes: u64) -> String {
+    [(30, "G"), (20, "M"), (10, "K")]
+        .into_iter()
+        .find(|(shift, _)| bytes >= 1 << shift && bytes.is_multiple_of(1 << shift))
+        .map_or(format!("{bytes} bytes"), |(shift, unit)| {
+            format!("{}{unit}", bytes >> shift)
+        })
 }
 
 /// What can be said of a session without waiting for its lock.
@@ -159,10 +226,10 @@ struct Facts {
 }
 
 impl ClusterSessions {
-    pub fn new(dispatcher: Dispatcher, idle: Duration) -> Self {
+    pub fn new(dispatcher: Dispatcher, settings: SessionSettings) -> Self {
         ClusterSessions {
             dispatcher,
-            idle,
+            settings,
             table: Arc::default(),
             watched: Arc::default(),
         }
@@ -172,9 +239,9 @@ impl ClusterSessions {
         self.table.lock().expect("session table poisoned")
     }
 
-    /// Forgets sessions idle past `idle` (their nodes close them after as long).
+    /// Forgets sessions idle past the settings' time (their nodes close them after as long).
     fn forget_idle(&self) {
-        let idle = self.idle;
+        let idle = self.settings.idle;
         self.table().retain(|_, entry| {
             let facts = entry.facts.lock().expect("session facts poisoned");
             facts.idle_since.is_none_or(|since| since.elapsed() < idle)
@@ -205,6 +272,8 @@ impl ClusterSessions {
             },
             home: None,
             history: Vec::new(),
+            history_bytes: 0,
+            history_given_up: None,
             moves: 0,
         };
         let entry = Entry {
@@ -395,11 +464,9 @@ impl ClusterSessions {
             if finished.state_lost {
                 // Its interpreter started afresh: what the language's history built is gone
                 // there, and must not come back where the session moves.
-                record
-                    .history
-                    .retain(|past| !same_language(&past.language, &execution.language));
+                record.forget_language(&execution.language);
             } else if finished.status() == ExecStatus::Ok {
-                record.history.push(execution.clone());
+                record.remember(execution, self.settings.history_bytes);
             }
         }
         {
@@ -463,7 +530,7 @@ impl ClusterSessions {
         let entry = self.table().remove(name).ok_or_else(|| {
             Status::not_found(format!(
                 "no session named '{name}' (sessions unused for {} are closed)",
-                humantime::format_duration(self.idle)
+                humantime::format_duration(self.settings.idle)
             ))
         })?;
         let described = info(name, &entry);
@@ -560,5 +627,19 @@ fn check_name(name: &str) -> Result<(), CoordinatorError> {
         Ok(())
     } else {
         Err(CoordinatorError::SessionName(name.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_told_in_the_units_they_are_given_in() {
+        assert_eq!(size_text(64 << 20), "64M");
+        assert_eq!(size_text(1024), "1K");
+        assert_eq!(size_text(3 << 30), "3G");
+        assert_eq!(size_text(1536), "1536 bytes");
+        assert_eq!(size_text(100), "100 bytes");
     }
 }
