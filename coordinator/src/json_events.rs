@@ -91,8 +91,9 @@ pub struct EventLine {
     /// session_moved: executions replayed there, whose output is not shown again.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replayed: Option<u32>,
-    /// session_moved: replayed executions that did not succeed again ("execution N: STATUS
-    /// (last error line)"); absent when every one did.
+    /// session_moved: what could not be brought back: replayed executions that did not succeed
+    /// again ("execution N: STATUS (last error line)"), or why none were kept; absent when
+    /// everything was.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replay_failures: Option<Vec<String>>,
     /// finished, in a session: the interpreter started afresh; what it held is gone.
