@@ -38,6 +38,10 @@ with sync_playwright() as p:
     moved = page.wait_for_selector(f'#failovers tr[data-from="{killed}"]', timeout=20000)
     assert page.evaluate("window.keptAcrossUpdates === true"), "the page reloaded"
     assert page.evaluate("performance.getEntriesByType('navigation').length") == 1
+    # Each node's load comes as CPU percentages, one every 2 s.
+    assert page.evaluate("""fetch('/dashboard/state').then(r => r.json()).then(s =>
+        s.nodes.some(n => n.load.length > 0) &&
+        s.nodes.every(n => n.load.every(cpu => typeof cpu === 'number')))""")
     others = page.locator('#nodes tr[data-state="ready"]').count()
     page.screenshot(path=shot, full_page=True)
     print(f"down, {others} ready, moved to {moved.get_attribute('data-to')}: {moved.inner_text()}",

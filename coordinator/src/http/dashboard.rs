@@ -41,8 +41,9 @@ const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 /// Samples kept per node: five minutes.
 const SAMPLES: usize = 150;
 
-/// One sample of a node's load: ms since the epoch, CPU %, runs.
-type Sample = (u64, f32, u32);
+/// One sample of a node's load: its CPU use in percent, to a tenth (samples are
+/// `SAMPLE_EVERY` apart, so the page needs no time with each).
+type Sample = f32;
 /// Each node's samples, by node id, oldest first.
 type Samples = Mutex<HashMap<String, VecDeque<Sample>>>;
 
@@ -69,7 +70,6 @@ async fn sample(cluster: ClusterService, history: Weak<Samples>) {
         let Some(history) = history.upgrade() else {
             return;
         };
-        let now = now_ms();
         let nodes = cluster.list_nodes();
         let listed: HashSet<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
         let mut history = history.lock().expect("load history poisoned");
@@ -80,7 +80,7 @@ async fn sample(cluster: ClusterService, history: Weak<Samples>) {
             if samples.len() == SAMPLES {
                 samples.pop_front();
             }
-            samples.push_back((now, line.cpu_percent, line.running));
+            samples.push_back((line.cpu_percent * 10.0).round() / 10.0);
         }
     }
 }
