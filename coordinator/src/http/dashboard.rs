@@ -75,12 +75,12 @@ async fn sample(cluster: ClusterService, history: Weak<Samples>) {
         let mut history = history.lock().expect("load history poisoned");
         history.retain(|id, _| listed.contains(id.as_str()));
         for node in &nodes {
-            let line = NodeLine::from(node);
+            let cpu = node.load.map_or(0.0, |load| load.cpu_percent);
             let samples = history.entry(node.id.clone()).or_default();
             if samples.len() == SAMPLES {
                 samples.pop_front();
             }
-            samples.push_back((line.cpu_percent * 10.0).round() / 10.0);
+            samples.push_back((cpu * 10.0).round() / 10.0);
         }
     }
 }
@@ -122,19 +122,22 @@ struct DashboardNode {
 /// Everything the page shows.
 fn snapshot(cluster: &ClusterService, history: &LoadHistory) -> Value {
     let models: Vec<ModelLine> = cluster.list_models().iter().map(ModelLine::from).collect();
+    // Each node's models, gathered once (not by searching every model for every node).
+    let mut served: HashMap<&str, Vec<Value>> = HashMap::new();
+    for m in &models {
+        for s in &m.served_by {
+            served
+                .entry(s.node_id.as_str())
+                .or_default()
+                .push(json!({"model": m.model, "state": s.state, "in_flight": s.in_flight}));
+        }
+    }
     let history = history.0.lock().expect("load history poisoned");
     let nodes: Vec<DashboardNode> = cluster
         .list_nodes()
         .iter()
         .map(|node| DashboardNode {
-            models: models
-                .iter()
-                .flat_map(|m| {
-                    m.served_by.iter().filter(|s| s.node_id == node.id).map(
-                        |s| json!({"model": m.model, "state": s.state, "in_flight": s.in_flight}),
-                    )
-                })
-                .collect(),
+            models: served.remove(node.id.as_str()).unwrap_or_default(),
             load: history
                 .get(&node.id)
                 .map(|samples| samples.iter().copied().collect())

@@ -65,6 +65,7 @@ struct Node {
     stream: u64,
     /// What placement reads of it, rebuilt when the registration or `generations` change.
     profile: Box<Profile>,
+    /// `profile`'s sketch, kept beside the node so a decision does not follow the box.
     sketch: Sketch,
 }
 

@@ -14,7 +14,6 @@ use kowalski_exo_common::{
 pub struct Profile {
     pub id: String,
     pub name: String,
-    pub name_key: NameKey,
     pub labels: HashMap<String, String>,
     pub capabilities: Capabilities,
     pub capacity: u32,
@@ -43,7 +42,6 @@ impl Profile {
         Profile {
             id: id.to_string(),
             name: registration.name.clone(),
-            name_key: NameKey::of(&registration.name),
             labels: registration.labels.clone(),
             capabilities: Capabilities::of(registration, generations),
             capacity: registration.capacity,
@@ -59,7 +57,7 @@ impl Profile {
         Sketch {
             capacity: self.capacity.max(1),
             languages: self.capabilities.languages,
-            name_key: self.name_key,
+            name_key: NameKey::of(&self.name),
         }
     }
 }
