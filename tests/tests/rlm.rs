@@ -414,6 +414,29 @@ async fn the_cli_asks_over_a_json_context_and_prints_the_answer() {
         (&"root".into(), &true.into())
     );
     assert_eq!(kept["tree"].as_str().unwrap(), tree);
+    // Each node shows the models its backend serves.
+    let served: Vec<(String, String)> = state["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|n| {
+            let models = n["models"].as_array().unwrap().clone();
+            models.into_iter().map(|m| {
+                (
+                    n["name"].as_str().unwrap().to_string(),
+                    m["model"].as_str().unwrap().to_string(),
+                )
+            })
+        })
+        .collect();
+    assert_eq!(
+        served,
+        [
+            ("agent-0".to_string(), "root".to_string()),
+            ("agent-1".to_string(), "sub".to_string())
+        ],
+        "{state}"
+    );
     let (code, _, err) = outcome(
         std::process::Command::new(binary("coordinator"))
             .args([
